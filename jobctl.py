@@ -1,0 +1,994 @@
+#!/usr/bin/env python3
+"""jobctl: command line and Python client for the jobrunner daemon.
+
+The daemon (jobrunnerd.py) listens on a Unix socket and speaks newline-delimited
+JSON: one request object per line, one reply per line, replies in request order
+(SPEC.md section 3 is the one definition of the protocol). This module is the
+client side of that protocol and nothing more. It never imports jobrunnerd and
+never imports job code.
+
+Sections, in file order:
+
+    constants       exit codes, defaults, each with its reason
+    errors          JobrunnerError, DaemonUnreachable
+    socket path     resolve_socket(): --socket, $JOBRUNNER_SOCKET, storage/, /run
+    Client          one connection; call(), send()/recv() for pipelining and one
+                    method per protocol op (hello, add, add_batch, get, list,
+                    cancel, retry, wait, output, stats, pause, resume, prune)
+    helper          run_background_job(), the PHP runBackgroundJob() in Python
+    rendering       relative times, the job table, "field: value" records
+    commands        one cmd_* function per subcommand: argparse -> Client -> render
+    main            the argument parser and main(argv) -> exit code
+
+Python use:
+
+    from jobctl import Client, run_background_job
+    job_id = run_background_job("examples.jobs:ExampleJob", "handle", 1, 0, 3, "a", "b")
+    with Client() as c:
+        print(c.wait(job_id)["job"]["state"])
+
+Command line (run "jobctl -h" or "jobctl add -h" for details):
+
+    jobctl add TARGET [ARG ...] [--method M] [--priority N] [--delay S | --at ISO8601]
+               [--retries N] [--retry-delay S] [--backoff fixed|exponential]
+               [--timeout S|none] [--key K] [--kwargs JSON] [--json-args] [--wait]
+    jobctl add --stdin          (one add object per JSON line, added in batches)
+    jobctl list [--state S] [--target PATTERN] [--limit N]
+    jobctl show ID
+    jobctl cancel ID ...        jobctl retry ID ...
+    jobctl wait ID ... [--timeout S]
+    jobctl logs ID [--follow]
+    jobctl stats                jobctl pause     jobctl resume     jobctl prune [--older-than S]
+
+Global options --socket PATH and --json go before or after the subcommand.
+Exit codes: 0 success, 1 a waited job ended failed or cancelled, 2 usage error or
+the daemon refused the request, 3 the daemon cannot be reached, 4 --timeout passed
+before a waited job finished.
+"""
+from __future__ import annotations  # Client.list shadows the builtin in annotations
+
+import json
+import os
+import socket
+import sys
+from collections import deque
+
+__all__ = ["Client", "JobrunnerError", "DaemonUnreachable", "run_background_job",
+           "resolve_socket", "main"]
+
+
+###############################################################################
+# Constants
+###############################################################################
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1       # a waited job ended failed or cancelled
+EXIT_REFUSED = 2          # usage error, or the daemon answered with an error
+EXIT_UNREACHABLE = 3      # no daemon on the socket (or the connection broke)
+EXIT_TIMEOUT = 4          # --timeout passed before a waited job finished
+# "Worst" order for commands over several ids: losing the daemon beats a refusal,
+# which beats a timeout, which beats a failed job.
+_EXIT_SEVERITY = (EXIT_OK, EXIT_JOB_FAILED, EXIT_TIMEOUT, EXIT_REFUSED, EXIT_UNREACHABLE)
+
+DEFAULT_SOCKET = "/run/jobrunner/jobrunnerd.sock"   # systemd RuntimeDirectory=jobrunner
+LOCAL_SOCKET = os.path.join("storage", "jobrunnerd.sock")  # a checkout's own daemon
+SOCKET_ENV = "JOBRUNNER_SOCKET"
+
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")  # display order for stats
+FAILED_STATES = ("failed", "cancelled")  # a waited job that ended in one of these exits 1
+
+_RECV_SIZE = 256 * 1024        # list replies can be ~1 MB; fewer syscalls
+_SEND_DIRECT = 64 * 1024       # a write this small fits the socket buffer: sendall cannot deadlock
+_SEND_BUFFER_MAX = 512 * 1024  # flush pipelined requests beyond this, bounding memory
+_BATCH_JOBS = 1000             # add --stdin: jobs per add_batch request
+_BATCH_BYTES = 768 * 1024      # ... and bytes per request, below max_request_bytes (1 MiB)
+_FOLLOW_POLL = 0.5             # logs --follow: output has no push, wait() ends early when the job does
+
+_OMIT = object()  # "argument not given" where None is a meaningful value (timeout: no limit)
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+class JobrunnerError(Exception):
+    """The daemon refused a request: .code is the protocol error code
+    (bad_request, not_found, invalid_state, ...), .message its text."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class DaemonUnreachable(JobrunnerError):
+    """No daemon answers on the socket, or the connection broke or timed out
+    (code "unreachable", or "timeout" when the Client's read timeout passed)."""
+
+    def __init__(self, message: str, code: str = "unreachable") -> None:
+        super().__init__(code, message)
+
+
+###############################################################################
+# Socket path
+###############################################################################
+
+def resolve_socket(path: str | None = None) -> str:
+    """The socket to use: `path` if given, else $JOBRUNNER_SOCKET, else
+    storage/jobrunnerd.sock next to the real path of this file if it exists,
+    else /run/jobrunner/jobrunnerd.sock."""
+    if path:
+        return path
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    local = os.path.join(os.path.dirname(os.path.realpath(__file__)), LOCAL_SOCKET)
+    if os.path.exists(local):
+        return local
+    return DEFAULT_SOCKET
+
+
+###############################################################################
+# Client
+###############################################################################
+
+def _encode(request: dict) -> bytes:
+    """One request line. Non-ASCII is sent as UTF-8; lone surrogates (undecodable
+    bytes in argv) fall back to JSON escapes rather than invalid UTF-8."""
+    try:
+        try:
+            text = json.dumps(request, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            return text.encode("utf-8") + b"\n"
+        except UnicodeEncodeError:
+            return json.dumps(request, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+    except (TypeError, ValueError) as e:
+        raise JobrunnerError("bad_request", f"request is not JSON-serialisable: {e}") from None
+
+
+class Client:
+    """One connection to the daemon; a context manager that closes it.
+
+    call(op, **fields) sends one request and returns the reply's fields (without
+    "ok"), raising JobrunnerError when the daemon answers with an error. For
+    pipelining, send() any number of requests and recv() their replies in the same
+    order. The other methods are one per protocol op and return the interesting
+    part of the reply. The connection is opened on first use and, after it breaks,
+    reopened by the next request. `timeout` (seconds, None = none) bounds connecting
+    and each reply; wait() extends it by its own timeout. Not thread-safe: use one
+    Client per thread.
+    """
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
+        self.socket_path = resolve_socket(socket_path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._wbuf = bytearray()     # requests sent but not yet written
+        self._rbuf = bytearray()     # bytes received but not yet parsed
+        self._pending: deque = deque()  # read timeout of each request awaiting its reply
+        self._eof = False            # the daemon closed its end
+
+    # -- connection -----------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; replies still pending are lost."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._wbuf.clear()
+        self._rbuf.clear()
+        self._pending.clear()
+        self._eof = False
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+            except OSError as e:
+                sock.close()
+                reason = e.strerror or str(e) or type(e).__name__
+                raise DaemonUnreachable(f"cannot connect to {self.socket_path}: {reason}") from None
+            self._sock = sock
+        return self._sock
+
+    def _broken(self, e: BaseException) -> DaemonUnreachable:
+        self.close()
+        if isinstance(e, TimeoutError):
+            return DaemonUnreachable(f"no reply from {self.socket_path} within {self.timeout}s", "timeout")
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return DaemonUnreachable(f"connection to {self.socket_path} lost: {reason}")
+
+    # -- framing --------------------------------------------------------------
+
+    def send(self, op: str, **fields: object) -> None:
+        """Queue one request without reading its reply (pipelining); recv() it later."""
+        self._send({"op": op, **fields}, self.timeout)
+
+    def _send(self, request: dict, read_timeout: float | None) -> None:
+        line = _encode(request)
+        self._connect()
+        self._wbuf += line
+        self._pending.append(read_timeout)
+        if len(self._wbuf) > _SEND_BUFFER_MAX:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write buffered requests. Large writes also read replies meanwhile, so a
+        long pipeline cannot deadlock with a daemon that blocks writing replies."""
+        if not self._wbuf or self._eof:
+            self._wbuf.clear()
+            return
+        sock = self._sock
+        try:
+            sock.settimeout(self.timeout)
+            if len(self._wbuf) <= _SEND_DIRECT:
+                sock.sendall(self._wbuf)
+            else:
+                self._interleave(sock)
+        except TimeoutError as e:
+            raise self._broken(e) from None
+        except OSError:
+            # EPIPE/ECONNRESET: the daemon closed, maybe after a reply that says why
+            # (too_large, busy). recv() reads what it sent before giving up.
+            self._eof = True
+        self._wbuf.clear()
+
+    def _interleave(self, sock: socket.socket) -> None:
+        import select
+        view = memoryview(self._wbuf)
+        try:
+            pos = 0
+            while pos < len(view):
+                readable, writable, _ = select.select([sock], [sock], [], self.timeout)
+                if not readable and not writable:
+                    raise TimeoutError("send timed out")
+                if readable:
+                    chunk = sock.recv(_RECV_SIZE)
+                    if not chunk:
+                        self._eof = True
+                        return
+                    self._rbuf += chunk
+                if writable:
+                    try:
+                        pos += sock.send(view[pos:pos + _SEND_DIRECT], socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        pass
+        finally:
+            view.release()
+
+    def _read_line(self, timeout: float | None) -> bytes:
+        buf = self._rbuf
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end >= 0:
+                line = bytes(buf[:end])
+                del buf[:end + 1]
+                return line
+            if self._eof:
+                self.close()
+                raise DaemonUnreachable(f"connection to {self.socket_path} closed by the daemon")
+            start = len(buf)
+            try:
+                self._sock.settimeout(timeout)
+                chunk = self._sock.recv(_RECV_SIZE)
+            except OSError as e:
+                raise self._broken(e) from None
+            if chunk:
+                buf += chunk
+            else:
+                self._eof = True
+
+    def recv(self) -> dict:
+        """Read the next reply (for the oldest request sent); return its fields
+        without "ok", or raise JobrunnerError if it is an error reply."""
+        if self._sock is None:
+            raise DaemonUnreachable(f"not connected to {self.socket_path}")
+        self._flush()
+        timeout = self._pending.popleft() if self._pending else self.timeout
+        line = self._read_line(timeout)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            self.close()  # the stream is out of step; nothing after this can be trusted
+            raise JobrunnerError("bad_reply", f"daemon sent something that is not a JSON object: {line[:200]!r}")
+        if reply.pop("ok", False) is True:
+            return reply
+        error = reply.get("error")
+        if not isinstance(error, dict):
+            error = {}
+        raise JobrunnerError(str(error.get("code", "unknown_error")), str(error.get("message", "")))
+
+    def call(self, op: str, **fields: object) -> dict:
+        """Send one request and return its reply's fields (without "ok")."""
+        return self._call({"op": op, **fields}, self.timeout)
+
+    def _call(self, request: dict, read_timeout: float | None) -> dict:
+        if self._pending:
+            raise RuntimeError(f"{len(self._pending)} pipelined replies not yet recv()'d")
+        self._send(request, read_timeout)
+        return self.recv()
+
+    # -- one method per op ----------------------------------------------------
+
+    def hello(self) -> dict:
+        """{"protocol": 1, "version": ...}"""
+        return self.call("hello")
+
+    def add(self, target: str, *, method: str | None = None, args: list | None = None,
+            kwargs: dict | None = None, priority: int | None = None, delay: float | None = None,
+            run_at: float | None = None, retries: int | None = None,
+            retry_delay: float | None = None, backoff: str | None = None,
+            timeout: float | None | object = _OMIT, key: str | None = None) -> dict:
+        """Queue a job; return {"id": int, "created": bool}. Fields left None take the
+        daemon's defaults; timeout=None is sent as null (no limit), omit it for the default."""
+        fields = add_fields(target, method=method, args=args, kwargs=kwargs, priority=priority,
+                            delay=delay, run_at=run_at, retries=retries, retry_delay=retry_delay,
+                            backoff=backoff, timeout=timeout, key=key)
+        return self.call("add", **fields)
+
+    def add_batch(self, jobs: list[dict]) -> list[int]:
+        """Queue several jobs (add objects without "op"), all or nothing; return their ids."""
+        return self.call("add_batch", jobs=jobs)["ids"]
+
+    def get(self, id: int) -> dict:
+        """The job record."""
+        return self.call("get", id=id)["job"]
+
+    def list(self, state: str | None = None, target: str | None = None,
+             limit: int | None = None, after_id: int | None = None) -> list[dict]:
+        """Job records in ascending id order (the daemon's default limit is 100, at most 1000)."""
+        fields = _given(state=state, target=target, limit=limit, after_id=after_id)
+        return self.call("list", **fields)["jobs"]
+
+    def cancel(self, id: int) -> dict:
+        """Cancel a pending or running job; return the job record."""
+        return self.call("cancel", id=id)["job"]
+
+    def retry(self, id: int) -> dict:
+        """Put a failed or cancelled job back to pending; return the job record."""
+        return self.call("retry", id=id)["job"]
+
+    def wait(self, id: int, timeout: float | None = None) -> dict:
+        """Block until the job is finished or `timeout` seconds pass (None: no limit);
+        return {"job": record, "done": bool}."""
+        if timeout is None:
+            return self._call({"op": "wait", "id": id}, None)
+        read_timeout = None if self.timeout is None else self.timeout + timeout
+        return self._call({"op": "wait", "id": id, "timeout": timeout}, read_timeout)
+
+    def output(self, id: int, offset: int = 0, limit: int | None = None) -> dict:
+        """Captured output from byte `offset`: {"data": str, "offset": next, "eof": bool}."""
+        return self.call("output", id=id, offset=offset, **_given(limit=limit))
+
+    def stats(self) -> dict:
+        """{"counts": {state: n}, "workers", "paused", "uptime", "protocol"}"""
+        return self.call("stats")
+
+    def pause(self) -> bool:
+        """Start no new attempts until resume(); return the paused flag (True)."""
+        return self.call("pause")["paused"]
+
+    def resume(self) -> bool:
+        """Start attempts again; return the paused flag (False)."""
+        return self.call("resume")["paused"]
+
+    def prune(self, older_than: float | None = None) -> int:
+        """Delete finished jobs older than `older_than` seconds (default: all); return how many."""
+        return self.call("prune", **_given(older_than=older_than))["removed"]
+
+
+def _given(**fields: object) -> dict:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def add_fields(target: str, *, timeout: float | None | object = _OMIT, **fields: object) -> dict:
+    """The `add` request fields (without "op"): those given, and timeout also when None."""
+    out = {"target": target, **_given(**fields)}
+    if timeout is not _OMIT:
+        out["timeout"] = timeout
+    return out
+
+
+###############################################################################
+# Helper: run_background_job, after the PHP runBackgroundJob()
+###############################################################################
+
+def target_name(obj: object) -> str:
+    """The "module:Qualname" target of a class or function that a job process can
+    import (defined at a module's top level, or nested in classes)."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module or not qualname:
+        raise TypeError(f"cannot name {obj!r} as a job target: give 'module:Attr'")
+    if module == "__main__" or "<locals>" in qualname or "<lambda>" in qualname:
+        raise ValueError(f"{module}:{qualname} cannot be imported by a job process; "
+                         "define it in an importable module")
+    return f"{module}:{qualname}"
+
+
+def run_background_job(target: str | type | object, method: str | None = "handle",
+                       priority: int = 0, delay: float = 0, retries: int = 0, *args: object,
+                       socket_path: str | None = None) -> int:
+    """Queue a job and return its id, like PHP's
+    runBackgroundJob($className, $method, $priority, $delay, $retryAttempts, ...$parameters).
+
+    `target` is "package.module:Attr" or the class (or function) itself; a function
+    is called directly, so no method is sent for it. `args` are the job's arguments.
+    """
+    if isinstance(target, type):
+        target = target_name(target)
+    elif callable(target):
+        target, method = target_name(target), None
+    with Client(socket_path) as client:
+        return client.add(target, method=method, args=list(args), priority=priority,
+                          delay=delay, retries=retries)["id"]
+
+
+###############################################################################
+# Rendering
+###############################################################################
+
+def relative_time(t: float, now: float | None = None) -> str:
+    """An epoch time relative to now: "in 4s", "2m ago", "3h ago", "just now"."""
+    if now is None:
+        import time
+        now = time.time()
+    delta = t - now
+    if abs(delta) < 1:
+        return "just now"
+    text = _span(abs(delta))
+    return f"in {text}" if delta > 0 else f"{text} ago"
+
+
+def _span(seconds: float) -> str:
+    """Largest whole unit: 59s, 4m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def duration(seconds: float) -> str:
+    """Two units for uptimes: "12s", "5m 3s", "1h 2m", "3d 4h"."""
+    s = int(seconds)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {s % 60}s"
+    return f"{s}s"
+
+
+def local_time(t: float, now: float | None = None) -> str:
+    """Local ISO time plus relative time: "2026-11-28T17:16:00+01:00 (2m ago)"."""
+    from datetime import datetime
+    try:
+        stamp = datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):  # beyond what the platform's time functions take
+        return str(t)
+    return f"{stamp} ({relative_time(t, now)})"
+
+
+def attempts_text(job: dict) -> str:
+    """Attempts started out of those allowed: "1/4"."""
+    return f"{job.get('attempts', 0)}/{(job.get('retries') or 0) + 1}"
+
+
+def _when(job: dict, now: float) -> str:
+    # The one time that matters in each state: pending -> when it may run,
+    # running -> since when, finished -> when it ended.
+    state = job.get("state")
+    t = {"pending": job.get("run_at"), "running": job.get("started_at")}.get(state, job.get("finished_at"))
+    return relative_time(t, now) if isinstance(t, (int, float)) else "-"
+
+
+def job_table(jobs: list[dict], now: float | None = None) -> str:
+    """An aligned table: ID STATE PRI ATTEMPTS TARGET WHEN."""
+    if now is None:
+        import time
+        now = time.time()
+    rows = [("ID", "STATE", "PRI", "ATTEMPTS", "TARGET", "WHEN")]
+    for j in jobs:
+        target = j.get("target", "")
+        if j.get("method") not in (None, "handle"):
+            target += f" ({j['method']})"
+        rows.append((str(j.get("id")), str(j.get("state")), str(j.get("priority", 0)),
+                     attempts_text(j), target, _when(j, now)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = (True, False, True, False, False, False)  # numbers line up on the right
+    lines = []
+    for r in rows:
+        cells = [c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(r, widths, right)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+_JOB_FIELDS = ("id", "target", "method", "args", "kwargs", "priority", "state", "attempts",
+               "retries", "retry_delay", "backoff", "timeout", "key", "created_at", "run_at",
+               "started_at", "finished_at", "pid", "exit_code", "error", "result")
+_TIME_FIELDS = ("created_at", "run_at", "started_at", "finished_at")
+
+
+def job_record(job: dict, now: float | None = None) -> str:
+    """The job as "field: value" lines in SPEC order (then any other fields), times local."""
+    lines = []
+    for name in _JOB_FIELDS + tuple(sorted(set(job) - set(_JOB_FIELDS))):
+        if name not in job:
+            continue
+        value = job[name]
+        if value is None:
+            text = "-"
+        elif name in _TIME_FIELDS and isinstance(value, (int, float)):
+            text = local_time(value, now)
+        elif name == "attempts":
+            text = attempts_text(job)
+        elif isinstance(value, str) and name not in ("result", "args", "kwargs"):
+            text = value.replace("\n", "\\n")
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        lines.append(f"{name}: {text}")
+    return "\n".join(lines)
+
+
+def state_line(job: dict) -> str:
+    """One line per job: "12 succeeded", "13 failed: RuntimeError: boom"."""
+    line = f"{job.get('id')} {job.get('state')}"
+    if job.get("state") == "failed" and job.get("error"):
+        line += f": {job['error']}"
+    return line
+
+
+def _write(text: str) -> None:
+    """Write to stdout as UTF-8 whatever the locale (job output, JSON with non-ASCII)."""
+    buf = getattr(sys.stdout, "buffer", None)
+    if buf is None:  # a StringIO in tests
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    buf.write(text.encode("utf-8", "replace"))
+    buf.flush()
+
+
+def _out(text: str) -> None:
+    _write(text + "\n")
+
+
+def _out_json(doc: object) -> None:
+    _out(json.dumps(doc, ensure_ascii=False))  # one line: easy to read in a shell loop
+
+
+# Hints for the codes where the next step is not obvious from the daemon's message.
+_HINTS = {
+    "unreachable": "is jobrunnerd running? --socket PATH or $JOBRUNNER_SOCKET names another socket",
+    "forbidden": "this user is not in the daemon's allowed_uids/allowed_gids",
+    "queue_full": "too many pending and running jobs (max_queued)",
+    "busy": "too many connections (max_connections); try again",
+}
+
+
+def report(error: JobrunnerError, context: str = "") -> int:
+    """The one place errors reach the user: print to stderr, return the exit code."""
+    where = f"{context}: " if context else ""
+    print(f"jobctl: error: {where}{error.code}: {error.message}", file=sys.stderr)
+    if error.code in _HINTS:
+        print(f"jobctl: hint: {_HINTS[error.code]}", file=sys.stderr)
+    return EXIT_UNREACHABLE if isinstance(error, DaemonUnreachable) else EXIT_REFUSED
+
+
+def worst(codes: list[int]) -> int:
+    """The exit code for a command over several ids."""
+    return max(codes, key=_EXIT_SEVERITY.index, default=EXIT_OK)
+
+
+###############################################################################
+# Commands: argparse namespace -> Client calls -> output; each returns the exit code
+###############################################################################
+
+def cmd_add(client: Client, ns) -> int:
+    if ns.stdin:
+        return _add_stdin(client, ns)
+    reply = client.add(ns.target, **ns.fields)
+    if ns.json and not ns.wait:
+        _out_json(reply)
+    elif not ns.json:
+        _out(str(reply["id"]))
+    if not ns.wait:
+        return EXIT_OK
+    job = client.wait(reply["id"])["job"]
+    if ns.json:
+        _out_json({**reply, "job": job})
+    else:
+        _out(state_line(job))
+    return EXIT_JOB_FAILED if job.get("state") in FAILED_STATES else EXIT_OK
+
+
+def _add_stdin(client: Client, ns) -> int:
+    jobs = []
+    for n, line in enumerate(sys.stdin.buffer, 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except ValueError as e:
+            return report(JobrunnerError("bad_request", f"stdin line {n}: not JSON: {e}"))
+        if not isinstance(job, dict):
+            return report(JobrunnerError("bad_request", f"stdin line {n}: not a JSON object"))
+        jobs.append((job, len(line)))
+    ids: list[int] = []
+    chunk: list[dict] = []
+    size = 0
+    for i, (job, length) in enumerate(jobs):
+        chunk.append(job)
+        size += length
+        last = i == len(jobs) - 1
+        if not (last or len(chunk) >= _BATCH_JOBS or size + jobs[i + 1][1] > _BATCH_BYTES):
+            continue
+        try:
+            new = client.add_batch(chunk)
+        except JobrunnerError as e:
+            code = report(e, f"jobs {len(ids) + 1}-{len(ids) + len(chunk)} of {len(jobs)}")
+            if ids:
+                print(f"jobctl: {len(ids)} jobs were added before the error", file=sys.stderr)
+            return code
+        ids += new
+        if not ns.json:
+            _write("".join(f"{job_id}\n" for job_id in new))
+        chunk, size = [], 0
+    if ns.json:
+        _out_json({"ids": ids})
+    return EXIT_OK
+
+
+def cmd_list(client: Client, ns) -> int:
+    jobs = client.list(state=ns.state, target=ns.target, limit=ns.limit)
+    if ns.json:
+        _out_json(jobs)
+    elif jobs:
+        _out(job_table(jobs))
+    return EXIT_OK
+
+
+def cmd_show(client: Client, ns) -> int:
+    job = client.get(ns.id)
+    if ns.json:
+        _out_json(job)
+    else:
+        _out(job_record(job))
+    return EXIT_OK
+
+
+def _each_id(client: Client, ns, op: str) -> int:
+    """cancel/retry: pipeline one request per id, report each, exit with the worst code."""
+    for job_id in ns.ids:
+        client.send(op, id=job_id)
+    codes, docs = [], []
+    for job_id in ns.ids:
+        try:
+            reply = client.recv()
+        except DaemonUnreachable as e:
+            return report(e)
+        except JobrunnerError as e:
+            codes.append(report(e, str(job_id)))
+            docs.append({"id": job_id, "error": {"code": e.code, "message": e.message}})
+            continue
+        docs.append(reply)
+        if not ns.json:
+            _out(state_line(reply["job"]))
+    _out_docs(ns, docs)
+    return worst(codes)
+
+
+def _out_docs(ns, docs: list[dict]) -> None:
+    """--json for commands over ids: a list for several ids, the reply for one
+    (nothing on stdout if that one was refused: the error is on stderr)."""
+    if not ns.json:
+        return
+    if len(ns.ids) > 1:
+        _out_json(docs)
+    elif "error" not in docs[0]:
+        _out_json(docs[0])
+
+
+def cmd_cancel(client: Client, ns) -> int:
+    return _each_id(client, ns, "cancel")
+
+
+def cmd_retry(client: Client, ns) -> int:
+    return _each_id(client, ns, "retry")
+
+
+def cmd_wait(client: Client, ns) -> int:
+    """One deadline for all ids; each wait gets the time that is left."""
+    import time
+    deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
+    codes, docs = [], []
+    for job_id in ns.ids:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            reply = client.wait(job_id, timeout=remaining)
+        except DaemonUnreachable as e:
+            return report(e)
+        except JobrunnerError as e:
+            codes.append(report(e, str(job_id)))
+            docs.append({"id": job_id, "error": {"code": e.code, "message": e.message}})
+            continue
+        docs.append(reply)
+        job = reply["job"]
+        if not reply.get("done"):
+            codes.append(EXIT_TIMEOUT)
+        elif job.get("state") in FAILED_STATES:
+            codes.append(EXIT_JOB_FAILED)
+        if not ns.json:
+            _out(state_line(job) + ("" if reply.get("done") else " (not finished)"))
+    _out_docs(ns, docs)
+    return worst(codes)
+
+
+def cmd_logs(client: Client, ns) -> int:
+    offset, eof, parts = 0, False, []
+    finished = False  # the job has ended: one more read gets the rest, then stop
+    while True:
+        reply = client.output(ns.id, offset=offset)
+        data, offset, eof = reply.get("data", ""), reply.get("offset", offset), reply.get("eof", False)
+        if ns.json:
+            parts.append(data)
+        elif data:
+            _write(data)
+        if eof or (not data and (not ns.follow or finished)):
+            break
+        if not data:
+            finished = client.wait(ns.id, timeout=_FOLLOW_POLL)["done"]
+    if ns.json:
+        _out_json({"data": "".join(parts), "offset": offset, "eof": eof})
+    return EXIT_OK
+
+
+def cmd_stats(client: Client, ns) -> int:
+    stats = client.stats()
+    if ns.json:
+        _out_json(stats)
+        return EXIT_OK
+    counts = stats.get("counts", {})
+    lines = [f"{s}: {counts[s]}" for s in STATES if s in counts]
+    lines += [f"{s}: {n}" for s, n in sorted(counts.items()) if s not in STATES]
+    lines.append(f"workers: {stats.get('workers')}")
+    lines.append(f"paused: {'yes' if stats.get('paused') else 'no'}")
+    if isinstance(stats.get("uptime"), (int, float)):
+        lines.append(f"uptime: {duration(stats['uptime'])}")
+    if "protocol" in stats:
+        lines.append(f"protocol: {stats['protocol']}")
+    _out("\n".join(lines))
+    return EXIT_OK
+
+
+def _paused(ns, paused: bool) -> int:
+    if ns.json:
+        _out_json({"paused": paused})
+    else:
+        _out("paused" if paused else "not paused")
+    return EXIT_OK
+
+
+def cmd_pause(client: Client, ns) -> int:
+    return _paused(ns, client.pause())
+
+
+def cmd_resume(client: Client, ns) -> int:
+    return _paused(ns, client.resume())
+
+
+def cmd_prune(client: Client, ns) -> int:
+    removed = client.prune(older_than=ns.older_than)
+    if ns.json:
+        _out_json({"removed": removed})
+    else:
+        _out(f"removed {removed}")
+    return EXIT_OK
+
+
+COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_cancel,
+            "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
+            "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune}
+
+
+###############################################################################
+# Argument parsing and main
+###############################################################################
+
+def _seconds(text: str) -> float:
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _timeout_or_none(text: str) -> float | None:
+    """add --timeout: seconds, or "none" for no limit (sent as null)."""
+    return None if text.lower() == "none" else _seconds(text)
+
+
+def _iso_time(text: str) -> float:
+    """--at: ISO 8601; without a zone it is local time. Returns epoch seconds."""
+    import argparse
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(text).timestamp()  # naive -> local time
+    except (ValueError, OverflowError, OSError):
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+
+
+def build_parser():
+    """The argparse parser. --socket and --json are accepted before and after the
+    subcommand: the subparsers repeat them with SUPPRESS defaults so they do not
+    overwrite a value given before."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="jobctl", description="Queue and inspect jobrunner jobs.",
+        epilog="exit codes: 0 ok, 1 waited job failed/cancelled, 2 usage error or refused, "
+               "3 daemon unreachable, 4 --timeout passed")
+    parser.add_argument("--socket", metavar="PATH", help="daemon socket (default: $JOBRUNNER_SOCKET, "
+                        "./storage/jobrunnerd.sock next to jobctl.py, /run/jobrunner/jobrunnerd.sock)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON document")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    parser.commands = {}  # name -> subparser, for errors found after parsing
+
+    def command(name: str, help: str, **kw):
+        p = parser.commands[name] = sub.add_parser(name, parents=[common], help=help,
+                                                   description=help, **kw)
+        return p
+
+    p = command("add", "queue a job; print its id", usage="%(prog)s TARGET [ARG ...] [options]\n"
+                "       %(prog)s --stdin [--json] < jobs.jsonl")
+    p.add_argument("target", nargs="?", metavar="TARGET", help="package.module:Attr")
+    p.add_argument("args", nargs="*", metavar="ARG", help="job arguments (strings unless --json-args; "
+                   "put -- before arguments that start with -)")
+    p.add_argument("--method", metavar="M", help="method of a class target (default: handle)")
+    p.add_argument("--priority", type=int, metavar="N", help="higher runs first (default 0)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_seconds, metavar="S", help="run no sooner than S seconds from now")
+    when.add_argument("--at", type=_iso_time, metavar="ISO8601", dest="run_at",
+                      help="run no sooner than this time (local time unless it has a zone)")
+    p.add_argument("--retries", type=int, metavar="N", help="retries after a failed first attempt")
+    p.add_argument("--retry-delay", type=_seconds, metavar="S", help="seconds before a retry")
+    p.add_argument("--backoff", choices=("fixed", "exponential"))
+    p.add_argument("--timeout", type=_timeout_or_none, default=_OMIT, metavar="S",
+                   help="seconds an attempt may run, or 'none' for no limit")
+    p.add_argument("--key", metavar="K", help="uniqueness key: while a job with it is pending or "
+                   "running, its id is returned instead")
+    p.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
+    p.add_argument("--json-args", action="store_true", help="parse each ARG as JSON")
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it fails")
+    p.add_argument("--stdin", action="store_true", help="read add objects, one JSON line each, "
+                   "from stdin and add them in batches; print the ids")
+
+    p = command("list", "list jobs")
+    p.add_argument("--state", metavar="S", choices=STATES)
+    p.add_argument("--target", metavar="PATTERN", help="fnmatch pattern")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N jobs (daemon default 100, max 1000)")
+
+    p = command("show", "show one job")
+    p.add_argument("id", type=int, metavar="ID")
+    for name, text in (("cancel", "cancel pending or running jobs"),
+                       ("retry", "put failed or cancelled jobs back in the queue")):
+        command(name, text).add_argument("ids", type=int, nargs="+", metavar="ID")
+    p = command("wait", "wait until jobs finish; exit 1 if one failed or was cancelled")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (exit 4)")
+    p = command("logs", "print a job's output")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    command("stats", "queue counts and daemon status")
+    command("pause", "start no new attempts")
+    command("resume", "start attempts again")
+    p = command("prune", "delete finished jobs and their output")
+    p.add_argument("--older-than", type=_seconds, metavar="S", help="only those finished S seconds ago")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse and check the command line; exits 2 (argparse) on a usage error."""
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if ns.command != "add":
+        if extra:
+            parser.commands[ns.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+    error = parser.commands["add"].error
+    # argparse stops filling TARGET/ARG at the first option, so "add T --priority 3 a b"
+    # leaves "a b" over; they are ARGs. Only options (before a "--") are errors.
+    positional = ([ns.target] if ns.target is not None else []) + ns.args
+    unknown, after_dashes = [], False
+    for arg in extra:
+        if arg == "--" and not after_dashes:
+            after_dashes = True
+        elif after_dashes or not arg.startswith("-") or arg == "-" or _is_number(arg):
+            positional.append(arg)
+        else:
+            unknown.append(arg)
+    if unknown:
+        error(f"unrecognized arguments: {' '.join(unknown)}")
+    if ns.stdin:
+        given = [o for o, v in (("TARGET", positional), ("--wait", ns.wait),
+                                ("--json-args", ns.json_args), ("--kwargs", ns.kwargs)) if v]
+        given += [f"--{k.replace('_', '-')}" for k in ("method", "priority", "delay", "run_at", "retries",
+                                                        "retry_delay", "backoff", "key")
+                  if getattr(ns, k) is not None]
+        if ns.timeout is not _OMIT:
+            given.append("--timeout")
+        if given:
+            error(f"add --stdin takes each job from its line, not {', '.join(given)}")
+        return ns
+    if not positional:
+        error("the following arguments are required: TARGET")
+    ns.target, ns.args = positional[0], positional[1:]
+    if ns.json_args:
+        try:
+            ns.args = [json.loads(a) for a in ns.args]
+        except ValueError as e:
+            error(f"--json-args: an ARG is not JSON: {e}")
+    kwargs = None
+    if ns.kwargs is not None:
+        try:
+            kwargs = json.loads(ns.kwargs)
+        except ValueError as e:
+            error(f"--kwargs: not JSON: {e}")
+        if not isinstance(kwargs, dict):
+            error("--kwargs: must be a JSON object")
+    ns.fields = dict(method=ns.method, args=ns.args, kwargs=kwargs, priority=ns.priority,
+                     delay=ns.delay, run_at=ns.run_at, retries=ns.retries,
+                     retry_delay=ns.retry_delay, backoff=ns.backoff, timeout=ns.timeout, key=ns.key)
+    return ns
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one jobctl command; return its exit code."""
+    try:
+        ns = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_REFUSED
+    try:
+        with Client(ns.socket) as client:
+            return COMMANDS[ns.command](client, ns)
+    except JobrunnerError as e:
+        return report(e)
+    except KeyboardInterrupt:
+        return 130  # the shell's convention for SIGINT
+    except BrokenPipeError:  # "jobctl logs 3 | head": the reader left, that is fine
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

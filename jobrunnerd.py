@@ -1,0 +1,2327 @@
+#!/usr/bin/env python3
+"""jobrunnerd - a background job runner for one Linux host, standard library only.
+
+The daemon keeps every job in memory, persists each change to disk before it
+says "ok", listens on a Unix domain socket for newline-delimited JSON requests,
+and runs each attempt of a job in a fresh child process. ../SPEC.md is the
+contract; this docstring is the map.
+
+Sections, in file order
+    constants ........ numbers with the reason they have that value
+    errors ........... ProtocolError (code + message), ConfigError, StateError
+    states ........... the job state machine: TRANSITIONS and its diagram
+    Job .............. one job, as __slots__, to and from its JSON record
+    retry policy ..... next_run_at(): the one place that decides retries
+    event log ........ background_jobs.log / background_jobs_errors.log lines
+    store ............ queue.json snapshot + journal.jsonl, group commit, lock
+    queue ............ JobTable: every job, the heaps, and the one state writer
+    job process ...... the code a child runs (sent to it, never imported here)
+    runner ........... starts attempts, captures output, kills process groups
+    protocol ......... request decoding, validation, the HANDLERS table
+    config ........... keys, defaults, TOML loading
+    daemon ........... the selectors loop, connections, signals, systemd
+    main ............. command line
+
+One pass of the loop
+    select -> signals and child events (attempts end) -> timers -> dispatch due
+    jobs -> client requests -> ONE journal write + fsync -> replies and log
+    lines go out. A reply that reports a change is never sent before the change
+    is on disk; if the write fails, that pass's client changes are undone and
+    answered with io_error.
+
+Protocol (version 1), in brief
+    -> {"op": "add", "target": "examples.jobs:ExampleJob", "args": ["a"]}
+    <- {"ok": true, "id": 1, "created": true}
+    -> {"op": "nope"}
+    <- {"ok": false, "error": {"code": "unknown_op", "message": "..."}}
+    Ops: hello add add_batch get list cancel retry wait output stats pause
+    resume prune. Replies come in request order, so clients may pipeline.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import fnmatch
+import heapq
+import json
+import math
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+####################################################################################################
+#  Constants
+####################################################################################################
+
+VERSION = "0.1.0"
+PROTOCOL = 1
+
+MAX_RESULT_BYTES = 64 * 1024          # SPEC: a larger return value is not kept as `result`
+MAX_LOG_VALUE = 2000                  # one log field; a traceback goes to the errors log instead
+MAX_ERROR_CHARS = 500                 # `error` is a one-line summary, not a traceback
+MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failure
+READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
+MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop reading a client that does not read its replies
+IDLE_TIMEOUT = 60.0                   # seconds a half-sent request may sit before we hang up
+MAX_DELAY = 10 * 365 * 86400.0        # further out than this is a mistake, not a schedule
+MAX_RETRIES = 1000                    # more is a loop, not a retry policy
+MAX_PRIORITY = 2 ** 31 - 1            # keeps priorities printable and comparable everywhere
+MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
+MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
+LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
+PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
+JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
+JSON_MAX_DEPTH = 64                   # deeper request JSON is refused before it can recurse
+TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                       r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")   # a leading "_" is refused by SPEC
+
+####################################################################################################
+#  Errors
+####################################################################################################
+
+ERROR_CODES = frozenset({
+    "bad_request", "unknown_op", "not_allowed", "not_found", "invalid_state", "too_large",
+    "queue_full", "forbidden", "busy", "shutting_down", "io_error",
+})
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served; becomes {"ok": false, "error": {code, message}}."""
+
+    def __init__(self, code: str, message: str):
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the daemon does not start (exit 2)."""
+
+
+class StateError(Exception):
+    """The state on disk is damaged or locked; the daemon does not start (exit 1)."""
+
+
+####################################################################################################
+#  Job states
+####################################################################################################
+#
+#              add / retry op                 attempt starts
+#   (new) ─────────────────────► PENDING ─────────────────────► RUNNING
+#                                 │   ▲   attempt failed,        │  │  │
+#                          cancel │   └── retries left, or ──────┘  │  │ returned
+#                                 │       interrupted by a stop     │  ▼
+#                                 ▼                           ┌─────┘ SUCCEEDED
+#          FAILED ◄──── no retries left / not runnable ───────┘
+#          CANCELLED ◄── cancel (pending or running)
+#          FAILED, CANCELLED ──(retry op)──► PENDING
+
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "pending", "running", "succeeded", "failed", "cancelled")
+STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+LIVE = frozenset({PENDING, RUNNING})
+FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+# (from, to) -> the log events that may announce that move; the first is the usual one.
+TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
+    (None, PENDING): ("queued",),
+    (PENDING, RUNNING): ("started",),
+    (RUNNING, SUCCEEDED): ("succeeded",),
+    (RUNNING, PENDING): ("retrying", "interrupted"),
+    (RUNNING, FAILED): ("failed",),
+    (PENDING, CANCELLED): ("cancelled",),
+    (RUNNING, CANCELLED): ("cancelled",),
+    (FAILED, PENDING): ("queued",),
+    (CANCELLED, PENDING): ("queued",),
+}
+
+
+####################################################################################################
+#  Job
+####################################################################################################
+
+PUBLIC_FIELDS = (
+    "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
+    "retry_delay", "backoff", "timeout", "key", "created_at", "run_at", "started_at",
+    "finished_at", "pid", "exit_code", "error", "result",
+)
+# Kept on disk, never shown: the start time of `pid` (/proc/PID/stat field 22), so that after a
+# crash a reused pid is never mistaken for our orphan, and who queued the job.
+PRIVATE_FIELDS = ("pid_start", "uid")
+
+
+class Job:
+    """One job. Plain data: only JobTable changes a job after it is created."""
+
+    __slots__ = PUBLIC_FIELDS + PRIVATE_FIELDS + ("token",)
+
+    def __init__(self, **fields):
+        self.token = 0      # bumped whenever the job leaves a heap; stale heap entries are skipped
+        for name in PUBLIC_FIELDS + PRIVATE_FIELDS:
+            setattr(self, name, fields.get(name))
+
+    def record(self) -> dict:
+        """What `get` returns."""
+        return {name: getattr(self, name) for name in PUBLIC_FIELDS}
+
+    def stored(self) -> dict:
+        """What the store keeps: the record plus the private fields that are set."""
+        rec = self.record()
+        for name in PRIVATE_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                rec[name] = value
+        return rec
+
+    @classmethod
+    def from_stored(cls, rec: dict) -> "Job":
+        """Rebuild from disk; unknown fields (a newer version's) are ignored."""
+        job = cls(**{k: v for k, v in rec.items() if k in PUBLIC_FIELDS or k in PRIVATE_FIELDS})
+        job.target = sys.intern(job.target)
+        if job.args is None:
+            job.args = []
+        if job.kwargs is None:
+            job.kwargs = {}
+        if job.attempts is None:
+            job.attempts = 0
+        if job.state not in STATES or not isinstance(job.id, int):
+            raise ValueError("job record without a valid id and state")
+        return job
+
+    def attempt_label(self) -> str:
+        return "%d/%d" % (self.attempts, self.retries + 1)
+
+
+####################################################################################################
+#  Retry policy
+####################################################################################################
+
+def next_run_at(job: Job, now: float, max_retry_delay: float) -> float | None:
+    """When the next attempt of `job` may start, its attempt number `job.attempts` having just
+    failed; None when no retries are left. The only place that decides about retries."""
+    if job.attempts > job.retries:
+        return None
+    k = max(job.attempts, 1)                    # this is retry number k
+    if job.backoff == "fixed":
+        delay = job.retry_delay
+    else:
+        delay = job.retry_delay * 2.0 ** min(k - 1, 64)   # 2**64 s is already past any cap
+    return now + min(delay, max_retry_delay)
+
+
+####################################################################################################
+#  Event log
+####################################################################################################
+
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:/@+,%-]+\Z")
+# Everything that could end a line for some reader (str.splitlines knows \x1c-\x1e, \x85,
+# \u2028, \u2029 too) or fool a terminal is written as an escape.
+_CONTROLS = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))
+             if c != 0x09}
+_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+_ESCAPES = dict(_CONTROLS)      # inside a quoted value
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord('"'): '\\"',
+                 ord("\\"): "\\\\"})
+
+
+def log_value(value) -> str:
+    """One value of a key=value log line: bare when that is unambiguous, else quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "%.3f" % value
+    if isinstance(value, int):
+        return str(value)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) > MAX_LOG_VALUE:
+        text = text[:MAX_LOG_VALUE] + "...(%d more chars)" % (len(text) - MAX_LOG_VALUE)
+    if text and _SAFE_VALUE.match(text):
+        return text
+    return '"' + text.translate(_ESCAPES) + '"'
+
+
+def log_time(t: float) -> str:
+    """2026-11-28T16:00:00.123Z"""
+    ms = int(t * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % ms
+
+
+def format_event(t: float, event: str, fields: dict) -> str:
+    parts = [log_time(t), "event=" + event]
+    for key, value in fields.items():
+        if value is not None:
+            parts.append(key + "=" + log_value(value))
+    return " ".join(parts) + "\n"
+
+
+class EventLog:
+    """background_jobs.log (one line per event) and background_jobs_errors.log (a header line
+    per failed attempt, then the traceback indented). Lines are buffered for one loop pass and
+    written with one write() per file; SIGHUP reopens both files (logrotate)."""
+
+    def __init__(self, log_dir: str, clock=time.time):
+        self.dir = log_dir
+        self.clock = clock
+        self.fds: dict[str, int] = {}
+        self.buffers: dict[str, list[str]] = {"events": [], "errors": []}
+        self.reopen()
+
+    NAMES = {"events": "background_jobs.log", "errors": "background_jobs_errors.log"}
+
+    def reopen(self) -> None:
+        for kind, name in self.NAMES.items():
+            fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                         | os.O_CLOEXEC, 0o640)
+            old = self.fds.get(kind)
+            self.fds[kind] = fd
+            if old is not None:
+                os.close(old)
+
+    def event(self, event: str, **fields) -> None:
+        self.buffers["events"].append(format_event(self.clock(), event, fields))
+
+    def error(self, event: str, detail: str, **fields) -> None:
+        """A header line like an event line, then `detail` on lines that start with a space."""
+        lines = [format_event(self.clock(), event, fields)]
+        for line in detail.splitlines():
+            lines.append("    " + line.translate(_CONTROLS) + "\n")
+        self.buffers["errors"].append("".join(lines))
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.buffers["events"]), len(self.buffers["errors"])
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Forget lines written since `mark` (their changes were undone)."""
+        del self.buffers["events"][mark[0]:]
+        del self.buffers["errors"][mark[1]:]
+
+    def flush(self) -> None:
+        for kind, lines in self.buffers.items():
+            if lines:
+                data = "".join(lines).encode("utf-8", "replace")
+                lines.clear()
+                try:
+                    _write_all(self.fds[kind], data)
+                except OSError as exc:      # a full log disk must not stop the jobs
+                    print("jobrunnerd: cannot write %s: %s" % (self.NAMES[kind], exc),
+                          file=sys.stderr)
+
+    def close(self) -> None:
+        self.flush()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+####################################################################################################
+#  Store: snapshot + journal
+####################################################################################################
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_line(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+class Store:
+    """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
+
+    Callers append() changes during a loop pass and commit() once: one write and one fsync for
+    the whole pass (group commit). A failed write or fsync truncates the journal back to its last
+    durable length, closes it (a failed fsync is never retried on the same descriptor as if it had
+    worked) and marks the store broken; only a full snapshot() repairs it.
+
+    Compaction is crash-safe by generations. The snapshot records the generation G of the journal
+    that continues it; the journal's first line is {"gen": G}. snapshot() writes (1) a new
+    queue.json with G+1 (temp file, fsync, rename, fsync of the directory), then (2) a new journal
+    whose header is G+1 the same way. A crash between (1) and (2) leaves a journal of generation
+    G, whose changes are all in the new snapshot: load() ignores it."""
+
+    SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
+
+    def __init__(self, state_dir: str, fsync: bool = True):
+        self.dir = state_dir
+        self.do_fsync = fsync
+        self.snapshot_path = os.path.join(state_dir, self.SNAPSHOT)
+        self.journal_path = os.path.join(state_dir, self.JOURNAL)
+        self.gen = 0
+        self.fd: int | None = None        # journal, opened for append
+        self.size = 0                     # journal bytes known durable
+        self.snapshot_size = 0
+        self.lines: list[str] = []
+        self.broken: OSError | None = None
+        self.lock_fd: int | None = None
+        self.warnings: list[str] = []
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        fd = os.open(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError("%s is locked: another jobrunnerd is using this state_dir"
+                             % os.path.join(self.dir, self.LOCK)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.lock_fd = fd
+
+    def close(self) -> None:
+        for fd in (self.fd, self.lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.lock_fd = None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> tuple[dict, dict[int, dict]]:
+        """Return (meta, records by id) from snapshot + journal and open the journal for
+        appending. Raises StateError, naming file and offset, on any damage but a torn tail."""
+        meta = {"next_id": 1, "paused": False}
+        records: dict[int, dict] = {}
+        snap_gen = 0
+        if os.path.exists(self.snapshot_path):
+            snap_gen = self._load_snapshot(meta, records)
+        good, journal_gen = self._load_journal(meta, records, snap_gen)
+        if journal_gen is None or journal_gen < snap_gen:
+            # No journal, or one whose changes are all in the snapshot: start a new one.
+            self.gen = snap_gen
+            self._new_journal(snap_gen)
+        else:
+            self.gen = journal_gen
+            self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            if good < os.fstat(self.fd).st_size:
+                os.ftruncate(self.fd, good)     # drop the torn tail before appending after it
+                os.fsync(self.fd)
+            self.size = good
+        return meta, records
+
+    def _load_snapshot(self, meta: dict, records: dict) -> int:
+        path = self.snapshot_path
+        with open(path, "rb") as f:
+            data = f.read()
+        self.snapshot_size = len(data)
+        if not data.strip():
+            raise StateError("%s: empty snapshot (offset 0); refusing to start" % path)
+        try:
+            doc = json.loads(data)
+        except UnicodeDecodeError as exc:
+            raise StateError("%s: not UTF-8 at offset %d" % (path, exc.start)) from None
+        except ValueError as exc:
+            pos = getattr(exc, "pos", 0) or 0
+            offset = len(data.decode("utf-8", "replace")[:pos].encode("utf-8"))
+            raise StateError("%s: does not parse at offset %d: %s"
+                             % (path, offset, getattr(exc, "msg", exc))) from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+            raise StateError("%s: not a jobrunner snapshot (offset 0)" % path)
+        meta["next_id"] = max(meta["next_id"], int(doc.get("next_id", 1)))
+        meta["paused"] = bool(doc.get("paused", False))
+        for i, rec in enumerate(doc["jobs"]):
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
+                raise StateError("%s: job #%d has no id" % (path, i))
+            records[rec["id"]] = rec
+            meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
+        return int(doc.get("gen", 0))
+
+    def _load_journal(self, meta: dict, records: dict, snap_gen: int):
+        """Replay the journal; return (bytes that are good, its generation or None)."""
+        path = self.journal_path
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return 0, None
+        pieces = data.split(b"\n")
+        tail = pieces.pop()             # after the last newline: empty unless the write was torn
+        offset, gen = 0, None
+        for i, line in enumerate(pieces):
+            last = i == len(pieces) - 1 and not tail.strip(b"\0")
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or len(obj) != 1:
+                    raise ValueError("not a journal entry")
+            except ValueError as exc:
+                if last:
+                    self.warnings.append("%s: dropped a torn last line at offset %d (%s)"
+                                         % (path, offset, exc))
+                    return offset, gen
+                raise StateError("%s: bad line at offset %d: %s" % (path, offset, exc)) from None
+            if gen is None:
+                if "gen" not in obj:
+                    raise StateError("%s: no generation header at offset 0" % path)
+                gen = int(obj["gen"])
+                if gen > snap_gen:
+                    raise StateError("%s: generation %d at offset 0 is newer than %s (%d): the "
+                                     "snapshot is missing or old" % (path, gen, self.SNAPSHOT,
+                                                                     snap_gen))
+            elif gen >= snap_gen:       # an older generation is already in the snapshot
+                try:
+                    self._apply(obj, meta, records)
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise StateError("%s: bad entry at offset %d: %s"
+                                     % (path, offset, exc)) from None
+            offset += len(line) + 1
+        if tail:
+            self.warnings.append("%s: dropped an incomplete last line at offset %d (%d bytes)"
+                                 % (path, offset, len(tail)))
+        return offset, gen
+
+    @staticmethod
+    def _apply(obj: dict, meta: dict, records: dict) -> None:
+        if "job" in obj:
+            rec = obj["job"]
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
+                raise ValueError("job entry without an id")
+            records[rec["id"]] = rec
+            meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
+        elif "del" in obj:
+            for job_id in obj["del"]:
+                records.pop(job_id, None)
+        elif "paused" in obj:
+            meta["paused"] = bool(obj["paused"])
+        elif "next_id" in obj:
+            meta["next_id"] = max(meta["next_id"], int(obj["next_id"]))
+        else:
+            raise ValueError("unknown entry %r" % next(iter(obj)))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def append(self, obj: dict) -> None:
+        self.lines.append(_json_line(obj))
+
+    def discard(self) -> None:
+        self.lines.clear()
+
+    def commit(self) -> None:
+        """Make every appended change durable, or raise OSError having written none of them."""
+        if not self.lines:
+            return
+        if self.broken is not None:
+            raise self.broken
+        data = "".join(self.lines).encode("utf-8")
+        self.lines.clear()
+        try:
+            _write_all(self.fd, data)
+            if self.do_fsync:
+                os.fdatasync(self.fd)
+        except OSError as exc:
+            self._break(exc)
+            raise
+        self.size += len(data)
+
+    def _break(self, exc: OSError) -> None:
+        self.broken = exc
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.ftruncate(fd, self.size)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def wants_compaction(self) -> bool:
+        return self.size > max(JOURNAL_MIN_COMPACT, self.snapshot_size)
+
+    def snapshot(self, meta: dict, jobs) -> None:
+        """Write every job in `jobs` as the new snapshot and start an empty journal. Repairs a
+        broken store; raises OSError (store left as it was, or broken) when the disk refuses."""
+        gen = self.gen + 1
+        head = _json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
+                           "paused": meta["paused"]})[:-2] + ',"jobs":[\n'
+        body = ",\n".join(_json_line(job.stored())[:-1] for job in jobs)
+        data = (head + body + "\n]}\n").encode("utf-8")
+        self._replace(self.snapshot_path, data)
+        self.snapshot_size = len(data)
+        self.lines.clear()          # everything they said is in the snapshot
+        old, self.fd = self.fd, None
+        if old is not None:
+            os.close(old)
+        self.gen = gen
+        self._new_journal(gen)
+        self.broken = None
+
+    def _new_journal(self, gen: int) -> None:
+        header = _json_line({"gen": gen}).encode()
+        self._replace(self.journal_path, header)
+        self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.size = len(header)
+
+    def _replace(self, path: str, data: bytes) -> None:
+        """Atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            if self.do_fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if self.do_fsync:
+            _fsync_dir(self.dir)
+
+
+####################################################################################################
+#  Queue: JobTable, the one writer of job state
+####################################################################################################
+
+class JobTable:
+    """Every job in memory, with the indexes that keep each question cheap:
+
+        ready     heap of (-priority, run_at, id, token): due pending jobs, best first; equal
+                  priorities go by the time they became due, then by id (FIFO)
+        delayed   heap of (run_at, id, token): pending jobs not yet due
+        finished  heap of (finished_at, id): for pruning old finished jobs
+        counts    jobs per state;  keys  unique key -> id of the live job holding it
+        ids       every id, ascending (for `list ... after_id`)
+
+    Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
+    entries with an old token are skipped when they surface.
+
+    transition() is the only code that assigns job.state: it checks TRANSITIONS, stamps the
+    times, writes the log line and journals the job. update() journals other changes. While
+    tracking (a client request is being served), the first change to a job saves its previous
+    values so that undo() can restore them when the journal write fails."""
+
+    def __init__(self, store: Store, log: EventLog, clock=time.time):
+        self.store = store
+        self.log = log
+        self.clock = clock
+        self.jobs: dict[int, Job] = {}
+        self.ids: list[int] = []
+        self.ready: list[tuple] = []
+        self.delayed: list[tuple] = []
+        self.finished: list[tuple] = []
+        self.counts = dict.fromkeys(STATES, 0)
+        self.keys: dict[str, int] = {}
+        self.next_id = 1
+        self.paused = False
+        self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
+        self._undo: dict[int, tuple] | None = None
+        self._undo_paused: bool | None = None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self, meta: dict, records: dict[int, dict]) -> None:
+        self.next_id = meta["next_id"]
+        self.paused = meta["paused"]
+        for job_id in sorted(records):
+            try:
+                job = Job.from_stored(records[job_id])
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise StateError("job %d in %s: %s" % (job_id, self.store.dir, exc)) from None
+            self.jobs[job.id] = job
+            self.ids.append(job.id)
+            self._index(job)
+
+    # -- indexes -----------------------------------------------------------------------------
+
+    def _index(self, job: Job) -> None:
+        self.counts[job.state] += 1
+        if job.state == PENDING:
+            if job.run_at <= self.clock():
+                heapq.heappush(self.ready, (-job.priority, job.run_at, job.id, job.token))
+            else:
+                heapq.heappush(self.delayed, (job.run_at, job.id, job.token))
+        elif job.state in FINISHED:
+            heapq.heappush(self.finished, (job.finished_at or 0.0, job.id))
+        if job.key is not None and job.state in LIVE:
+            self.keys[job.key] = job.id
+
+    def _unindex(self, job: Job) -> None:
+        self.counts[job.state] -= 1
+        job.token += 1
+        if job.key is not None and self.keys.get(job.key) == job.id:
+            del self.keys[job.key]
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def create(self, now: float, **fields) -> Job:
+        """A new pending job from validated fields."""
+        job = Job(id=self.next_id, state=None, attempts=0, created_at=now, **fields)
+        job.target = sys.intern(job.target)
+        self.next_id += 1
+        if self._undo is not None:
+            self._undo[job.id] = (job, None)
+        self.jobs[job.id] = job
+        self.ids.append(job.id)
+        self.transition(job, PENDING, uid=fields.get("uid"), priority=job.priority,
+                        run_at=job.run_at)
+        return job
+
+    def transition(self, job: Job, state: str, event: str | None = None, detail: str | None = None,
+                   changes: dict | None = None, **log_fields) -> None:
+        """Move `job` to `state`, applying `changes`; log `event` and journal the job."""
+        old = job.state
+        events = TRANSITIONS.get((old, state))
+        assert events, "illegal transition %s -> %s (job %d)" % (old, state, job.id)
+        event = event or events[0]
+        assert event in events, "%s cannot be announced as %s" % ((old, state), event)
+        self._save(job)
+        if old is not None:
+            self._unindex(job)
+        now = self.clock()
+        job.state = state
+        if state == RUNNING:
+            job.started_at = now
+            job.finished_at = None
+        elif state in FINISHED:
+            job.finished_at = now
+            self.changed.append(job)
+        for name, value in (changes or {}).items():
+            setattr(job, name, value)
+        self._index(job)
+        fields = {"job": job.id, "target": job.target}
+        if state != PENDING or event != "queued":
+            fields["attempt"] = job.attempt_label()
+        fields.update(log_fields)
+        if detail is not None:
+            self.log.error(event, detail, **fields)
+        self.log.event(event, **fields)
+        self.store.append({"job": job.stored()})
+
+    def update(self, job: Job, **changes) -> None:
+        """Change fields other than `state` (e.g. the pid of a running attempt) and journal."""
+        assert "state" not in changes
+        self._save(job)
+        for name, value in changes.items():
+            setattr(job, name, value)
+        self.store.append({"job": job.stored()})
+
+    def set_paused(self, paused: bool) -> None:
+        if self._undo is not None and self._undo_paused is None:
+            self._undo_paused = self.paused
+        self.paused = paused
+        self.store.append({"paused": paused})
+
+    def remove(self, jobs: list[Job]) -> None:
+        """Forget finished jobs (prune)."""
+        for job in jobs:
+            assert job.state in FINISHED
+            self._save(job)
+            self._unindex(job)
+            del self.jobs[job.id]
+        gone = {job.id for job in jobs}
+        self.ids = [i for i in self.ids if i not in gone]
+        self.store.append({"del": sorted(gone)})
+
+    # -- undo (a failed journal write) -------------------------------------------------------
+
+    def track(self) -> None:
+        self._undo = {}
+        self._undo_paused = None
+
+    def untrack(self) -> None:
+        self._undo = None
+        self._undo_paused = None
+
+    def _save(self, job: Job) -> None:
+        if self._undo is not None and job.id not in self._undo:
+            self._undo[job.id] = (job, tuple(getattr(job, n) for n in Job.__slots__))
+
+    def undo(self) -> None:
+        """Put every job changed since track() back as it was."""
+        for job_id, (job, values) in reversed(list(self._undo.items())):
+            if self.jobs.get(job_id) is job:
+                if job.state is not None:
+                    self._unindex(job)
+                del self.jobs[job_id]
+                self.ids.remove(job_id)
+            if values is not None:
+                for name, value in zip(Job.__slots__, values):
+                    setattr(job, name, value)
+                job.token += 1
+                self.jobs[job_id] = job
+                bisect.insort(self.ids, job_id)
+                self._index(job)
+        if self._undo_paused is not None:
+            self.paused = self._undo_paused
+        self.untrack()
+
+    # -- questions ---------------------------------------------------------------------------
+
+    def pop_due(self, now: float) -> Job | None:
+        """The pending job that should start next, taken off the heap; None if none is due."""
+        delayed, ready, jobs = self.delayed, self.ready, self.jobs
+        while delayed and delayed[0][0] <= now:
+            run_at, job_id, token = heapq.heappop(delayed)
+            job = jobs.get(job_id)
+            if job is not None and job.token == token:
+                heapq.heappush(ready, (-job.priority, run_at, job_id, token))
+        while ready:
+            _, _, job_id, token = heapq.heappop(ready)
+            job = jobs.get(job_id)
+            if job is not None and job.token == token:
+                job.token += 1          # it is off the heap now
+                return job
+        return None
+
+    def has_due(self, now: float) -> bool:
+        self._drop_stale()
+        return bool(self.ready) or bool(self.delayed and self.delayed[0][0] <= now)
+
+    def next_run_at(self) -> float | None:
+        self._drop_stale()
+        return self.delayed[0][0] if self.delayed else None
+
+    def _drop_stale(self) -> None:
+        for heap in (self.ready, self.delayed):
+            while heap:
+                job = self.jobs.get(heap[0][-2])
+                if job is not None and job.token == heap[0][-1]:
+                    break
+                heapq.heappop(heap)
+
+    def finished_before(self, cutoff: float) -> list[Job]:
+        """Finished jobs whose finished_at <= cutoff (for prune)."""
+        found = []
+        while self.finished and self.finished[0][0] <= cutoff:
+            finished_at, job_id = heapq.heappop(self.finished)
+            job = self.jobs.get(job_id)
+            if job is not None and job.state in FINISHED and job.finished_at == finished_at:
+                found.append(job)       # an undone removal pushes it back (_index)
+        return found
+
+    def select(self, state: str | None, pattern: str | None, after_id: int,
+               limit: int) -> list[Job]:
+        out = []
+        ids = self.ids
+        for i in range(bisect.bisect_right(ids, after_id), len(ids)):
+            job = self.jobs[ids[i]]
+            if state is not None and job.state != state:
+                continue
+            if pattern is not None and not fnmatch.fnmatchcase(job.target, pattern):
+                continue
+            out.append(job)
+            if len(out) >= limit:
+                break
+        return out
+
+
+####################################################################################################
+#  The job process (this code runs in the child, never in the daemon)
+####################################################################################################
+#
+# A child starts as `python -I -c CHILD_BOOTSTRAP jobrunner-job ID ATTEMPT` with fd 0 = /dev/null,
+# fds 1 and 2 = the output pipe, fd 3 = a socket to the daemon. The daemon sends two lines on fd 3:
+# CHILD_SOURCE (as a JSON string) and the attempt's spec (JSON). The child writes one JSON line
+# back before it exits: {"status": "ok", "result": ...}, {"status": "error", ...} (the job raised:
+# retryable) or {"status": "permanent", ...} (the target cannot run here: not retried).
+
+CHILD_BOOTSTRAP = ("import os,json;_chan=os.fdopen(3,'rb',closefd=False);"
+                   "exec(json.loads(_chan.readline()))")
+
+CHILD_SOURCE = ("MAX_ERROR, MAX_TB, MAX_RESULT = %d, %d, %d\n"
+                % (MAX_ERROR_CHARS, MAX_TRACEBACK_BYTES, MAX_RESULT_BYTES)) + r'''
+import json, os, signal, sys
+
+def _send(msg):
+    data = (json.dumps(msg, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(3, data):]
+        os.close(3)
+    except OSError:
+        pass
+
+def _one_line(exc):
+    text = "%s: %s" % (type(exc).__name__, exc)
+    return " ".join(text.split())[:MAX_ERROR]
+
+def _fail(status, error, tb=None):
+    _send({"status": status, "error": error, "traceback": (tb or "")[-MAX_TB:]})
+    sys.stdout.flush()
+    os._exit(2 if status == "permanent" else 1)
+
+def _main():
+    spec = json.loads(_chan.readline())
+    _chan.close()
+    os.set_inheritable(3, False)          # the job's own children must not hold the channel
+    try:                                  # die with the daemon: no orphan if it crashes now
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+    if os.getppid() != spec["parent"]:
+        os._exit(1)
+    import resource
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    names = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
+             "fsize": "RLIMIT_FSIZE"}
+    for name, value in spec["limits"].items():
+        which = getattr(resource, names[name])
+        soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(which, (value, value))
+    sys.path[:0] = spec["paths"]
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.argv = ["jobrunner-job:" + spec["target"]]
+    import fnmatch, traceback
+    target, method = spec["target"], spec["method"]
+    if not any(fnmatch.fnmatchcase(target, p) for p in spec["allow"]):
+        _fail("permanent", "target %s is not allowed by the daemon's allow list" % target)
+    module_name, _, attr = target.partition(":")
+    try:
+        import importlib
+        obj = importlib.import_module(module_name)
+    except BaseException as exc:
+        _fail("permanent", "cannot import %s: %s" % (module_name, _one_line(exc)),
+              traceback.format_exc())
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as exc:
+        _fail("permanent", "cannot resolve %s: %s" % (target, _one_line(exc)))
+    if isinstance(obj, type):
+        name = method or "handle"
+        if name.startswith("_") or not callable(getattr(obj, name, None)):
+            _fail("permanent", "%s has no method %r" % (target, name))
+        try:
+            func = getattr(obj(), name)
+        except BaseException as exc:
+            _fail("error", _one_line(exc), traceback.format_exc())
+    elif callable(obj):
+        if method is not None:
+            _fail("permanent", "%s is a function: method must be absent or null, not %r"
+                  % (target, method))
+        func = obj
+    else:
+        _fail("permanent", "%s is not callable" % target)
+    try:
+        result = func(*spec["args"], **spec["kwargs"])
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        _fail("error", _one_line(exc), traceback.format_exc())
+    try:
+        encoded = json.dumps(result, ensure_ascii=False, allow_nan=False)
+        if len(encoded.encode("utf-8")) > MAX_RESULT:
+            raise ValueError("%d bytes encoded, more than %d"
+                             % (len(encoded.encode("utf-8")), MAX_RESULT))
+    except (TypeError, ValueError) as exc:
+        print("[jobrunner] result not kept: %s" % _one_line(exc), file=sys.stderr)
+        result = None
+    sys.stdout.flush()
+    _send({"status": "ok", "result": result})
+
+_main()
+'''
+
+
+####################################################################################################
+#  Runner: child processes
+####################################################################################################
+
+class Loop:
+    """A selector and a heap of timers (monotonic clock). Each registered fd carries
+    (kind, callback): the daemon runs "internal" callbacks before "client" ones in a pass."""
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.timers: list[list] = []
+        self.seq = 0
+
+    def watch(self, fd: int, events: int, kind: str, callback) -> None:
+        try:
+            self.sel.modify(fd, events, (kind, callback))
+        except KeyError:
+            self.sel.register(fd, events, (kind, callback))
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def call_later(self, delay: float, callback, *args) -> list:
+        self.seq += 1
+        timer = [time.monotonic() + delay, self.seq, callback, args]
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    @staticmethod
+    def cancel(timer: list | None) -> None:
+        if timer is not None:
+            timer[2] = None
+
+    def next_timer(self) -> float | None:
+        while self.timers and self.timers[0][2] is None:
+            heapq.heappop(self.timers)
+        return self.timers[0][0] if self.timers else None
+
+    def run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, callback, args = heapq.heappop(self.timers)
+            if callback is not None:
+                callback(*args)
+
+
+class Attempt:
+    """One attempt of a job: its process group, its pipes, and what the child reported."""
+
+    __slots__ = ("job", "pid", "pid_start", "out_fd", "out_file", "out_size", "out_capped",
+                 "chan", "chan_out", "chan_in", "started", "stop_reason", "timers", "status")
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.pid = self.pid_start = self.status = None
+        self.out_fd = self.out_file = self.chan = None
+        self.out_size = 0
+        self.out_capped = False
+        self.chan_out = bytearray()
+        self.chan_in = bytearray()
+        self.started = time.monotonic()
+        self.stop_reason: str | None = None     # "timeout", "cancel", "shutdown"
+        self.timers: list = []
+
+    def report(self) -> dict | None:
+        """The child's last JSON line, if it sent one."""
+        for line in reversed(bytes(self.chan_in).split(b"\n")):
+            if line.strip():
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    return None
+                return msg if isinstance(msg, dict) else None
+        return None
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): with the pid, names a process
+    uniquely, so a recycled pid is never taken for one of ours."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Runner:
+    """Starts attempts as fresh child processes and watches them.
+
+    For callers: start(job) -> Attempt, stop(attempt, reason), reap() after SIGCHLD, and
+    `active` (pid -> Attempt). When an attempt's process has exited and its pipes are drained,
+    the runner calls on_exit(attempt); deciding what that means for the job is the daemon's."""
+
+    def __init__(self, cfg: "Config", loop: Loop, on_exit):
+        self.cfg = cfg
+        self.loop = loop
+        self.on_exit = on_exit
+        self.active: dict[int, Attempt] = {}
+        self.output_dir = os.path.join(cfg.log_dir, "output")
+        self.env = {k: v for k, v in os.environ.items()
+                    if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_"))}
+        self.source_line = (json.dumps(CHILD_SOURCE) + "\n").encode()
+
+    def output_path(self, job_id: int) -> str:
+        return os.path.join(self.output_dir, "%d.log" % job_id)
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self, job: Job, attempt: int) -> Attempt:
+        """Spawn attempt number `attempt` of `job`. Raises OSError if no process could start."""
+        att = Attempt(job)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_file = None
+        try:
+            out_file = os.open(self.output_path(job.id), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                               | os.O_CLOEXEC, 0o640)
+            env = dict(self.env, JOBRUNNER_JOB_ID=str(job.id), JOBRUNNER_ATTEMPT=str(attempt))
+            argv = [sys.executable, "-I", "-c", CHILD_BOOTSTRAP, "jobrunner-job", str(job.id),
+                    str(attempt)]
+            att.pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, out_w, 2),
+                (os.POSIX_SPAWN_DUP2, chan_child.fileno(), 3),
+            ], setpgroup=0, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+        except BaseException:
+            for fd in (out_r, out_file):
+                if fd is not None:
+                    os.close(fd)
+            chan.close()
+            raise
+        finally:
+            os.close(out_w)
+            chan_child.close()
+        att.pid_start = proc_start_time(att.pid)
+        att.out_fd, att.out_file, att.chan = out_r, out_file, chan
+        att.out_size = os.fstat(out_file).st_size
+        os.set_blocking(out_r, False)
+        chan.setblocking(False)
+        spec = {"target": job.target, "method": job.method, "args": job.args,
+                "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
+                "limits": self.cfg.limits, "parent": os.getpid()}
+        att.chan_out += self.source_line + _json_line(spec).encode()
+        self.active[att.pid] = att
+        self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
+        self._chan_events(att)
+        if job.timeout is not None:
+            att.timers.append(self.loop.call_later(job.timeout, self.stop, att, "timeout"))
+        return att
+
+    # -- pipes -------------------------------------------------------------------------------
+
+    def _chan_events(self, att: Attempt) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if att.chan_out else 0)
+        self.loop.watch(att.chan.fileno(), events, "internal", lambda m: self._on_chan(att, m))
+
+    def _on_chan(self, att: Attempt, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and att.chan_out:
+            try:
+                n = att.chan.send(att.chan_out)
+                del att.chan_out[:n]
+            except BlockingIOError:
+                pass
+            except OSError:
+                att.chan_out.clear()        # the child is gone; reap() will tell
+            if not att.chan_out:
+                self._chan_events(att)
+        if mask & selectors.EVENT_READ:
+            self._read_chan(att)
+
+    def _read_chan(self, att: Attempt) -> None:
+        while att.chan is not None:
+            try:
+                data = att.chan.recv(READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.unwatch(att.chan.fileno())
+                att.chan.close()
+                att.chan = None
+                return
+            if len(att.chan_in) < MAX_RESULT_BYTES * 2 + MAX_TRACEBACK_BYTES * 2:
+                att.chan_in += data
+
+    def _read_output(self, att: Attempt) -> None:
+        """Copy what the job printed to its output file, up to max_output_bytes."""
+        cap = self.cfg.max_output_bytes
+        while att.out_fd is not None:
+            try:
+                data = os.read(att.out_fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not data:
+                self.loop.unwatch(att.out_fd)
+                os.close(att.out_fd)
+                att.out_fd = None
+                return
+            if att.out_capped:
+                continue
+            if att.out_size + len(data) > cap:
+                data = data[:max(cap - att.out_size, 0)] + (
+                    b"\n[jobrunner: output truncated: max_output_bytes=%d reached]\n" % cap)
+                att.out_capped = True
+            try:
+                _write_all(att.out_file, data)
+                att.out_size += len(data)
+            except OSError as exc:          # a full disk loses output, never the job
+                att.out_capped = True
+                print("jobrunnerd: job %d output: %s" % (att.job.id, exc), file=sys.stderr)
+
+    # -- stop and reap -----------------------------------------------------------------------
+
+    def stop(self, att: Attempt, reason: str) -> None:
+        """SIGTERM the attempt's process group, SIGKILL after kill_grace."""
+        if att.status is not None or att.stop_reason is not None:
+            return
+        att.stop_reason = reason
+        kill_group(att.pid, signal.SIGTERM)
+        att.timers.append(self.loop.call_later(self.cfg.kill_grace, kill_group, att.pid,
+                                               signal.SIGKILL))
+
+    def reap(self) -> None:
+        for pid, att in list(self.active.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 255 << 8
+            if done:
+                att.status = status
+                self._finish(att)
+
+    def _finish(self, att: Attempt) -> None:
+        del self.active[att.pid]
+        for timer in att.timers:
+            Loop.cancel(timer)
+        self._read_output(att)
+        self._read_chan(att)
+        kill_group(att.pid, signal.SIGKILL)      # nothing of the attempt outlives it
+        if att.out_fd is not None:
+            self.loop.unwatch(att.out_fd)
+            os.close(att.out_fd)
+            att.out_fd = None
+        if att.chan is not None:
+            self.loop.unwatch(att.chan.fileno())
+            att.chan.close()
+            att.chan = None
+        os.close(att.out_file)
+        self.on_exit(att)
+
+
+####################################################################################################
+#  Protocol: decoding and validation
+####################################################################################################
+
+def _reject_constant(name: str):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range: %s" % text[:40])
+    return value
+
+
+def decode_request(line: bytes) -> dict:
+    """One request line -> dict, or ProtocolError("bad_request")."""
+    try:
+        text = line.decode("utf-8")
+        req = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("bad_request", "request is not UTF-8 (byte %d)" % exc.start) from None
+    except RecursionError:
+        raise ProtocolError("bad_request", "request nests too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError("bad_request", "request is not JSON: %s" % exc) from None
+    if not isinstance(req, dict):
+        raise ProtocolError("bad_request", "request must be a JSON object")
+    return req
+
+
+def encode_reply(fields: dict) -> bytes:
+    return (json.dumps({"ok": True, **fields}, separators=(",", ":"), ensure_ascii=False,
+                       allow_nan=False) + "\n").encode("utf-8")
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return (json.dumps({"ok": False, "error": {"code": code, "message": message}},
+                       separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at", "retries",
+              "retry_delay", "backoff", "timeout", "key")
+# op -> the fields it accepts besides "op"; anything else is a bad_request (typos never pass).
+OP_FIELDS: dict[str, tuple[str, ...]] = {
+    "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
+    "list": ("state", "target", "limit", "after_id"), "cancel": ("id",), "retry": ("id",),
+    "wait": ("id", "timeout"), "output": ("id", "offset", "limit"), "stats": (), "pause": (),
+    "resume": (), "prune": ("older_than",),
+}
+# Ops that change state: refused while stopping, answered only after the journal is durable.
+MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", "prune"})
+
+
+def check_fields(req: dict, allowed: tuple[str, ...], where: str = "") -> None:
+    for name in req:
+        if name != "op" and name not in allowed:
+            raise ProtocolError("bad_request", "%sunknown field %r" % (where, name))
+
+
+def get_int(req: dict, name: str, default, lo: int, hi: int, where: str = "") -> int:
+    value = req.get(name, default)
+    if value is default and name not in req:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError("bad_request", "%s%s must be an integer" % (where, name))
+    if not lo <= value <= hi:
+        raise ProtocolError("bad_request", "%s%s must be between %d and %d" % (where, name, lo, hi))
+    return value
+
+
+def get_seconds(req: dict, name: str, default, lo: float, hi: float, where: str = "",
+                nullable: bool = False):
+    if name not in req:
+        return default
+    value = req[name]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProtocolError("bad_request", "%s%s must be a number of seconds%s"
+                            % (where, name, " or null" if nullable else ""))
+    if not lo <= value <= hi:
+        raise ProtocolError("bad_request", "%s%s must be between %g and %g" % (where, name, lo, hi))
+    return float(value)
+
+
+def get_id(req: dict) -> int:
+    if "id" not in req:
+        raise ProtocolError("bad_request", "missing field 'id'")
+    return get_int(req, "id", None, 0, 2 ** 63 - 1)
+
+
+def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
+    """The fields of a new job from an `add` object, defaults filled in from the config."""
+    check_fields(req, ADD_FIELDS, where)
+    target = req.get("target")
+    if not isinstance(target, str):
+        raise ProtocolError("bad_request", "%starget must be a string 'module:Attr'" % where)
+    if len(target) > 500 or not TARGET_RE.match(target):
+        raise ProtocolError("bad_request", "%starget %r is not 'package.module:Attr'"
+                            % (where, target[:100]))
+    if not any(fnmatch.fnmatchcase(target, pattern) for pattern in cfg.allow):
+        raise ProtocolError("not_allowed", "%starget %s is not in the allow list" % (where, target))
+    method = req.get("method")
+    if method is not None:
+        if not isinstance(method, str) or len(method) > 200:
+            raise ProtocolError("bad_request", "%smethod must be a string or null" % where)
+        if method.startswith("_"):
+            raise ProtocolError("bad_request", "%smethod names starting with '_' are refused"
+                                % where)
+        if not METHOD_RE.match(method):
+            raise ProtocolError("bad_request", "%smethod %r is not an identifier" % (where, method))
+    args = req.get("args", [])
+    if not isinstance(args, list):
+        raise ProtocolError("bad_request", "%sargs must be a list" % where)
+    kwargs = req.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ProtocolError("bad_request", "%skwargs must be an object" % where)
+    if "delay" in req and "run_at" in req:
+        raise ProtocolError("bad_request", "%sgive delay or run_at, not both" % where)
+    if "run_at" in req:
+        run_at = get_seconds(req, "run_at", now, 0.0, now + MAX_DELAY, where)
+    else:
+        run_at = now + get_seconds(req, "delay", 0.0, 0.0, MAX_DELAY, where)
+    backoff = req.get("backoff", cfg.backoff)
+    if backoff not in ("fixed", "exponential"):
+        raise ProtocolError("bad_request", "%sbackoff must be 'fixed' or 'exponential'" % where)
+    key = req.get("key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
+        raise ProtocolError("bad_request", "%skey must be a non-empty string of at most %d "
+                            "characters, or null" % (where, MAX_KEY_CHARS))
+    return {
+        "target": target, "method": method, "args": args, "kwargs": kwargs,
+        "priority": get_int(req, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY, where),
+        "run_at": run_at,
+        "retries": get_int(req, "retries", cfg.retries, 0, MAX_RETRIES, where),
+        "retry_delay": get_seconds(req, "retry_delay", cfg.retry_delay, 0.0, MAX_DELAY, where),
+        "backoff": backoff,
+        "timeout": get_seconds(req, "timeout", cfg.timeout or None, 0.001, MAX_DELAY, where,
+                               nullable=True),
+        "key": key,
+    }
+
+
+def utf8_prefix(data: bytes, complete: bool) -> bytes:
+    """`data` without a character cut at its end (unless `complete`: the file ends there)."""
+    if complete:
+        return data
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:                     # a lead byte (or ASCII)
+            need = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data[:-back] if need > back and byte >= 0xC0 else data
+    return data
+
+
+####################################################################################################
+#  Config
+####################################################################################################
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# key -> (default, kind). Kinds are checked by Config.check(); paths are resolved against the
+# config file's directory, or without one against the directory of the real jobrunnerd.py.
+CONFIG_KEYS: dict[str, tuple] = {
+    "socket": ("storage/jobrunnerd.sock", "path"),
+    "socket_mode": (0o600, "mode"),
+    "allowed_uids": ([], "ids"),
+    "allowed_gids": ([], "ids"),
+    "state_dir": ("storage/state", "path"),
+    "log_dir": ("storage/logs", "path"),
+    "workers": (None, "count"),                 # None: the number of CPUs we may run on
+    "job_paths": (["."], "paths"),
+    "allow": (["examples.*:*"], "patterns"),
+    "retries": (0, "retries"),
+    "retry_delay": (1.0, "seconds"),
+    "backoff": ("exponential", ("fixed", "exponential")),
+    "max_retry_delay": (3600.0, "seconds"),
+    "timeout": (3600.0, "seconds"),             # 0: no limit
+    "kill_grace": (5.0, "seconds"),
+    "shutdown_grace": (30.0, "seconds"),
+    "fsync": ("always", ("always", "never")),
+    "max_request_bytes": (1048576, "count"),
+    "max_connections": (256, "count"),
+    "max_queued": (1000000, "count"),
+    "keep_finished": (604800.0, "seconds"),
+    "max_output_bytes": (1048576, "size"),
+    "limits": ({}, "limits"),
+    "start_method": ("zygote", ("zygote", "spawn")),
+    "preload": ([], "modules"),
+}
+LIMIT_KEYS = ("cpu", "memory", "nofile", "fsize")
+
+
+class Config:
+    """Every key of CONFIG_KEYS as an attribute, checked, with paths made absolute."""
+
+    def __init__(self, values: dict, base_dir: str, path: str | None = None):
+        self.path = path
+        self.base_dir = base_dir
+        for key, (default, _) in CONFIG_KEYS.items():
+            value = values.get(key, default)
+            setattr(self, key, self.check(key, value, base_dir))
+        if self.workers is None:
+            self.workers = _cpu_count()
+
+    @staticmethod
+    def check(key: str, value, base_dir: str):
+        kind = CONFIG_KEYS[key][1]
+
+        def bad(what: str):
+            return ConfigError("config key %s: %s (got %r)" % (key, what, value))
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if value is None and key == "workers":
+            return None
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise bad("must be one of " + ", ".join(kind))
+            return value
+        if kind == "path":
+            if not isinstance(value, str) or not value:
+                raise bad("must be a path")
+            return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+        if kind == "paths":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise bad("must be a list of paths")
+            return [os.path.normpath(os.path.join(base_dir, os.path.expanduser(v))) for v in value]
+        if kind in ("patterns", "modules"):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise bad("must be a list of strings")
+            return list(value)
+        if kind == "mode":
+            if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+                value = int(value.replace("o", ""), 8)
+            if not is_int(value) or not 0 <= value <= 0o777:
+                raise bad("must be a file mode like 0o660")
+            return value
+        if kind == "ids":
+            if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
+                raise bad("must be a list of numeric ids")
+            return list(value)
+        if kind == "count":
+            if not is_int(value) or value < 1:
+                raise bad("must be a whole number >= 1")
+            return value
+        if kind == "size":
+            if not is_int(value) or value < 0:
+                raise bad("must be a whole number of bytes >= 0")
+            return value
+        if kind == "retries":
+            if not is_int(value) or not 0 <= value <= MAX_RETRIES:
+                raise bad("must be a whole number from 0 to %d" % MAX_RETRIES)
+            return value
+        if kind == "seconds":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not 0 <= value <= MAX_DELAY:
+                raise bad("must be a number of seconds >= 0")
+            return float(value)
+        if kind == "limits":
+            if not isinstance(value, dict):
+                raise bad("must be a table such as {cpu = 60, memory = 1073741824}")
+            for name, limit in value.items():
+                if name not in LIMIT_KEYS:
+                    raise bad("unknown limit %r (known: %s)" % (name, ", ".join(LIMIT_KEYS)))
+                if not is_int(limit) or limit < 1:
+                    raise bad("limit %s must be a whole number >= 1" % name)
+            return dict(value)
+        raise AssertionError(kind)
+
+
+def script_dir() -> str:
+    return os.path.dirname(os.path.realpath(__file__))
+
+
+def load_config(path: str | None, overrides: dict) -> Config:
+    """The config file (TOML) if any, then command-line overrides on top."""
+    values: dict = {}
+    base = script_dir()
+    if path:
+        import tomllib
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config %s: %s" % (path, exc)) from None
+        base = os.path.dirname(os.path.abspath(path))
+        unknown = sorted(set(values) - set(CONFIG_KEYS))
+        if unknown:
+            raise ConfigError("config %s: unknown key(s): %s" % (path, ", ".join(unknown)))
+    cfg = Config(values, base, path)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, Config.check(key, value, os.getcwd()))
+    return cfg
+
+
+####################################################################################################
+#  Daemon: connections, the loop, signals, systemd
+####################################################################################################
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd ($NOTIFY_SOCKET, "@" = abstract namespace); no-op outside."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), addr)
+    except OSError as exc:
+        print("jobrunnerd: sd_notify: %s" % exc, file=sys.stderr)
+
+
+class Connection:
+    """One client. Replies are slots in request order; a slot is [None] until its reply exists
+    (a `wait` fills it later), and only the filled prefix is sent."""
+
+    __slots__ = ("sock", "fd", "uid", "inbuf", "outbuf", "slots", "eof", "closed", "reading")
+
+    def __init__(self, sock: socket.socket, uid: int):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.uid = uid
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.slots: list[list] = []
+        self.eof = False            # the client will send nothing more (or must not)
+        self.closed = False
+        self.reading = True
+
+
+class Daemon:
+    """The daemon: owns the loop, the job table, the store, the runner and the clients.
+
+    Handlers (op_*) are listed in HANDLERS below; each takes the validated request and returns
+    the reply's fields, or a reply slot to fill later (wait), or raises ProtocolError.
+    handle_line() is the one place that turns any exception into an error reply."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.loop = Loop()
+        self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
+        self.log: EventLog | None = None
+        self.jobs: JobTable | None = None
+        self.runner = Runner(cfg, self.loop, self.attempt_ended)
+        self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
+        self.conns: set[Connection] = set()
+        self.dirty: set[Connection] = set()        # connections with replies to send
+        self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
+        self.after_commit: list = []               # side effects of this pass's client requests
+        self.batch_slots: list[list] = []          # replies of this pass's changing requests
+        self.listener: socket.socket | None = None
+        self.own_socket = True                     # False under socket activation
+        self.stopping = False
+        self.compact_wanted = False
+        self.repair_after = 0.0
+        self.started = time.time()
+        self.uid = os.getuid()
+        self.group_cache: dict[int, set[int]] = {}
+        self.wake_r = self.wake_w = None
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
+            os.makedirs(path, mode=0o750, exist_ok=True)
+        self.store.lock()
+        self.log = EventLog(cfg.log_dir)
+        meta, records = self.store.load()
+        for warning in self.store.warnings:
+            print("jobrunnerd: warning: " + warning, file=sys.stderr)
+        self.jobs = JobTable(self.store, self.log)
+        self.jobs.load(meta, records)
+        del records
+        self.recover_running()
+        self.store.commit()
+        self.listener = self.open_listener()
+        self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "client", self.on_accept)
+        self.install_signals()
+        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
+                       jobs=len(self.jobs.jobs), workers=cfg.workers)
+        self.log.flush()
+
+    def recover_running(self) -> None:
+        """Jobs left `running` by a daemon that died: kill what is left of them, then count the
+        attempt as failed (pending again, or failed when no retries are left)."""
+        if not self.jobs.counts[RUNNING]:
+            return
+        now = time.time()
+        for job in [j for j in self.jobs.jobs.values() if j.state == RUNNING]:
+            if job.pid:
+                start = proc_start_time(job.pid)
+                if start is None or start == job.pid_start:   # gone, or still ours: kill
+                    kill_group(job.pid, signal.SIGKILL)
+            error = "interrupted: the daemon stopped while the attempt ran"
+            changes = {"pid": None, "pid_start": None, "error": error}
+            run_at = next_run_at(job, now, self.cfg.max_retry_delay)
+            if run_at is None:
+                self.log.event("interrupted", job=job.id, target=job.target,
+                               attempt=job.attempt_label(), pid=job.pid)
+                self.jobs.transition(job, FAILED, changes=changes, pid=job.pid)
+            else:
+                changes["run_at"] = run_at
+                self.jobs.transition(job, PENDING, event="interrupted", changes=changes,
+                                     pid=job.pid)
+
+    def open_listener(self) -> socket.socket:
+        if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+                int(os.environ.get("LISTEN_FDS", "0") or 0) >= 1:
+            sock = socket.socket(fileno=3)          # systemd socket activation (SD_LISTEN_FDS_START)
+            sock.setblocking(False)
+            self.own_socket = False
+            return sock
+        path = self.cfg.socket
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        if os.path.lexists(path):
+            import stat
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise StateError("%s exists and is not a socket; not replacing it" % path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(2.0)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)                     # stale: nobody answers on it
+            except OSError as exc:
+                raise StateError("cannot probe existing socket %s: %s" % (path, exc)) from None
+            else:
+                raise StateError("%s is live: another jobrunnerd is listening on it" % path)
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~self.cfg.socket_mode)   # never more open than asked
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.cfg.socket_mode)
+        sock.listen(min(socket.SOMAXCONN, 4096))
+        sock.setblocking(False)
+        return sock
+
+    def install_signals(self) -> None:
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, frame: None)    # the wakeup fd does the work
+        self.loop.watch(self.wake_r.fileno(), selectors.EVENT_READ, "internal", self.on_signal)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        sd_notify("READY=1\nSTATUS=" + self.status_line())
+        while not (self.stopping and not self.runner.active):
+            self.run_pass(self.select_timeout())
+        return self.finish()
+
+    def select_timeout(self) -> float:
+        timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
+        if not self.stopping and not self.jobs.paused \
+                and len(self.runner.active) < self.cfg.workers:
+            now = time.time()
+            if self.jobs.has_due(now):
+                return 0.0
+            due = self.jobs.next_run_at()
+            if due is not None:
+                timeout = min(timeout, max(due - now, 0.0))
+        timer = self.loop.next_timer()
+        if timer is not None:
+            timeout = min(timeout, max(timer - time.monotonic(), 0.0))
+        return timeout
+
+    def run_pass(self, timeout: float) -> None:
+        """One pass: see the module docstring for the order and why."""
+        clients = []
+        for key, mask in self.loop.sel.select(timeout):
+            kind, callback = key.data
+            if kind == "client":
+                clients.append((callback, mask))
+            else:
+                callback(mask)
+        self.loop.run_timers()
+        self.dispatch()
+        self.jobs.track()
+        mark = self.log.mark()
+        for callback, mask in clients:
+            callback(mask)
+        self.commit(mark)
+        self.flush()
+
+    def commit(self, mark) -> None:
+        try:
+            if self.store.broken is not None:
+                self.repair()
+            self.store.commit()
+        except OSError as exc:
+            print("jobrunnerd: journal write failed: %s" % exc, file=sys.stderr)
+            self.jobs.undo()
+            self.log.rewind(mark)
+            self.after_commit.clear()
+            for slot in self.batch_slots:
+                slot[0] = encode_error("io_error", "the change could not be made durable (%s); "
+                                       "nothing was changed" % (exc.strerror or exc))
+        else:
+            self.jobs.untrack()
+            for action in self.after_commit:
+                action()
+            self.after_commit.clear()
+        self.batch_slots.clear()
+        for job in self.jobs.changed:
+            if job.state in FINISHED:
+                self.resolve_waiters(job)
+        self.jobs.changed.clear()
+        if self.store.broken is None and (self.compact_wanted or self.store.wants_compaction()):
+            self.compact()
+        self.log.flush()
+
+    def repair(self) -> None:
+        """Write a full snapshot to replace a journal that failed; at most once a second."""
+        if time.monotonic() < self.repair_after:
+            raise self.store.broken
+        self.repair_after = time.monotonic() + 1.0
+        self.store.snapshot(self.meta(), self.jobs.jobs.values())
+        print("jobrunnerd: state written again in full; the store is healthy", file=sys.stderr)
+
+    def compact(self) -> None:
+        self.compact_wanted = False
+        try:
+            self.store.snapshot(self.meta(), self.jobs.jobs.values())
+        except OSError as exc:      # the journal still holds everything; try again later
+            print("jobrunnerd: snapshot failed: %s" % exc, file=sys.stderr)
+
+    def meta(self) -> dict:
+        return {"next_id": self.jobs.next_id, "paused": self.jobs.paused}
+
+    def finish(self) -> int:
+        """The graceful stop's last steps: every attempt has ended."""
+        for job_id, entries in list(self.waiters.items()):
+            for conn, slot, timer in entries:
+                Loop.cancel(timer)
+                slot[0] = encode_error("shutting_down", "the daemon is stopping")
+                self.dirty.add(conn)
+        self.waiters.clear()
+        self.commit(self.log.mark())
+        try:
+            self.store.snapshot(self.meta(), self.jobs.jobs.values())
+        except OSError as exc:
+            print("jobrunnerd: final snapshot failed (the journal has everything): %s" % exc,
+                  file=sys.stderr)
+        self.flush()
+        for conn in list(self.conns):
+            self.send_some(conn)
+            self.close(conn)
+        self.loop.unwatch(self.listener.fileno())
+        self.listener.close()
+        if self.own_socket:
+            try:
+                os.unlink(self.cfg.socket)
+            except OSError:
+                pass
+        self.log.event("shutdown", pid=os.getpid(), uptime=time.time() - self.started)
+        self.log.close()
+        self.store.close()
+        return 0
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def on_signal(self, mask: int) -> None:
+        try:
+            data = self.wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in set(data):
+            if signum == signal.SIGCHLD:
+                self.runner.reap()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.begin_stop()
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    def begin_stop(self) -> None:
+        """Stop starting attempts; give running ones shutdown_grace, then stop them."""
+        if self.stopping:                       # a second signal: do not wait any longer
+            self.interrupt_all()
+            return
+        self.stopping = True
+        sd_notify("STOPPING=1")
+        if self.runner.active:
+            self.loop.call_later(self.cfg.shutdown_grace, self.interrupt_all)
+
+    def interrupt_all(self) -> None:
+        for att in list(self.runner.active.values()):
+            self.runner.stop(att, "shutdown")
+
+    def reload(self) -> None:
+        """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
+        sd_notify("RELOADING=1")
+        self.log.reopen()
+        if self.cfg.path:
+            try:
+                fresh = load_config(self.cfg.path, {})
+            except ConfigError as exc:
+                print("jobrunnerd: reload: %s; keeping the old config" % exc, file=sys.stderr)
+            else:
+                self.cfg.allow, self.cfg.limits = fresh.allow, fresh.limits
+        sd_notify("READY=1")
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Start due jobs while workers are free."""
+        if self.stopping or self.jobs.paused:
+            return
+        now = time.time()
+        while len(self.runner.active) < self.cfg.workers:
+            job = self.jobs.pop_due(now)
+            if job is None:
+                return
+            attempt = job.attempts + 1
+            try:
+                att = self.runner.start(job, attempt)
+            except OSError as exc:
+                self.jobs.transition(job, RUNNING, changes={"attempts": attempt})
+                self.attempt_failed(job, None, "could not start the job process: %s" % exc,
+                                    None, permanent=False)
+                continue
+            self.attempts[job.id] = att
+            self.jobs.transition(job, RUNNING, pid=att.pid, changes={
+                "attempts": attempt, "pid": att.pid, "pid_start": att.pid_start,
+                "exit_code": None, "error": None, "result": None})
+
+    def attempt_ended(self, att: Attempt) -> None:
+        """The runner's report: the process of `att` has exited."""
+        job = att.job
+        self.attempts.pop(job.id, None)
+        exit_code = os.waitstatus_to_exitcode(att.status)
+        duration = time.monotonic() - att.started
+        if job.state != RUNNING:                # cancelled while it ran
+            self.jobs.update(job, pid=None, pid_start=None, exit_code=exit_code)
+            return
+        report = att.report()
+        if att.stop_reason == "shutdown":
+            self.jobs.transition(job, PENDING, event="interrupted", duration=duration,
+                                 pid=att.pid, attempt=job.attempt_label(), changes={
+                                     "attempts": job.attempts - 1, "run_at": time.time(),
+                                     "pid": None, "pid_start": None, "exit_code": exit_code})
+            return
+        status = report.get("status") if report else None
+        if exit_code == 0 and att.stop_reason is None and status in ("ok", None):
+            self.jobs.transition(job, SUCCEEDED, duration=duration, pid=att.pid, changes={
+                "result": report.get("result") if report else None, "exit_code": 0,
+                "error": None, "pid": None, "pid_start": None})
+            return
+        if att.stop_reason == "timeout":
+            error = "timed out after %gs" % job.timeout
+            self.log.event("timed_out", job=job.id, target=job.target,
+                           attempt=job.attempt_label(), duration=duration, pid=att.pid)
+        elif status in ("error", "permanent") and report.get("error"):
+            error = str(report["error"])
+        elif exit_code < 0:
+            error = "killed by signal %s" % _signal_name(-exit_code)
+        else:
+            error = "exited with code %d" % exit_code
+        detail = report.get("traceback") if report else None
+        self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
+                            duration=duration, pid=att.pid)
+
+    def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
+                       permanent: bool, **log_fields) -> None:
+        """A failed attempt: retry later (the retry policy says when) or fail for good."""
+        error = " ".join(error.split())[:MAX_ERROR_CHARS]
+        changes = {"exit_code": exit_code, "error": error, "pid": None, "pid_start": None}
+        run_at = None if permanent else next_run_at(job, time.time(), self.cfg.max_retry_delay)
+        if run_at is None:
+            self.jobs.transition(job, FAILED, detail=detail, changes=changes, exit_code=exit_code,
+                                 error=error, **log_fields)
+        else:
+            changes["run_at"] = run_at
+            self.jobs.transition(job, PENDING, event="retrying", detail=detail, changes=changes,
+                                 exit_code=exit_code, error=error, run_at=run_at, **log_fields)
+
+    def auto_prune(self) -> None:
+        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        for job in self.prune(time.time() - self.cfg.keep_finished):
+            self.remove_output(job.id)
+
+    def prune(self, cutoff: float) -> list[Job]:
+        """Remove the jobs finished at or before `cutoff` whose processes are gone."""
+        old = self.jobs.finished_before(cutoff)
+        stopping = [j for j in old if j.id in self.attempts]
+        for job in stopping:                    # not yet: their attempt is still being killed
+            heapq.heappush(self.jobs.finished, (job.finished_at, job.id))
+        old = [j for j in old if j.id not in self.attempts]
+        if old:
+            self.jobs.remove(old)
+            self.compact_wanted = True
+        return old
+
+    def remove_output(self, job_id: int) -> None:
+        try:
+            os.unlink(self.runner.output_path(job_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            print("jobrunnerd: cannot remove output of job %d: %s" % (job_id, exc),
+                  file=sys.stderr)
+
+    def resolve_waiters(self, job: Job) -> None:
+        for conn, slot, timer in self.waiters.pop(job.id, ()):
+            Loop.cancel(timer)
+            slot[0] = encode_reply({"job": job.record(), "done": True})
+            self.dirty.add(conn)
+
+    def status_line(self) -> str:
+        c = self.jobs.counts
+        return "%d running, %d pending, %d failed%s" % (
+            c[RUNNING], c[PENDING], c[FAILED], ", paused" if self.jobs.paused else "")
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def on_accept(self, mask: int) -> None:
+        for _ in range(64):             # a burst of connections, but do not starve the others
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # EMFILE and friends: keep serving who we have
+                print("jobrunnerd: accept: %s" % exc, file=sys.stderr)
+                return
+            sock.setblocking(False)
+            uid = self.peer_uid(sock)
+            if uid is None or not self.peer_allowed(uid):
+                self.refuse(sock, "forbidden", "uid %s may not use this daemon" % uid)
+            elif len(self.conns) >= self.cfg.max_connections:
+                self.refuse(sock, "busy", "too many connections (max_connections=%d)"
+                            % self.cfg.max_connections)
+            else:
+                conn = Connection(sock, uid)
+                self.conns.add(conn)
+                self.loop.watch(conn.fd, selectors.EVENT_READ, "client",
+                                lambda m, c=conn: self.on_client(c, m))
+
+    @staticmethod
+    def refuse(sock: socket.socket, code: str, message: str) -> None:
+        try:
+            sock.send(encode_error(code, message))
+        except OSError:
+            pass
+        sock.close()
+
+    @staticmethod
+    def peer_uid(sock: socket.socket) -> int | None:
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[1]
+        except OSError:
+            return None
+
+    def peer_allowed(self, uid: int) -> bool:
+        if uid == 0 or uid == self.uid or uid in self.cfg.allowed_uids:
+            return True
+        if not self.cfg.allowed_gids:
+            return False
+        groups = self.group_cache.get(uid)
+        if groups is None:
+            import grp
+            import pwd
+            try:
+                user = pwd.getpwuid(uid)
+                groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall()
+                                          if user.pw_name in g.gr_mem}
+            except KeyError:
+                groups = set()
+            self.group_cache[uid] = groups
+        return bool(groups & set(self.cfg.allowed_gids))
+
+    def on_client(self, conn: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not conn.eof:
+            try:
+                data = conn.sock.recv(READ_CHUNK)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data:
+                conn.inbuf += data
+                self.handle_input(conn)
+            elif data == b"":
+                conn.eof = True
+                self.loop.watch(conn.fd, selectors.EVENT_WRITE, "client",
+                                lambda m, c=conn: self.on_client(c, m))
+                conn.inbuf.clear()          # half a request with no end will never be served
+        if mask & selectors.EVENT_WRITE:
+            self.send_some(conn)
+        self.dirty.add(conn)
+
+    def handle_input(self, conn: Connection) -> None:
+        buf, start, limit = conn.inbuf, 0, self.cfg.max_request_bytes
+        while not conn.eof:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                if len(buf) - start > limit:
+                    self.too_large(conn)
+                break
+            if end - start > limit:
+                self.too_large(conn)
+                break
+            conn.slots.append(self.handle_line(conn, bytes(buf[start:end])))
+            start = end + 1
+        del buf[:start]
+
+    def too_large(self, conn: Connection) -> None:
+        conn.slots.append([encode_error("too_large", "request longer than max_request_bytes=%d"
+                                        % self.cfg.max_request_bytes)])
+        conn.eof = True
+        conn.inbuf.clear()
+
+    def handle_line(self, conn: Connection, line: bytes) -> list:
+        """One request -> its reply slot. Every exception becomes an error reply here."""
+        op = None
+        try:
+            req = decode_request(line)
+            op = req.get("op")
+            if not isinstance(op, str):
+                raise ProtocolError("bad_request", "missing field 'op'")
+            handler = HANDLERS.get(op)
+            if handler is None:
+                raise ProtocolError("unknown_op", "unknown op %r" % op[:50])
+            check_fields(req, OP_FIELDS[op])
+            if op in MUTATING and self.stopping:
+                raise ProtocolError("shutting_down", "the daemon is stopping")
+            result = handler(self, req, conn)
+            slot = result if isinstance(result, list) else [encode_reply(result)]
+            if op in MUTATING:
+                self.batch_slots.append(slot)
+            return slot
+        except ProtocolError as exc:
+            return [encode_error(exc.code, exc.message)]
+        except Exception as exc:            # a bug here must not take the daemon down
+            import traceback
+            traceback.print_exc()
+            return [encode_error("bad_request", "internal error in %s: %s: %s"
+                                 % (op, type(exc).__name__, exc))]
+
+    def flush(self) -> None:
+        for conn in self.dirty:
+            if not conn.closed:
+                self.send_some(conn)
+        self.dirty.clear()
+
+    def send_some(self, conn: Connection) -> None:
+        slots = conn.slots
+        ready = 0
+        while ready < len(slots) and slots[ready][0] is not None:
+            conn.outbuf += slots[ready][0]
+            ready += 1
+        del slots[:ready]
+        if conn.outbuf:
+            try:
+                n = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:n]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.close(conn)
+                return
+        if conn.eof and not conn.outbuf and not conn.slots:
+            self.close(conn)
+            return
+        reading = not conn.eof and len(conn.outbuf) < MAX_PENDING_OUTPUT
+        events = (selectors.EVENT_READ if reading else 0) | \
+            (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if events:
+            self.loop.watch(conn.fd, events, "client", lambda m, c=conn: self.on_client(c, m))
+        else:
+            self.loop.unwatch(conn.fd)
+
+    def close(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.loop.unwatch(conn.fd)
+        conn.sock.close()
+        self.conns.discard(conn)
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    def find(self, req: dict) -> Job:
+        job = self.jobs.jobs.get(get_id(req))
+        if job is None:
+            raise ProtocolError("not_found", "no job %d" % req["id"])
+        return job
+
+    def op_hello(self, req: dict, conn: Connection) -> dict:
+        return {"protocol": PROTOCOL, "version": VERSION}
+
+    def op_add(self, req: dict, conn: Connection) -> dict:
+        now = time.time()
+        fields = validate_add(req, self.cfg, now)
+        existing = self.jobs.keys.get(fields["key"]) if fields["key"] is not None else None
+        if existing is not None:
+            return {"id": existing, "created": False}
+        self.check_room(1)
+        return {"id": self.jobs.create(now, uid=conn.uid, **fields).id, "created": True}
+
+    def op_add_batch(self, req: dict, conn: Connection) -> dict:
+        jobs = req.get("jobs")
+        if not isinstance(jobs, list):
+            raise ProtocolError("bad_request", "jobs must be a list of add objects")
+        now = time.time()
+        batch = []
+        for i, item in enumerate(jobs):
+            if not isinstance(item, dict):
+                raise ProtocolError("bad_request", "jobs[%d] must be an object" % i)
+            item = {k: v for k, v in item.items() if k != "op"} if "op" in item else item
+            batch.append(validate_add(item, self.cfg, now, where="jobs[%d]: " % i))
+        new_keys = set()
+        creating = 0
+        for fields in batch:
+            key = fields["key"]
+            if key is None or (key not in self.jobs.keys and key not in new_keys):
+                creating += 1
+                if key is not None:
+                    new_keys.add(key)
+        self.check_room(creating)
+        ids = []
+        for fields in batch:
+            existing = self.jobs.keys.get(fields["key"]) if fields["key"] is not None else None
+            ids.append(existing if existing is not None
+                       else self.jobs.create(now, uid=conn.uid, **fields).id)
+        return {"ids": ids}
+
+    def check_room(self, n: int) -> None:
+        live = self.jobs.counts[PENDING] + self.jobs.counts[RUNNING]
+        if live + n > self.cfg.max_queued:
+            raise ProtocolError("queue_full", "%d live jobs; max_queued=%d"
+                                % (live, self.cfg.max_queued))
+
+    def op_get(self, req: dict, conn: Connection) -> dict:
+        return {"job": self.find(req).record()}
+
+    def op_list(self, req: dict, conn: Connection) -> dict:
+        state = req.get("state")
+        if state is not None and state not in STATES:
+            raise ProtocolError("bad_request", "state must be one of " + ", ".join(STATES))
+        pattern = req.get("target")
+        if pattern is not None and not isinstance(pattern, str):
+            raise ProtocolError("bad_request", "target must be a pattern string")
+        limit = get_int(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
+        after = get_int(req, "after_id", 0, 0, 2 ** 63 - 1)
+        return {"jobs": [j.record() for j in self.jobs.select(state, pattern, after, limit)]}
+
+    def op_cancel(self, req: dict, conn: Connection) -> dict:
+        job = self.find(req)
+        if job.state not in LIVE:
+            raise ProtocolError("invalid_state", "job %d is %s" % (job.id, job.state))
+        att = self.attempts.get(job.id)
+        self.jobs.transition(job, CANCELLED, uid=conn.uid)
+        if att is not None:
+            self.after_commit.append(lambda: self.runner.stop(att, "cancel"))
+        return {"job": job.record()}
+
+    def op_retry(self, req: dict, conn: Connection) -> dict:
+        job = self.find(req)
+        if job.state not in (FAILED, CANCELLED):
+            raise ProtocolError("invalid_state", "job %d is %s; only failed or cancelled jobs "
+                                "can be retried" % (job.id, job.state))
+        if job.id in self.attempts:
+            raise ProtocolError("invalid_state", "job %d is still stopping; retry in a moment"
+                                % job.id)
+        if job.key is not None and self.jobs.keys.get(job.key, job.id) != job.id:
+            raise ProtocolError("invalid_state", "job %d holds key %r now"
+                                % (self.jobs.keys[job.key], job.key))
+        self.check_room(1)
+        self.jobs.transition(job, PENDING, uid=conn.uid, changes={
+            "attempts": 0, "run_at": time.time(), "started_at": None, "finished_at": None,
+            "exit_code": None, "error": None, "result": None, "pid": None})
+        return {"job": job.record()}
+
+    def op_wait(self, req: dict, conn: Connection):
+        job = self.find(req)
+        timeout = get_seconds(req, "timeout", None, 0.0, MAX_DELAY, nullable=True)
+        if job.state in FINISHED:
+            return {"job": job.record(), "done": True}
+        if timeout == 0:
+            return {"job": job.record(), "done": False}
+        slot = [None]
+        entry = [conn, slot, None]
+        if timeout is not None:
+            entry[2] = self.loop.call_later(timeout, self.wait_expired, job.id, entry)
+        self.waiters.setdefault(job.id, []).append(entry)
+        return slot
+
+    def wait_expired(self, job_id: int, entry: list) -> None:
+        entries = self.waiters.get(job_id, [])
+        if entry in entries:
+            entries.remove(entry)
+            if not entries:
+                del self.waiters[job_id]
+            job = self.jobs.jobs.get(job_id)
+            entry[1][0] = encode_reply({"job": job.record() if job else None, "done": False})
+            self.dirty.add(entry[0])
+
+    def op_output(self, req: dict, conn: Connection) -> dict:
+        job = self.find(req)
+        offset = get_int(req, "offset", 0, 0, 2 ** 62)
+        limit = get_int(req, "limit", 65536, 1, MAX_OUTPUT_LIMIT)
+        finished = job.state in FINISHED and job.id not in self.attempts
+        try:
+            fd = os.open(self.runner.output_path(job.id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            size, data = 0, b""
+        else:
+            try:
+                size = os.fstat(fd).st_size
+                data = os.pread(fd, limit, offset)
+                at_end = offset + len(data) >= size
+                cut = utf8_prefix(data, finished and at_end)
+                if not cut and data:            # limit smaller than one character
+                    cut = utf8_prefix(os.pread(fd, 4, offset), finished)[:4] or data
+                data = cut
+            finally:
+                os.close(fd)
+        end = offset + len(data)
+        return {"data": data.decode("utf-8", "replace"), "offset": end,
+                "eof": finished and end >= size}
+
+    def op_stats(self, req: dict, conn: Connection) -> dict:
+        return {"counts": dict(self.jobs.counts), "workers": self.cfg.workers,
+                "paused": self.jobs.paused, "uptime": time.time() - self.started,
+                "protocol": PROTOCOL}
+
+    def op_pause(self, req: dict, conn: Connection) -> dict:
+        if not self.jobs.paused:
+            self.jobs.set_paused(True)
+        return {"paused": True}
+
+    def op_resume(self, req: dict, conn: Connection) -> dict:
+        if self.jobs.paused:
+            self.jobs.set_paused(False)
+        return {"paused": False}
+
+    def op_prune(self, req: dict, conn: Connection) -> dict:
+        older = get_seconds(req, "older_than", 0.0, 0.0, MAX_DELAY)
+        old = self.prune(time.time() - older)
+        if old:
+            self.after_commit.append(lambda: [self.remove_output(j.id) for j in old])
+        return {"removed": len(old)}
+
+
+HANDLERS = {
+    "hello": Daemon.op_hello, "add": Daemon.op_add, "add_batch": Daemon.op_add_batch,
+    "get": Daemon.op_get, "list": Daemon.op_list, "cancel": Daemon.op_cancel,
+    "retry": Daemon.op_retry, "wait": Daemon.op_wait, "output": Daemon.op_output,
+    "stats": Daemon.op_stats, "pause": Daemon.op_pause, "resume": Daemon.op_resume,
+    "prune": Daemon.op_prune,
+}
+assert set(HANDLERS) == set(OP_FIELDS)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+####################################################################################################
+#  main
+####################################################################################################
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="jobrunnerd", description=__doc__.split("\n\n")[0],
+        epilog="Config: TOML from --config, else $JOBRUNNER_CONFIG, else built-in defaults.")
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--socket", help="socket path (overrides the config)")
+    parser.add_argument("--workers", type=int, help="attempts running at once")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config, print the result and exit")
+    parser.add_argument("--version", action="version", version="jobrunnerd " + VERSION)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config or os.environ.get("JOBRUNNER_CONFIG") or None,
+                          {"socket": args.socket, "workers": args.workers})
+    except ConfigError as exc:
+        print("jobrunnerd: %s" % exc, file=sys.stderr)
+        return 2
+    if args.check_config:
+        print("jobrunnerd: config OK")
+        for key in CONFIG_KEYS:
+            print("  %s = %r" % (key, getattr(cfg, key)))
+        return 0
+    daemon = Daemon(cfg)
+    try:
+        daemon.setup()
+    except StateError as exc:
+        print("jobrunnerd: %s" % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print("jobrunnerd: cannot start: %s" % exc, file=sys.stderr)
+        return 1
+    print("jobrunnerd %s: listening on %s with %d workers (state in %s)"
+          % (VERSION, cfg.socket, cfg.workers, cfg.state_dir), file=sys.stderr)
+    return daemon.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Shared test fixtures: a real daemon in a fresh temp directory, and a line-protocol client.
+
+DaemonFixture writes a config into its own temp dir, starts `jobrunnerd.py` as a subprocess
+(`sys.executable`, never `python3` from PATH), waits until the socket answers (polling with a
+deadline, no fixed sleeps) and stops it in tearDown. Tests talk to it with `raw()` (one socket,
+JSON lines) or `jobctl.Client`.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAEMON = os.path.join(ROOT, "jobrunnerd.py")
+JOBCTL = os.path.join(ROOT, "jobctl.py")
+sys.path.insert(0, ROOT)
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
+    """Poll `predicate` until it returns a true value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+class Raw:
+    """One connection speaking the line protocol directly."""
+
+    def __init__(self, path, timeout=30.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def send_line(self, data: bytes):
+        self.sock.sendall(data)
+
+    def send(self, **req):
+        self.sock.sendall((json.dumps(req) + "\n").encode())
+
+    def recv(self):
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("connection closed by the daemon")
+        return json.loads(line)
+
+    def call(self, **req):
+        self.send(**req)
+        return self.recv()
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Daemon:
+    """A jobrunnerd subprocess on its own state, logs and socket under `root`."""
+
+    def __init__(self, root, **config):
+        self.root = root
+        self.socket = os.path.join(root, "jobrunnerd.sock")
+        self.state_dir = os.path.join(root, "state")
+        self.log_dir = os.path.join(root, "logs")
+        self.config_path = os.path.join(root, "jobrunnerd.toml")
+        self.config = {"socket": self.socket, "state_dir": self.state_dir,
+                       "log_dir": self.log_dir, "job_paths": [ROOT, os.path.join(root, "jobs")],
+                       "workers": 2, "kill_grace": 1, "shutdown_grace": 5,
+                       "start_method": "spawn"}
+        self.config.update(config)
+        self.proc = None
+        self.stderr_path = os.path.join(root, "daemon.stderr")
+
+    def write_config(self):
+        with open(self.config_path, "w") as f:
+            for key, value in self.config.items():
+                f.write("%s = %s\n" % (key, toml_value(value)))
+
+    def start(self, wait=True, env=None, args=()):
+        self.write_config()
+        self.stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, DAEMON, "--config", self.config_path,
+                                      *args], stdin=subprocess.DEVNULL, stdout=self.stderr,
+                                     stderr=self.stderr, env=env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=15.0):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError("daemon exited with %s: %s"
+                                     % (self.proc.returncode, self.read_stderr()))
+            try:
+                with Raw(self.socket, timeout=2) as c:
+                    return c.call(op="hello")["ok"]
+            except OSError:
+                return False
+        wait_until(ready, timeout, message="the daemon's socket to answer")
+
+    def read_stderr(self):
+        try:
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def raw(self, timeout=30.0):
+        return Raw(self.socket, timeout)
+
+    def call(self, **req):
+        with self.raw() as c:
+            return c.call(**req)
+
+    def add(self, target="examples.jobs:ExampleJob", **fields):
+        reply = self.call(op="add", target=target, **fields)
+        assert reply["ok"], reply
+        return reply["id"]
+
+    def wait_job(self, job_id, timeout=30.0):
+        reply = self.call(op="wait", id=job_id, timeout=timeout)
+        assert reply["ok"] and reply["done"], reply
+        return reply["job"]
+
+    def get(self, job_id):
+        reply = self.call(op="get", id=job_id)
+        assert reply["ok"], reply
+        return reply["job"]
+
+    def wait_state(self, job_id, state, timeout=15.0):
+        return wait_until(lambda: self.get(job_id)["state"] == state and self.get(job_id),
+                          timeout, message="job %d to be %s" % (job_id, state))
+
+    def stop(self, sig=signal.SIGTERM, timeout=30.0):
+        """Send `sig` and wait for the process; returns its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.stderr.close()
+
+    def kill(self):
+        return self.stop(signal.SIGKILL)
+
+    def events(self):
+        """background_jobs.log as a list of dicts (key=value pairs; quoted values decoded)."""
+        path = os.path.join(self.log_dir, "background_jobs.log")
+        with open(path, encoding="utf-8") as f:
+            return [parse_log_line(line) for line in f]
+
+    def jobctl(self, *args, input=None, timeout=60.0):
+        """Run `jobctl.py --socket ... ARGS`; returns CompletedProcess (text)."""
+        return subprocess.run([sys.executable, JOBCTL, "--socket", self.socket, *args],
+                              input=input, capture_output=True, text=True, timeout=timeout)
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join("%s = %s" % (k, toml_value(v)) for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def parse_log_line(line):
+    """'2026-...Z event=x job=1 error="a \\"b\\""' -> {"time": ..., "event": "x", ...}"""
+    line = line.rstrip("\n")
+    time_part, _, rest = line.partition(" ")
+    out = {"time": time_part}
+    i = 0
+    while i < len(rest):
+        eq = rest.index("=", i)
+        key = rest[i:eq]
+        i = eq + 1
+        if i < len(rest) and rest[i] == '"':
+            j = i + 1
+            buf = []
+            while rest[j] != '"':
+                if rest[j] == "\\":
+                    nxt = rest[j + 1]
+                    if nxt == "x":
+                        buf.append(chr(int(rest[j + 2:j + 4], 16)))
+                        j += 4
+                        continue
+                    if nxt == "u":
+                        buf.append(chr(int(rest[j + 2:j + 6], 16)))
+                        j += 6
+                        continue
+                    buf.append({"n": "\n", "r": "\r", "t": "\t"}.get(nxt, nxt))
+                    j += 2
+                    continue
+                buf.append(rest[j])
+                j += 1
+            out[key] = "".join(buf)
+            i = j + 2
+        else:
+            end = rest.find(" ", i)
+            end = len(rest) if end < 0 else end
+            out[key] = rest[i:end]
+            i = end + 1
+    return out
+
+
+class DaemonTestCase(unittest.TestCase):
+    """A fresh daemon per test; override `config` for other settings."""
+
+    config: dict = {}
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="jr-test-")
+        self.root = self._tmp.name
+        os.makedirs(os.path.join(self.root, "jobs"))
+        self.daemon = Daemon(self.root, **self.config)
+        self.addCleanup(self._tmp.cleanup)
+        self.addCleanup(self._stop_daemon)
+        self.daemon.start()
+
+    def _stop_daemon(self):
+        d = self.daemon
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(signal.SIGTERM, timeout=30)
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+
+    def write_job_module(self, name, source):
+        """A job module in this test's own job path (jobs/NAME.py)."""
+        with open(os.path.join(self.root, "jobs", name + ".py"), "w") as f:
+            f.write(source)
