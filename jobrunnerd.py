@@ -985,11 +985,15 @@ class Loop:
 class Attempt:
     """One attempt of a job: its process group, its pipes, and what the child reported."""
 
-    __slots__ = ("job", "pid", "pid_start", "out_fd", "out_file", "out_size", "out_capped",
-                 "chan", "chan_out", "chan_in", "started", "stop_reason", "timers", "status")
+    __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
+                 "out_size", "out_capped", "chan", "chan_out", "chan_in", "started",
+                 "stop_reason", "timers", "status")
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, number: int, token: int):
         self.job = job
+        self.number = number                    # the attempt's number (1 = first)
+        self.token = token                      # names it before its pid is known
+        self.zygote: Zygote | None = None       # the fork server that made it, if any
         self.pid = self.pid_start = self.status = None
         self.out_fd = self.out_file = self.chan = None
         self.out_size = 0
@@ -1033,18 +1037,291 @@ def kill_group(pid: int, sig: int) -> None:
         pass
 
 
+ZYGOTE_BOOTSTRAP = ("import os,json,socket;_ctl=socket.socket(fileno=3);"
+                    "exec(json.loads(_ctl.recv(1<<22)))")
+
+# The fork server's own code (runs in the zygote process, never in the daemon). It receives a
+# config message, then one message per attempt: {"token", "job", "attempt"} with two fds (the
+# output pipe and the channel). It answers {"started": token, "pid", "start"} after each fork,
+# {"exit": pid, "status"} for each child it reaps, and exits once the daemon closed the socket
+# and no child is left.
+ZYGOTE_SOURCE = r'''
+import json, os, select, signal, socket, sys
+import ctypes, fnmatch, importlib, resource, traceback     # what every job process imports
+
+def _tell(msg):
+    try:
+        _ctl.send(json.dumps(msg).encode())
+    except OSError:
+        pass
+
+def _start_time(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+def _child(req, fds, code, env, wake):
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for s in wake:
+            s.close()
+        _ctl.close()
+        os.setpgid(0, 0)
+        out_w, chan = fds
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.dup2(chan, 3)
+        for fd in {null, out_w, chan} - {0, 1, 2, 3}:
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])
+        os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__,
+                    "_chan": os.fdopen(3, "rb", closefd=False)})
+        status = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            status = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            import atexit
+            atexit._run_exitfuncs()             # as a normal interpreter exit would
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        os._exit(status & 0xFF)
+
+def _zygote():
+    global _ctl
+    fd = _ctl.detach()                          # keep fd 3 free for the children's channel
+    _ctl = socket.socket(fileno=os.dup(fd))
+    os.close(fd)
+    try:                                        # die with the daemon
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except Exception:
+        pass
+    conf = json.loads(_ctl.recv(1 << 22))
+    if os.getppid() != conf["parent"]:
+        os._exit(1)
+    sys.path[:0] = conf["paths"]
+    for name in conf["preload"]:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            _tell({"warning": "preload %s failed: %s: %s" % (name, type(exc).__name__, exc)})
+    code = compile(conf["child"], "<jobrunner-job>", "exec")
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    children = set()
+    listening = True
+    while listening or children:
+        ready = select.select([wake_r] + ([_ctl] if listening else []), [], [])[0]
+        if wake_r in ready:
+            try:
+                wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+            while children:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    children.clear()
+                    break
+                if pid == 0:
+                    break
+                children.discard(pid)
+                _tell({"exit": pid, "status": status})
+        if listening and _ctl in ready:
+            msg, fds, _, _ = socket.recv_fds(_ctl, 65536, 4)
+            if not msg:
+                listening = False
+                continue
+            req = json.loads(msg)
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                pid = None
+                _tell({"started": req["token"], "error": str(exc)})
+            if pid == 0:
+                _child(req, fds, code, conf["env"], (wake_r, wake_w))
+            for fd in fds:
+                os.close(fd)
+            if pid:
+                children.add(pid)
+                _tell({"started": req["token"], "pid": pid, "start": _start_time(pid)})
+
+_zygote()
+'''
+
+
+class Zygote:
+    """The fork server: one small interpreter, started once (`python -I`), that has imported
+    only what job processes need plus `preload`, and forks each attempt on request (~1 ms
+    instead of a new interpreter's tens of ms). It dies with the daemon (PR_SET_PDEATHSIG) and
+    its children die with it. SIGHUP retires it: it takes no new work, and exits once the
+    attempts it forked are over, so a new one picks up changed job code."""
+
+    def __init__(self, runner: "Runner"):
+        self.runner = runner
+        self.attempts: set[Attempt] = set()
+        self.pending: dict[int, Attempt] = {}   # token -> attempt whose pid is not known yet
+        self.outbox: list[tuple] = []           # fork requests the socket could not take yet
+        self.retiring = False
+        self.dead = False
+        cfg = runner.cfg
+        ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.pid = os.posix_spawn(sys.executable, [
+                sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote"], runner.env,
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)],
+                setpgroup=0, setsigdef=(signal.SIGCHLD,))
+        except BaseException:
+            ctl.close()
+            raise
+        finally:
+            theirs.close()
+        self.started = time.monotonic()
+        self.ctl = ctl
+        ctl.send(json.dumps(ZYGOTE_SOURCE).encode())
+        ctl.send(json.dumps({"parent": os.getpid(), "paths": cfg.job_paths,
+                             "preload": cfg.preload, "child": CHILD_SOURCE,
+                             "env": runner.env}).encode())
+        ctl.setblocking(False)
+        self._watch()
+
+    def _watch(self) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+        self.runner.loop.watch(self.ctl.fileno(), events, "internal", self._on_ctl)
+
+    def fork(self, att: Attempt, out_w: int, chan_child: socket.socket) -> None:
+        """Ask for a child for `att`; its pid comes back later (Runner.started)."""
+        msg = json.dumps({"token": att.token, "job": att.job.id, "attempt": att.number}).encode()
+        self.outbox.append((msg, os.dup(out_w), os.dup(chan_child.fileno())))
+        self.pending[att.token] = att
+        self.attempts.add(att)
+        att.zygote = self
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.outbox:
+            msg, *fds = self.outbox[0]
+            try:
+                socket.send_fds(self.ctl, [msg], fds)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.died()
+                return
+            self.outbox.pop(0)
+            for fd in fds:
+                os.close(fd)
+        self._watch()
+
+    def _on_ctl(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        while not self.dead:
+            try:
+                data = self.ctl.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.died()
+                return
+            msg = json.loads(data)
+            if "started" in msg:
+                att = self.pending.pop(msg["started"], None)
+                if att is None:
+                    continue
+                if msg.get("pid"):
+                    self.runner.started(att, msg["pid"], msg.get("start"))
+                else:
+                    self.attempts.discard(att)
+                    self.runner.start_failed(att, "the fork server could not fork: %s"
+                                             % msg.get("error"))
+            elif "exit" in msg:
+                self.runner.exited(msg["exit"], msg["status"])
+            elif "warning" in msg:
+                print("jobrunnerd: zygote: %s" % msg["warning"], file=sys.stderr)
+
+    def retire(self) -> None:
+        """Take no new work; go away once the attempts it forked are over."""
+        self.retiring = True
+        self.release()
+
+    def release(self) -> None:
+        if self.retiring and not self.attempts and not self.dead:
+            self.runner.loop.unwatch(self.ctl.fileno())
+            self.ctl.close()
+            self.dead = True
+
+    def died(self) -> None:
+        """The zygote is gone (crashed or killed): its children died with it (PDEATHSIG)."""
+        if self.dead and not self.attempts:
+            return
+        self.dead = True
+        self.runner.loop.unwatch(self.ctl.fileno())
+        self.ctl.close()
+        for msg, *fds in self.outbox:
+            for fd in fds:
+                os.close(fd)
+        self.outbox.clear()
+        for att in list(self.pending.values()):
+            self.attempts.discard(att)
+            self.runner.start_failed(att, "the fork server died before the job started")
+        self.pending.clear()
+        for att in list(self.attempts):
+            kill_group(att.pid, signal.SIGKILL)
+            self.runner.exited(att.pid, signal.SIGKILL)     # a wait status: killed by SIGKILL
+        self.attempts.clear()
+
+
 class Runner:
     """Starts attempts as fresh child processes and watches them.
 
-    For callers: start(job) -> Attempt, stop(attempt, reason), reap() after SIGCHLD, and
-    `active` (pid -> Attempt). When an attempt's process has exited and its pipes are drained,
-    the runner calls on_exit(attempt); deciding what that means for the job is the daemon's."""
+    For callers: start(job, number) -> Attempt, stop(attempt, reason), reap() after SIGCHLD,
+    restart() on SIGHUP, close() at exit, and `active` (token -> Attempt, starting or running).
+    It reports through three callbacks: on_started(att) once the pid is known, on_exit(att)
+    once the process has exited and its pipes are drained, on_start_failed(att, error) when no
+    process could be made. Deciding what that means for the job is the daemon's business.
 
-    def __init__(self, cfg: "Config", loop: Loop, on_exit):
+    start_method "spawn" runs `sys.executable -I` per attempt; "zygote" forks each attempt from
+    the Zygote. Either way the child gets fd 0 = /dev/null, fds 1 and 2 = a pipe whose other end
+    the runner copies to the output file (capped at max_output_bytes), fd 3 = a socket carrying
+    the job spec in and the result out, its own process group, and the daemon's environment
+    minus systemd's variables plus JOBRUNNER_JOB_ID / JOBRUNNER_ATTEMPT."""
+
+    ZYGOTE_QUICK_DEATHS = 3         # zygotes dying this often within a minute: fall back to spawn
+
+    def __init__(self, cfg: "Config", loop: Loop, on_started, on_exit, on_start_failed):
         self.cfg = cfg
         self.loop = loop
-        self.on_exit = on_exit
+        self.on_started, self.on_exit, self.on_start_failed = on_started, on_exit, on_start_failed
         self.active: dict[int, Attempt] = {}
+        self.by_pid: dict[int, Attempt] = {}
+        self.tokens = 0
+        self.zygote: Zygote | None = None
+        self.zygotes: list[Zygote] = []         # every zygote not yet reaped
+        self.quick_deaths: list[float] = []
         self.output_dir = os.path.join(cfg.log_dir, "output")
         self.env = {k: v for k, v in os.environ.items()
                     if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_"))}
@@ -1055,48 +1332,88 @@ class Runner:
 
     # -- start -------------------------------------------------------------------------------
 
-    def start(self, job: Job, attempt: int) -> Attempt:
-        """Spawn attempt number `attempt` of `job`. Raises OSError if no process could start."""
-        att = Attempt(job)
+    def use_zygote(self) -> bool:
+        if self.cfg.start_method != "zygote":
+            return False
+        now = time.monotonic()
+        self.quick_deaths = [t for t in self.quick_deaths if now - t < 60.0]
+        return len(self.quick_deaths) < self.ZYGOTE_QUICK_DEATHS
+
+    def prepare(self) -> None:
+        """Start the zygote early, so that it is warm when the first job comes."""
+        if self.use_zygote() and (self.zygote is None or self.zygote.dead):
+            self.zygote = Zygote(self)
+            self.zygotes.append(self.zygote)
+
+    def start(self, job: Job, number: int) -> Attempt:
+        """Start attempt `number` of `job`. Raises OSError if no process could be started now;
+        with a zygote, the pid (or a failure) is reported later through the callbacks."""
+        self.tokens += 1
+        att = Attempt(job, number, self.tokens)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        out_file = None
         try:
-            out_file = os.open(self.output_path(job.id), os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                               | os.O_CLOEXEC, 0o640)
-            env = dict(self.env, JOBRUNNER_JOB_ID=str(job.id), JOBRUNNER_ATTEMPT=str(attempt))
-            argv = [sys.executable, "-I", "-c", CHILD_BOOTSTRAP, "jobrunner-job", str(job.id),
-                    str(attempt)]
-            att.pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_w, 1),
-                (os.POSIX_SPAWN_DUP2, out_w, 2),
-                (os.POSIX_SPAWN_DUP2, chan_child.fileno(), 3),
-            ], setpgroup=0, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+            att.out_file = os.open(self.output_path(job.id), os.O_WRONLY | os.O_APPEND
+                                   | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            att.out_size = os.fstat(att.out_file).st_size
+            self.prepare()
+            zygote = self.zygote if self.use_zygote() else None
+            if zygote is not None:
+                zygote.fork(att, out_w, chan_child)
+                parent = zygote.pid
+            else:
+                pid = self._spawn(att, out_w, chan_child)
+                parent = os.getpid()
         except BaseException:
-            for fd in (out_r, out_file):
-                if fd is not None:
-                    os.close(fd)
+            os.close(out_r)
+            if att.out_file is not None:
+                os.close(att.out_file)
             chan.close()
             raise
         finally:
             os.close(out_w)
             chan_child.close()
-        att.pid_start = proc_start_time(att.pid)
-        att.out_fd, att.out_file, att.chan = out_r, out_file, chan
-        att.out_size = os.fstat(out_file).st_size
+        att.out_fd, att.chan = out_r, chan
         os.set_blocking(out_r, False)
         chan.setblocking(False)
         spec = {"target": job.target, "method": job.method, "args": job.args,
                 "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
-                "limits": self.cfg.limits, "parent": os.getpid()}
-        att.chan_out += self.source_line + _json_line(spec).encode()
-        self.active[att.pid] = att
+                "limits": self.cfg.limits, "parent": parent}
+        att.chan_out += self.source_line if zygote is None else b""
+        att.chan_out += _json_line(spec).encode()
+        self.active[att.token] = att
         self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
         self._chan_events(att)
-        if job.timeout is not None:
-            att.timers.append(self.loop.call_later(job.timeout, self.stop, att, "timeout"))
+        if zygote is None:
+            self.started(att, pid, proc_start_time(pid))
         return att
+
+    def _spawn(self, att: Attempt, out_w: int, chan_child: socket.socket) -> int:
+        env = dict(self.env, JOBRUNNER_JOB_ID=str(att.job.id), JOBRUNNER_ATTEMPT=str(att.number))
+        argv = [sys.executable, "-I", "-c", CHILD_BOOTSTRAP, "jobrunner-job", str(att.job.id),
+                str(att.number)]
+        return os.posix_spawn(sys.executable, argv, env, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, out_w, 2),
+            (os.POSIX_SPAWN_DUP2, chan_child.fileno(), 3),
+        ], setpgroup=0, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+
+    def started(self, att: Attempt, pid: int, pid_start: int | None) -> None:
+        att.pid, att.pid_start = pid, pid_start
+        att.started = time.monotonic()
+        self.by_pid[pid] = att
+        if att.job.timeout is not None:
+            att.timers.append(self.loop.call_later(att.job.timeout, self.stop, att, "timeout"))
+        self.on_started(att)
+        if att.stop_reason is not None:             # stopped before we knew its pid
+            reason, att.stop_reason = att.stop_reason, None
+            self.stop(att, reason)
+
+    def start_failed(self, att: Attempt, error: str) -> None:
+        self.active.pop(att.token, None)
+        self._close(att)
+        self.on_start_failed(att, error)
 
     # -- pipes -------------------------------------------------------------------------------
 
@@ -1112,8 +1429,8 @@ class Runner:
             except BlockingIOError:
                 pass
             except OSError:
-                att.chan_out.clear()        # the child is gone; reap() will tell
-            if not att.chan_out:
+                att.chan_out.clear()        # the child is gone; its exit will tell
+            if not att.chan_out and att.chan is not None:
                 self._chan_events(att)
         if mask & selectors.EVENT_READ:
             self._read_chan(att)
@@ -1167,27 +1484,52 @@ class Runner:
         if att.status is not None or att.stop_reason is not None:
             return
         att.stop_reason = reason
+        if att.pid is None:
+            return                          # started() stops it as soon as the pid is known
         kill_group(att.pid, signal.SIGTERM)
         att.timers.append(self.loop.call_later(self.cfg.kill_grace, kill_group, att.pid,
                                                signal.SIGKILL))
 
     def reap(self) -> None:
-        for pid, att in list(self.active.items()):
+        """After SIGCHLD: collect our own children (spawned attempts and zygotes)."""
+        for pid, att in list(self.by_pid.items()):
+            if att.zygote is None:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, 255 << 8
+                if done:
+                    self.exited(pid, status)
+        for zygote in list(self.zygotes):
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                done, _ = os.waitpid(zygote.pid, os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, 255 << 8
+                done = zygote.pid
             if done:
-                att.status = status
-                self._finish(att)
+                self.zygotes.remove(zygote)
+                if not zygote.retiring:
+                    self.quick_deaths.append(time.monotonic())
+                    print("jobrunnerd: the zygote (pid %d) died; its attempts are lost"
+                          % zygote.pid, file=sys.stderr)
+                zygote.died()
+                if zygote is self.zygote:
+                    self.zygote = None
 
-    def _finish(self, att: Attempt) -> None:
-        del self.active[att.pid]
+    def exited(self, pid: int, status: int) -> None:
+        att = self.by_pid.pop(pid, None)
+        if att is None or att.status is not None:
+            return
+        att.status = status
+        self.active.pop(att.token, None)
         for timer in att.timers:
             Loop.cancel(timer)
         self._read_output(att)
         self._read_chan(att)
-        kill_group(att.pid, signal.SIGKILL)      # nothing of the attempt outlives it
+        kill_group(pid, signal.SIGKILL)          # nothing of the attempt outlives it
+        self._close(att)
+        self.on_exit(att)
+
+    def _close(self, att: Attempt) -> None:
         if att.out_fd is not None:
             self.loop.unwatch(att.out_fd)
             os.close(att.out_fd)
@@ -1196,8 +1538,23 @@ class Runner:
             self.loop.unwatch(att.chan.fileno())
             att.chan.close()
             att.chan = None
-        os.close(att.out_file)
-        self.on_exit(att)
+        if att.out_file is not None:
+            os.close(att.out_file)
+            att.out_file = None
+        if att.zygote is not None:
+            att.zygote.attempts.discard(att)
+            att.zygote.release()
+
+    def restart(self) -> None:
+        """SIGHUP: the next attempt comes from a new zygote, which sees changed job code."""
+        if self.zygote is not None:
+            self.zygote.retire()
+            self.zygote = None
+        self.prepare()
+
+    def close(self) -> None:
+        for zygote in self.zygotes:
+            zygote.retire()
 
 
 ####################################################################################################
@@ -1555,7 +1912,8 @@ class Daemon:
         self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
         self.log: EventLog | None = None
         self.jobs: JobTable | None = None
-        self.runner = Runner(cfg, self.loop, self.attempt_ended)
+        self.runner = Runner(cfg, self.loop, self.attempt_started, self.attempt_ended,
+                             self.attempt_start_failed)
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
         self.conns: set[Connection] = set()
         self.dirty: set[Connection] = set()        # connections with replies to send
@@ -1579,6 +1937,7 @@ class Daemon:
         for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
             os.makedirs(path, mode=0o750, exist_ok=True)
         self.store.lock()
+        self.runner.prepare()           # before the queue is loaded: the zygote warms up meanwhile
         self.log = EventLog(cfg.log_dir)
         meta, records = self.store.load()
         for warning in self.store.warnings:
@@ -1768,6 +2127,7 @@ class Daemon:
         for conn in list(self.conns):
             self.send_some(conn)
             self.close(conn)
+        self.runner.close()
         self.loop.unwatch(self.listener.fileno())
         self.listener.close()
         if self.own_socket:
@@ -1813,6 +2173,7 @@ class Daemon:
         """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
         sd_notify("RELOADING=1")
         self.log.reopen()
+        self.runner.restart()
         if self.cfg.path:
             try:
                 fresh = load_config(self.cfg.path, {})
@@ -1833,18 +2194,29 @@ class Daemon:
             job = self.jobs.pop_due(now)
             if job is None:
                 return
-            attempt = job.attempts + 1
             try:
-                att = self.runner.start(job, attempt)
+                self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
             except OSError as exc:
-                self.jobs.transition(job, RUNNING, changes={"attempts": attempt})
+                self.attempts.pop(job.id, None)
+                self.jobs.transition(job, RUNNING, changes={"attempts": job.attempts + 1})
                 self.attempt_failed(job, None, "could not start the job process: %s" % exc,
                                     None, permanent=False)
-                continue
-            self.attempts[job.id] = att
+
+    def attempt_started(self, att: Attempt) -> None:
+        """The runner's report: the process of `att` exists (its pid is known)."""
+        job = att.job
+        self.attempts[job.id] = att
+        if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
             self.jobs.transition(job, RUNNING, pid=att.pid, changes={
-                "attempts": attempt, "pid": att.pid, "pid_start": att.pid_start,
+                "attempts": att.number, "pid": att.pid, "pid_start": att.pid_start,
                 "exit_code": None, "error": None, "result": None})
+
+    def attempt_start_failed(self, att: Attempt, error: str) -> None:
+        job = att.job
+        self.attempts.pop(job.id, None)
+        if job.state == PENDING:
+            self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
+            self.attempt_failed(job, None, error, None, permanent=False)
 
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
