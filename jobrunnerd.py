@@ -77,6 +77,7 @@ MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
 MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
 LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
+STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
 JSON_MAX_DEPTH = 64                   # deeper request JSON is refused before it can recurse
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -2027,6 +2028,12 @@ class Daemon:
 
     def run(self) -> int:
         sd_notify("READY=1\nSTATUS=" + self.status_line())
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        if usec.isdigit() and int(usec) > 0 and \
+                os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+            self.watchdog(int(usec) / 2e6)
+        if os.environ.get("NOTIFY_SOCKET"):
+            self.loop.call_later(STATUS_INTERVAL, self.update_status, None)
         while not (self.stopping and not self.runner.active):
             self.run_pass(self.select_timeout())
         return self.finish()
@@ -2299,6 +2306,17 @@ class Daemon:
             Loop.cancel(timer)
             slot[0] = encode_reply({"job": job.record(), "done": True})
             self.dirty.add(conn)
+
+    def watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every WATCHDOG_USEC/2, from the loop itself: a stuck loop stops pinging."""
+        sd_notify("WATCHDOG=1")
+        self.loop.call_later(interval, self.watchdog, interval)
+
+    def update_status(self, last: str | None) -> None:
+        line = self.status_line()
+        if line != last:
+            sd_notify("STATUS=" + line)
+        self.loop.call_later(STATUS_INTERVAL, self.update_status, line)
 
     def status_line(self) -> str:
         c = self.jobs.counts
