@@ -287,12 +287,12 @@ class EventLog:
             if old is not None:
                 os.close(old)
 
-    def event(self, event: str, **fields) -> None:
-        self.buffers["events"].append(format_event(self.clock(), event, fields))
+    def event(self, event: str, /, when: float | None = None, **fields) -> None:
+        self.buffers["events"].append(format_event(when or self.clock(), event, fields))
 
-    def error(self, event: str, detail: str, **fields) -> None:
+    def error(self, event: str, detail: str, /, when: float | None = None, **fields) -> None:
         """A header line like an event line, then `detail` on lines that start with a space."""
-        lines = [format_event(self.clock(), event, fields)]
+        lines = [format_event(when or self.clock(), event, fields)]
         for line in detail.splitlines():
             lines.append("    " + line.translate(_CONTROLS) + "\n")
         self.buffers["errors"].append("".join(lines))
@@ -593,8 +593,8 @@ class Store:
 class JobTable:
     """Every job in memory, with the indexes that keep each question cheap:
 
-        ready     heap of (-priority, run_at, id, token): due pending jobs, best first; equal
-                  priorities go by the time they became due, then by id (FIFO)
+        ready     heap of (-priority, id, token): due pending jobs, best first; equal
+                  priorities in enqueue order (FIFO: ids grow with every add)
         delayed   heap of (run_at, id, token): pending jobs not yet due
         finished  heap of (finished_at, id): for pruning old finished jobs
         counts    jobs per state;  keys  unique key -> id of the live job holding it
@@ -645,7 +645,7 @@ class JobTable:
         self.counts[job.state] += 1
         if job.state == PENDING:
             if job.run_at <= self.clock():
-                heapq.heappush(self.ready, (-job.priority, job.run_at, job.id, job.token))
+                heapq.heappush(self.ready, (-job.priority, job.id, job.token))
             else:
                 heapq.heappush(self.delayed, (job.run_at, job.id, job.token))
         elif job.state in FINISHED:
@@ -701,8 +701,8 @@ class JobTable:
             fields["attempt"] = job.attempt_label()
         fields.update(log_fields)
         if detail is not None:
-            self.log.error(event, detail, **fields)
-        self.log.event(event, **fields)
+            self.log.error(event, detail, when=now, **fields)
+        self.log.event(event, when=now, **fields)
         self.store.append({"job": job.stored()})
 
     def update(self, job: Job, **changes) -> None:
@@ -772,9 +772,9 @@ class JobTable:
             run_at, job_id, token = heapq.heappop(delayed)
             job = jobs.get(job_id)
             if job is not None and job.token == token:
-                heapq.heappush(ready, (-job.priority, run_at, job_id, token))
+                heapq.heappush(ready, (-job.priority, job_id, token))
         while ready:
-            _, _, job_id, token = heapq.heappop(ready)
+            _, job_id, token = heapq.heappop(ready)
             job = jobs.get(job_id)
             if job is not None and job.token == token:
                 job.token += 1          # it is off the heap now
@@ -1886,7 +1886,7 @@ class Connection:
     """One client. Replies are slots in request order; a slot is [None] until its reply exists
     (a `wait` fills it later), and only the filled prefix is sent."""
 
-    __slots__ = ("sock", "fd", "uid", "inbuf", "outbuf", "slots", "eof", "closed", "reading")
+    __slots__ = ("sock", "fd", "uid", "inbuf", "outbuf", "slots", "eof", "closed", "last_input")
 
     def __init__(self, sock: socket.socket, uid: int):
         self.sock = sock
@@ -1897,7 +1897,11 @@ class Connection:
         self.slots: list[list] = []
         self.eof = False            # the client will send nothing more (or must not)
         self.closed = False
-        self.reading = True
+        self.last_input = time.monotonic()
+
+    def waiting(self) -> bool:
+        """A `wait` is pending: later requests wait for it, as if the server were sequential."""
+        return bool(self.slots) and self.slots[-1][0] is None
 
 
 class Daemon:
@@ -1918,6 +1922,7 @@ class Daemon:
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
         self.conns: set[Connection] = set()
         self.dirty: set[Connection] = set()        # connections with replies to send
+        self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
         self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
@@ -1952,6 +1957,7 @@ class Daemon:
         self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "client", self.on_accept)
         self.install_signals()
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        self.loop.call_later(IDLE_TIMEOUT / 4, self.drop_idle)
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
                        jobs=len(self.jobs.jobs), workers=cfg.workers)
         self.log.flush()
@@ -2040,6 +2046,8 @@ class Daemon:
 
     def select_timeout(self) -> float:
         timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
+        if self.resume:
+            return 0.0
         if not self.stopping and not self.jobs.paused \
                 and len(self.runner.active) < self.cfg.workers:
             now = time.time()
@@ -2066,6 +2074,11 @@ class Daemon:
         self.dispatch()
         self.jobs.track()
         mark = self.log.mark()
+        for conn in self.resume:
+            if not conn.closed:
+                self.handle_input(conn)
+                self.dirty.add(conn)
+        self.resume.clear()
         for callback, mask in clients:
             callback(mask)
         self.commit(mark)
@@ -2306,6 +2319,7 @@ class Daemon:
             Loop.cancel(timer)
             slot[0] = encode_reply({"job": job.record(), "done": True})
             self.dirty.add(conn)
+            self.resume.add(conn)
 
     def watchdog(self, interval: float) -> None:
         """WATCHDOG=1 every WATCHDOG_USEC/2, from the loop itself: a stuck loop stops pinging."""
@@ -2381,6 +2395,19 @@ class Daemon:
             self.group_cache[uid] = groups
         return bool(groups & set(self.cfg.allowed_gids))
 
+    def drop_idle(self) -> None:
+        """Hang up on clients that sent half a request and nothing more for IDLE_TIMEOUT."""
+        self.loop.call_later(IDLE_TIMEOUT / 4, self.drop_idle)
+        now = time.monotonic()
+        for conn in list(self.conns):
+            if conn.inbuf and not conn.eof and not conn.waiting() \
+                    and now - conn.last_input > IDLE_TIMEOUT:
+                conn.slots.append([encode_error("bad_request", "request not finished within %gs"
+                                                % IDLE_TIMEOUT)])
+                conn.eof = True
+                conn.inbuf.clear()
+                self.dirty.add(conn)
+
     def on_client(self, conn: Connection, mask: int) -> None:
         if mask & selectors.EVENT_READ and not conn.eof:
             try:
@@ -2391,6 +2418,7 @@ class Daemon:
                 data = b""
             if data:
                 conn.inbuf += data
+                conn.last_input = time.monotonic()
                 self.handle_input(conn)
             elif data == b"":
                 conn.eof = True
@@ -2403,7 +2431,7 @@ class Daemon:
 
     def handle_input(self, conn: Connection) -> None:
         buf, start, limit = conn.inbuf, 0, self.cfg.max_request_bytes
-        while not conn.eof:
+        while not conn.eof and not conn.waiting():
             end = buf.find(b"\n", start)
             if end < 0:
                 if len(buf) - start > limit:
@@ -2474,7 +2502,7 @@ class Daemon:
         if conn.eof and not conn.outbuf and not conn.slots:
             self.close(conn)
             return
-        reading = not conn.eof and len(conn.outbuf) < MAX_PENDING_OUTPUT
+        reading = not conn.eof and not conn.waiting() and len(conn.outbuf) < MAX_PENDING_OUTPUT
         events = (selectors.EVENT_READ if reading else 0) | \
             (selectors.EVENT_WRITE if conn.outbuf else 0)
         if events:
@@ -2607,6 +2635,7 @@ class Daemon:
             job = self.jobs.jobs.get(job_id)
             entry[1][0] = encode_reply({"job": job.record() if job else None, "done": False})
             self.dirty.add(entry[0])
+            self.resume.add(entry[0])
 
     def op_output(self, req: dict, conn: Connection) -> dict:
         job = self.find(req)
