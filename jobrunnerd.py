@@ -79,7 +79,7 @@ LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
-JSON_MAX_DEPTH = 64                   # deeper request JSON is refused before it can recurse
+JSON_MAX_DEPTH = 64                   # deeper requests are refused: they must encode back out
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                        r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")   # a leading "_" is refused by SPEC
@@ -252,8 +252,8 @@ def log_value(value) -> str:
 
 def log_time(t: float) -> str:
     """2026-11-28T16:00:00.123Z"""
-    ms = int(t * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % ms
+    seconds, ms = divmod(round(t * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % ms
 
 
 def format_event(t: float, event: str, fields: dict) -> str:
@@ -523,6 +523,8 @@ class Store:
             return
         if self.broken is not None:
             raise self.broken
+        if self.fd is None:
+            raise OSError(errno.EIO, "the journal is not open")
         data = "".join(self.lines).encode("utf-8")
         self.lines.clear()
         try:
@@ -555,14 +557,23 @@ class Store:
                            "paused": meta["paused"]})[:-2] + ',"jobs":[\n'
         body = ",\n".join(_json_line(job.stored())[:-1] for job in jobs)
         data = (head + body + "\n]}\n").encode("utf-8")
-        self._replace(self.snapshot_path, data)
-        self.snapshot_size = len(data)
+        tmp = self._write_temp(self.snapshot_path, data)    # fails: nothing has changed
+        try:
+            os.replace(tmp, self.snapshot_path)
+            self.snapshot_size = len(data)
+            self.gen = gen
+            if self.do_fsync:
+                _fsync_dir(self.dir)
+            old, self.fd = self.fd, None
+            if old is not None:
+                os.close(old)
+            self._new_journal(gen)
+        except OSError as exc:
+            # The new snapshot may be the one a restart sees; the old journal no longer
+            # continues it. Refuse changes until a whole snapshot has been written.
+            self._break(exc)
+            raise
         self.lines.clear()          # everything they said is in the snapshot
-        old, self.fd = self.fd, None
-        if old is not None:
-            os.close(old)
-        self.gen = gen
-        self._new_journal(gen)
         self.broken = None
 
     def _new_journal(self, gen: int) -> None:
@@ -573,17 +584,23 @@ class Store:
 
     def _replace(self, path: str, data: bytes) -> None:
         """Atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+        os.replace(self._write_temp(path, data), path)
+        if self.do_fsync:
+            _fsync_dir(self.dir)
+
+    def _write_temp(self, path: str, data: bytes) -> str:
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, data)
             if self.do_fsync:
                 os.fsync(fd)
-        finally:
+        except OSError:
             os.close(fd)
-        os.replace(tmp, path)
-        if self.do_fsync:
-            _fsync_dir(self.dir)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
 
 
 ####################################################################################################
@@ -713,6 +730,13 @@ class JobTable:
             setattr(job, name, value)
         self.store.append({"job": job.stored()})
 
+    def requeue(self, job: Job) -> None:
+        """Put a pending job that pop_due() handed out back on its heap."""
+        assert job.state == PENDING
+        job.token += 1
+        self.counts[PENDING] -= 1
+        self._index(job)
+
     def set_paused(self, paused: bool) -> None:
         if self._undo is not None and self._undo_paused is None:
             self._undo_paused = self.paused
@@ -799,12 +823,14 @@ class JobTable:
 
     def finished_before(self, cutoff: float) -> list[Job]:
         """Finished jobs whose finished_at <= cutoff (for prune)."""
-        found = []
+        found, seen = [], set()
         while self.finished and self.finished[0][0] <= cutoff:
             finished_at, job_id = heapq.heappop(self.finished)
             job = self.jobs.get(job_id)
-            if job is not None and job.state in FINISHED and job.finished_at == finished_at:
-                found.append(job)       # an undone removal pushes it back (_index)
+            if job is not None and job.state in FINISHED and job.finished_at == finished_at \
+                    and job_id not in seen:     # undo may have pushed a second entry
+                seen.add(job_id)
+                found.append(job)
         return found
 
     def select(self, state: str | None, pattern: str | None, after_id: int,
@@ -1586,7 +1612,30 @@ def decode_request(line: bytes) -> dict:
         raise ProtocolError("bad_request", "request is not JSON: %s" % exc) from None
     if not isinstance(req, dict):
         raise ProtocolError("bad_request", "request must be a JSON object")
+    if text.count("[") + text.count("{") > JSON_MAX_DEPTH and too_deep(req, JSON_MAX_DEPTH):
+        raise ProtocolError("bad_request", "request nests deeper than %d levels" % JSON_MAX_DEPTH)
+    if _SURROGATE_ESCAPE.search(text):
+        try:                            # a lone surrogate could never be written back out
+            json.dumps(req, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("bad_request", "request has a lone UTF-16 surrogate "
+                                "(\\ud800-\\udfff) that is not a character") from None
     return req
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def too_deep(value, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels (they would not encode back)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value if isinstance(value, list) else value.values()
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (list, dict)))
+    return False
 
 
 def encode_reply(fields: dict) -> bytes:
@@ -1920,6 +1969,7 @@ class Daemon:
         self.runner = Runner(cfg, self.loop, self.attempt_started, self.attempt_ended,
                              self.attempt_start_failed)
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
+        self.held: dict[int, Job] = {}             # due, but their last attempt is still dying
         self.conns: set[Connection] = set()
         self.dirty: set[Connection] = set()        # connections with replies to send
         self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
@@ -2214,6 +2264,9 @@ class Daemon:
             job = self.jobs.pop_due(now)
             if job is None:
                 return
+            if job.id in self.attempts:     # retried while its cancelled attempt was stopping
+                self.held[job.id] = job
+                continue
             try:
                 self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
             except OSError as exc:
@@ -2244,8 +2297,11 @@ class Daemon:
         self.attempts.pop(job.id, None)
         exit_code = os.waitstatus_to_exitcode(att.status)
         duration = time.monotonic() - att.started
-        if job.state != RUNNING:                # cancelled while it ran
-            self.jobs.update(job, pid=None, pid_start=None, exit_code=exit_code)
+        if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
+            if job.state == CANCELLED:
+                self.jobs.update(job, pid=None, pid_start=None, exit_code=exit_code)
+            if self.held.pop(job.id, None) is not None and job.state == PENDING:
+                self.jobs.requeue(job)
             return
         report = att.report()
         if att.stop_reason == "shutdown":
@@ -2600,9 +2656,6 @@ class Daemon:
         if job.state not in (FAILED, CANCELLED):
             raise ProtocolError("invalid_state", "job %d is %s; only failed or cancelled jobs "
                                 "can be retried" % (job.id, job.state))
-        if job.id in self.attempts:
-            raise ProtocolError("invalid_state", "job %d is still stopping; retry in a moment"
-                                % job.id)
         if job.key is not None and self.jobs.keys.get(job.key, job.id) != job.id:
             raise ProtocolError("invalid_state", "job %d holds key %r now"
                                 % (self.jobs.keys[job.key], job.key))
@@ -2653,7 +2706,8 @@ class Daemon:
                 at_end = offset + len(data) >= size
                 cut = utf8_prefix(data, finished and at_end)
                 if not cut and data:            # limit smaller than one character
-                    cut = utf8_prefix(os.pread(fd, 4, offset), finished)[:4] or data
+                    more = os.pread(fd, 4, offset)
+                    cut = utf8_prefix(more, finished and offset + len(more) >= size) or more
                 data = cut
             finally:
                 os.close(fd)
