@@ -240,7 +240,11 @@ class DaemonTestCase(unittest.TestCase):
         self.daemon = Daemon(self.root, **self.config)
         self.addCleanup(self._tmp.cleanup)
         self.addCleanup(self._stop_daemon)
+        self.prepare()
         self.daemon.start()
+
+    def prepare(self):
+        """Runs before the daemon starts (the temp dir and jobs/ exist): override to set up."""
 
     def _stop_daemon(self):
         d = self.daemon
