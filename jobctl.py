@@ -909,8 +909,13 @@ def build_parser():
 def parse_args(argv: list[str] | None = None):
     """Parse and check the command line; exits 2 (argparse) on a usage error."""
     parser = build_parser()
-    ns, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is an ARG, verbatim (argparse would drop a later "--").
+    tail = argv[argv.index("--") + 1:] if "--" in argv else None
+    ns, extra = parser.parse_known_args(argv if tail is None else argv[:argv.index("--")])
     if ns.command != "add":
+        if tail is not None:
+            ns, extra = parser.parse_known_args(argv)
         if extra:
             parser.commands[ns.command].error(f"unrecognized arguments: {' '.join(extra)}")
         return ns
@@ -928,6 +933,7 @@ def parse_args(argv: list[str] | None = None):
             unknown.append(arg)
     if unknown:
         error(f"unrecognized arguments: {' '.join(unknown)}")
+    positional += tail or []
     if ns.stdin:
         given = [o for o, v in (("TARGET", positional), ("--wait", ns.wait),
                                 ("--json-args", ns.json_args), ("--kwargs", ns.kwargs)) if v]
