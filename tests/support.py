@@ -85,7 +85,9 @@ class Daemon:
         self.config = {"socket": self.socket, "state_dir": self.state_dir,
                        "log_dir": self.log_dir, "job_paths": [ROOT, os.path.join(root, "jobs")],
                        "workers": 2, "kill_grace": 1, "shutdown_grace": 5,
-                       "start_method": "spawn"}
+                       # the product's default; JOBRUNNER_TEST_START_METHOD=spawn runs the
+                       # whole suite on the other path
+                       "start_method": os.environ.get("JOBRUNNER_TEST_START_METHOD", "zygote")}
         self.config.update(config)
         self.proc = None
         self.stderr_path = os.path.join(root, "daemon.stderr")
