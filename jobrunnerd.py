@@ -2076,7 +2076,10 @@ class Daemon:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        handled = [signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":
+            handled.append(signal.SIGUSR1)      # test hook: a stuck loop (see on_signal)
+        for sig in handled:
             signal.signal(sig, lambda signum, frame: None)    # the wakeup fd does the work
         self.loop.watch(self.wake_r.fileno(), selectors.EVENT_READ, "internal", self.on_signal)
 
@@ -2224,6 +2227,8 @@ class Daemon:
                 self.begin_stop()
             elif signum == signal.SIGHUP:
                 self.reload()
+            elif signum == signal.SIGUSR1:      # only with JOBRUNNER_TEST_HOOKS=1
+                time.sleep(float(os.environ.get("JOBRUNNER_TEST_STALL", "2")))
 
     def begin_stop(self) -> None:
         """Stop starting attempts; give running ones shutdown_grace, then stop them."""
