@@ -47,6 +47,7 @@ import fnmatch
 import heapq
 import json
 import math
+import operator
 import os
 import re
 import selectors
@@ -167,20 +168,20 @@ class Job:
 
     def __init__(self, **fields):
         self.token = 0      # bumped whenever the job leaves a heap; stale heap entries are skipped
-        for name in PUBLIC_FIELDS + PRIVATE_FIELDS:
-            setattr(self, name, fields.get(name))
+        get = fields.get
+        for name in _STORED_FIELDS:
+            setattr(self, name, get(name))
 
     def record(self) -> dict:
         """What `get` returns."""
-        return {name: getattr(self, name) for name in PUBLIC_FIELDS}
+        return dict(zip(PUBLIC_FIELDS, _public_values(self)))
 
     def stored(self) -> dict:
         """What the store keeps: the record plus the private fields that are set."""
-        rec = self.record()
+        rec = dict(zip(_STORED_FIELDS, _stored_values(self)))
         for name in PRIVATE_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                rec[name] = value
+            if rec[name] is None:
+                del rec[name]
         return rec
 
     @classmethod
@@ -200,6 +201,11 @@ class Job:
 
     def attempt_label(self) -> str:
         return "%d/%d" % (self.attempts, self.retries + 1)
+
+
+_STORED_FIELDS = PUBLIC_FIELDS + PRIVATE_FIELDS
+_public_values = operator.attrgetter(*PUBLIC_FIELDS)     # one C call instead of 21 getattr()s
+_stored_values = operator.attrgetter(*_STORED_FIELDS)
 
 
 ####################################################################################################
@@ -236,6 +242,8 @@ _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord('"'):
 
 def log_value(value) -> str:
     """One value of a key=value log line: bare when that is unambiguous, else quoted."""
+    if type(value) is int:
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -250,10 +258,12 @@ def log_value(value) -> str:
     return '"' + text.translate(_ESCAPES) + '"'
 
 
-def log_time(t: float) -> str:
+def log_time(t: float, _cache=[None, ""]) -> str:
     """2026-11-28T16:00:00.123Z"""
     seconds, ms = divmod(round(t * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % ms
+    if _cache[0] != seconds:            # strftime once a second, not once a line
+        _cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return _cache[1] + ".%03dZ" % ms
 
 
 def format_event(t: float, event: str, fields: dict) -> str:
@@ -342,8 +352,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # built once
+
+
 def _json_line(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
+    return _encode(obj) + "\n"
 
 
 class Store:
@@ -1639,8 +1652,7 @@ def too_deep(value, limit: int) -> bool:
 
 
 def encode_reply(fields: dict) -> bytes:
-    return (json.dumps({"ok": True, **fields}, separators=(",", ":"), ensure_ascii=False,
-                       allow_nan=False) + "\n").encode("utf-8")
+    return (_encode({"ok": True, **fields}) + "\n").encode("utf-8")
 
 
 def encode_error(code: str, message: str) -> bytes:

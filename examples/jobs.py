@@ -80,3 +80,8 @@ def exit_with(code):
 def env(name):
     """The job process's environment variable `name`, or None."""
     return os.environ.get(name)
+
+
+def now():
+    """The time this job's code started (for measuring enqueue -> start latency)."""
+    return time.time()

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""jobrunner benchmarks: each figure is a median of several runs (with min-max) and a ratio to a
+baseline measured in the same run, because absolute times drift on shared machines.
+
+    python3 bench/run.py            # the standard sizes (a few minutes on 2 cores)
+    python3 bench/run.py --quick    # tiny sizes: checks that everything works (the smoke test)
+    python3 bench/run.py --big      # adds the 1,000,000-pending-job figures
+    python3 bench/run.py --json     # one JSON document on stdout for scripts
+    python3 bench/run.py --only enqueue,noop
+
+Figures (name: what / baseline):
+  enqueue_pipelined   durable single adds pipelined on one connection / the same, fsync = "never"
+  enqueue_batch       add_batch of 1000, durable / the same, fsync = "never"
+  enqueue_clients_1   one client, one add at a time, durable / fsync = "never"
+  enqueue_clients_16  16 clients, one add at a time each, durable / fsync = "never"
+  noop_jobs           no-op Python jobs end to end, 2 workers, zygote / serially spawning
+                      `sys.executable -I -S -c pass`
+  start_latency       enqueue -> the job's code running, idle worker, zygote / spawn mode
+  jobctl_add          wall time of `jobctl add` / `sys.executable -c "import socket, json"`
+  pending_N           RSS per pending job, restart time, and the enqueue rate with N pending /
+                      the enqueue rate with 0 pending
+Every daemon runs from this checkout, in a fresh temp directory, with `sys.executable`.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAEMON = os.path.join(ROOT, "jobrunnerd.py")
+JOBCTL = os.path.join(ROOT, "jobctl.py")
+NOOP = "examples.jobs:add"          # a function job: the cheapest real Python job
+
+
+# -- a daemon and a client ---------------------------------------------------------------------
+
+class Daemon:
+    """jobrunnerd in a temp dir, started with sys.executable; stop() removes everything."""
+
+    def __init__(self, **config):
+        self.tmp = tempfile.TemporaryDirectory(prefix="jr-bench-")
+        self.root = self.tmp.name
+        self.socket = os.path.join(self.root, "s.sock")
+        self.config = {"socket": self.socket, "state_dir": os.path.join(self.root, "state"),
+                       "log_dir": os.path.join(self.root, "logs"), "job_paths": [ROOT],
+                       "workers": 2, "kill_grace": 1, "shutdown_grace": 5}
+        self.config.update(config)
+        self.path = os.path.join(self.root, "c.toml")
+        with open(self.path, "w") as f:
+            for key, value in self.config.items():
+                f.write("%s = %s\n" % (key, json.dumps(value)))
+        self.proc = None
+
+    def start(self) -> float:
+        """Start; return the seconds until the socket answers."""
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, DAEMON, "--config", self.path],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(self.root, "stderr"), "ab"))
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with Conn(self.socket) as c:
+                    c.call({"op": "hello"})
+                return time.perf_counter() - t0
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("daemon did not start: " + open(
+                        os.path.join(self.root, "stderr")).read()[-2000:])
+                time.sleep(0.005)
+
+    def rss(self) -> int:
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, cleanup=True):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(600)
+        if cleanup:
+            self.tmp.cleanup()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Conn:
+    """One connection: JSON lines, pipelining with send_many/recv_many."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.buf = b""
+        self.lines: list[bytes] = []
+
+    def send_raw(self, data: bytes):
+        self.sock.sendall(data)
+
+    def recv_lines(self, n: int) -> list[bytes]:
+        """Exactly n reply lines (more that arrived stay buffered for the next call)."""
+        while len(self.lines) < n:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            parts = (self.buf + chunk).split(b"\n")
+            self.buf = parts.pop()
+            self.lines.extend(parts)
+        lines, self.lines = self.lines[:n], self.lines[n:]
+        return lines
+
+    def call(self, req: dict) -> dict:
+        self.send_raw((json.dumps(req) + "\n").encode())
+        reply = json.loads(self.recv_lines(1)[0])
+        if not reply.get("ok"):
+            raise RuntimeError(reply)
+        return reply
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def add_line(i: int) -> bytes:
+    return b'{"op":"add","target":"%s","args":[%d,1]}\n' % (NOOP.encode(), i)
+
+
+def pipelined_adds(path: str, n: int, window: int = 512) -> float:
+    """n adds on one connection with up to `window` unanswered; returns acks/s."""
+    with Conn(path) as c:
+        t0 = time.perf_counter()
+        sent = done = 0
+        while done < n:
+            k = min(window - (sent - done), n - sent)
+            if k > 0:
+                c.send_raw(b"".join(add_line(sent + i) for i in range(k)))
+                sent += k
+            got = c.recv_lines(min(window // 2, sent - done) or 1)
+            done += len(got)
+            assert all(b'"ok":true' in line for line in got), got[:1]
+        return n / (time.perf_counter() - t0)
+
+
+def batch_adds(path: str, n: int, size: int = 1000) -> float:
+    job = {"target": NOOP, "args": [1, 1]}
+    body = json.dumps({"op": "add_batch", "jobs": [job] * size}).encode() + b"\n"
+    with Conn(path) as c:
+        t0 = time.perf_counter()
+        for _ in range(max(1, n // size)):
+            c.send_raw(body)
+            assert b'"ok":true' in c.recv_lines(1)[0]
+        return max(1, n // size) * size / (time.perf_counter() - t0)
+
+
+def client_adds(path: str, clients: int, per_client: int) -> float:
+    """`clients` connections, each doing one add at a time; returns total acks/s."""
+    conns = [Conn(path) for _ in range(clients)]
+    start = threading.Barrier(clients + 1)
+
+    def work(c):
+        start.wait()
+        for i in range(per_client):
+            c.send_raw(add_line(i))
+            c.recv_lines(1)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    return clients * per_client / elapsed
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+def measure(fn, runs: int) -> dict:
+    values = [fn() for _ in range(runs)]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": runs}
+
+
+def figure(name, unit, value, baseline, baseline_name, higher_is_better=True, note=""):
+    ratio = value["median"] / baseline["median"] if baseline else None
+    return {"name": name, "unit": unit, "value": value, "baseline": baseline,
+            "baseline_name": baseline_name, "ratio": ratio,
+            "higher_is_better": higher_is_better, "note": note}
+
+
+def paused_daemon(fsync: str) -> Daemon:
+    d = Daemon(fsync=fsync, max_queued=10_000_000)
+    d.start()
+    with Conn(d.socket) as c:
+        c.call({"op": "pause"})
+    return d
+
+
+def bench_enqueue(sizes, runs):
+    out = []
+    cases = [
+        ("enqueue_pipelined", lambda p: pipelined_adds(p, sizes["pipelined"])),
+        ("enqueue_batch", lambda p: batch_adds(p, sizes["batch"])),
+        ("enqueue_clients_1", lambda p: client_adds(p, 1, sizes["clients_1"])),
+        ("enqueue_clients_16", lambda p: client_adds(p, 16, sizes["clients_16"])),
+    ]
+    for name, fn in cases:
+        results = {}
+        for fsync in ("always", "never"):      # a fresh daemon per mode: same queue size
+            d = paused_daemon(fsync)
+            try:
+                results[fsync] = measure(lambda: fn(d.socket), runs)
+            finally:
+                d.stop()
+        out.append(figure(name, "jobs/s", results["always"], results["never"],
+                          'fsync = "never"'))
+    return out
+
+
+def wait_all_done(path: str, n: int, timeout: float = 600):
+    with Conn(path) as c:
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = c.call({"op": "stats"})["counts"]
+            if counts["succeeded"] + counts["failed"] >= n:
+                assert counts["failed"] == 0, counts
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("jobs did not finish: %r" % counts)
+            time.sleep(0.01)
+
+
+def noop_rate(n: int, start_method: str = "zygote") -> float:
+    with Daemon(start_method=start_method, workers=2) as d:
+        with Conn(d.socket) as c:
+            c.call({"op": "hello"})
+            if start_method == "zygote":        # the zygote warms up in the background
+                c.call({"op": "wait", "id": c.call({"op": "add", "target": NOOP,
+                                                    "args": [0, 0]})["id"]})
+            c.call({"op": "pause"})
+            jobs = [{"target": NOOP, "args": [i, 1]} for i in range(n)]
+            for i in range(0, n, 1000):
+                c.call({"op": "add_batch", "jobs": jobs[i:i + 1000]})
+            t0 = time.perf_counter()
+            c.call({"op": "resume"})
+        wait_all_done(d.socket, n + (1 if start_method == "zygote" else 0))
+        return n / (time.perf_counter() - t0)
+
+
+def spawn_rate(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_noop(sizes, runs):
+    n = sizes["noop"]
+    return [figure("noop_jobs", "jobs/s", measure(lambda: noop_rate(n), runs),
+                   measure(lambda: spawn_rate(max(n // 4, 5)), runs),
+                   "serial `python -I -S -c pass`")]
+
+
+def start_latency(start_method: str, n: int) -> float:
+    """Median seconds from sending `add` to the job's started_at, one job at a time."""
+    with Daemon(start_method=start_method, workers=2) as d, Conn(d.socket) as c:
+        c.call({"op": "wait", "id": c.call({"op": "add", "target": NOOP,
+                                            "args": [0, 0]})["id"]})   # warm up
+        gaps = []
+        for i in range(n):             # examples.jobs:now returns when the job's code began
+            t0 = time.time()
+            job_id = c.call({"op": "add", "target": "examples.jobs:now"})["id"]
+            job = c.call({"op": "wait", "id": job_id})["job"]
+            gaps.append(job["result"] - t0)
+        return statistics.median(gaps)
+
+
+def bench_latency(sizes, runs):
+    n = sizes["latency"]
+    return [figure("start_latency", "s", measure(lambda: start_latency("zygote", n), runs),
+                   measure(lambda: start_latency("spawn", n), runs), "spawn mode",
+                   higher_is_better=False)]
+
+
+def bench_jobctl(sizes, runs):
+    n = sizes["jobctl"]
+    with Daemon() as d:
+        with Conn(d.socket) as c:
+            c.call({"op": "pause"})
+        env = dict(os.environ, JOBRUNNER_SOCKET=d.socket)
+
+        def jobctl():
+            t0 = time.perf_counter()
+            for i in range(n):
+                subprocess.run([sys.executable, JOBCTL, "add", NOOP, str(i), "1"], env=env,
+                               check=True, stdout=subprocess.DEVNULL)
+            return (time.perf_counter() - t0) / n
+
+        def baseline():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                subprocess.run([sys.executable, "-c", "import socket, json"], check=True)
+            return (time.perf_counter() - t0) / n
+
+        return [figure("jobctl_add", "s", measure(jobctl, runs), measure(baseline, runs),
+                       '`python -c "import socket, json"`', higher_is_better=False)]
+
+
+def bench_pending(n: int, sizes, runs):
+    """RSS per pending job and restart time with n pending; enqueue rate at n vs at 0."""
+    d = paused_daemon("always")
+    try:
+        empty_rate = measure(lambda: pipelined_adds(d.socket, sizes["pipelined"]), runs)
+        rss0 = d.rss()
+        job = {"target": NOOP, "args": [1, 1]}
+        with Conn(d.socket) as c:
+            body = json.dumps({"op": "add_batch", "jobs": [job] * 1000}).encode() + b"\n"
+            have = c.call({"op": "stats"})["counts"]["pending"]
+            for _ in range((n - have) // 1000):
+                c.send_raw(body)
+                c.recv_lines(1)
+        rss1 = d.rss()
+        full_rate = measure(lambda: pipelined_adds(d.socket, sizes["pipelined"]), runs)
+        d.stop(cleanup=False)
+        restart = measure(lambda: _restart(d), runs)
+        rss2 = d.rss()
+    finally:
+        d.stop()
+    per_job = (rss1 - rss0) / n
+    return [
+        figure("rss_per_pending_job_%d" % n, "bytes", {"median": per_job, "min": per_job,
+               "max": per_job, "runs": 1}, None, "", higher_is_better=False,
+               note="after a restart: %.0f bytes/job" % (rss2 / n)),
+        figure("restart_%d_pending" % n, "s", restart, None, "", higher_is_better=False),
+        figure("enqueue_at_%d_pending" % n, "jobs/s", full_rate, empty_rate, "0 pending"),
+    ]
+
+
+def _restart(d: Daemon) -> float:
+    d.stop(cleanup=False)
+    return d.start()
+
+
+SIZES = {
+    "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
+                 "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000]},
+    "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
+              "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000]},
+}
+GROUPS = ("enqueue", "noop", "latency", "jobctl", "pending")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run each")
+    parser.add_argument("--big", action="store_true", help="also 1,000,000 pending jobs")
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3, --quick 1)")
+    parser.add_argument("--only", help="comma-separated groups: " + ",".join(GROUPS))
+    args = parser.parse_args(argv)
+    sizes = dict(SIZES["quick" if args.quick else "standard"])
+    if args.big:
+        sizes["pending"] = sizes["pending"] + [1_000_000]
+    runs = args.runs or (1 if args.quick else 3)
+    groups = args.only.split(",") if args.only else GROUPS
+    figures = []
+    for group in groups:
+        if group == "pending":
+            for n in sizes["pending"]:
+                figures += bench_pending(n, sizes, runs)
+        else:
+            figures += globals()["bench_" + group](sizes, runs)
+    doc = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs,
+           "sizes": sizes, "figures": figures}
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        print(render(doc))
+    return 0
+
+
+def render(doc) -> str:
+    lines = ["jobrunner benchmarks (python %s, %d cpus, median of %d, [min-max])"
+             % (doc["python"], doc["cpus"], doc["runs"]), ""]
+    for f in doc["figures"]:
+        v = f["value"]
+        text = "%-28s %s %s" % (f["name"], fmt(v["median"], f["unit"]),
+                                "[%s-%s]" % (fmt(v["min"], f["unit"], False),
+                                             fmt(v["max"], f["unit"], False)))
+        if f["baseline"]:
+            text += "   vs %s %s: x%.2f" % (f["baseline_name"],
+                                           fmt(f["baseline"]["median"], f["unit"]), f["ratio"])
+        if f["note"]:
+            text += "   (%s)" % f["note"]
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def fmt(value, unit, with_unit=True) -> str:
+    if unit == "s":
+        text = "%.2f ms" % (value * 1000) if value < 1 else "%.2f s" % value
+        return text if with_unit else text.split()[0]
+    if unit == "jobs/s":
+        return "%.0f%s" % (value, " jobs/s" if with_unit else "")
+    return "%.0f%s" % (value, " " + unit if with_unit else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
