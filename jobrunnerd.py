@@ -187,16 +187,21 @@ class Job:
     @classmethod
     def from_stored(cls, rec: dict) -> "Job":
         """Rebuild from disk; unknown fields (a newer version's) are ignored."""
-        job = cls(**{k: v for k, v in rec.items() if k in PUBLIC_FIELDS or k in PRIVATE_FIELDS})
+        state = _CANONICAL_STATES.get(rec.get("state"))
+        if state is None or not isinstance(rec.get("id"), int):
+            raise ValueError("job record without a valid id and state")
+        rec["state"] = state            # one shared string per state, not one per job
+        job = cls(**rec)
         job.target = sys.intern(job.target)
-        if job.args is None:
-            job.args = []
-        if job.kwargs is None:
-            job.kwargs = {}
+        job.backoff = "fixed" if job.backoff == "fixed" else "exponential"
+        if job.method is not None:
+            job.method = sys.intern(job.method)
+        job.args = job.args or NO_ARGS
+        job.kwargs = job.kwargs or NO_KWARGS
+        if job.run_at == job.created_at:
+            job.run_at = job.created_at
         if job.attempts is None:
             job.attempts = 0
-        if job.state not in STATES or not isinstance(job.id, int):
-            raise ValueError("job record without a valid id and state")
         return job
 
     def attempt_label(self) -> str:
@@ -204,6 +209,11 @@ class Job:
 
 
 _STORED_FIELDS = PUBLIC_FIELDS + PRIVATE_FIELDS
+# Shared by every job without args or kwargs (most of them): a million empty lists and dicts
+# would cost ~120 MB. Nothing ever mutates a job's args or kwargs.
+NO_ARGS: list = []
+NO_KWARGS: dict = {}
+_CANONICAL_STATES = {state: state for state in STATES}
 _public_values = operator.attrgetter(*PUBLIC_FIELDS)     # one C call instead of 21 getattr()s
 _stored_values = operator.attrgetter(*_STORED_FIELDS)
 
@@ -412,15 +422,18 @@ class Store:
 
     # -- loading -----------------------------------------------------------------------------
 
-    def load(self) -> tuple[dict, dict[int, dict]]:
+    def load(self, make=None) -> tuple[dict, dict]:
         """Return (meta, records by id) from snapshot + journal and open the journal for
-        appending. Raises StateError, naming file and offset, on any damage but a torn tail."""
+        appending. `make` turns each stored record into what is kept (Job.from_stored), as it
+        is read, so a million dicts never exist at once. Raises StateError, naming file and
+        offset, on any damage but a torn tail."""
         meta = {"next_id": 1, "paused": False}
-        records: dict[int, dict] = {}
+        records: dict = {}
         snap_gen = 0
+        make = make or (lambda rec: rec)
         if os.path.exists(self.snapshot_path):
-            snap_gen = self._load_snapshot(meta, records)
-        good, journal_gen = self._load_journal(meta, records, snap_gen)
+            snap_gen = self._load_snapshot(meta, records, make)
+        good, journal_gen = self._load_journal(meta, records, snap_gen, make)
         if journal_gen is None or journal_gen < snap_gen:
             # No journal, or one whose changes are all in the snapshot: start a new one.
             self.gen = snap_gen
@@ -434,34 +447,68 @@ class Store:
             self.size = good
         return meta, records
 
-    def _load_snapshot(self, meta: dict, records: dict) -> int:
+    def _load_snapshot(self, meta: dict, records: dict, make) -> int:
         path = self.snapshot_path
         with open(path, "rb") as f:
             data = f.read()
         self.snapshot_size = len(data)
         if not data.strip():
             raise StateError("%s: empty snapshot (offset 0); refusing to start" % path)
-        try:
-            doc = json.loads(data)
-        except UnicodeDecodeError as exc:
-            raise StateError("%s: not UTF-8 at offset %d" % (path, exc.start)) from None
-        except ValueError as exc:
-            pos = getattr(exc, "pos", 0) or 0
-            offset = len(data.decode("utf-8", "replace")[:pos].encode("utf-8"))
-            raise StateError("%s: does not parse at offset %d: %s"
-                             % (path, offset, getattr(exc, "msg", exc))) from None
+        head_end = data.find(b"\n")
+        tail = data.rfind(b"\n]}")
+        if data.startswith(b'{"format":1') and data[:head_end].endswith(b'"jobs":[') \
+                and 0 < head_end <= tail and not data[tail + 3:].strip():
+            # Our own layout (one job a line): parse a few MB at a time.
+            doc = self._parse(data[:head_end] + b"]}", 0)
+            jobs = self._jobs_in_chunks(data, head_end + 1, tail)
+        else:
+            doc = self._parse(data, 0)
+            jobs = [(0, doc.get("jobs") if isinstance(doc, dict) else None)]
         if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
             raise StateError("%s: not a jobrunner snapshot (offset 0)" % path)
         meta["next_id"] = max(meta["next_id"], int(doc.get("next_id", 1)))
         meta["paused"] = bool(doc.get("paused", False))
-        for i, rec in enumerate(doc["jobs"]):
-            if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
-                raise StateError("%s: job #%d has no id" % (path, i))
-            records[rec["id"]] = rec
-            meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
+        for offset, chunk in jobs:
+            if not isinstance(chunk, list):
+                raise StateError("%s: not a jobrunner snapshot (offset %d)" % (path, offset))
+            for rec in chunk:
+                if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
+                    raise StateError("%s: a job without an id after offset %d" % (path, offset))
+                try:
+                    records[rec["id"]] = make(rec)
+                except (ValueError, TypeError, AttributeError) as exc:
+                    raise StateError("%s: job %d after offset %d: %s"
+                                     % (path, rec["id"], offset, exc)) from None
+                meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
         return int(doc.get("gen", 0))
 
-    def _load_journal(self, meta: dict, records: dict, snap_gen: int):
+    SNAPSHOT_CHUNK = 4 * 1024 * 1024    # parse this much at once: C speed, bounded memory
+
+    def _jobs_in_chunks(self, data: bytes, start: int, end: int):
+        """Yield (offset, list of records) for the job lines in data[start:end]."""
+        while start < end:
+            cut = data.find(b"\n", min(start + self.SNAPSHOT_CHUNK, end))
+            cut = end if cut < 0 or cut > end else cut
+            body = data[start:cut].rstrip()
+            if body.endswith(b","):
+                body = body[:-1]
+            yield start, self._parse(b"[" + body + b"]", start - 1)
+            start = cut + 1
+
+    def _parse(self, data: bytes, base: int):
+        """json.loads, with damage reported as StateError at the byte offset base + pos."""
+        path = self.snapshot_path
+        try:
+            return json.loads(data)
+        except UnicodeDecodeError as exc:
+            raise StateError("%s: not UTF-8 at offset %d" % (path, base + exc.start)) from None
+        except ValueError as exc:
+            pos = getattr(exc, "pos", 0) or 0
+            offset = base + len(data.decode("utf-8", "replace")[:pos].encode("utf-8"))
+            raise StateError("%s: does not parse at offset %d: %s"
+                             % (path, offset, getattr(exc, "msg", exc))) from None
+
+    def _load_journal(self, meta: dict, records: dict, snap_gen: int, make):
         """Replay the journal; return (bytes that are good, its generation or None)."""
         path = self.journal_path
         try:
@@ -494,8 +541,8 @@ class Store:
                                                                      snap_gen))
             elif gen >= snap_gen:       # an older generation is already in the snapshot
                 try:
-                    self._apply(obj, meta, records)
-                except (ValueError, TypeError, KeyError) as exc:
+                    self._apply(obj, meta, records, make)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise StateError("%s: bad entry at offset %d: %s"
                                      % (path, offset, exc)) from None
             offset += len(line) + 1
@@ -505,12 +552,12 @@ class Store:
         return offset, gen
 
     @staticmethod
-    def _apply(obj: dict, meta: dict, records: dict) -> None:
+    def _apply(obj: dict, meta: dict, records: dict, make) -> None:
         if "job" in obj:
             rec = obj["job"]
             if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
                 raise ValueError("job entry without an id")
-            records[rec["id"]] = rec
+            records[rec["id"]] = make(rec)
             meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
         elif "del" in obj:
             for job_id in obj["del"]:
@@ -568,12 +615,23 @@ class Store:
         gen = self.gen + 1
         head = _json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
                            "paused": meta["paused"]})[:-2] + ',"jobs":[\n'
-        body = ",\n".join(_json_line(job.stored())[:-1] for job in jobs)
-        data = (head + body + "\n]}\n").encode("utf-8")
-        tmp = self._write_temp(self.snapshot_path, data)    # fails: nothing has changed
+
+        def chunks():                   # a few thousand jobs at a time: bounded memory
+            yield head.encode()
+            batch, sep = [], ""
+            for job in jobs:
+                batch.append(_encode(job.stored()))
+                if len(batch) == 4096:
+                    yield (sep + ",\n".join(batch)).encode("utf-8")
+                    batch, sep = [], ",\n"
+            if batch:
+                yield (sep + ",\n".join(batch)).encode("utf-8")
+            yield b"\n]}\n"
+
+        tmp, size = self._write_temp(self.snapshot_path, chunks())  # fails: nothing changed
         try:
             os.replace(tmp, self.snapshot_path)
-            self.snapshot_size = len(data)
+            self.snapshot_size = size
             self.gen = gen
             if self.do_fsync:
                 _fsync_dir(self.dir)
@@ -597,15 +655,19 @@ class Store:
 
     def _replace(self, path: str, data: bytes) -> None:
         """Atomically: temp file in the same directory, fsync, rename, fsync the directory."""
-        os.replace(self._write_temp(path, data), path)
+        os.replace(self._write_temp(path, [data])[0], path)
         if self.do_fsync:
             _fsync_dir(self.dir)
 
-    def _write_temp(self, path: str, data: bytes) -> str:
+    def _write_temp(self, path: str, chunks) -> tuple[str, int]:
+        """Write the byte strings of `chunks` to PATH.tmp and fsync it; (temp path, size)."""
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        size = 0
         try:
-            _write_all(fd, data)
+            for chunk in chunks:
+                _write_all(fd, chunk)
+                size += len(chunk)
             if self.do_fsync:
                 os.fsync(fd)
         except OSError:
@@ -613,7 +675,7 @@ class Store:
             os.unlink(tmp)
             raise
         os.close(fd)
-        return tmp
+        return tmp, size
 
 
 ####################################################################################################
@@ -661,10 +723,12 @@ class JobTable:
         self.next_id = meta["next_id"]
         self.paused = meta["paused"]
         for job_id in sorted(records):
-            try:
-                job = Job.from_stored(records[job_id])
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise StateError("job %d in %s: %s" % (job_id, self.store.dir, exc)) from None
+            job = records[job_id]
+            if not isinstance(job, Job):
+                try:
+                    job = Job.from_stored(job)
+                except (ValueError, TypeError, AttributeError) as exc:
+                    raise StateError("job %d in %s: %s" % (job_id, self.store.dir, exc)) from None
             self.jobs[job.id] = job
             self.ids.append(job.id)
             self._index(job)
@@ -1731,21 +1795,24 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
                                 % where)
         if not METHOD_RE.match(method):
             raise ProtocolError("bad_request", "%smethod %r is not an identifier" % (where, method))
-    args = req.get("args", [])
+    args = req.get("args", NO_ARGS)
     if not isinstance(args, list):
         raise ProtocolError("bad_request", "%sargs must be a list" % where)
-    kwargs = req.get("kwargs", {})
+    kwargs = req.get("kwargs", NO_KWARGS)
     if not isinstance(kwargs, dict):
         raise ProtocolError("bad_request", "%skwargs must be an object" % where)
+    args, kwargs = args or NO_ARGS, kwargs or NO_KWARGS
     if "delay" in req and "run_at" in req:
         raise ProtocolError("bad_request", "%sgive delay or run_at, not both" % where)
     if "run_at" in req:
         run_at = get_seconds(req, "run_at", now, 0.0, now + MAX_DELAY, where)
     else:
-        run_at = now + get_seconds(req, "delay", 0.0, 0.0, MAX_DELAY, where)
+        delay = get_seconds(req, "delay", 0.0, 0.0, MAX_DELAY, where)
+        run_at = now + delay if delay else now      # no delay: share the created_at float
     backoff = req.get("backoff", cfg.backoff)
     if backoff not in ("fixed", "exponential"):
         raise ProtocolError("bad_request", "%sbackoff must be 'fixed' or 'exponential'" % where)
+    backoff = "fixed" if backoff == "fixed" else "exponential"     # one shared string
     key = req.get("key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
         raise ProtocolError("bad_request", "%skey must be a non-empty string of at most %d "
@@ -2007,7 +2074,7 @@ class Daemon:
         self.store.lock()
         self.runner.prepare()           # before the queue is loaded: the zygote warms up meanwhile
         self.log = EventLog(cfg.log_dir)
-        meta, records = self.store.load()
+        meta, records = self.store.load(Job.from_stored)
         for warning in self.store.warnings:
             print("jobrunnerd: warning: " + warning, file=sys.stderr)
         self.jobs = JobTable(self.store, self.log)

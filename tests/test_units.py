@@ -1620,5 +1620,77 @@ print(json.dumps({"signals": [before, after], "fds": [fds_before, fds_after],
         self.assertEqual(sorted(os.listdir(self.tmp)), before)
 
 
+
+class SnapshotChunksTest(unittest.TestCase):
+    """The snapshot is read a few MB at a time (bounded memory at a million jobs): the same
+    records come back whatever the chunk size, and damage is reported at its byte offset."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.dir = self._tmp.name
+        self.addCleanup(self._tmp.cleanup)
+
+    def write_snapshot(self, n):
+        store = jr.Store(self.dir, fsync=False)
+        store.load()
+        jobs = [jr.Job(id=i, target="examples.jobs:add", args=[i, "é" * (i % 3)], kwargs={},
+                       priority=i % 5, state="pending", attempts=0, retries=0, retry_delay=1.0,
+                       backoff="fixed", timeout=None, created_at=1.0, run_at=1.0)
+                for i in range(1, n + 1)]
+        store.snapshot({"next_id": n + 1, "paused": True}, jobs)
+        store.close()
+        return {job.id: job.stored() for job in jobs}
+
+    def load(self, chunk):
+        store = jr.Store(self.dir, fsync=False)
+        store.SNAPSHOT_CHUNK = chunk
+        try:
+            return store.load()
+        finally:
+            store.close()
+
+    def test_same_records_for_every_chunk_size(self):
+        expected = self.write_snapshot(300)
+        for chunk in (1, 50, 333, 4096, 1 << 22):
+            meta, records = self.load(chunk)
+            self.assertEqual(records, expected, "chunk size %d" % chunk)
+            self.assertEqual(meta, {"next_id": 301, "paused": True})
+
+    def test_records_become_jobs_as_they_are_read(self):
+        self.write_snapshot(20)
+        store = jr.Store(self.dir, fsync=False)
+        store.SNAPSHOT_CHUNK = 100
+        _, records = store.load(jr.Job.from_stored)
+        store.close()
+        self.assertTrue(all(isinstance(j, jr.Job) for j in records.values()))
+        self.assertIs(records[3].state, records[4].state, "state strings are shared")
+
+    def test_damage_inside_a_chunk_is_reported_at_its_offset(self):
+        self.write_snapshot(100)
+        path = os.path.join(self.dir, "queue.json")
+        with open(path, "rb") as f:
+            data = f.read()
+        where = data.index(b'"id":57,')
+        damaged = data[:where] + b"@" + data[where + 1:]
+        with open(path, "wb") as f:
+            f.write(damaged)
+        for chunk in (1, 200, 1 << 22):
+            with self.assertRaises(jr.StateError) as cm:
+                self.load(chunk)
+            self.assertIn("offset %d" % where, str(cm.exception), "chunk size %d" % chunk)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), damaged)
+
+    def test_a_snapshot_in_another_layout_still_loads(self):
+        doc = {"format": 1, "gen": 0, "next_id": 3, "paused": False, "jobs": [
+            {"id": 2, "target": "examples.jobs:add", "state": "failed", "retries": 0,
+             "priority": 0, "run_at": 1.0, "created_at": 1.0, "finished_at": 2.0}]}
+        with open(os.path.join(self.dir, "queue.json"), "w") as f:
+            json.dump(doc, f, indent=2)             # hand-written, not one job a line
+        meta, records = self.load(10)
+        self.assertEqual(list(records), [2])
+        self.assertEqual(meta["next_id"], 3)
+
+
 if __name__ == "__main__":
     unittest.main()
