@@ -846,7 +846,9 @@ class JobTable:
             self._undo[job.id] = (job, tuple(getattr(job, n) for n in Job.__slots__))
 
     def undo(self) -> None:
-        """Put every job changed since track() back as it was."""
+        """Put every job changed since track() back as it was (nothing if not tracking)."""
+        if self._undo is None:
+            return
         for job_id, (job, values) in reversed(list(self._undo.items())):
             if self.jobs.get(job_id) is job:
                 if job.state is not None:
