@@ -1136,6 +1136,21 @@ def proc_start_time(pid: int) -> int | None:
         return None
 
 
+def live_process_groups() -> set[int]:
+    """The process groups that have a member which is not a zombie (from /proc)."""
+    groups = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] not in (b"Z", b"X"):
+                groups.add(int(fields[2]))
+    return groups
+
+
 def kill_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -2099,11 +2114,24 @@ class Daemon:
         if not self.jobs.counts[RUNNING]:
             return
         now = time.time()
-        for job in [j for j in self.jobs.jobs.values() if j.state == RUNNING]:
+        running = [j for j in self.jobs.jobs.values() if j.state == RUNNING]
+        for job in running:
             if job.pid:
                 start = proc_start_time(job.pid)
                 if start is None or start == job.pid_start:   # gone, or still ours: kill
                     kill_group(job.pid, signal.SIGKILL)
+        # SIGKILL is not instant for a process in uninterruptible sleep: the next attempt must
+        # not overlap the old one, so wait (bounded) until no live member of a group is left.
+        deadline = time.monotonic() + self.cfg.kill_grace
+        groups = {job.pid for job in running if job.pid}
+        while groups and time.monotonic() < deadline:
+            groups &= live_process_groups()
+            if groups:
+                time.sleep(0.01)
+        for pgid in groups:
+            print("jobrunnerd: warning: process group %d survived SIGKILL for %gs"
+                  % (pgid, self.cfg.kill_grace), file=sys.stderr)
+        for job in running:
             error = "interrupted: the daemon stopped while the attempt ran"
             changes = {"pid": None, "pid_start": None, "error": error}
             run_at = next_run_at(job, now, self.cfg.max_retry_delay)

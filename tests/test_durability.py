@@ -1,0 +1,908 @@
+"""Durability under crashes and full disks (SPEC §3 "an acknowledged add is on disk", §3a).
+
+What tests/test_units.py and tests/test_e2e_lifecycle.py do not already cover:
+
+    KillLoopTest              six clients enqueue concurrently (pipelined adds and add_batch)
+                              while the daemon is SIGKILLed and restarted again and again, also
+                              with jobs big enough that compaction runs between the kills (some
+                              kills land right after queue.json was replaced, before the new
+                              journal is): every acknowledged id is there afterwards, with its
+                              own args, no id is acknowledged twice, and ids acknowledged after a
+                              restart are above every id acknowledged before it.
+    CompactionCrashTest       Store.snapshot() "dies" before each of its system calls in turn: a
+                              fresh Store loads either the state before the snapshot or the one
+                              after it (never a mix, never an error), and work goes on from there.
+    DiskFullTest              a real ENOSPC on a small tmpfs holding state_dir (root only): no false
+                              ack, reads go on, a SIGKILL while full loses nothing acknowledged, and
+                              the daemon takes changes again once space is back.
+    DiskErrorInProcessTest    EIO from fdatasync/fsync inside a real Daemon object (in this
+                              process): io_error, the change undone in memory and not on disk,
+                              reads go on, repair once the disk works again.
+    StubbornOrphanTest        a job (and its grandchild) that ignores SIGTERM, running when the
+                              daemon is SIGKILLed: after the restart both are gone before the next
+                              attempt starts, `interrupted` is logged, the next attempt runs.
+
+No fixed sleeps: the tests poll with deadlines (tests/support.wait_until, Event.wait as the poll
+interval of client threads) and join threads with timeouts.
+"""
+import collections
+import copy
+import errno
+import io
+import json
+import os
+import random
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import unittest
+from unittest import mock
+
+from tests.support import ROOT, DaemonTestCase, wait_until
+
+import jobrunnerd as jr  # noqa: E402  (tests.support put ROOT on sys.path)
+
+TARGET = "examples.jobs:echo"
+
+
+def queue_gen(state_dir):
+    """The generation in queue.json's first line, or None when there is no snapshot yet."""
+    try:
+        with open(os.path.join(state_dir, "queue.json"), "rb") as f:
+            head = f.readline(4096)
+    except FileNotFoundError:
+        return None
+    found = re.search(rb'"gen":\s*(\d+)', head)
+    return int(found.group(1)) if found else None
+
+
+def snapshot_inode(state_dir):
+    try:
+        return os.stat(os.path.join(state_dir, "queue.json")).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def list_all(daemon, **filters):
+    """Every job, paging `list` with after_id; returns the list in the order the daemon gave."""
+    out, after = [], 0
+    with daemon.raw() as c:
+        while True:
+            reply = c.call(op="list", after_id=after, limit=1000, **filters)
+            assert reply["ok"], reply
+            if not reply["jobs"]:
+                return out
+            out.extend(reply["jobs"])
+            after = reply["jobs"][-1]["id"]
+
+
+def proc_state(pid):
+    """(state letter, start time) from /proc/PID/stat, or None when there is no such process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[19])
+
+
+def running(pid, start):
+    """True while the process `pid` that started at `start` runs (a zombie has ended)."""
+    st = proc_state(pid)
+    return st is not None and st[1] == start and st[0] not in ("Z", "X")
+
+
+####################################################################################################
+#  kill -9 under concurrent load
+####################################################################################################
+
+class LineClient:
+    """One connection; a reply line without its newline means the daemon died mid-send."""
+
+    def __init__(self, path, timeout=10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.file = self.sock.makefile("rb")
+
+    def send(self, requests):
+        self.sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+
+    def recv(self):
+        line = self.file.readline()
+        if not line.endswith(b"\n"):
+            raise ConnectionError("connection lost")
+        return json.loads(line)
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+class Enqueuer(threading.Thread):
+    """A client that enqueues until `stop`: bursts of 1-6 pipelined adds or an add_batch of 20.
+    While `go` is clear it parks between requests, keeping its connection open (so the test can
+    kill a daemon that has answered everything and has nothing left to do).
+
+    Every job's args are [client number, sequence number, pad], unique across the run. Each
+    acknowledged id is kept as (id, client, seq, epoch). `epoch` is the number of the daemon
+    process the connection talks to: the main thread bumps epoch[0] after a daemon is dead and
+    before the next one starts, so a connection whose epoch reads the same before connect() and
+    after its first reply can only be talking to daemon number `epoch`."""
+
+    def __init__(self, number, socket_path, epoch, stop, go, pad):
+        super().__init__(name="enqueuer-%d" % number, daemon=True)
+        self.number, self.path, self.epoch, self.stop, self.go, self.pad = \
+            number, socket_path, epoch, stop, go, pad
+        self.parked = False
+        self.rng = random.Random(number)
+        self.acks = []
+        self.per_epoch = collections.Counter()
+        self.errors = []
+        self.seq = 0
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                conn, epoch = self.connect()
+                if conn is None:
+                    return
+                try:
+                    while not self.stop.is_set():
+                        if not self.go.is_set():
+                            self.park()
+                            continue        # the daemon may have died meanwhile
+                        self.enqueue_some(conn, epoch)
+                except (OSError, ValueError):
+                    pass            # the daemon died under us: what was not answered is unknown
+                finally:
+                    conn.close()
+        except BaseException:
+            self.errors.append(traceback.format_exc())
+
+    def park(self):
+        self.parked = True
+        while not self.go.wait(0.01) and not self.stop.is_set():
+            pass
+        self.parked = False
+
+    def connect(self):
+        while not self.stop.is_set():
+            epoch = self.epoch[0]
+            try:
+                conn = LineClient(self.path)
+            except OSError:
+                self.stop.wait(0.005)       # poll until the next daemon listens
+                continue
+            try:
+                conn.send([{"op": "hello"}])
+                hello = conn.recv()
+            except (OSError, ValueError):
+                conn.close()
+                continue
+            if hello.get("ok") and self.epoch[0] == epoch:
+                return conn, epoch
+            conn.close()
+        return None, None
+
+    def job(self, seq):
+        return {"target": TARGET, "args": [self.number, seq, self.pad]}
+
+    def enqueue_some(self, conn, epoch):
+        first = self.seq
+        if self.rng.random() < 0.6:
+            n = self.rng.randint(1, 6)
+            self.seq += n
+            conn.send([dict(self.job(first + i), op="add") for i in range(n)])
+            for i in range(n):
+                reply = conn.recv()
+                if reply.get("ok"):
+                    self.acks.append((reply["id"], self.number, first + i, epoch))
+                    self.per_epoch[epoch] += 1
+                else:
+                    self.errors.append("add refused: %r" % reply)
+        else:
+            self.seq += 20
+            conn.send([{"op": "add_batch", "jobs": [self.job(first + i) for i in range(20)]}])
+            reply = conn.recv()
+            if reply.get("ok"):
+                if len(reply["ids"]) != 20:
+                    self.errors.append("add_batch of 20 answered with %r" % reply)
+                for i, job_id in enumerate(reply["ids"]):
+                    self.acks.append((job_id, self.number, first + i, epoch))
+                self.per_epoch[epoch] += len(reply["ids"])
+            else:
+                self.errors.append("add_batch refused: %r" % reply)
+
+
+class KillLoopTest(DaemonTestCase):
+    CLIENTS = 6
+
+    def start_clients(self, pad):
+        self.epoch = [0]
+        self.stop_clients = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+        self.clients = [Enqueuer(i, self.daemon.socket, self.epoch, self.stop_clients, self.go,
+                                 pad) for i in range(self.CLIENTS)]
+        self.addCleanup(self.join_clients)
+        for client in self.clients:
+            client.start()
+
+    def join_clients(self):
+        self.stop_clients.set()
+        deadline = time.monotonic() + 15
+        for client in self.clients:
+            client.join(max(0.0, deadline - time.monotonic()))
+        stuck = [c.name for c in self.clients if c.is_alive()]
+        self.assertEqual(stuck, [], "client threads did not stop")
+
+    def acks(self):
+        return [a for client in self.clients for a in client.acks]
+
+    def acked_count(self):
+        """Acks from the daemon running now (a dead one's last answers may still be read)."""
+        return sum(client.per_epoch[self.epoch[0]] for client in self.clients)
+
+    def client_errors(self):
+        return [e for client in self.clients for e in client.errors]
+
+    def wait_acks(self, n, timeout=20.0):
+        """Wait until the running daemon has acknowledged `n` more jobs (to any client)."""
+        target = self.acked_count() + n
+
+        def enough():
+            errors = self.client_errors()
+            if errors:
+                raise AssertionError("client error: %s" % errors[0])
+            return self.acked_count() >= target
+        wait_until(enough, timeout, interval=0.002, message="%d more acks" % n)
+
+    def quiesce(self):
+        """Let every client get all its answers and park: the daemon is idle, nothing unsent."""
+        self.go.clear()
+        wait_until(lambda: all(c.parked for c in self.clients), 20,
+                   message="every client to park")
+
+    def wait_compaction(self, timeout=20.0):
+        """Wait until queue.json is replaced (a compaction just renamed it in)."""
+        inode = snapshot_inode(self.daemon.state_dir)
+        wait_until(lambda: snapshot_inode(self.daemon.state_dir) != inode, timeout,
+                   interval=0.001, message="a compaction")
+
+    def crash_and_restart(self):
+        rc = self.daemon.kill()
+        self.assertEqual(rc, -signal.SIGKILL, self.daemon.read_stderr())
+        self.epoch[0] += 1          # only after the old daemon is dead, before the new one
+        self.daemon.start()
+        self.go.set()
+
+    def run_kill_loop(self, pad, rounds):
+        """One SIGKILL per round, when: ("acks", N) N acks after the restart; ("idle", N) also
+        every client has its answers and waits; ("now", 0) at once; ("compaction", 0) right
+        after queue.json was replaced. Returns the snapshot generation after each restart."""
+        d = self.daemon
+        self.assertTrue(d.call(op="pause")["ok"])       # measure the queue, not job runs
+        self.start_clients(pad)
+        gens = [queue_gen(d.state_dir)]
+        for when, n in rounds:
+            if when in ("acks", "idle"):
+                self.wait_acks(n)
+            if when == "idle":
+                self.quiesce()
+            if when == "compaction":
+                self.wait_compaction()
+            self.crash_and_restart()
+            gens.append(queue_gen(d.state_dir))
+        self.wait_acks(50)
+        self.quiesce()
+        self.daemon.kill()              # every client has all its answers: the last crash
+        self.join_clients()
+        self.assertEqual(self.client_errors(), [])
+        self.daemon.start()
+        self.verify(1 + sum(when in ("acks", "idle") for when, _ in rounds))
+        self.assertTrue(d.call(op="stats")["paused"], "pause must survive the crashes")
+        return gens
+
+    def verify(self, busy_epochs):
+        acks = self.acks()
+        ids = [a[0] for a in acks]
+        twice = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+        self.assertEqual(twice, [], "ids acknowledged more than once")
+        jobs = list_all(self.daemon)
+        listed = [job["id"] for job in jobs]
+        self.assertEqual(listed, sorted(set(listed)), "list must give each id once, ascending")
+        by_id = {job["id"]: job for job in jobs}
+        lost = [a for a in acks if a[0] not in by_id]
+        self.assertEqual(lost, [], "acknowledged jobs lost (id, client, seq, epoch)")
+        wrong = [(a, by_id[a[0]]["args"][:2]) for a in acks
+                 if by_id[a[0]]["args"][:2] != [a[1], a[2]]]
+        self.assertEqual(wrong, [], "an acknowledged id holds another job's args")
+        for job_id in random.Random(7).sample(ids, min(40, len(ids))):
+            reply = self.daemon.call(op="get", id=job_id)
+            self.assertTrue(reply["ok"], reply)
+            self.assertEqual(reply["job"], by_id[job_id])
+        # Never reused: what a daemon acknowledges is above all that earlier daemons did.
+        per_epoch = collections.defaultdict(list)
+        for job_id, _, _, epoch in acks:
+            per_epoch[epoch].append(job_id)
+        highest = 0
+        for epoch in sorted(per_epoch):
+            self.assertGreater(min(per_epoch[epoch]), highest,
+                               "daemon %d acknowledged an id not above those of earlier ones"
+                               % epoch)
+            highest = max(per_epoch[epoch])
+        self.assertGreaterEqual(len(per_epoch), busy_epochs, "too few daemons took adds")
+        return by_id
+
+    def test_concurrent_clients_through_repeated_sigkill(self):
+        self.run_kill_loop("", [("acks", 40), ("now", 0), ("acks", 700), ("acks", 5),
+                                ("idle", 300), ("acks", 2500), ("acks", 150), ("acks", 1)])
+        self.assertGreater(len(self.acks()), 3000)
+
+    def test_sigkill_loop_while_compaction_runs(self):
+        # ~2 KB of args per job: the 1 MiB journal threshold is crossed every few hundred adds,
+        # then every time the journal outgrows the (growing) snapshot.
+        gens = self.run_kill_loop("x" * 2048, [
+            ("acks", 800), ("compaction", 0), ("acks", 300), ("compaction", 0), ("idle", 30),
+            ("compaction", 0)])
+        self.assertIsNotNone(gens[-1], "no compaction happened")
+        self.assertGreaterEqual(gens[-1], 3, "too few compactions: generations %r" % gens)
+        self.assertGreaterEqual(sum(1 for a, b in zip(gens, gens[1:]) if b != a), 3,
+                                "compaction must happen between several kills: %r" % gens)
+        self.assertEqual(gens, sorted(gens, key=lambda g: g or 0),
+                         "the generation never goes back")
+
+
+####################################################################################################
+#  A crash at each step of compaction (Store.snapshot), unit level
+####################################################################################################
+
+class Crash(BaseException):
+    """The process died here (not an OSError: no handler in the store may catch it)."""
+
+
+def record(job_id, **fields):
+    rec = {"id": job_id, "target": TARGET, "method": None, "args": ["a", job_id], "kwargs": {},
+           "priority": 0, "state": "pending", "attempts": 0, "retries": 1, "retry_delay": 1.0,
+           "backoff": "fixed", "timeout": 3600.0, "key": None, "created_at": 100.0,
+           "run_at": 100.0}
+    rec.update(fields)
+    return jr.Job.from_stored(rec).stored()
+
+
+class SyscallCrasher:
+    """Patches the os calls the store makes; call number `crash_at` raises Crash instead of
+    running (None: never). Keeps the names of the calls made and the fds still open."""
+
+    NAMES = ("open", "write", "fsync", "fdatasync", "close", "replace", "rename", "unlink",
+             "ftruncate")
+
+    def __init__(self, crash_at=None):
+        self.crash_at = crash_at
+        self.calls = []
+        self.open_fds = set()
+        self.closed = set()
+        self.real = {name: getattr(os, name) for name in self.NAMES}
+
+    def wrap(self, name):
+        real = self.real[name]
+
+        def call(*args, **kwargs):
+            label = name
+            if name == "replace":
+                label = "replace %s" % os.path.basename(args[1])
+            if self.crash_at is not None and len(self.calls) + 1 == self.crash_at:
+                self.calls.append("CRASH before " + label)
+                raise Crash(label)
+            self.calls.append(label)
+            result = real(*args, **kwargs)
+            if name == "open":
+                self.open_fds.add(result)
+            elif name == "close":
+                self.open_fds.discard(args[0])
+                self.closed.add(args[0])
+            return result
+        return call
+
+    def __enter__(self):
+        self.patches = [mock.patch.object(jr.os, name, self.wrap(name)) for name in self.NAMES]
+        for p in self.patches:
+            p.start()
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.patches):
+            p.stop()
+
+    def close_leftovers(self, store, journal_fd):
+        """What the kernel does for a dead process: close every fd it still had (those opened
+        while patched, and the journal `store` had open before)."""
+        if journal_fd is not None and journal_fd not in self.closed:
+            self.open_fds.add(journal_fd)
+        for fd in self.open_fds:
+            os.close(fd)
+        self.open_fds.clear()
+        store.fd = None
+        store.close()
+
+
+class CompactionCrashTest(unittest.TestCase):
+    """Snapshot generation 1 holds jobs 1-3; the journal then changes job 1 (running), adds job
+    4, deletes job 3 and pauses: BEFORE. The snapshot written next holds AFTER: job 1 succeeded,
+    job 5 added (appended but never committed: snapshot() folds such lines in), not paused.
+    If the old journal were replayed on top of the new snapshot, job 1 would be running again."""
+
+    BEFORE = ({"next_id": 5, "paused": True},
+              {1: record(1, state="running", attempts=1, pid=4242), 2: record(2), 4: record(4)})
+    AFTER = ({"next_id": 6, "paused": False},
+             {1: record(1, state="succeeded", attempts=1, finished_at=200.0), 2: record(2),
+              4: record(4), 5: record(5)})
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="jr-durability-")
+        self.addCleanup(tmp.cleanup)
+        self.tmp = tmp.name
+
+    def build(self, state, fsync):
+        """A store at BEFORE with AFTER's extra change appended; returns it, opened."""
+        os.makedirs(state)
+        store = jr.Store(state, fsync=fsync)
+        store.load()
+        for i in (1, 2, 3):
+            store.append({"job": record(i)})
+        store.commit()
+        store.snapshot({"next_id": 4, "paused": False},
+                       [jr.Job.from_stored(record(i)) for i in (1, 2, 3)])
+        for entry in ({"job": self.BEFORE[1][1]}, {"job": record(4)}, {"del": [3]},
+                      {"paused": True}):
+            store.append(entry)
+            store.commit()
+        store.append({"job": self.AFTER[1][1]})
+        store.append({"job": record(5)})
+        self.assertEqual(self.load(state), self.BEFORE)
+        return store
+
+    def load(self, state):
+        store = jr.Store(state, fsync=False)
+        try:
+            meta, records = store.load()
+        finally:
+            store.close()
+        self.assertEqual(store.warnings, [], "a crash in compaction must not tear the journal")
+        return meta, records
+
+    def compact(self, store, crasher):
+        meta, records = self.AFTER
+        with crasher:
+            store.snapshot(dict(meta), [jr.Job.from_stored(r) for r in records.values()])
+
+    def test_crash_before_each_system_call_of_snapshot(self):
+        for fsync in (True, False):
+            # A run without a crash names the steps: open/write/fsync/close of the temp
+            # snapshot, replace queue.json, fsync of the directory, close of the old journal,
+            # the same for the new journal, and opening it for appending.
+            clean = SyscallCrasher()
+            self.compact(self.build(os.path.join(self.tmp, "clean-%s" % fsync), fsync), clean)
+            steps = clean.calls
+            self.assertIn("replace queue.json", steps)
+            self.assertIn("replace journal.jsonl", steps)
+            seen_after = False
+            for k in range(1, len(steps) + 2):
+                where = "crash before call %d of %r" % (k, steps)
+                with self.subTest(fsync=fsync, crash_at=k):
+                    state = os.path.join(self.tmp, "k%d-%s" % (k, fsync))
+                    store = self.build(state, fsync)
+                    crasher = SyscallCrasher(k)
+                    journal_fd = store.fd
+                    try:
+                        self.compact(store, crasher)
+                        crashed = False
+                    except Crash:
+                        crashed = True
+                    self.assertEqual(crashed, k <= len(steps), where)
+                    crasher.close_leftovers(store, journal_fd)
+                    got = self.load(state)
+                    self.assertIn(got, (self.BEFORE, self.AFTER),
+                                  "%s: neither the state before nor after" % where)
+                    if got == self.AFTER:
+                        seen_after = True
+                    else:
+                        self.assertFalse(seen_after, "%s: back to the old state after a later "
+                                         "crash showed the new one" % where)
+                    if k == 1:
+                        self.assertEqual(got, self.BEFORE, where)
+                    if not crashed:
+                        self.assertEqual(got, self.AFTER, where)
+                    self.assert_goes_on(state, got, fsync, where)
+
+    def assert_goes_on(self, state, loaded, fsync, where):
+        """Restart on the recovered state: commit, compact, commit; nothing lost or replayed."""
+        meta, records = copy.deepcopy(loaded)
+        store = jr.Store(state, fsync=fsync)
+        try:
+            self.assertEqual(store.load(), (meta, records), where)
+            gen = store.gen
+            newest = record(1, state="failed", attempts=2, finished_at=300.0)
+            for entry in ({"job": record(10)}, {"job": newest}):
+                store.append(entry)
+            store.commit()
+            records.update({10: record(10), 1: newest})
+            meta["next_id"] = 11
+            self.assertEqual(self.load(state), (meta, records), where + ", then a commit")
+            store.snapshot(meta, [jr.Job.from_stored(r) for r in records.values()])
+            self.assertGreater(store.gen, gen, where)
+            store.append({"del": [2]})
+            store.commit()
+            del records[2]
+            self.assertEqual(self.load(state), (meta, records),
+                             where + ", then a commit, a snapshot and a commit")
+        finally:
+            store.close()
+
+
+####################################################################################################
+#  A real full disk (tmpfs), end to end
+####################################################################################################
+
+class DiskFullTest(DaemonTestCase):
+    """state_dir on a 2 MiB tmpfs that the test fills up; log_dir stays on the normal disk."""
+
+    BIG = "b" * 16384       # needs new pages: cannot fit in the slack of the journal's last page
+
+    def prepare(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to mount a tmpfs")
+        self.fs = os.path.join(self.root, "fs")
+        os.makedirs(self.fs)
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
+                                   self.fs], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.skipTest("cannot run mount: %s" % exc)
+        if done.returncode != 0:
+            self.skipTest("mount -t tmpfs failed: %s" % done.stderr.strip())
+        self.addCleanup(self.unmount)
+        state = os.path.join(self.fs, "state")
+        self.daemon.config["state_dir"] = self.daemon.state_dir = state
+        self.filler = os.path.join(self.fs, "filler")
+        self.acked, self.refused = {}, []
+        self.tags = 0
+
+    def unmount(self):
+        self._stop_daemon()         # it holds files on the tmpfs
+        done = subprocess.run(["umount", self.fs], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", self.fs], capture_output=True, timeout=30)
+
+    def fill(self):
+        """Write to the filler file until the tmpfs is full, down to the last byte."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for chunk in (1 << 16, 4096, 1):
+                while True:
+                    try:
+                        os.write(fd, b"\0" * chunk)
+                    except OSError as exc:
+                        self.assertEqual(exc.errno, errno.ENOSPC)
+                        break
+        finally:
+            os.close(fd)
+
+    def add(self, conn, big=False):
+        """One add; an ok reply is remembered as acknowledged, an error must be io_error."""
+        self.tags += 1
+        tag = "t%d" % self.tags
+        reply = conn.call(op="add", target=TARGET, args=[tag, self.BIG if big else ""])
+        if reply["ok"]:
+            self.acked[reply["id"]] = tag
+        else:
+            self.assertEqual(reply["error"]["code"], "io_error", reply)
+            self.refused.append(tag)
+        return reply
+
+    def assert_reads_work(self, conn):
+        """On `conn` and on a new connection: hello, stats, get and list all answer."""
+        fresh = self.daemon.raw()
+        self.addCleanup(fresh.close)
+        for c in (conn, fresh):
+            self.assertEqual(c.call(op="hello")["ok"], True)
+            stats = c.call(op="stats")
+            self.assertTrue(stats["ok"], stats)
+            self.assertEqual(stats["counts"]["pending"], len(self.acked), stats)
+            some = min(self.acked)
+            got = c.call(op="get", id=some)
+            self.assertTrue(got["ok"], got)
+            self.assertEqual(got["job"]["args"][0], self.acked[some])
+            listed = c.call(op="list", limit=1000)
+            self.assertTrue(listed["ok"], listed)
+            self.assertEqual({j["id"]: j["args"][0] for j in listed["jobs"]}, self.acked)
+        fresh.close()
+
+    def assert_exactly_acked_on_disk(self):
+        self.daemon.kill()
+        self.daemon.start()
+        jobs = list_all(self.daemon)
+        self.assertEqual({j["id"]: j["args"][0] for j in jobs}, self.acked,
+                         "after SIGKILL: exactly the acknowledged jobs (refused: %s)"
+                         % self.refused)
+
+    def test_enospc_is_refused_reads_go_on_and_space_coming_back_heals(self):
+        d = self.daemon
+        self.assertTrue(d.call(op="pause")["ok"])
+        conn = d.raw()
+        self.addCleanup(conn.close)
+        for _ in range(5):
+            self.assertTrue(self.add(conn)["ok"])
+        self.assertTrue(self.add(conn, big=True)["ok"])
+
+        self.fill()
+        for _ in range(10):                     # an ok here was a write that still fitted
+            if not self.add(conn, big=True)["ok"]:
+                break
+        self.assertTrue(self.refused, "no add was refused on a full disk")
+        self.fill()                             # what a failed write gave back is taken again
+        for big in (True, False, True):
+            reply = self.add(conn, big=big)
+            if big:
+                self.assertFalse(reply["ok"], "a 16 KiB add acknowledged on a full disk")
+        batch = conn.call(op="add_batch", jobs=[{"target": TARGET, "args": ["batch", self.BIG]}])
+        self.assertFalse(batch["ok"], batch)
+        self.assertEqual(batch["error"]["code"], "io_error")
+        self.assert_reads_work(conn)
+
+        # A crash while the disk is full: the acknowledged jobs are all on it, and a daemon
+        # starting on the full disk serves reads and refuses writes.
+        conn.close()
+        self.assert_exactly_acked_on_disk()
+        conn = d.raw()
+        self.addCleanup(conn.close)
+        self.assertFalse(self.add(conn, big=True)["ok"])
+        self.assert_reads_work(conn)
+
+        os.unlink(self.filler)
+        wait_until(lambda: self.add(conn)["ok"], 10, interval=0.05,
+                   message="an add to succeed once space is back")
+        for big in (False, True, False):
+            self.assertTrue(self.add(conn, big=big)["ok"])
+        batch = conn.call(op="add_batch", jobs=[{"target": TARGET, "args": ["t-batch%d" % i, ""]}
+                                                for i in range(3)])
+        self.assertTrue(batch["ok"], batch)
+        self.acked.update((job_id, "t-batch%d" % i) for i, job_id in enumerate(batch["ids"]))
+        self.assert_reads_work(conn)
+        conn.close()
+        self.assert_exactly_acked_on_disk()
+        self.assertGreaterEqual(len(self.refused), 4)
+
+
+####################################################################################################
+#  EIO from fdatasync in a real Daemon object
+####################################################################################################
+
+class DiskErrorInProcessTest(unittest.TestCase):
+    """A Daemon object in this process (start_method spawn, no job ever runs), driven one loop
+    pass at a time, with os.fdatasync and os.fsync failing with EIO while the test says so."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="jr-eio-")
+        self.addCleanup(tmp.cleanup)
+        root = tmp.name
+        self.state = os.path.join(root, "state")
+        cfg = jr.load_config(None, {"socket": os.path.join(root, "d.sock"),
+                                    "state_dir": self.state, "log_dir": os.path.join(root, "logs"),
+                                    "start_method": "spawn", "workers": 1,
+                                    "job_paths": [ROOT]})
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGCHLD, signal.SIGTERM,
+                                                     signal.SIGINT, signal.SIGHUP)}
+        old_wakeup = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(old_wakeup)
+
+        def restore():
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        self.addCleanup(restore)
+        self.stderr = io.StringIO()         # what the daemon prints about failed writes
+        patcher = mock.patch.object(sys, "stderr", self.stderr)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.d = jr.Daemon(cfg)
+        self.addCleanup(self.close_daemon)
+        self.d.setup()
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.conn.connect(cfg.socket)
+        self.addCleanup(self.conn.close)
+        self.inbuf = b""
+
+    def close_daemon(self):
+        """Drop the daemon as a crash would: close its files, write nothing more."""
+        d = self.d
+        for conn in list(d.conns):
+            d.close(conn)
+        for sock in (d.listener, d.wake_r, d.wake_w):
+            if sock is not None:
+                sock.close()
+        d.runner.close()
+        if d.log is not None:
+            d.log.close()
+        d.loop.sel.close()
+        d.store.close()
+
+    def call(self, **req):
+        self.conn.sendall(json.dumps(req).encode() + b"\n")
+        deadline = time.monotonic() + 10
+        while b"\n" not in self.inbuf:
+            self.assertLess(time.monotonic(), deadline, "no reply to %r" % req)
+            self.d.run_pass(0.01)
+            sel = selectors.DefaultSelector()
+            sel.register(self.conn, selectors.EVENT_READ)
+            if sel.select(0):
+                data = self.conn.recv(1 << 20)
+                self.assertTrue(data, "the daemon hung up")
+                self.inbuf += data
+            sel.close()
+        line, _, self.inbuf = self.inbuf.partition(b"\n")
+        return json.loads(line)
+
+    def add(self, tag):
+        return self.call(op="add", target=TARGET, args=[tag], delay=3600)
+
+    def on_disk(self):
+        """The jobs (id -> tag) a restart would load, from a copy of state_dir."""
+        dup = self.state + "-copy-%d" % time.monotonic_ns()
+        shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
+        store = jr.Store(dup, fsync=False)
+        try:
+            return {i: r["args"][0] for i, r in store.load()[1].items()}
+        finally:
+            store.close()
+
+    def test_eio_on_fdatasync_is_refused_undone_and_repaired(self):
+        acked = {}
+        for tag in ("a", "b"):
+            reply = self.add(tag)
+            self.assertTrue(reply["ok"], reply)
+            acked[reply["id"]] = tag
+        eio = OSError(errno.EIO, "injected EIO")
+        # Both: a snapshot (the repair) that still worked would make the add durable, rightly.
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            for tag in ("c", "d"):
+                reply = self.add(tag)
+                self.assertFalse(reply["ok"], reply)
+                self.assertEqual(reply["error"]["code"], "io_error", reply)
+            batch = self.call(op="add_batch", jobs=[{"target": TARGET, "args": ["e"]}])
+            self.assertEqual(batch["error"]["code"], "io_error", batch)
+            stats = self.call(op="stats")
+            self.assertEqual(stats["counts"]["pending"], 2, "the refused adds were not undone")
+            listed = self.call(op="list")
+            self.assertEqual({j["id"]: j["args"][0] for j in listed["jobs"]}, acked)
+            self.assertTrue(self.call(op="get", id=min(acked))["ok"])
+            self.assertEqual(self.call(op="hello")["protocol"], 1)
+        self.assertEqual(self.on_disk(), acked)
+
+        def healed():
+            reply = self.add("f")
+            if reply["ok"]:
+                acked[reply["id"]] = "f"
+            else:
+                self.assertEqual(reply["error"]["code"], "io_error", reply)
+            return reply["ok"]
+        wait_until(healed, 10, interval=0.05, message="an add to succeed after the EIO")
+        self.assertEqual(self.on_disk(), acked)
+        self.assertGreater(max(acked), 2)
+
+
+####################################################################################################
+#  A job that ignores SIGTERM, running when the daemon is SIGKILLed
+####################################################################################################
+
+JOB_MODULE = "durability_jobs"
+JOB_SOURCE = '''
+import json, os, signal, subprocess, sys, time
+
+def _stat(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[19])
+
+def stubborn(pids_file, limit=120):
+    """Attempt 1 ignores SIGTERM (and so does its grandchild) and never ends by itself.
+    Later attempts report whether attempt 1's processes were still running when they began."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    attempt = int(os.environ["JOBRUNNER_ATTEMPT"])
+    if attempt == 1:
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                  "time.sleep(%d)" % limit])
+        procs = {"job": [os.getpid(), _stat(os.getpid())[1]],
+                 "grandchild": [child.pid, _stat(child.pid)[1]]}
+        with open(pids_file + ".tmp", "w") as f:
+            json.dump(procs, f)
+        os.replace(pids_file + ".tmp", pids_file)
+        time.sleep(limit)
+        return "attempt 1 was never stopped"
+    with open(pids_file) as f:
+        procs = json.load(f)
+    alive = {}
+    for name, (pid, start) in procs.items():
+        st = _stat(pid)
+        alive[name] = st is not None and st[1] == start and st[0] not in ("Z", "X")
+    return {"attempt": attempt, "pid": os.getpid(), "old_running_at_start": alive}
+'''
+
+
+class StubbornOrphanTest(DaemonTestCase):
+    config = {"allow": ["examples.*:*", JOB_MODULE + ":*"], "kill_grace": 1}
+
+    def prepare(self):
+        self.write_job_module(JOB_MODULE, JOB_SOURCE)
+
+    @staticmethod
+    def kill_if_running(pid, start):
+        """Cleanup after a failure: no stubborn process of ours outlives the test."""
+        if running(pid, start):
+            os.kill(pid, signal.SIGKILL)
+
+    def ignores_sigterm(self, pid):
+        with open("/proc/%d/status" % pid) as f:
+            mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", f.read(), re.M).group(1), 16)
+        return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+    def test_sigterm_ignoring_orphans_are_gone_before_the_next_attempt(self):
+        d = self.daemon
+        pids_file = os.path.join(self.root, "attempt1.json")
+        job_id = d.add(JOB_MODULE + ":stubborn", args=[pids_file], retries=1, retry_delay=0,
+                       backoff="fixed")
+        wait_until(lambda: os.path.exists(pids_file), 20, message="attempt 1 to start")
+        with open(pids_file) as f:
+            procs = json.load(f)
+        (pid, pid_start), (grandchild, gc_start) = procs["job"], procs["grandchild"]
+        self.addCleanup(self.kill_if_running, pid, pid_start)
+        self.addCleanup(self.kill_if_running, grandchild, gc_start)
+        self.assertEqual(d.wait_state(job_id, "running")["pid"], pid)
+        self.assertTrue(self.ignores_sigterm(pid) and self.ignores_sigterm(grandchild))
+
+        d.kill()
+        # The job process itself dies with the daemon (PR_SET_PDEATHSIG); its grandchild is left
+        # for the next daemon to find.
+        self.assertTrue(running(grandchild, gc_start), "the grandchild outlives the daemon")
+        d.start()
+        job = d.wait_job(job_id)
+        self.assertEqual(job["state"], "succeeded", job)
+        self.assertEqual(job["attempts"], 2)
+        result = job["result"]
+        self.assertEqual(result["old_running_at_start"], {"job": False, "grandchild": False},
+                         "attempt 2 started while attempt 1's processes still ran")
+        self.assertNotEqual(result["pid"], pid)
+        self.assertFalse(running(pid, pid_start))
+        self.assertFalse(running(grandchild, gc_start))
+
+        events = [e for e in d.events() if e.get("job") == str(job_id)]
+        names = [(e["event"], e.get("attempt")) for e in events]
+        self.assertEqual(names, [("queued", None), ("started", "1/2"), ("interrupted", "1/2"),
+                                 ("started", "2/2"), ("succeeded", "2/2")], events)
+        self.assertEqual(events[1].get("pid"), str(pid))
+        self.assertEqual(events[2].get("pid"), str(pid))
+        self.assertEqual(events[3].get("pid"), str(result["pid"]))
+
+
+if __name__ == "__main__":
+    unittest.main()
