@@ -2115,15 +2115,16 @@ class Daemon:
             return
         now = time.time()
         running = [j for j in self.jobs.jobs.values() if j.state == RUNNING]
+        groups = set()
         for job in running:
             if job.pid:
                 start = proc_start_time(job.pid)
                 if start is None or start == job.pid_start:   # gone, or still ours: kill
                     kill_group(job.pid, signal.SIGKILL)
+                    groups.add(job.pid)
         # SIGKILL is not instant for a process in uninterruptible sleep: the next attempt must
         # not overlap the old one, so wait (bounded) until no live member of a group is left.
         deadline = time.monotonic() + self.cfg.kill_grace
-        groups = {job.pid for job in running if job.pid}
         while groups and time.monotonic() < deadline:
             groups &= live_process_groups()
             if groups:
