@@ -69,7 +69,9 @@ MAX_LOG_VALUE = 2000                  # one log field; a traceback goes to the e
 MAX_ERROR_CHARS = 500                 # `error` is a one-line summary, not a traceback
 MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failure
 READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
-MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop reading a client that does not read its replies
+MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop serving a client that does not read its replies
+MAX_LINES_PER_PASS = 1024             # per connection: one busy client cannot hold the loop
+MAX_UNHANDLED_INPUT = 4 * READ_CHUNK  # stop reading a client whose requests wait their turn
 IDLE_TIMEOUT = 60.0                   # seconds a half-sent request may sit before we hang up
 MAX_DELAY = 10 * 365 * 86400.0        # further out than this is a mistake, not a schedule
 MAX_RETRIES = 1000                    # more is a loop, not a retry policy
@@ -2013,6 +2015,19 @@ def load_config(path: str | None, overrides: dict) -> Config:
 #  Daemon: connections, the loop, signals, systemd
 ####################################################################################################
 
+def make_dirs(path: str, mode: int) -> None:
+    """mkdir -p where every directory made (not only the last, as os.makedirs) has `mode`."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+
+
 def sd_notify(message: str) -> None:
     """Send a state line to systemd ($NOTIFY_SOCKET, "@" = abstract namespace); no-op outside."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -2087,7 +2102,7 @@ class Daemon:
     def setup(self) -> None:
         cfg = self.cfg
         for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
-            os.makedirs(path, mode=0o750, exist_ok=True)
+            make_dirs(path, 0o750)
         self.store.lock()
         self.runner.prepare()           # before the queue is loaded: the zygote warms up meanwhile
         self.log = EventLog(cfg.log_dir)
@@ -2153,7 +2168,7 @@ class Daemon:
             self.own_socket = False
             return sock
         path = self.cfg.socket
-        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        make_dirs(os.path.dirname(path), 0o750)
         if os.path.lexists(path):
             import stat
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -2601,8 +2616,13 @@ class Daemon:
         self.dirty.add(conn)
 
     def handle_input(self, conn: Connection) -> None:
+        """Serve the complete request lines in conn.inbuf, as many as is fair this pass."""
         buf, start, limit = conn.inbuf, 0, self.cfg.max_request_bytes
+        budget, produced = MAX_LINES_PER_PASS, len(conn.outbuf)
         while not conn.eof and not conn.waiting():
+            if budget == 0 or produced > MAX_PENDING_OUTPUT:
+                break                   # the rest when its replies are read (send_some)
+            budget -= 1
             end = buf.find(b"\n", start)
             if end < 0:
                 if len(buf) - start > limit:
@@ -2611,9 +2631,13 @@ class Daemon:
             if end - start > limit:
                 self.too_large(conn)
                 break
-            conn.slots.append(self.handle_line(conn, bytes(buf[start:end])))
+            slot = self.handle_line(conn, bytes(buf[start:end]))
+            conn.slots.append(slot)
+            produced += len(slot[0] or b"")
             start = end + 1
         del buf[:start]
+        if budget == 0 and produced <= MAX_PENDING_OUTPUT:
+            self.resume.add(conn)       # more lines may be waiting: next pass
 
     def too_large(self, conn: Connection) -> None:
         conn.slots.append([encode_error("too_large", "request longer than max_request_bytes=%d"
@@ -2673,7 +2697,11 @@ class Daemon:
         if conn.eof and not conn.outbuf and not conn.slots:
             self.close(conn)
             return
-        reading = not conn.eof and not conn.waiting() and len(conn.outbuf) < MAX_PENDING_OUTPUT
+        backlog = len(conn.outbuf) >= MAX_PENDING_OUTPUT
+        if not backlog and not conn.waiting() and b"\n" in conn.inbuf:
+            self.resume.add(conn)       # requests held back while its replies were unread
+        reading = not conn.eof and not conn.waiting() and not backlog \
+            and len(conn.inbuf) < MAX_UNHANDLED_INPUT
         events = (selectors.EVENT_READ if reading else 0) | \
             (selectors.EVENT_WRITE if conn.outbuf else 0)
         if events:
