@@ -2362,6 +2362,8 @@ class Daemon:
             return
         self.stopping = True
         sd_notify("STOPPING=1")
+        if not self.own_socket:     # systemd holds new clients for the next daemon meanwhile
+            self.loop.unwatch(self.listener.fileno())
         if self.runner.active:
             self.loop.call_later(self.cfg.shutdown_grace, self.interrupt_all)
 
@@ -2371,7 +2373,8 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
-        sd_notify("RELOADING=1")
+        sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+        self.group_cache.clear()
         self.log.reopen()
         self.runner.restart()
         if self.cfg.path:
@@ -2568,15 +2571,13 @@ class Daemon:
             return True
         if not self.cfg.allowed_gids:
             return False
-        groups = self.group_cache.get(uid)
+        groups = self.group_cache.get(uid)     # cleared on SIGHUP
         if groups is None:
-            import grp
             import pwd
             try:
                 user = pwd.getpwuid(uid)
-                groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall()
-                                          if user.pw_name in g.gr_mem}
-            except KeyError:
+                groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+            except (KeyError, OSError):
                 groups = set()
             self.group_cache[uid] = groups
         return bool(groups & set(self.cfg.allowed_gids))
