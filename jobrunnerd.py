@@ -82,6 +82,10 @@ LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
+SYNC_DELAY = 0.2                      # a journal write that no reply waits for (an attempt
+                                      # started or ended) is fsynced this much later at most;
+                                      # a process crash loses nothing (it is written at once),
+                                      # a machine crash may lose it: that attempt then runs again
 JSON_MAX_DEPTH = 64                   # deeper requests are refused: they must encode back out
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                        r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
@@ -394,7 +398,9 @@ class Store:
         self.journal_path = os.path.join(state_dir, self.JOURNAL)
         self.gen = 0
         self.fd: int | None = None        # journal, opened for append
-        self.size = 0                     # journal bytes known durable
+        self.size = 0                     # journal bytes written
+        self.synced = 0                   # journal bytes known durable
+        self.unsynced_since: float | None = None
         self.snapshot_size = 0
         self.lines: list[str] = []
         self.broken: OSError | None = None
@@ -446,7 +452,7 @@ class Store:
             if good < os.fstat(self.fd).st_size:
                 os.ftruncate(self.fd, good)     # drop the torn tail before appending after it
                 os.fsync(self.fd)
-            self.size = good
+            self.size = self.synced = good
         return meta, records
 
     def _load_snapshot(self, meta: dict, records: dict, make) -> int:
@@ -579,31 +585,52 @@ class Store:
     def discard(self) -> None:
         self.lines.clear()
 
-    def commit(self) -> None:
-        """Make every appended change durable, or raise OSError having written none of them."""
-        if not self.lines:
-            return
-        if self.broken is not None:
-            raise self.broken
-        if self.fd is None:
-            raise OSError(errno.EIO, "the journal is not open")
-        data = "".join(self.lines).encode("utf-8")
-        self.lines.clear()
-        try:
-            _write_all(self.fd, data)
-            if self.do_fsync:
+    def commit(self, sync: bool = True) -> None:
+        """Write every appended change to the journal, and make the journal durable when
+        `sync` or when an earlier unsynced write is SYNC_DELAY old. Raises OSError (having made
+        nothing of this batch durable) when the disk refuses."""
+        if self.lines:
+            if self.broken is not None:
+                raise self.broken
+            if self.fd is None:
+                raise OSError(errno.EIO, "the journal is not open")
+            data = "".join(self.lines).encode("utf-8")
+            self.lines.clear()
+            try:
+                _write_all(self.fd, data)
+            except OSError as exc:
+                self._break(exc)
+                raise
+            self.size += len(data)
+            if self.unsynced_since is None:
+                self.unsynced_since = time.monotonic()
+        if self.unsynced_since is not None and (
+                sync or time.monotonic() - self.unsynced_since >= SYNC_DELAY):
+            self.sync()
+
+    def sync(self) -> None:
+        if self.do_fsync:
+            try:
                 os.fdatasync(self.fd)
-        except OSError as exc:
-            self._break(exc)
-            raise
-        self.size += len(data)
+            except OSError as exc:
+                self._break(exc)
+                raise
+        self.synced = self.size
+        self.unsynced_since = None
+
+    def sync_due(self) -> float | None:
+        """When (monotonic) written changes must be synced at the latest; None if all are."""
+        return None if self.unsynced_since is None else self.unsynced_since + SYNC_DELAY
 
     def _break(self, exc: OSError) -> None:
+        """After a failed write or fsync: cut the journal back to what is known durable."""
         self.broken = exc
+        self.size = self.synced
+        self.unsynced_since = None
         fd, self.fd = self.fd, None
         if fd is not None:
             try:
-                os.ftruncate(fd, self.size)
+                os.ftruncate(fd, self.synced)
             except OSError:
                 pass
             os.close(fd)
@@ -653,7 +680,8 @@ class Store:
         header = _json_line({"gen": gen}).encode()
         self._replace(self.journal_path, header)
         self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self.size = len(header)
+        self.size = self.synced = len(header)
+        self.unsynced_since = None
 
     def _replace(self, path: str, data: bytes) -> None:
         """Atomically: temp file in the same directory, fsync, rename, fsync the directory."""
@@ -1246,6 +1274,8 @@ def _zygote():
         except BaseException as exc:
             _tell({"warning": "preload %s failed: %s: %s" % (name, type(exc).__name__, exc)})
     code = compile(conf["child"], "<jobrunner-job>", "exec")
+    import gc
+    gc.freeze()         # children's collections skip what we hold: no copy-on-write of it all
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -1476,9 +1506,6 @@ class Runner:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            att.out_file = os.open(self.output_path(job.id), os.O_WRONLY | os.O_APPEND
-                                   | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            att.out_size = os.fstat(att.out_file).st_size
             self.prepare()
             zygote = self.zygote if self.use_zygote() else None
             if zygote is not None:
@@ -1589,6 +1616,15 @@ class Runner:
                 return
             if att.out_capped:
                 continue
+            if att.out_file is None:        # opened on the first byte: most jobs print nothing
+                try:
+                    att.out_file = os.open(self.output_path(att.job.id), os.O_WRONLY | os.O_APPEND
+                                           | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                    att.out_size = os.fstat(att.out_file).st_size
+                except OSError as exc:
+                    att.out_capped = True
+                    print("jobrunnerd: job %d output: %s" % (att.job.id, exc), file=sys.stderr)
+                    continue
             if att.out_size + len(data) > cap:
                 data = data[:max(cap - att.out_size, 0)] + (
                     b"\n[jobrunner: output truncated: max_output_bytes=%d reached]\n" % cap)
@@ -2234,9 +2270,9 @@ class Daemon:
             due = self.jobs.next_run_at()
             if due is not None:
                 timeout = min(timeout, max(due - now, 0.0))
-        timer = self.loop.next_timer()
-        if timer is not None:
-            timeout = min(timeout, max(timer - time.monotonic(), 0.0))
+        for due in (self.loop.next_timer(), self.store.sync_due()):
+            if due is not None:
+                timeout = min(timeout, max(due - time.monotonic(), 0.0))
         return timeout
 
     def run_pass(self, timeout: float) -> None:
@@ -2263,10 +2299,13 @@ class Daemon:
         self.flush()
 
     def commit(self, mark) -> None:
+        # A reply that reports a change (this pass's changing requests, a wait that ends) goes
+        # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
+        sync = bool(self.batch_slots) or any(job.id in self.waiters for job in self.jobs.changed)
         try:
             if self.store.broken is not None:
                 self.repair()
-            self.store.commit()
+            self.store.commit(sync)
         except OSError as exc:
             print("jobrunnerd: journal write failed: %s" % exc, file=sys.stderr)
             self.jobs.undo()

@@ -8,7 +8,6 @@ A class target is instantiated with no arguments and its method (default
 """
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -64,6 +63,7 @@ def echo(*args, **kwargs):
 def spawn_grandchild(seconds):
     """Start a grandchild that sleeps `seconds`, print its pid, sleep as long:
     a timeout or cancel must kill both (the whole process group)."""
+    import subprocess      # here, not at the top: every other job here stays cheap to import
     seconds = float(seconds)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(%f)" % seconds])
     print(child.pid, flush=True)

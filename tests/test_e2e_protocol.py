@@ -758,6 +758,7 @@ class QueueFullTest(ProtocolTestCase):
         self.resume()
         for job_id in [ids[2]] + new:
             self.wait_done(job_id)
+        self.pause()                    # what is queued now must stay queued (no job ends)
         self.assertOk(self.call(op="retry", id=ids[0]), "job")
         self.add()
         self.add()
