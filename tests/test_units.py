@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import unittest
 from unittest import mock
@@ -1690,6 +1691,63 @@ class SnapshotChunksTest(unittest.TestCase):
         meta, records = self.load(10)
         self.assertEqual(list(records), [2])
         self.assertEqual(meta["next_id"], 3)
+
+
+
+class DeferredSyncTest(unittest.TestCase):
+    """A journal write no reply waits for is written at once but fsynced up to SYNC_DELAY
+    later; one that a reply waits for is fsynced before commit() returns."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self._tmp.cleanup)
+        self.store = jr.Store(self._tmp.name, fsync=True)
+        self.store.load()
+        self.addCleanup(self.store.close)
+        self.syncs = 0
+        real = os.fdatasync
+
+        def counting(fd):
+            self.syncs += 1
+            return real(fd)
+        patcher = mock.patch.object(jr.os, "fdatasync", counting)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def journal_size(self):
+        return os.path.getsize(os.path.join(self._tmp.name, "journal.jsonl"))
+
+    def test_unacknowledged_change_is_written_now_and_synced_later(self):
+        before = self.journal_size()
+        self.store.append({"paused": True})
+        self.store.commit(sync=False)
+        self.assertEqual(self.syncs, 0)
+        self.assertGreater(self.journal_size(), before, "written at once: a crash keeps it")
+        due = self.store.sync_due()
+        self.assertIsNotNone(due)
+        self.assertLessEqual(due - time.monotonic(), jr.SYNC_DELAY)
+        with mock.patch.object(jr.time, "monotonic", return_value=due + 0.001):
+            self.store.commit(sync=False)           # nothing new, but the delay is over
+        self.assertEqual(self.syncs, 1)
+        self.assertIsNone(self.store.sync_due())
+
+    def test_a_reply_waiting_syncs_everything_written_before(self):
+        self.store.append({"paused": True})
+        self.store.commit(sync=False)
+        self.store.append({"paused": False})
+        self.store.commit(sync=True)
+        self.assertEqual(self.syncs, 1)
+        self.assertIsNone(self.store.sync_due())
+
+    def test_failed_deferred_sync_cuts_back_to_the_durable_length(self):
+        durable = self.journal_size()
+        self.store.append({"paused": True})
+        self.store.commit(sync=False)
+        with mock.patch.object(jr.os, "fdatasync", side_effect=OSError(errno.EIO, "EIO")):
+            with self.assertRaises(OSError):
+                self.store.commit(sync=True)
+        self.assertIsNotNone(self.store.broken)
+        self.assertEqual(self.journal_size(), durable)
 
 
 if __name__ == "__main__":
