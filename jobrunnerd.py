@@ -183,11 +183,14 @@ class Job:
         return dict(zip(PUBLIC_FIELDS, _public_values(self)))
 
     def stored(self) -> dict:
-        """What the store keeps: the record plus the private fields that are set."""
-        rec = dict(zip(_STORED_FIELDS, _stored_values(self)))
-        for name in PRIVATE_FIELDS:
-            if rec[name] is None:
-                del rec[name]
+        """What the store keeps: the fields that are set (from_stored() restores the rest as
+        None, [] and {}), so a pending job's line is about half as long to write and read."""
+        rec = {name: value for name, value in zip(_STORED_FIELDS, _stored_values(self))
+               if value is not None}
+        if not self.args:
+            rec.pop("args", None)
+        if not self.kwargs:
+            rec.pop("kwargs", None)
         return rec
 
     @classmethod

@@ -721,8 +721,8 @@ class StoreBasicsTest(StoreCase):
         self.addCleanup(log.close)
         table = jr.JobTable(fresh, log, clock=clock)
         table.load(meta, records)
-        self.assertEqual(table.jobs[1].record(), record(1))
-        self.assertEqual(table.jobs[2].record(), record(2))
+        self.assertEqual(table.jobs[1].stored(), record(1))
+        self.assertEqual(table.jobs[2].stored(), record(2))
         self.assertNotIn("colour", table.jobs[1].stored())
 
     def test_lock_is_exclusive(self):
