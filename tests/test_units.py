@@ -298,7 +298,9 @@ class TransitionTest(TableCase):
                         if isinstance(sub, ast.Attribute) and sub.attr == "state" \
                                 and sub in self._stores(t):
                             writers.append(func.name)
-        self.assertEqual(set(writers), {"transition"})
+        # Job.__init__ sets the value a job is built with (from its stored record): that is
+        # construction, not a move. Every move goes through transition().
+        self.assertEqual(set(writers) - {"__init__"}, {"transition"})
 
     @staticmethod
     def _stores(target):
