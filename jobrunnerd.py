@@ -2164,7 +2164,10 @@ class Daemon:
         self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "client", self.on_accept)
         self.install_signals()
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
-        self.loop.call_later(IDLE_TIMEOUT / 4, self.drop_idle)
+        self.idle_timeout = IDLE_TIMEOUT
+        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":     # tests need not wait a minute
+            self.idle_timeout = float(os.environ.get("JOBRUNNER_TEST_IDLE_TIMEOUT", IDLE_TIMEOUT))
+        self.loop.call_later(self.idle_timeout / 4, self.drop_idle)
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
                        jobs=len(self.jobs.jobs), workers=cfg.workers)
         self.log.flush()
@@ -2633,13 +2636,13 @@ class Daemon:
 
     def drop_idle(self) -> None:
         """Hang up on clients that sent half a request and nothing more for IDLE_TIMEOUT."""
-        self.loop.call_later(IDLE_TIMEOUT / 4, self.drop_idle)
+        self.loop.call_later(self.idle_timeout / 4, self.drop_idle)
         now = time.monotonic()
         for conn in list(self.conns):
             if conn.inbuf and not conn.eof and not conn.waiting() \
-                    and now - conn.last_input > IDLE_TIMEOUT:
+                    and now - conn.last_input > self.idle_timeout:
                 conn.slots.append([encode_error("bad_request", "request not finished within %gs"
-                                                % IDLE_TIMEOUT)])
+                                                % self.idle_timeout)])
                 conn.eof = True
                 conn.inbuf.clear()
                 self.dirty.add(conn)

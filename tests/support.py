@@ -234,6 +234,7 @@ class DaemonTestCase(unittest.TestCase):
     """A fresh daemon per test; override `config` for other settings."""
 
     config: dict = {}
+    daemon_env: dict = {}       # added to the daemon's environment
 
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory(prefix="jr-test-")
@@ -243,7 +244,7 @@ class DaemonTestCase(unittest.TestCase):
         self.addCleanup(self._tmp.cleanup)
         self.addCleanup(self._stop_daemon)
         self.prepare()
-        self.daemon.start()
+        self.daemon.start(env=dict(os.environ, **self.daemon_env) if self.daemon_env else None)
 
     def prepare(self):
         """Runs before the daemon starts (the temp dir and jobs/ exist): override to set up."""

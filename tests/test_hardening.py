@@ -902,18 +902,32 @@ class StalledClientTest(HardeningCase):
         self.assertEqual(staller.recv()["protocol"], 1)
         self.assertAlive()
 
+
+
+
+class IdleTimeoutTest(HardeningCase):
+    """IDLE_TIMEOUT (60 s) shortened to 1 s through the daemon's test hook."""
+
+    daemon_env = {"JOBRUNNER_TEST_HOOKS": "1", "JOBRUNNER_TEST_IDLE_TIMEOUT": "1"}
+
     def test_stalled_client_is_hung_up_after_the_idle_timeout(self):
-        idle = jobrunnerd.IDLE_TIMEOUT
-        if idle > 5:
-            self.skipTest("jobrunnerd.IDLE_TIMEOUT is %gs: waiting for it would make this file "
-                          "too slow (the hang-up is only checked when it is 5 s or less)" % idle)
-        with self.daemon.raw(timeout=idle * 4 + 30) as staller:
+        idle = 1.0
+        with self.daemon.raw(timeout=30) as staller, self.daemon.raw() as good:
             staller.send_line(b'{"op": "hel')
             start = time.monotonic()
-            data = read_to_eof(staller.sock, timeout=idle * 4 + 30)
-            self.assertGreaterEqual(time.monotonic() - start, idle * 0.9)
-            for line in data.splitlines():
-                self.assertIs(json.loads(line)["ok"], False)
+            self.assertOk(good.call(op="hello"))
+            data = read_to_eof(staller.sock, timeout=30)
+            waited = time.monotonic() - start
+            self.assertGreaterEqual(waited, idle * 0.9)
+            self.assertLess(waited, idle * 10)
+            [line] = data.splitlines()
+            self.assertEqual(json.loads(line)["error"]["code"], "bad_request")
+            self.assertOk(good.call(op="hello"), "the daemon serves the others")
+        with self.daemon.raw(timeout=30) as idle_whole:      # no half request: not hung up
+            start = time.monotonic()
+            wait_until(lambda: time.monotonic() - start > idle * 2, 10, interval=0.1,
+                       message="two idle timeouts to pass")
+            self.assertEqual(idle_whole.call(op="hello")["protocol"], 1)
 
 
 class GarbageTest(HardeningCase):
