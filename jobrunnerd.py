@@ -731,6 +731,7 @@ class JobTable:
         finished  heap of (finished_at, id): for pruning old finished jobs
         counts    jobs per state;  keys  unique key -> id of the live job holding it
         ids       every id, ascending (for `list ... after_id`)
+        by_state  state -> ids in it (so `list --state failed` never scans a million pending)
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
     entries with an old token are skipped when they surface.
@@ -750,6 +751,7 @@ class JobTable:
         self.delayed: list[tuple] = []
         self.finished: list[tuple] = []
         self.counts = dict.fromkeys(STATES, 0)
+        self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
         self.keys: dict[str, int] = {}
         self.next_id = 1
         self.paused = False
@@ -777,6 +779,7 @@ class JobTable:
 
     def _index(self, job: Job) -> None:
         self.counts[job.state] += 1
+        self.by_state[job.state].add(job.id)
         if job.state == PENDING:
             if job.run_at <= self.clock():
                 heapq.heappush(self.ready, (-job.priority, job.id, job.token))
@@ -789,6 +792,7 @@ class JobTable:
 
     def _unindex(self, job: Job) -> None:
         self.counts[job.state] -= 1
+        self.by_state[job.state].discard(job.id)
         job.token += 1
         if job.key is not None and self.keys.get(job.key) == job.id:
             del self.keys[job.key]
@@ -850,8 +854,7 @@ class JobTable:
     def requeue(self, job: Job) -> None:
         """Put a pending job that pop_due() handed out back on its heap."""
         assert job.state == PENDING
-        job.token += 1
-        self.counts[PENDING] -= 1
+        self._unindex(job)
         self._index(job)
 
     def set_paused(self, paused: bool) -> None:
@@ -954,8 +957,13 @@ class JobTable:
 
     def select(self, state: str | None, pattern: str | None, after_id: int,
                limit: int) -> list[Job]:
+        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`."""
         out = []
         ids = self.ids
+        if state is not None and self.counts[state] * 8 < len(ids):
+            # A rare state: look at its own ids, not at every job.
+            ids = sorted(i for i in self.by_state[state] if i > after_id)
+            after_id = 0
         for i in range(bisect.bisect_right(ids, after_id), len(ids)):
             job = self.jobs[ids[i]]
             if state is not None and job.state != state:

@@ -185,6 +185,8 @@ class TableCase(TempCase):
         self.assertEqual(table.ids, sorted(table.jobs))
         self.assertEqual(table.keys, {j.key: j.id for j in table.jobs.values()
                                       if j.key is not None and j.state in jr.LIVE})
+        self.assertEqual(table.by_state, {s: {j.id for j in table.jobs.values() if j.state == s}
+                                          for s in jr.STATES})
 
 
 class TransitionTest(TableCase):
@@ -313,6 +315,21 @@ class TransitionTest(TableCase):
 
 
 class QueueTest(TableCase):
+    def test_select_by_a_rare_state_matches_a_full_scan(self):
+        table = self.make_table()
+        jobs = [self.add(table) for _ in range(200)]
+        for job in jobs[5:200:17]:
+            table.transition(job, jr.CANCELLED)
+        self.assert_consistent(table)
+        cancelled = [j.id for j in jobs if j.state == jr.CANCELLED]
+        self.assertLess(len(cancelled) * 8, len(jobs), "the rare-state path is taken")
+        for after in (0, cancelled[0], cancelled[3] - 1, 10_000):
+            for limit in (1, 3, 1000):
+                got = [j.id for j in table.select(jr.CANCELLED, None, after, limit)]
+                self.assertEqual(got, [i for i in cancelled if i > after][:limit])
+        pending = [j.id for j in table.select(jr.PENDING, None, 0, 1000)]
+        self.assertEqual(pending, [j.id for j in jobs if j.state == jr.PENDING])
+
     def test_higher_priority_first_fifo_among_equals(self):
         table = self.make_table()
         priorities = [0, 5, -3, 5, 10, 0, 5]
