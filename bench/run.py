@@ -198,9 +198,21 @@ def client_adds(path: str, clients: int, per_client: int) -> float:
 # -- figures -----------------------------------------------------------------------------------
 
 def measure(fn, runs: int) -> dict:
-    values = [fn() for _ in range(runs)]
+    return summary([fn() for _ in range(runs)])
+
+
+def summary(values: list) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": runs}
+            "runs": len(values)}
+
+
+def measure_pair(fn, baseline, runs: int) -> tuple[dict, dict]:
+    """Alternate the two (A B A B ...): drift on a shared machine hits both alike."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(fn())
+        b.append(baseline())
+    return summary(a), summary(b)
 
 
 def figure(name, unit, value, baseline, baseline_name, higher_is_better=True, note=""):
@@ -227,15 +239,14 @@ def bench_enqueue(sizes, runs):
         ("enqueue_clients_16", lambda p: client_adds(p, 16, sizes["clients_16"])),
     ]
     for name, fn in cases:
-        results = {}
-        for fsync in ("always", "never"):      # a fresh daemon per mode: same queue size
-            d = paused_daemon(fsync)
-            try:
-                results[fsync] = measure(lambda: fn(d.socket), runs)
-            finally:
-                d.stop()
-        out.append(figure(name, "jobs/s", results["always"], results["never"],
-                          'fsync = "never"'))
+        durable, unsafe = paused_daemon("always"), paused_daemon("never")   # queues grow alike
+        try:
+            value, base = measure_pair(lambda: fn(durable.socket), lambda: fn(unsafe.socket),
+                                       runs)
+        finally:
+            durable.stop()
+            unsafe.stop()
+        out.append(figure(name, "jobs/s", value, base, 'fsync = "never"'))
     return out
 
 
@@ -278,9 +289,8 @@ def spawn_rate(n: int) -> float:
 
 def bench_noop(sizes, runs):
     n = sizes["noop"]
-    return [figure("noop_jobs", "jobs/s", measure(lambda: noop_rate(n), runs),
-                   measure(lambda: spawn_rate(max(n // 4, 5)), runs),
-                   "serial `python -I -S -c pass`")]
+    value, base = measure_pair(lambda: noop_rate(n), lambda: spawn_rate(max(n // 4, 5)), runs)
+    return [figure("noop_jobs", "jobs/s", value, base, "serial `python -I -S -c pass`")]
 
 
 def start_latency(start_method: str, n: int) -> float:
@@ -299,9 +309,9 @@ def start_latency(start_method: str, n: int) -> float:
 
 def bench_latency(sizes, runs):
     n = sizes["latency"]
-    return [figure("start_latency", "s", measure(lambda: start_latency("zygote", n), runs),
-                   measure(lambda: start_latency("spawn", n), runs), "spawn mode",
-                   higher_is_better=False)]
+    value, base = measure_pair(lambda: start_latency("zygote", n),
+                               lambda: start_latency("spawn", n), runs)
+    return [figure("start_latency", "s", value, base, "spawn mode", higher_is_better=False)]
 
 
 def bench_jobctl(sizes, runs):
@@ -324,30 +334,32 @@ def bench_jobctl(sizes, runs):
                 subprocess.run([sys.executable, "-c", "import socket, json"], check=True)
             return (time.perf_counter() - t0) / n
 
-        return [figure("jobctl_add", "s", measure(jobctl, runs), measure(baseline, runs),
-                       '`python -c "import socket, json"`', higher_is_better=False)]
+        value, base = measure_pair(jobctl, baseline, runs)
+        return [figure("jobctl_add", "s", value, base, '`python -c "import socket, json"`',
+                       higher_is_better=False)]
 
 
 def bench_pending(n: int, sizes, runs):
     """RSS per pending job and restart time with n pending; enqueue rate at n vs at 0."""
-    d = paused_daemon("always")
+    d, empty = paused_daemon("always"), paused_daemon("always")
     try:
-        empty_rate = measure(lambda: pipelined_adds(d.socket, sizes["pipelined"]), runs)
         rss0 = d.rss()
         job = {"target": NOOP, "args": [1, 1]}
         with Conn(d.socket) as c:
             body = json.dumps({"op": "add_batch", "jobs": [job] * 1000}).encode() + b"\n"
-            have = c.call({"op": "stats"})["counts"]["pending"]
-            for _ in range((n - have) // 1000):
+            for _ in range(n // 1000):
                 c.send_raw(body)
                 c.recv_lines(1)
         rss1 = d.rss()
-        full_rate = measure(lambda: pipelined_adds(d.socket, sizes["pipelined"]), runs)
+        full_rate, empty_rate = measure_pair(
+            lambda: pipelined_adds(d.socket, sizes["pipelined"]),
+            lambda: _reset(empty) and pipelined_adds(empty.socket, sizes["pipelined"]), runs)
         d.stop(cleanup=False)
         restart = measure(lambda: _restart(d), runs)
         rss2 = d.rss()
     finally:
         d.stop()
+        empty.stop()
     per_job = (rss1 - rss0) / n
     return [
         figure("rss_per_pending_job_%d" % n, "bytes", {"median": per_job, "min": per_job,
@@ -356,6 +368,19 @@ def bench_pending(n: int, sizes, runs):
         figure("restart_%d_pending" % n, "s", restart, None, "", higher_is_better=False),
         figure("enqueue_at_%d_pending" % n, "jobs/s", full_rate, empty_rate, "0 pending"),
     ]
+
+
+def _reset(d: Daemon) -> bool:
+    """Empty a paused daemon's queue again (cancel and prune), so it stays at ~0 pending."""
+    with Conn(d.socket) as c:
+        while True:
+            jobs = c.call({"op": "list", "state": "pending", "limit": 1000})["jobs"]
+            if not jobs:
+                break
+            c.send_raw(b"".join(b'{"op":"cancel","id":%d}\n' % j["id"] for j in jobs))
+            c.recv_lines(len(jobs))
+        c.call({"op": "prune"})
+    return True
 
 
 def _restart(d: Daemon) -> float:
