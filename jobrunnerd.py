@@ -1750,11 +1750,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_decode_request = json.JSONDecoder(parse_constant=_reject_constant,       # built once
+                                   parse_float=_finite_float).decode
+
+
 def decode_request(line: bytes) -> dict:
     """One request line -> dict, or ProtocolError("bad_request")."""
     try:
         text = line.decode("utf-8")
-        req = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        req = _decode_request(text)
     except UnicodeDecodeError as exc:
         raise ProtocolError("bad_request", "request is not UTF-8 (byte %d)" % exc.start) from None
     except RecursionError:
