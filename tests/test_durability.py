@@ -46,7 +46,7 @@ import traceback
 import unittest
 from unittest import mock
 
-from tests.support import ROOT, DaemonTestCase, wait_until
+from tests.support import ROOT, DaemonTestCase, Raw, wait_until
 
 import jobrunnerd as jr  # noqa: E402  (tests.support put ROOT on sys.path)
 
@@ -105,18 +105,11 @@ def running(pid, start):
 #  kill -9 under concurrent load
 ####################################################################################################
 
-class LineClient:
+class LineClient(Raw):
     """One connection; a reply line without its newline means the daemon died mid-send."""
 
     def __init__(self, path, timeout=10.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.file = self.sock.makefile("rb")
+        super().__init__(path, timeout)
 
     def send(self, requests):
         self.sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
@@ -126,10 +119,6 @@ class LineClient:
         if not line.endswith(b"\n"):
             raise ConnectionError("connection lost")
         return json.loads(line)
-
-    def close(self):
-        self.file.close()
-        self.sock.close()
 
 
 class Enqueuer(threading.Thread):
