@@ -16,7 +16,8 @@ Sections, in file order
     store ............ queue.json snapshot + journal.jsonl, group commit, lock
     queue ............ JobTable: every job, the heaps, and the one state writer
     job process ...... the code a child runs (sent to it, never imported here)
-    runner ........... starts attempts, captures output, kills process groups
+    runner ........... Zygote (fork server) and Runner: start attempts, capture
+                       output, kill process groups
     protocol ......... request decoding, validation, the HANDLERS table
     config ........... keys, defaults, TOML loading
     daemon ........... the selectors loop, connections, signals, systemd
@@ -24,10 +25,11 @@ Sections, in file order
 
 One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
-    jobs -> client requests -> ONE journal write + fsync -> replies and log
+    jobs -> client requests -> ONE journal write (+ fsync) -> replies and log
     lines go out. A reply that reports a change is never sent before the change
-    is on disk; if the write fails, that pass's client changes are undone and
-    answered with io_error.
+    is fsynced; if the write fails, that pass's client changes are undone and
+    answered with io_error. Changes no reply waits for (attempts starting and
+    ending) are written at once and fsynced within SYNC_DELAY.
 
 Protocol (version 1), in brief
     -> {"op": "add", "target": "examples.jobs:ExampleJob", "args": ["a"]}
