@@ -175,8 +175,9 @@ class Job:
 
     __slots__ = PUBLIC_FIELDS + PRIVATE_FIELDS + ("token",)
 
-    def __init__(self, **fields):
-        get = fields.get            # written out: a million restarts a second faster than a loop
+    def __init__(self, _record: dict | None = None, /, **fields):
+        get = (fields if _record is None else _record).get   # a stored record is not copied
+        # written out, not a setattr loop: a million restarts a second faster
         self.id, self.target, self.method = get("id"), get("target"), get("method")
         self.args, self.kwargs, self.priority = get("args"), get("kwargs"), get("priority")
         self.state, self.attempts, self.retries = get("state"), get("attempts"), get("retries")
@@ -210,7 +211,7 @@ class Job:
         if state is None or not isinstance(rec.get("id"), int):
             raise ValueError("job record without a valid id and state")
         rec["state"] = state            # one shared string per state, not one per job
-        job = cls(**rec)
+        job = cls(rec)
         job.target = sys.intern(job.target)
         job.backoff = "fixed" if job.backoff == "fixed" else "exponential"
         if job.method is not None:
@@ -767,6 +768,7 @@ class JobTable:
     def load(self, meta: dict, records: dict[int, dict]) -> None:
         self.next_id = meta["next_id"]
         self.paused = meta["paused"]
+        now = self.clock()
         for job_id in sorted(records):
             job = records[job_id]
             if not isinstance(job, Job):
@@ -776,20 +778,22 @@ class JobTable:
                     raise StateError("job %d in %s: %s" % (job_id, self.store.dir, exc)) from None
             self.jobs[job.id] = job
             self.ids.append(job.id)
-            self._index(job)
+            self._index(job, now, push=list.append)
+        for heap in (self.ready, self.delayed, self.finished):
+            heapq.heapify(heap)         # O(n) once, not a push per job
 
     # -- indexes -----------------------------------------------------------------------------
 
-    def _index(self, job: Job) -> None:
+    def _index(self, job: Job, now: float | None = None, push=heapq.heappush) -> None:
         self.counts[job.state] += 1
         self.by_state[job.state].add(job.id)
         if job.state == PENDING:
-            if job.run_at <= self.clock():
-                heapq.heappush(self.ready, (-job.priority, job.id, job.token))
+            if job.run_at <= (self.clock() if now is None else now):
+                push(self.ready, (-job.priority, job.id, job.token))
             else:
-                heapq.heappush(self.delayed, (job.run_at, job.id, job.token))
+                push(self.delayed, (job.run_at, job.id, job.token))
         elif job.state in FINISHED:
-            heapq.heappush(self.finished, (job.finished_at or 0.0, job.id))
+            push(self.finished, (job.finished_at or 0.0, job.id))
         if job.key is not None and job.state in LIVE:
             self.keys[job.key] = job.id
 
