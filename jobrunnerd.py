@@ -389,6 +389,10 @@ def _json_line(obj) -> str:
     return _encode(obj) + "\n"
 
 
+class _NotCopyable(Exception):
+    """The old snapshot cannot be copied line by line: encode every job instead."""
+
+
 class Store:
     """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
 
@@ -417,6 +421,9 @@ class Store:
         self.unsynced_since: float | None = None
         self.snapshot_size = 0
         self.lines: list[str] = []
+        # Ids journaled since the snapshot on disk was written (None: unknown). Every other
+        # job's line in that snapshot is still right, so a fold copies it instead of encoding.
+        self.touched: set[int] | None = None
         self.broken: OSError | None = None
         self.lock_fd: int | None = None
         self.warnings: list[str] = []
@@ -453,9 +460,11 @@ class Store:
         records: dict = {}
         snap_gen = 0
         make = make or (lambda rec: rec)
+        replayed: set[int] = set()
         if os.path.exists(self.snapshot_path):
             snap_gen = self._load_snapshot(meta, records, make)
-        good, journal_gen = self._load_journal(meta, records, snap_gen, make)
+        good, journal_gen = self._load_journal(meta, records, snap_gen, make, replayed)
+        self.touched = replayed if self._copyable() else None
         if journal_gen is None or journal_gen < snap_gen:
             # No journal, or one whose changes are all in the snapshot: start a new one.
             self.gen = snap_gen
@@ -496,6 +505,9 @@ class Store:
             for rec in chunk:
                 if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
                     raise StateError("%s: a job without an id after offset %d" % (path, offset))
+                if rec["id"] in records:
+                    raise StateError("%s: job %d appears twice (after offset %d)"
+                                     % (path, rec["id"], offset))
                 try:
                     records[rec["id"]] = make(rec)
                 except (ValueError, TypeError, AttributeError) as exc:
@@ -530,7 +542,7 @@ class Store:
             raise StateError("%s: does not parse at offset %d: %s"
                              % (path, offset, getattr(exc, "msg", exc))) from None
 
-    def _load_journal(self, meta: dict, records: dict, snap_gen: int, make):
+    def _load_journal(self, meta: dict, records: dict, snap_gen: int, make, replayed: set):
         """Replay the journal; return (bytes that are good, its generation or None)."""
         path = self.journal_path
         try:
@@ -564,6 +576,8 @@ class Store:
             elif gen >= snap_gen:       # an older generation is already in the snapshot
                 try:
                     self._apply(obj, meta, records, make)
+                    replayed.update(obj["del"] if "del" in obj else
+                                    [obj["job"]["id"]] if "job" in obj else [])
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise StateError("%s: bad entry at offset %d: %s"
                                      % (path, offset, exc)) from None
@@ -595,6 +609,11 @@ class Store:
 
     def append(self, obj: dict) -> None:
         self.lines.append(_json_line(obj))
+        if self.touched is not None:
+            if "job" in obj:
+                self.touched.add(obj["job"]["id"])
+            elif "del" in obj:
+                self.touched.update(obj["del"])
 
     def discard(self) -> None:
         self.lines.clear()
@@ -653,25 +672,21 @@ class Store:
         return self.size > max(JOURNAL_MIN_COMPACT, self.snapshot_size)
 
     def snapshot(self, meta: dict, jobs) -> None:
-        """Write every job in `jobs` as the new snapshot and start an empty journal. Repairs a
-        broken store; raises OSError (store left as it was, or broken) when the disk refuses."""
+        """Write the new snapshot and start an empty journal. `jobs` is every job: a dict by id
+        (then the lines of untouched jobs are copied from the old snapshot) or an iterable.
+        Repairs a broken store; raises OSError (store left as it was, or broken) when the disk
+        refuses."""
         gen = self.gen + 1
-        head = _json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
-                           "paused": meta["paused"]})[:-2] + ',"jobs":[\n'
-
-        def chunks():                   # a few thousand jobs at a time: bounded memory
-            yield head.encode()
-            batch, sep = [], ""
-            for job in jobs:
-                batch.append(_encode(job.stored()))
-                if len(batch) == 4096:
-                    yield (sep + ",\n".join(batch)).encode("utf-8")
-                    batch, sep = [], ",\n"
-            if batch:
-                yield (sep + ",\n".join(batch)).encode("utf-8")
-            yield b"\n]}\n"
-
-        tmp, size = self._write_temp(self.snapshot_path, chunks())  # fails: nothing changed
+        head = (_json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
+                            "paused": meta["paused"]})[:-2] + ',"jobs":[\n').encode()
+        by_id = jobs if isinstance(jobs, dict) else None
+        try:
+            if by_id is None or self.touched is None or not self._copyable():
+                raise _NotCopyable
+            tmp, size = self._write_temp(self.snapshot_path, self._copy_chunks(head, by_id))
+        except _NotCopyable:
+            every = by_id.values() if by_id is not None else jobs
+            tmp, size = self._write_temp(self.snapshot_path, self._encode_chunks(head, every))
         try:
             os.replace(tmp, self.snapshot_path)
             self.snapshot_size = size
@@ -689,6 +704,61 @@ class Store:
             raise
         self.lines.clear()          # everything they said is in the snapshot
         self.broken = None
+        self.touched = set()
+
+    @staticmethod
+    def _encode_chunks(head: bytes, jobs):
+        """The snapshot's bytes, every job encoded, a few thousand at a time."""
+        yield head
+        batch, sep = [], ""
+        for job in jobs:
+            batch.append(_encode(job.stored()))
+            if len(batch) == 4096:
+                yield (sep + ",\n".join(batch)).encode("utf-8")
+                batch, sep = [], ",\n"
+        if batch:
+            yield (sep + ",\n".join(batch)).encode("utf-8")
+        yield b"\n]}\n"
+
+    def _copy_chunks(self, head: bytes, by_id: dict):
+        """The snapshot's bytes: each untouched job's line copied from the old snapshot (no
+        encoding), then the touched jobs that still exist, encoded. Raises _NotCopyable if the
+        old file is not laid out one job a line, each line starting with its id."""
+        touched = self.touched
+        yield head
+        batch, first = [], True
+        with open(self.snapshot_path, "rb") as old:
+            old.readline()                          # the old header
+            for line in old:
+                if line.startswith(b"]}"):
+                    break
+                if not line.startswith(b'{"id":'):
+                    raise _NotCopyable
+                job_id = int(line[6:line.index(b",", 6)])
+                if job_id in touched or job_id not in by_id:
+                    continue
+                batch.append(line.rstrip(b",\n"))
+                if len(batch) == 4096:
+                    yield (b"" if first else b",\n") + b",\n".join(batch)
+                    batch, first = [], False
+            else:
+                raise _NotCopyable                  # no closing line: not our layout
+        for job_id in touched:
+            job = by_id.get(job_id)
+            if job is not None:
+                batch.append(_encode(job.stored()).encode("utf-8"))
+        if batch:
+            yield (b"" if first else b",\n") + b",\n".join(batch)
+        yield b"\n]}\n"
+
+    def _copyable(self) -> bool:
+        """Whether queue.json is ours, one job a line (so a fold may copy its lines)."""
+        try:
+            with open(self.snapshot_path, "rb") as f:
+                head = f.readline()
+        except OSError:
+            return False
+        return head.startswith(b'{"format":1') and head.endswith(b'"jobs":[\n')
 
     def _new_journal(self, gen: int) -> None:
         header = _json_line({"gen": gen}).encode()
@@ -714,7 +784,7 @@ class Store:
                 size += len(chunk)
             if self.do_fsync:
                 os.fsync(fd)
-        except OSError:
+        except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
@@ -2373,13 +2443,13 @@ class Daemon:
         if time.monotonic() < self.repair_after:
             raise self.store.broken
         self.repair_after = time.monotonic() + 1.0
-        self.store.snapshot(self.meta(), self.jobs.jobs.values())
+        self.store.snapshot(self.meta(), self.jobs.jobs)
         print("jobrunnerd: state written again in full; the store is healthy", file=sys.stderr)
 
     def compact(self) -> None:
         self.compact_wanted = False
         try:
-            self.store.snapshot(self.meta(), self.jobs.jobs.values())
+            self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:      # the journal still holds everything; try again later
             print("jobrunnerd: snapshot failed: %s" % exc, file=sys.stderr)
 
@@ -2396,7 +2466,7 @@ class Daemon:
         self.waiters.clear()
         self.commit(self.log.mark())
         try:
-            self.store.snapshot(self.meta(), self.jobs.jobs.values())
+            self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:
             print("jobrunnerd: final snapshot failed (the journal has everything): %s" % exc,
                   file=sys.stderr)
