@@ -1590,7 +1590,11 @@ class Runner:
     def prepare(self) -> None:
         """Start the zygote early, so that it is warm when the first job comes."""
         if self.use_zygote() and (self.zygote is None or self.zygote.dead):
-            self.zygote = Zygote(self)
+            try:
+                self.zygote = Zygote(self)
+            except OSError:
+                self.quick_deaths.append(time.monotonic())  # counts toward falling back to spawn
+                raise
             self.zygotes.append(self.zygote)
 
     def start(self, job: Job, number: int) -> Attempt:
@@ -2239,7 +2243,10 @@ class Daemon:
         for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
             make_dirs(path, 0o750)
         self.store.lock()
-        self.runner.prepare()           # before the queue is loaded: the zygote warms up meanwhile
+        try:
+            self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
+        except OSError as exc:          # each attempt tries again (and spawns if it must)
+            print("jobrunnerd: warning: cannot start the zygote: %s" % exc, file=sys.stderr)
         self.log = EventLog(cfg.log_dir)
         # Loading a million jobs makes a million objects the cycle collector would walk again
         # and again (40% of the load time): off while loading, then what was loaded is frozen

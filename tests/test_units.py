@@ -1876,5 +1876,30 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         self.assertEqual(records, {i: j.stored() for i, j in jobs.items()})
 
 
+
+class ZygoteFallbackTest(unittest.TestCase):
+    """A zygote that cannot even be started counts as a quick death: after three, attempts
+    are spawned as fresh interpreters instead of failing forever."""
+
+    def test_three_failed_starts_then_spawn(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.makedirs(os.path.join(tmp, "output"))
+            cfg = jr.Config({"log_dir": tmp, "state_dir": tmp}, tmp)
+            runner = jr.Runner(cfg, jr.Loop(), lambda a: None, lambda a: None,
+                               lambda a, e: None)
+            job = jr.Job(id=1, target="examples.jobs:add", args=[1, 2], kwargs={},
+                         state="pending", attempts=0, retries=0, timeout=None)
+            fds_before = len(os.listdir("/proc/self/fd"))
+            with mock.patch.object(jr, "Zygote", side_effect=OSError(errno.EAGAIN, "no")), \
+                    mock.patch.object(runner, "_spawn", side_effect=RuntimeError("spawned")):
+                for _ in range(jr.Runner.ZYGOTE_QUICK_DEATHS):
+                    with self.assertRaises(OSError):
+                        runner.start(job, 1)
+                with self.assertRaisesRegex(RuntimeError, "spawned"):
+                    runner.start(job, 1)
+            self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before, "no fd leaked")
+            self.assertEqual(runner.active, {})
+
+
 if __name__ == "__main__":
     unittest.main()
