@@ -1632,6 +1632,7 @@ class Runner:
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
         self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
+        self._on_chan(att, selectors.EVENT_WRITE)   # the spec now, not a loop pass later
         self._chan_events(att)
         if zygote is None:
             self.started(att, pid, proc_start_time(pid))
