@@ -669,23 +669,34 @@ def cmd_show(client: Client, ns) -> int:
     return EXIT_OK
 
 
-def _each_id(client: Client, ns, op: str) -> int:
-    """cancel/retry: pipeline one request per id, report each, exit with the worst code."""
-    for job_id in ns.ids:
-        client.send(op, id=job_id)
-    codes, docs = [], []
+def _replies(ns, fetch, codes: list, docs: list):
+    """Yield the reply fetch(id) for each of ns.ids, in order. A refused id is
+    reported (stderr, its exit code in `codes`, its error in `docs`) and skipped;
+    DaemonUnreachable goes to the caller."""
     for job_id in ns.ids:
         try:
-            reply = client.recv()
-        except DaemonUnreachable as e:
-            return report(e)
+            reply = fetch(job_id)
+        except DaemonUnreachable:
+            raise
         except JobrunnerError as e:
             codes.append(report(e, str(job_id)))
             docs.append({"id": job_id, "error": {"code": e.code, "message": e.message}})
             continue
         docs.append(reply)
-        if not ns.json:
-            _out(state_line(reply["job"]))
+        yield reply
+
+
+def _each_id(client: Client, ns, op: str) -> int:
+    """cancel/retry: pipeline one request per id, report each, exit with the worst code."""
+    for job_id in ns.ids:
+        client.send(op, id=job_id)
+    codes, docs = [], []
+    try:
+        for reply in _replies(ns, lambda job_id: client.recv(), codes, docs):
+            if not ns.json:
+                _out(state_line(reply["job"]))
+    except DaemonUnreachable as e:
+        return report(e)
     _out_docs(ns, docs)
     return worst(codes)
 
@@ -714,24 +725,22 @@ def cmd_wait(client: Client, ns) -> int:
     import time
     deadline = None if ns.timeout is None else time.monotonic() + ns.timeout
     codes, docs = [], []
-    for job_id in ns.ids:
+
+    def wait(job_id):
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            reply = client.wait(job_id, timeout=remaining)
-        except DaemonUnreachable as e:
-            return report(e)
-        except JobrunnerError as e:
-            codes.append(report(e, str(job_id)))
-            docs.append({"id": job_id, "error": {"code": e.code, "message": e.message}})
-            continue
-        docs.append(reply)
-        job = reply["job"]
-        if not reply.get("done"):
-            codes.append(EXIT_TIMEOUT)
-        elif job.get("state") in FAILED_STATES:
-            codes.append(EXIT_JOB_FAILED)
-        if not ns.json:
-            _out(state_line(job) + ("" if reply.get("done") else " (not finished)"))
+        return client.wait(job_id, timeout=remaining)
+
+    try:
+        for reply in _replies(ns, wait, codes, docs):
+            job = reply["job"]
+            if not reply.get("done"):
+                codes.append(EXIT_TIMEOUT)
+            elif job.get("state") in FAILED_STATES:
+                codes.append(EXIT_JOB_FAILED)
+            if not ns.json:
+                _out(state_line(job) + ("" if reply.get("done") else " (not finished)"))
+    except DaemonUnreachable as e:
+        return report(e)
     _out_docs(ns, docs)
     return worst(codes)
 

@@ -389,6 +389,11 @@ def _json_line(obj) -> str:
     return _encode(obj) + "\n"
 
 
+def _entry_ids(obj: dict):
+    """The job ids a journal entry changes."""
+    return (obj["job"]["id"],) if "job" in obj else obj.get("del", ())
+
+
 class _NotCopyable(Exception):
     """The old snapshot cannot be copied line by line: encode every job instead."""
 
@@ -396,8 +401,9 @@ class _NotCopyable(Exception):
 class Store:
     """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
 
-    Callers append() changes during a loop pass and commit() once: one write and one fsync for
-    the whole pass (group commit). A failed write or fsync truncates the journal back to its last
+    Callers append() changes during a loop pass and commit() once: one write for the whole pass
+    (group commit), fsynced at once when a reply waits for it, else within SYNC_DELAY. A failed
+    write or fsync truncates the journal back to its last
     durable length, closes it (a failed fsync is never retried on the same descriptor as if it had
     worked) and marks the store broken; only a full snapshot() repairs it.
 
@@ -461,10 +467,11 @@ class Store:
         snap_gen = 0
         make = make or (lambda rec: rec)
         replayed: set[int] = set()
+        ours = False                    # one job a line: a fold may copy its lines
         if os.path.exists(self.snapshot_path):
-            snap_gen = self._load_snapshot(meta, records, make)
+            snap_gen, ours = self._load_snapshot(meta, records, make)
         good, journal_gen = self._load_journal(meta, records, snap_gen, make, replayed)
-        self.touched = replayed if self._copyable() else None
+        self.touched = replayed if ours else None
         if journal_gen is None or journal_gen < snap_gen:
             # No journal, or one whose changes are all in the snapshot: start a new one.
             self.gen = snap_gen
@@ -478,7 +485,8 @@ class Store:
             self.size = self.synced = good
         return meta, records
 
-    def _load_snapshot(self, meta: dict, records: dict, make) -> int:
+    def _load_snapshot(self, meta: dict, records: dict, make) -> tuple[int, bool]:
+        """Read queue.json into `records`; (its generation, whether it is one job a line)."""
         path = self.snapshot_path
         with open(path, "rb") as f:
             data = f.read()
@@ -487,8 +495,9 @@ class Store:
             raise StateError("%s: empty snapshot (offset 0); refusing to start" % path)
         head_end = data.find(b"\n")
         tail = data.rfind(b"\n]}")
-        if data.startswith(b'{"format":1') and data[:head_end].endswith(b'"jobs":[') \
-                and 0 < head_end <= tail and not data[tail + 3:].strip():
+        ours = data.startswith(b'{"format":1') and data[:head_end].endswith(b'"jobs":[') \
+            and 0 < head_end <= tail and not data[tail + 3:].strip()
+        if ours:
             # Our own layout (one job a line): parse a few MB at a time.
             doc = self._parse(data[:head_end] + b"]}", 0)
             jobs = self._jobs_in_chunks(data, head_end + 1, tail)
@@ -514,7 +523,7 @@ class Store:
                     raise StateError("%s: job %d after offset %d: %s"
                                      % (path, rec["id"], offset, exc)) from None
                 meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
-        return int(doc.get("gen", 0))
+        return int(doc.get("gen", 0)), ours
 
     SNAPSHOT_CHUNK = 4 * 1024 * 1024    # parse this much at once: C speed, bounded memory
 
@@ -576,8 +585,7 @@ class Store:
             elif gen >= snap_gen:       # an older generation is already in the snapshot
                 try:
                     self._apply(obj, meta, records, make)
-                    replayed.update(obj["del"] if "del" in obj else
-                                    [obj["job"]["id"]] if "job" in obj else [])
+                    replayed.update(_entry_ids(obj))
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise StateError("%s: bad entry at offset %d: %s"
                                      % (path, offset, exc)) from None
@@ -610,10 +618,7 @@ class Store:
     def append(self, obj: dict) -> None:
         self.lines.append(_json_line(obj))
         if self.touched is not None:
-            if "job" in obj:
-                self.touched.add(obj["job"]["id"])
-            elif "del" in obj:
-                self.touched.update(obj["del"])
+            self.touched.update(_entry_ids(obj))
 
     def discard(self) -> None:
         self.lines.clear()
@@ -681,12 +686,14 @@ class Store:
                             "paused": meta["paused"]})[:-2] + ',"jobs":[\n').encode()
         by_id = jobs if isinstance(jobs, dict) else None
         try:
-            if by_id is None or self.touched is None or not self._copyable():
+            if by_id is None or self.touched is None:     # touched is kept only for ours
                 raise _NotCopyable
-            tmp, size = self._write_temp(self.snapshot_path, self._copy_chunks(head, by_id))
+            lines = self._copied_lines(by_id)
+            tmp, size = self._write_temp(self.snapshot_path, self._chunks(head, lines))
         except _NotCopyable:
             every = by_id.values() if by_id is not None else jobs
-            tmp, size = self._write_temp(self.snapshot_path, self._encode_chunks(head, every))
+            lines = (_encode(job.stored()).encode("utf-8") for job in every)
+            tmp, size = self._write_temp(self.snapshot_path, self._chunks(head, lines))
         try:
             os.replace(tmp, self.snapshot_path)
             self.snapshot_size = size
@@ -707,26 +714,25 @@ class Store:
         self.touched = set()
 
     @staticmethod
-    def _encode_chunks(head: bytes, jobs):
-        """The snapshot's bytes, every job encoded, a few thousand at a time."""
+    def _chunks(head: bytes, lines):
+        """The snapshot's bytes: `head`, the job lines (comma and newline between them) a few
+        thousand at a time (bounded memory), the closing line."""
         yield head
-        batch, sep = [], ""
-        for job in jobs:
-            batch.append(_encode(job.stored()))
+        batch, sep = [], b""
+        for line in lines:
+            batch.append(line)
             if len(batch) == 4096:
-                yield (sep + ",\n".join(batch)).encode("utf-8")
-                batch, sep = [], ",\n"
+                yield sep + b",\n".join(batch)
+                batch, sep = [], b",\n"
         if batch:
-            yield (sep + ",\n".join(batch)).encode("utf-8")
+            yield sep + b",\n".join(batch)
         yield b"\n]}\n"
 
-    def _copy_chunks(self, head: bytes, by_id: dict):
-        """The snapshot's bytes: each untouched job's line copied from the old snapshot (no
-        encoding), then the touched jobs that still exist, encoded. Raises _NotCopyable if the
-        old file is not laid out one job a line, each line starting with its id."""
+    def _copied_lines(self, by_id: dict):
+        """Each untouched job's line, copied from the old snapshot (no encoding), then the
+        touched jobs that still exist, encoded. Raises _NotCopyable if the old file is not
+        laid out one job a line, each line starting with its id."""
         touched = self.touched
-        yield head
-        batch, first = [], True
         with open(self.snapshot_path, "rb") as old:
             old.readline()                          # the old header
             for line in old:
@@ -735,30 +741,14 @@ class Store:
                 if not line.startswith(b'{"id":'):
                     raise _NotCopyable
                 job_id = int(line[6:line.index(b",", 6)])
-                if job_id in touched or job_id not in by_id:
-                    continue
-                batch.append(line.rstrip(b",\n"))
-                if len(batch) == 4096:
-                    yield (b"" if first else b",\n") + b",\n".join(batch)
-                    batch, first = [], False
+                if job_id not in touched and job_id in by_id:
+                    yield line.rstrip(b",\n")
             else:
                 raise _NotCopyable                  # no closing line: not our layout
         for job_id in touched:
             job = by_id.get(job_id)
             if job is not None:
-                batch.append(_encode(job.stored()).encode("utf-8"))
-        if batch:
-            yield (b"" if first else b",\n") + b",\n".join(batch)
-        yield b"\n]}\n"
-
-    def _copyable(self) -> bool:
-        """Whether queue.json is ours, one job a line (so a fold may copy its lines)."""
-        try:
-            with open(self.snapshot_path, "rb") as f:
-                head = f.readline()
-        except OSError:
-            return False
-        return head.startswith(b'{"format":1') and head.endswith(b'"jobs":[\n')
+                yield _encode(job.stored()).encode("utf-8")
 
     def _new_journal(self, gen: int) -> None:
         header = _json_line({"gen": gen}).encode()
@@ -1020,16 +1010,24 @@ class JobTable:
                     break
                 heapq.heappop(heap)
 
-    def finished_before(self, cutoff: float) -> list[Job]:
-        """Finished jobs whose finished_at <= cutoff (for prune)."""
-        found, seen = [], set()
+    def finished_before(self, cutoff: float, busy=()) -> list[Job]:
+        """Finished jobs whose finished_at <= cutoff (for prune), except those in `busy`
+        (their processes are still being killed), which stay for a later prune."""
+        found, seen, later = [], set(), []
         while self.finished and self.finished[0][0] <= cutoff:
-            finished_at, job_id = heapq.heappop(self.finished)
+            entry = heapq.heappop(self.finished)
+            finished_at, job_id = entry
             job = self.jobs.get(job_id)
-            if job is not None and job.state in FINISHED and job.finished_at == finished_at \
-                    and job_id not in seen:     # undo may have pushed a second entry
-                seen.add(job_id)
+            if job is None or job.state not in FINISHED or job.finished_at != finished_at \
+                    or job_id in seen:          # stale, or a second entry pushed by undo
+                continue
+            seen.add(job_id)
+            if job_id in busy:
+                later.append(entry)
+            else:
                 found.append(job)
+        for entry in later:
+            heapq.heappush(self.finished, entry)
         return found
 
     def select(self, state: str | None, pattern: str | None, after_id: int,
@@ -1432,6 +1430,7 @@ class Zygote:
         self.outbox: list[tuple] = []           # fork requests the socket could not take yet
         self.retiring = False
         self.dead = False
+        self.watching_write: bool | None = None
         cfg = runner.cfg
         ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -1445,7 +1444,6 @@ class Zygote:
             raise
         finally:
             theirs.close()
-        self.started = time.monotonic()
         self.ctl = ctl
         ctl.send(json.dumps(ZYGOTE_SOURCE).encode())
         ctl.send(json.dumps({"parent": os.getpid(), "paths": cfg.job_paths,
@@ -1455,8 +1453,11 @@ class Zygote:
         self._watch()
 
     def _watch(self) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
-        self.runner.loop.watch(self.ctl.fileno(), events, "internal", self._on_ctl)
+        """Watch the socket for replies, and for room to write while requests wait."""
+        if self.watching_write is not bool(self.outbox):     # a syscall only on a change
+            self.watching_write = bool(self.outbox)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+            self.runner.loop.watch(self.ctl.fileno(), events, "internal", self._on_ctl)
 
     def fork(self, att: Attempt, out_w: int, chan_child: socket.socket) -> None:
         """Ask for a child for `att`; its pid comes back later (Runner.started)."""
@@ -1632,7 +1633,7 @@ class Runner:
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
         self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
-        self._on_chan(att, selectors.EVENT_WRITE)   # the spec now, not a loop pass later
+        self._send_spec(att)            # now, not a loop pass later (the socket buffers it)
         self._chan_events(att)
         if zygote is None:
             self.started(att, pid, proc_start_time(pid))
@@ -1673,17 +1674,21 @@ class Runner:
 
     def _on_chan(self, att: Attempt, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and att.chan_out:
-            try:
-                n = att.chan.send(att.chan_out)
-                del att.chan_out[:n]
-            except BlockingIOError:
-                pass
-            except OSError:
-                att.chan_out.clear()        # the child is gone; its exit will tell
+            self._send_spec(att)
             if not att.chan_out and att.chan is not None:
                 self._chan_events(att)
         if mask & selectors.EVENT_READ:
             self._read_chan(att)
+
+    def _send_spec(self, att: Attempt) -> None:
+        """Send what the socket takes of the job spec still to go to the child."""
+        try:
+            n = att.chan.send(att.chan_out)
+            del att.chan_out[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            att.chan_out.clear()            # the child is gone; its exit will tell
 
     def _read_chan(self, att: Attempt) -> None:
         while att.chan is not None:
@@ -2560,10 +2565,8 @@ class Daemon:
             try:
                 self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
             except OSError as exc:
-                self.attempts.pop(job.id, None)
-                self.jobs.transition(job, RUNNING, changes={"attempts": job.attempts + 1})
-                self.attempt_failed(job, None, "could not start the job process: %s" % exc,
-                                    None, permanent=False)
+                self.not_started(job, job.attempts + 1,
+                                 "could not start the job process: %s" % exc)
 
     def attempt_started(self, att: Attempt) -> None:
         """The runner's report: the process of `att` exists (its pid is known)."""
@@ -2575,10 +2578,14 @@ class Daemon:
                 "exit_code": None, "error": None, "result": None})
 
     def attempt_start_failed(self, att: Attempt, error: str) -> None:
-        job = att.job
+        """The runner's report: no process could be made for `att` (the zygote failed)."""
+        self.not_started(att.job, att.number, error)
+
+    def not_started(self, job: Job, number: int, error: str) -> None:
+        """Attempt `number` got no process: it counts as a failed attempt."""
         self.attempts.pop(job.id, None)
-        if job.state == PENDING:
-            self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
+        if job.state == PENDING:        # else it was cancelled meanwhile
+            self.jobs.transition(job, RUNNING, changes={"attempts": number})
             self.attempt_failed(job, None, error, None, permanent=False)
 
     def attempt_ended(self, att: Attempt) -> None:
@@ -2641,11 +2648,7 @@ class Daemon:
 
     def prune(self, cutoff: float) -> list[Job]:
         """Remove the jobs finished at or before `cutoff` whose processes are gone."""
-        old = self.jobs.finished_before(cutoff)
-        stopping = [j for j in old if j.id in self.attempts]
-        for job in stopping:                    # not yet: their attempt is still being killed
-            heapq.heappush(self.jobs.finished, (job.finished_at, job.id))
-        old = [j for j in old if j.id not in self.attempts]
+        old = self.jobs.finished_before(cutoff, busy=self.attempts)
         if old:
             self.jobs.remove(old)
             self.compact_wanted = True
@@ -2889,7 +2892,7 @@ class Daemon:
     def op_add(self, req: dict, conn: Connection) -> dict:
         now = time.time()
         fields = validate_add(req, self.cfg, now)
-        existing = self.jobs.keys.get(fields["key"]) if fields["key"] is not None else None
+        existing = self.jobs.keys.get(fields["key"])     # keys holds no None: no key, no match
         if existing is not None:
             return {"id": existing, "created": False}
         self.check_room(1)
@@ -2917,7 +2920,7 @@ class Daemon:
         self.check_room(creating)
         ids = []
         for fields in batch:
-            existing = self.jobs.keys.get(fields["key"]) if fields["key"] is not None else None
+            existing = self.jobs.keys.get(fields["key"])
             ids.append(existing if existing is not None
                        else self.jobs.create(now, uid=conn.uid, **fields).id)
         return {"ids": ids}

@@ -469,6 +469,20 @@ class QueueTest(TableCase):
         self.assertEqual(ids(None, None, 10, 100), [])
         self.assertEqual(ids(None, None, 0, 1), [1])
 
+    def test_finished_before_keeps_busy_jobs_for_later(self):
+        table = self.make_table()
+        jobs = [self.add(table) for _ in range(3)]
+        for j in jobs:
+            self.start(table, j)
+            table.transition(j, jr.CANCELLED)
+        self.clock.advance(1)
+        got = table.finished_before(self.clock(), busy={jobs[1].id})
+        self.assertEqual([j.id for j in got], [jobs[0].id, jobs[2].id])
+        table.remove(got)
+        self.assertEqual([j.id for j in table.finished_before(self.clock())], [jobs[1].id],
+                         "a busy job is pruned once its processes are gone")
+        self.assert_consistent(table)
+
     def test_finished_before_and_remove(self):
         table = self.make_table()
         jobs = [self.add(table) for _ in range(4)]
