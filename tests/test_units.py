@@ -154,7 +154,7 @@ class TableCase(TempCase):
                       run_at=now + delay, retries=0, retry_delay=1.0, backoff="exponential",
                       timeout=None, key=None, uid=0)
         values.update(fields)
-        return table.create(now, **values)
+        return table.create(now, [values])[0]
 
     def start(self, table, job):
         table.transition(job, jr.RUNNING, changes={"attempts": job.attempts + 1})
@@ -226,10 +226,29 @@ class TransitionTest(TableCase):
         job = self.add(table, priority=3)
         self.assertEqual(job.state, jr.PENDING)
         self.assertEqual(len(table.store.lines), 1)
-        self.assertEqual(json.loads(table.store.lines[0]), {"job": job.stored()})
+        self.assertEqual(json.loads(table.store.lines[0]), {"jobs": [job.stored()]})
         self.assertEqual(len(table.log.buffers["events"]), 1)
         self.assertRegex(table.log.buffers["events"][0],
                          r"^%s event=queued job=1 target=%s " % (TS, re.escape(TARGET)))
+
+    def test_create_many_writes_one_entry_and_the_generic_queued_lines(self):
+        table = self.make_table()
+        now = self.clock()
+        batch = [dict(target=t, method=None, args=[i], kwargs={}, priority=p, run_at=now + d,
+                      retries=0, retry_delay=1.0, backoff="fixed", timeout=None, key=None, uid=u)
+                 for i, (t, p, d, u) in enumerate([(TARGET, 0, 0, 0), ("a.b:C", -5, 2.5, None),
+                                                   ('x:Y', 7, 0, 1000)])]
+        jobs = table.create(now, batch)
+        self.assertEqual([job.id for job in jobs], [1, 2, 3])
+        self.assertEqual(len(table.store.lines), 1)
+        line = table.store.lines[0]
+        self.assertEqual(json.loads(line), {"jobs": [job.stored() for job in jobs]})
+        self.assertEqual(line.count(jr.RECORD_SEP), 2)      # the fold cuts records there
+        expected = [jr.format_event(now, "queued", {"job": job.id, "target": job.target,
+                                                    "uid": job.uid, "priority": job.priority,
+                                                    "run_at": job.run_at}) for job in jobs]
+        self.assertEqual(table.log.buffers["events"], expected)
+        self.assert_consistent(table)
 
     def test_announced_events_match_the_spec_names(self):
         expected = {
@@ -302,8 +321,10 @@ class TransitionTest(TableCase):
                                 and sub in self._stores(t):
                             writers.append(func.name)
         # Job.__init__ sets the value a job is built with (from its stored record): that is
-        # construction, not a move. Every move goes through transition().
-        self.assertEqual(set(writers) - {"__init__"}, {"transition"})
+        # construction, not a move. JobTable.create makes the one move from nothing to pending
+        # (for a whole batch at once, checked against TRANSITIONS); every other move goes
+        # through transition().
+        self.assertEqual(set(writers) - {"__init__"}, {"transition", "create"})
 
     @staticmethod
     def _stores(target):
@@ -1815,10 +1836,17 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         for round_no in range(12):
             for _ in range(rng.randrange(1, 60)):
                 op = rng.random()
-                if op < 0.5 or not jobs:
+                if op < 0.3 or not jobs:
                     jobs[next_id] = self.job(next_id, args=["x" * rng.randrange(5), next_id])
                     store.append({"job": jobs[next_id].stored()})
                     next_id += 1
+                elif op < 0.5:                  # a batch, as JobTable.create journals it
+                    new = [self.job(next_id + k, args=[{"id": k, "s": ",\t{"}], key="k,\t")
+                           for k in range(rng.randrange(1, 5))]
+                    store.append_records([j.id for j in new], [jr._encode(j.stored())
+                                                               for j in new])
+                    jobs.update((j.id, j) for j in new)
+                    next_id += len(new)
                 elif op < 0.8:
                     j = rng.choice(list(jobs.values()))
                     j.priority += 1
@@ -1839,23 +1867,44 @@ class CopyThroughSnapshotTest(unittest.TestCase):
             self.assertEqual(records, {i: j.stored() for i, j in jobs.items()},
                              "round %d" % round_no)
 
-    def test_only_touched_jobs_are_encoded(self):
+    def test_only_jobs_journaled_more_than_once_are_encoded(self):
         store = jr.Store(self.dir, fsync=False)
         store.load()
         jobs = {i: self.job(i) for i in range(1, 101)}
         store.snapshot({"next_id": 101, "paused": False}, jobs)     # the first: all encoded
-        jobs[7].priority = 5
+        jobs[7].priority = 5                    # once: its journal record is copied
         store.append({"job": jobs[7].stored()})
+        for priority in (6, 8):                 # twice: only memory knows which is current
+            jobs[9].priority = priority
+            store.append({"job": jobs[9].stored()})
+        jobs[101] = self.job(101)               # a new job, in a batch entry
+        store.append_records([101], [jr._encode(jobs[101].stored())])
         store.commit()
         calls = []
         real = jr.Job.stored
         with mock.patch.object(jr.Job, "stored", lambda job: calls.append(job.id) or real(job)):
-            store.snapshot({"next_id": 101, "paused": False}, jobs)
-        self.assertEqual(calls, [7])
+            store.snapshot({"next_id": 102, "paused": False}, jobs)
+        self.assertEqual(calls, [9])
         store.close()
         _, records = self.reload()
-        self.assertEqual(records[7]["priority"], 5)
-        self.assertEqual(len(records), 100)
+        self.assertEqual((records[7]["priority"], records[9]["priority"]), (5, 8))
+        self.assertEqual(records, {i: j.stored() for i, j in jobs.items()})
+
+    def test_unwritten_or_failed_journal_lines_are_never_copied(self):
+        store = jr.Store(self.dir, fsync=False)
+        store.load()
+        jobs = {i: self.job(i) for i in range(1, 4)}
+        store.snapshot({"next_id": 4, "paused": False}, jobs)
+        jobs[2].priority = 3
+        store.append({"job": jobs[2].stored()})     # appended, not yet written
+        calls = []
+        real = jr.Job.stored
+        with mock.patch.object(jr.Job, "stored", lambda job: calls.append(job.id) or real(job)):
+            store.snapshot({"next_id": 4, "paused": False}, jobs)
+        self.assertEqual(calls, [2])
+        store.close()
+        _, records = self.reload()
+        self.assertEqual(records[2]["priority"], 3)
 
     def test_a_snapshot_in_another_layout_is_encoded_whole(self):
         jobs = {i: self.job(i) for i in (1, 2, 3)}
