@@ -1215,8 +1215,11 @@ def _main():
     _chan.close()
     os.set_inheritable(3, False)          # the job's own children must not hold the channel
     try:                                  # die with the daemon: no orphan if it crashes now
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        prctl = globals().get("_prctl")   # the zygote looked it up once for all its children
+        if prctl is None:
+            import ctypes
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
     except Exception:
         pass
     if os.getppid() != spec["parent"]:
@@ -1436,7 +1439,7 @@ def _start_time(pid):
     except (OSError, ValueError, IndexError):
         return None
 
-def _child(req, fds, code, env, wake):
+def _child(req, fds, code, env, wake, prctl):
     status = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -1458,7 +1461,7 @@ def _child(req, fds, code, env, wake):
         os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])
         os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__,
-                    "_chan": os.fdopen(3, "rb", closefd=False)})
+                    "_chan": os.fdopen(3, "rb", closefd=False), "_prctl": prctl})
         status = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
@@ -1482,8 +1485,10 @@ def _zygote():
     fd = _ctl.detach()                          # keep fd 3 free for the children's channel
     _ctl = socket.socket(fileno=os.dup(fd))
     os.close(fd)
+    prctl = None
     try:                                        # die with the daemon
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(1, signal.SIGKILL)
     except Exception:
         pass
     conf = json.loads(_ctl.recv(1 << 22))
@@ -1496,6 +1501,8 @@ def _zygote():
         except BaseException as exc:
             _tell({"warning": "preload %s failed: %s: %s" % (name, type(exc).__name__, exc)})
     code = compile(conf["child"], "<jobrunner-job>", "exec")
+    for pattern in conf["allow"]:               # compiled once here, not in every child
+        fnmatch.fnmatchcase("", pattern)
     import gc
     gc.freeze()         # children's collections skip what we hold: no copy-on-write of it all
     wake_r, wake_w = socket.socketpair()
@@ -1534,7 +1541,7 @@ def _zygote():
                 pid = None
                 _tell({"started": req["token"], "error": str(exc)})
             if pid == 0:
-                _child(req, fds, code, conf["env"], (wake_r, wake_w))
+                _child(req, fds, code, conf["env"], (wake_r, wake_w), prctl)
             for fd in fds:
                 os.close(fd)
             if pid:
@@ -1576,7 +1583,7 @@ class Zygote:
         self.ctl = ctl
         ctl.send(json.dumps(ZYGOTE_SOURCE).encode())
         ctl.send(json.dumps({"parent": os.getpid(), "paths": cfg.job_paths,
-                             "preload": cfg.preload, "child": CHILD_SOURCE,
+                             "preload": cfg.preload, "child": CHILD_SOURCE, "allow": cfg.allow,
                              "env": runner.env}).encode())
         ctl.setblocking(False)
         self._watch()
@@ -3034,6 +3041,7 @@ class Daemon:
             return
         conn.closed = True
         self.loop.unwatch(conn.fd)
+        conn.on_event = None            # it refers back to conn: no cycle left for the collector
         conn.sock.close()
         self.conns.discard(conn)
 

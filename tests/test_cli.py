@@ -190,6 +190,33 @@ class ExitCodeTest(CliCase):
         self.assertEqual((code, out), (2, ""))
         self.assertIn("not_found", err)
 
+    def test_the_jobctl_command_is_jobctl_py(self):
+        # `jobctl` (the launcher that reuses jobctl.py's cached bytecode) behaves exactly like
+        # `jobctl.py`, also through a symlink (the default socket is found beside the real file).
+        command = os.path.join(os.path.dirname(JOBCTL), "jobctl")
+        link = os.path.join(self.root, "bin-jobctl")
+        os.symlink(command, link)
+        for path in (command, link):
+            with self.subTest(path=path):
+                proc = subprocess.run([sys.executable, path, "--socket", self.daemon.socket,
+                                       "add", "examples.jobs:echo", "x"],
+                                      capture_output=True, text=True, timeout=60)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(self.daemon.get(int(proc.stdout))["args"], ["x"])
+                proc = subprocess.run([sys.executable, path, "--socket", self.daemon.socket,
+                                       "show", "999"], capture_output=True, text=True, timeout=60)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                env = dict(os.environ)
+                env.pop("JOBRUNNER_SOCKET", None)
+                proc = subprocess.run([sys.executable, path, "--json", "stats"], env=env,
+                                      cwd=self.root, capture_output=True, text=True, timeout=60)
+                self.assertIn(proc.returncode, (0, 3))      # whatever jobctl.py itself says
+                same = subprocess.run([sys.executable, JOBCTL, "--json", "stats"], env=env,
+                                      cwd=self.root, capture_output=True, text=True, timeout=60)
+                self.assertEqual(proc.returncode, same.returncode)
+                if same.returncode == 3:            # the message names the socket it tried
+                    self.assertEqual(proc.stderr, same.stderr)
+
     def test_unreachable_daemon_exits_3(self):
         missing = os.path.join(self.root, "nobody.sock")
         proc = subprocess.run([sys.executable, JOBCTL, "--socket", missing, "stats"],
