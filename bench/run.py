@@ -23,6 +23,7 @@ Every daemon runs from this checkout, in a fresh temp directory, with `sys.execu
 """
 
 import argparse
+import multiprocessing
 import py_compile
 import json
 import os
@@ -32,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,27 +174,30 @@ def batch_adds(path: str, n: int, size: int = 1000) -> float:
 
 
 def client_adds(path: str, clients: int, per_client: int) -> float:
-    """`clients` connections, each doing one add at a time; returns total acks/s."""
-    conns = [Conn(path) for _ in range(clients)]
-    start = threading.Barrier(clients + 1)
-
-    def work(c):
-        start.wait()
-        for i in range(per_client):
-            c.send_raw(add_line(i))
-            c.recv_lines(1)
-
-    threads = [threading.Thread(target=work, args=(c,)) for c in conns]
-    for t in threads:
-        t.start()
+    """`clients` processes, each with one connection doing one add at a time (like separate
+    programs; threads of one Python process would measure its GIL instead); total acks/s."""
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(clients + 1)
+    procs = [ctx.Process(target=_one_client, args=(path, per_client, start))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
     start.wait()
     t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    for p in procs:
+        p.join()
     elapsed = time.perf_counter() - t0
-    for c in conns:
-        c.close()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError("a client failed: exit codes %r" % [p.exitcode for p in procs])
     return clients * per_client / elapsed
+
+
+def _one_client(path: str, n: int, start) -> None:
+    with Conn(path) as c:
+        start.wait()
+        for i in range(n):
+            c.send_raw(add_line(i))
+            assert b'"ok":true' in c.recv_lines(1)[0]
 
 
 # -- figures -----------------------------------------------------------------------------------

@@ -12,13 +12,16 @@ in a few seconds.
 import ast
 import collections
 import errno
+import functools
 import glob
 import json
 import os
 import random
 import re
+import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1966,3 +1969,54 @@ class ZygoteFallbackTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class GroupCommitTest(TempCase):
+    """Daemon.gather(): before the fsync of a pass, the next request of a client that was busy a
+    moment ago is served in the same pass (one fsync for both), and nobody else is waited for."""
+
+    def make_daemon(self):
+        cfg = jr.load_config(None, {"socket": self.path("s.sock"), "state_dir": self.path("state"),
+                                    "log_dir": self.path("logs"), "start_method": "spawn"})
+        daemon = jr.Daemon(cfg)
+        daemon.setup()
+        self.addCleanup(daemon.store.close)
+        self.addCleanup(daemon.log.close)
+        self.addCleanup(daemon.listener.close)
+        return daemon
+
+    def connect(self, daemon):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        conn = jr.Connection(ours, os.getuid())
+        conn.on_event = functools.partial(daemon.on_client, conn)
+        daemon.conns.add(conn)
+        daemon.loop.watch(conn.fd, selectors.EVENT_READ, "client", conn.on_event)
+        self.addCleanup(daemon.close, conn)
+        return conn, theirs
+
+    ADD = b'{"op":"add","target":"examples.jobs:add","args":[1,2]}\n'
+
+    def test_a_recently_busy_client_shares_the_pass(self):
+        daemon = self.make_daemon()
+        daemon.store.sync_seconds = 10.0        # as if fsyncs were slow: gather may wait
+        busy, busy_peer = self.connect(daemon)
+        idle, idle_peer = self.connect(daemon)
+        idle.last_input -= 10 * jr.GATHER_ACTIVE
+        busy_peer.sendall(self.ADD)
+        daemon.gather(served=set())
+        self.assertEqual(len(busy.slots), 1)    # served now, not in the next pass
+        self.assertEqual(idle.slots, [])
+        self.assertEqual(len(daemon.batch_slots), 1)
+
+    def test_nobody_is_waited_for_when_no_other_client_is_busy(self):
+        daemon = self.make_daemon()
+        daemon.store.sync_seconds = 10.0
+        lone, peer = self.connect(daemon)
+        started = time.monotonic()
+        daemon.gather(served={lone})
+        busy, _ = self.connect(daemon)          # busy but silent: waited for GATHER_MAX at most
+        daemon.gather(served={lone})
+        self.assertLess(time.monotonic() - started, 10 * jr.GATHER_MAX + 0.5)
+        self.assertEqual((lone.slots, busy.slots), ([], []))
