@@ -1870,6 +1870,15 @@ class CopyThroughSnapshotTest(unittest.TestCase):
             self.assertEqual(records, {i: j.stored() for i, j in jobs.items()},
                              "round %d" % round_no)
 
+    @staticmethod
+    def encoded_by_snapshot(store, next_id, jobs) -> list[int]:
+        """Take a snapshot; return the ids of the jobs it encoded (instead of copying)."""
+        calls = []
+        real = jr.Job.stored
+        with mock.patch.object(jr.Job, "stored", lambda job: calls.append(job.id) or real(job)):
+            store.snapshot({"next_id": next_id, "paused": False}, jobs)
+        return calls
+
     def test_only_jobs_journaled_more_than_once_are_encoded(self):
         store = jr.Store(self.dir, fsync=False)
         store.load()
@@ -1883,11 +1892,7 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         jobs[101] = self.job(101)               # a new job, in a batch entry
         store.append_records([101], [jr._encode(jobs[101].stored())])
         store.commit()
-        calls = []
-        real = jr.Job.stored
-        with mock.patch.object(jr.Job, "stored", lambda job: calls.append(job.id) or real(job)):
-            store.snapshot({"next_id": 102, "paused": False}, jobs)
-        self.assertEqual(calls, [9])
+        self.assertEqual(self.encoded_by_snapshot(store, 102, jobs), [9])
         store.close()
         _, records = self.reload()
         self.assertEqual((records[7]["priority"], records[9]["priority"]), (5, 8))
@@ -1900,11 +1905,7 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         store.snapshot({"next_id": 4, "paused": False}, jobs)
         jobs[2].priority = 3
         store.append({"job": jobs[2].stored()})     # appended, not yet written
-        calls = []
-        real = jr.Job.stored
-        with mock.patch.object(jr.Job, "stored", lambda job: calls.append(job.id) or real(job)):
-            store.snapshot({"next_id": 4, "paused": False}, jobs)
-        self.assertEqual(calls, [2])
+        self.assertEqual(self.encoded_by_snapshot(store, 4, jobs), [2])
         store.close()
         _, records = self.reload()
         self.assertEqual(records[2]["priority"], 3)
