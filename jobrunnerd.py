@@ -854,8 +854,10 @@ class Store:
 
     def _journaled_once(self, by_id: dict):
         """The record of each existing job that the journal changes exactly once: that record
-        is the job as it is now (every change to a job is journaled)."""
+        is the job as it is now (every change to a job is journaled). Raises _NotCopyable if
+        the journal does not hold exactly one record for each of them."""
         touched = self.touched
+        copied: set[int] = set()
         with open(self.journal_path, "rb") as journal:
             journal.readline()                      # the generation header
             for line in journal:
@@ -863,12 +865,19 @@ class Store:
                     records = line[9:-3].split(RECORD_SEP.encode())
                 elif line.startswith(b'{"job":{') and line.endswith(b"}}\n"):
                     records = (line[7:-2],)
+                elif line.startswith(b'{"job'):
+                    raise _NotCopyable              # not laid out as we write it
                 else:
-                    continue
+                    continue                        # del, paused, next_id
                 for rec in records:
                     job_id = _record_id(rec)
                     if touched.get(job_id) == 1 and job_id in by_id:
+                        if job_id in copied:
+                            raise _NotCopyable      # never a job twice in the snapshot
+                        copied.add(job_id)
                         yield rec
+        if len(copied) != sum(1 for job_id, n in touched.items() if n == 1 and job_id in by_id):
+            raise _NotCopyable                      # never a job left out of the snapshot
 
     def _new_journal(self, gen: int) -> None:
         header = _json_line({"gen": gen}).encode()

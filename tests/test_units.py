@@ -1910,6 +1910,30 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         _, records = self.reload()
         self.assertEqual(records[2]["priority"], 3)
 
+    def test_a_journal_that_disagrees_with_the_counts_is_not_copied(self):
+        # Should the journal ever miss a record the counts expect, or hold one twice, the fold
+        # encodes every job from memory instead: no job lost, none twice.
+        for damage in ("missing", "twice"):
+            with self.subTest(damage=damage):
+                shutil.rmtree(self.dir)
+                os.makedirs(self.dir)
+                store = jr.Store(self.dir, fsync=False)
+                store.load()
+                jobs = {i: self.job(i) for i in range(1, 4)}
+                store.snapshot({"next_id": 4, "paused": False}, jobs)
+                jobs[4] = self.job(4)
+                store.append_records([4], [jr._encode(jobs[4].stored())])
+                store.commit()
+                path = os.path.join(self.dir, "journal.jsonl")
+                with open(path, "rb") as f:
+                    lines = f.readlines()
+                with open(path, "wb") as f:
+                    f.writelines(lines[:1] if damage == "missing" else lines + lines[1:])
+                store.snapshot({"next_id": 5, "paused": False}, jobs)
+                store.close()
+                _, records = self.reload()
+                self.assertEqual(records, {i: j.stored() for i, j in jobs.items()})
+
     def test_a_snapshot_in_another_layout_is_encoded_whole(self):
         jobs = {i: self.job(i) for i in (1, 2, 3)}
         with open(os.path.join(self.dir, "queue.json"), "w") as f:
