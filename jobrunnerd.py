@@ -2374,8 +2374,8 @@ class Connection:
     __slots__ = ("sock", "fd", "uid", "inbuf", "outbuf", "slots", "eof", "closed", "last_input",
                  "on_event")
 
-    def __init__(self, sock: socket.socket, uid: int, on_event=None):
-        self.on_event = on_event    # the loop callback: one object, so re-watching is free
+    def __init__(self, sock: socket.socket, uid: int):
+        self.on_event = None        # the loop callback: one object, so re-watching is free
         self.sock = sock
         self.fd = sock.fileno()
         self.uid = uid
@@ -2601,20 +2601,19 @@ class Daemon:
         for callback, mask in clients:
             callback(mask)
         if self.batch_slots and self.store.do_fsync:
-            self.gather({callback.args[0] for callback, _ in clients
-                         if isinstance(callback, functools.partial)})
+            self.gather()
         self.commit(mark)
         self.flush()
 
-    def gather(self, served: set) -> None:
+    def gather(self) -> None:
         """Group commit across clients: before paying an fsync for this pass's changes, wait
         (at most as long as the last fsync took, and GATHER_MAX) for the next request of each
         client that was busy a moment ago but has sent nothing this pass. Sixteen clients that
         each wait for their reply then share one fsync instead of splitting into two halves
         that take turns. A lone client is never kept waiting."""
         now = time.monotonic()
-        expected = {conn.fd: conn for conn in self.conns
-                    if conn not in served and not conn.eof and not conn.waiting()
+        expected = {conn.fd: conn for conn in self.conns      # dirty: served this pass
+                    if conn not in self.dirty and not conn.eof and not conn.waiting()
                     and now - conn.last_input < GATHER_ACTIVE}
         deadline = now + min(self.store.sync_seconds, GATHER_MAX)
         while expected and now < deadline:

@@ -2030,7 +2030,7 @@ class GroupCommitTest(TempCase):
         idle, idle_peer = self.connect(daemon)
         idle.last_input -= 10 * jr.GATHER_ACTIVE
         busy_peer.sendall(self.ADD)
-        daemon.gather(served=set())
+        daemon.gather()
         self.assertEqual(len(busy.slots), 1)    # served now, not in the next pass
         self.assertEqual(idle.slots, [])
         self.assertEqual(len(daemon.batch_slots), 1)
@@ -2039,9 +2039,10 @@ class GroupCommitTest(TempCase):
         daemon = self.make_daemon()
         daemon.store.sync_seconds = 10.0
         lone, peer = self.connect(daemon)
+        daemon.dirty.add(lone)                  # served this pass already
         started = time.monotonic()
-        daemon.gather(served={lone})
+        daemon.gather()
         busy, _ = self.connect(daemon)          # busy but silent: waited for GATHER_MAX at most
-        daemon.gather(served={lone})
+        daemon.gather()
         self.assertLess(time.monotonic() - started, 10 * jr.GATHER_MAX + 0.5)
         self.assertEqual((lone.slots, busy.slots), ([], []))
