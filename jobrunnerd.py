@@ -209,6 +209,10 @@ class Job:
         for name, default in _STORED_DEFAULTS:      # what from_stored() restores
             if rec.get(name) == default:
                 del rec[name]
+        for name in _WHOLE_SECONDS:                 # 10 reads back faster than 10.0
+            value = rec.get(name)
+            if type(value) is float and value.is_integer():
+                rec[name] = int(value)
         return rec
 
     @classmethod
@@ -231,6 +235,8 @@ class Job:
             job.attempts = 0
         if job.priority is None:
             job.priority = 0
+        job.retry_delay = _shared_seconds(job.retry_delay)
+        job.timeout = _shared_seconds(job.timeout)
         return job
 
     def attempt_label(self) -> str:
@@ -246,10 +252,25 @@ _CANONICAL_STATES = {state: state for state in STATES}
 _public_values = operator.attrgetter(*PUBLIC_FIELDS)     # one C call instead of 21 getattr()s
 _stored_values = operator.attrgetter(*_STORED_FIELDS)
 _stored_items = operator.itemgetter(*_STORED_FIELDS)
+_BLANK = dict.fromkeys(_STORED_FIELDS)
 # Left out of stored records when they have these values, which from_stored() restores: fewer
 # bytes to parse for each of a million jobs at start-up.
 _STORED_DEFAULTS = (("priority", 0), ("attempts", 0), ("backoff", "exponential"))
-_BLANK = dict.fromkeys(_STORED_FIELDS)
+# Durations kept as integers on disk when they are whole (they parse faster than floats).
+_WHOLE_SECONDS = ("retry_delay", "timeout")
+_SECONDS: dict = {}         # one float object per distinct duration: most jobs share a few
+
+
+def _shared_seconds(value):
+    """A stored duration (int or float, or None) as the float jobs hold, shared when common."""
+    if value is None:
+        return None
+    shared = _SECONDS.get(value)
+    if shared is None:
+        shared = float(value)
+        if len(_SECONDS) < 1024:
+            _SECONDS[value] = shared
+    return shared
 
 
 ####################################################################################################

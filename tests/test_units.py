@@ -678,6 +678,28 @@ class StoreCase(TempCase):
         store.commit()
 
 
+class StoredRecordTest(unittest.TestCase):
+    """Job.stored() leaves out what from_stored() restores; a job read back equals the job."""
+
+    def test_a_job_read_back_is_the_same_job(self):
+        cases = [dict(priority=0, attempts=0, backoff="exponential", retry_delay=10.0,
+                      timeout=3600.0, run_at=100.0, args=[], kwargs={}),
+                 dict(priority=-3, attempts=2, backoff="fixed", retry_delay=2.5, timeout=None,
+                      run_at=160.5, args=[1, "x"], kwargs={"k": [None]}, key="k", pid=7,
+                      state="running", started_at=150.0)]
+        for fields in cases:
+            with self.subTest(fields=fields):
+                job = jr.Job(id=5, target=TARGET, method=None, state=fields.pop("state", "pending"),
+                             retries=3, created_at=100.0, uid=0, **fields)
+                stored = job.stored()
+                self.assertNotIn("run_at" if job.run_at == 100.0 else "nothing", stored)
+                back = jr.Job.from_stored(json.loads(jr._json_line(stored)))
+                self.assertEqual(back.record(), job.record())
+                for name in ("retry_delay", "timeout", "created_at", "run_at"):
+                    value = getattr(back, name)     # whole seconds are ints on disk only
+                    self.assertIn(type(value), (float, type(None)), name)
+
+
 class StoreBasicsTest(StoreCase):
     def test_fresh_dir_is_empty(self):
         store = self.open_store()
