@@ -235,8 +235,11 @@ class Job:
             job.attempts = 0
         if job.priority is None:
             job.priority = 0
-        job.retry_delay = _shared_seconds(job.retry_delay)
-        job.timeout = _shared_seconds(job.timeout)
+        # The common durations come straight from the table; _shared_seconds() for the rest
+        # (and for 0.0, which is falsy).
+        job.retry_delay = _SECONDS.get(job.retry_delay) or _shared_seconds(job.retry_delay)
+        if job.timeout is not None:
+            job.timeout = _SECONDS.get(job.timeout) or _shared_seconds(job.timeout)
         return job
 
     def attempt_label(self) -> str:
