@@ -1478,7 +1478,7 @@ def _start_time(pid):
     except (OSError, ValueError, IndexError):
         return None
 
-def _child(req, fds, code, env, wake, prctl):
+def _child(req, fds, code, wake, prctl):
     status = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -1495,9 +1495,7 @@ def _child(req, fds, code, env, wake, prctl):
         os.dup2(chan, 3)
         for fd in {null, out_w, chan} - {0, 1, 2, 3}:
             os.close(fd)
-        os.environ.clear()
-        os.environ.update(env)
-        os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])
+        os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])     # the rest is the zygote's: env
         os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__,
                     "_chan": os.fdopen(3, "rb", closefd=False), "_prctl": prctl})
@@ -1540,6 +1538,9 @@ def _zygote():
         except BaseException as exc:
             _tell({"warning": "preload %s failed: %s: %s" % (name, type(exc).__name__, exc)})
     code = compile(conf["child"], "<jobrunner-job>", "exec")
+    if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
+        os.environ.clear()                      # here rather than in every child
+        os.environ.update(conf["env"])
     for pattern in conf["allow"]:               # compiled once here, not in every child
         fnmatch.fnmatchcase("", pattern)
     import gc
@@ -1580,7 +1581,7 @@ def _zygote():
                 pid = None
                 _tell({"started": req["token"], "error": str(exc)})
             if pid == 0:
-                _child(req, fds, code, conf["env"], (wake_r, wake_w), prctl)
+                _child(req, fds, code, (wake_r, wake_w), prctl)
             for fd in fds:
                 os.close(fd)
             if pid:

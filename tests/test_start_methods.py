@@ -31,10 +31,23 @@ def flaky(marker):
     print("second attempt", flush=True)
     return "ok"
 
+def environment():
+    return dict(os.environ)
+
 def sleeper(seconds):
     print(os.getpid(), flush=True)
     time.sleep(seconds)
 '''
+
+
+def expected_job_env(daemon_pid: int, job_id: int) -> dict:
+    """The daemon's environment without systemd's variables, plus the job's own two."""
+    with open("/proc/%d/environ" % daemon_pid, "rb") as f:
+        pairs = [item.decode().split("=", 1) for item in f.read().split(b"\0") if item]
+    env = {k: v for k, v in pairs
+           if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_"))}
+    env.update(JOBRUNNER_JOB_ID=str(job_id), JOBRUNNER_ATTEMPT="1")
+    return env
 
 
 class CoreScenario:
@@ -52,6 +65,12 @@ class CoreScenario:
         self.assertEqual(info["stdin"], "/dev/null")
         self.assertEqual(info["attempt"], "1")
         self.assertNotEqual(info["ppid"], os.getpid())
+
+    def test_the_job_environment_is_the_daemons_plus_its_ids(self):
+        job_id = self.daemon.add("testjobs_sm:environment")
+        job = self.daemon.wait_job(job_id)
+        self.assertEqual(job["state"], "succeeded", job)
+        self.assertEqual(job["result"], expected_job_env(self.daemon.proc.pid, job_id))
 
     def test_retry_then_success_with_output(self):
         marker = os.path.join(self.root, "marker")
@@ -84,7 +103,8 @@ class ZygoteTest(DaemonTestCase):
               "kill_grace": 0.5, "preload": ["testjobs_preload", "testjobs_sm"]}
 
     def prepare(self):
-        self.write_job_module("testjobs_preload", "LOADED = True\n")
+        self.write_job_module("testjobs_preload", "import os\nos.environ['PRELOAD_LEAK'] = '1'\n"
+                                                  "LOADED = True\n")
         self.write_job_module("testjobs_sm", "VERSION = 1\n" + JOB_MODULE)
 
     def zygote_pids(self):
@@ -124,6 +144,12 @@ class ZygoteTest(DaemonTestCase):
         self.daemon.call(op="cancel", id=job_id)
         done = self.daemon.wait_job(self.daemon.add("testjobs_sm:version"))
         self.assertEqual(done["state"], "succeeded", "a new zygote serves later jobs")
+
+    def test_environment_changes_made_by_preload_do_not_reach_jobs(self):
+        job_id = self.daemon.add("testjobs_sm:environment")
+        env = self.daemon.wait_job(job_id)["result"]
+        self.assertNotIn("PRELOAD_LEAK", env)
+        self.assertEqual(env, expected_job_env(self.daemon.proc.pid, job_id))
 
     def test_preload_is_imported_by_the_zygote(self):
         result = self.daemon.wait_job(self.daemon.add("testjobs_sm:who"))["result"]
