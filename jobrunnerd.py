@@ -25,7 +25,8 @@ Sections, in file order
 
 One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
-    jobs -> client requests -> ONE journal write (+ fsync) -> replies and log
+    jobs -> client requests (and, before an fsync, a moment's wait for other
+    busy clients: gather) -> ONE journal write (+ fsync) -> replies and log
     lines go out. A reply that reports a change is never sent before the change
     is fsynced; if the write fails, that pass's client changes are undone and
     answered with io_error. Changes no reply waits for (attempts starting and
