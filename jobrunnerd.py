@@ -1026,7 +1026,9 @@ class JobTable:
         from nothing to pending, made for all of them at once, with a `queued` line each and
         one journal entry for the lot (thousands of transition() calls would cost 3x more)."""
         assert TRANSITIONS[(None, PENDING)] == ("queued",)
-        jobs = []
+        jobs: list[Job] = []
+        if not batch:
+            return jobs
         for fields in batch:
             job = Job(fields)
             job.id = self.next_id
@@ -1124,18 +1126,25 @@ class JobTable:
         if self._undo is None:
             return
         for job_id, (job, values) in reversed(list(self._undo.items())):
-            if self.jobs.get(job_id) is job:
-                if job.state is not None:
-                    self._unindex(job)
-                del self.jobs[job_id]
-                self.ids.remove(job_id)
-            if values is not None:
-                for name, value in zip(Job.__slots__, values):
-                    setattr(job, name, value)
-                job.token += 1
+            present = self.jobs.get(job_id) is job
+            if present and job.state is not None:
+                self._unindex(job)
+            if values is None:                  # created since track(): forget it
+                if present:
+                    del self.jobs[job_id]
+                    if self.ids[-1] == job_id:  # the newest: at the end (no O(n) remove)
+                        self.ids.pop()
+                    else:
+                        self.ids.remove(job_id)
+                continue
+            token = job.token                   # past every heap entry made for it meanwhile
+            for name, value in zip(Job.__slots__, values):
+                setattr(job, name, value)
+            job.token = token + 1               # (the saved token may equal one of them)
+            if not present:                     # pruned since track(): back in
                 self.jobs[job_id] = job
                 bisect.insort(self.ids, job_id)
-                self._index(job)
+            self._index(job)
         if self._undo_paused is not None:
             self.paused = self._undo_paused
         self.untrack()
@@ -1349,15 +1358,18 @@ class Loop:
         before = self.watched.get(fd)
         if before == now:
             return
-        if before is None:
-            self.sel.register(fd, events, (kind, callback))
-        else:
+        try:
             self.sel.modify(fd, events, (kind, callback))
+        except KeyError:
+            self.sel.register(fd, events, (kind, callback))
         self.watched[fd] = now
 
     def unwatch(self, fd: int) -> None:
         if self.watched.pop(fd, None) is not None:
-            self.sel.unregister(fd)
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
 
     def call_later(self, delay: float, callback, *args) -> list:
         self.seq += 1
@@ -1409,11 +1421,17 @@ class Attempt:
         """The child's last JSON line, if it sent one."""
         for line in reversed(bytes(self.chan_in).split(b"\n")):
             if line.strip():
+                # Job code can write anything to fd 3: keep only what the journal can hold
+                # (no nesting past JSON_MAX_DEPTH, no lone surrogates), or the daemon would
+                # crash on it, and again after each restart.
                 try:
                     msg = json.loads(line)
-                except ValueError:
+                    if not isinstance(msg, dict) or too_deep(msg, JSON_MAX_DEPTH):
+                        return None
+                    _json_line(msg).encode("utf-8")
+                except (ValueError, RecursionError):    # UnicodeError is a ValueError
                     return None
-                return msg if isinstance(msg, dict) else None
+                return msg
         return None
 
 
@@ -2085,7 +2103,7 @@ MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", 
 
 
 def check_fields(req: dict, allowed: tuple[str, ...], where: str = "") -> None:
-    if req.keys() <= _WITH_OP.get(allowed, ()):
+    if req.keys() <= _WITH_OP.get(allowed, frozenset()):
         return                          # the usual case, in one C call
     for name in req:
         if name != "op" and name not in allowed:
@@ -3003,8 +3021,8 @@ class Daemon:
                 conn.eof = True
                 self.loop.watch(conn.fd, selectors.EVENT_WRITE, "client", conn.on_event)
                 conn.inbuf.clear()          # half a request with no end will never be served
-        if mask & selectors.EVENT_WRITE:
-            self.send_some(conn)
+        # Writable or not, replies go out in flush(), after this pass's commit: a reply made
+        # just now may report a change that is not yet durable.
         self.dirty.add(conn)
 
     def handle_input(self, conn: Connection) -> None:

@@ -1193,6 +1193,32 @@ class AllowReloadTest(HardeningCase):
 #  Job processes: resource limits, isolation from PYTHON*, logs they cannot forge
 ####################################################################################################
 
+class ForgedReportTest(HardeningCase):
+    """Job code can write anything to fd 3, where the child reports its result. What the
+    journal could not hold (nesting past the limit, a lone surrogate) must not crash the
+    daemon: the attempt counts as one that gave no report."""
+    config = {"allow": ALLOW}
+
+    def test_reports_the_journal_could_not_hold_do_not_crash_the_daemon(self):
+        self.write_job_module("testjobs_forge", "import os\n\n"
+                              "def deep():\n"
+                              "    os.write(3, b'{\"status\": \"ok\", \"result\": '"
+                              " + b'[' * 5000 + b']' * 5000 + b'}\\n')\n"
+                              "    os._exit(0)\n\n"
+                              "def surrogate():\n"
+                              "    os.write(3, b'{\"status\": \"ok\", \"result\": \"\\\\ud800\"}\\n')\n"
+                              "    os._exit(0)\n")
+        for target in ("testjobs_forge:deep", "testjobs_forge:surrogate"):
+            with self.subTest(target=target):
+                job = self.wait_done(self.daemon.add(target))
+                self.assertIsNone(job["result"], job)
+                self.assertEqual(self.daemon.call(op="hello")["ok"], True)
+                self.assertIsNone(self.daemon.proc.poll(), "the daemon died")
+        self.daemon.stop()                      # and it comes back with that state
+        self.daemon.start()
+        self.assertEqual(self.daemon.call(op="stats")["ok"], True)
+
+
 class LimitsTest(HardeningCase):
     MEMORY = 512 * 1024 * 1024
     config = {"allow": ALLOW, "workers": 2,

@@ -11,9 +11,11 @@ in a few seconds.
 """
 import ast
 import collections
+import contextlib
 import errno
 import functools
 import glob
+import io
 import json
 import os
 import random
@@ -548,6 +550,35 @@ class QueueTest(TableCase):
 
 
 class UndoTest(TableCase):
+    def test_an_undone_retry_never_starts_the_job(self):
+        # retry pushes a heap entry; undo must leave the job's token past it, or pop_due would
+        # hand out a failed (or cancelled) job that the client was told was not changed.
+        for final in (jr.FAILED, jr.CANCELLED):
+            with self.subTest(final=final):
+                table = self.make_table(final)
+                job = self.add(table)
+                self.walk_to(table, job, final)
+                table.track()
+                table.transition(job, jr.PENDING, event="queued")
+                table.undo()
+                self.assertEqual(job.state, final)
+                self.assertIsNone(table.pop_due(self.clock() + 1))
+                self.assert_consistent(table)
+
+    def test_undoing_a_big_batch_keeps_the_ids_in_order(self):
+        table = self.make_table()
+        kept = [self.add(table) for _ in range(3)]
+        now = self.clock()
+        table.track()
+        table.create(now, [dict(target=TARGET, method=None, args=[i], kwargs={}, priority=0,
+                                run_at=now, retries=0, retry_delay=1.0, backoff="fixed",
+                                timeout=None, key=None, uid=0) for i in range(500)])
+        table.transition(kept[1], jr.CANCELLED)
+        table.undo()
+        self.assertEqual(table.ids, [job.id for job in kept])
+        self.assertEqual(kept[1].state, jr.PENDING)
+        self.assert_consistent(table)
+
     def build(self, table):
         """The same starting point for two tables: ready, delayed, running and finished jobs."""
         self.clock.t = 1_000_000.0
@@ -2018,6 +2049,29 @@ if __name__ == "__main__":
     unittest.main()
 
 
+class AttemptReportTest(unittest.TestCase):
+    """What a child writes to fd 3 is job code's to choose: only what the journal can hold is
+    taken as its report (the rest would crash the daemon at the next write, after every
+    restart again)."""
+
+    def report(self, data: bytes):
+        att = jr.Attempt(jr.Job(id=1), 1, 1)
+        att.chan_in += data
+        return att.report()
+
+    def test_a_good_report_is_taken(self):
+        self.assertEqual(self.report(b'junk\n{"status": "ok", "result": [1, "\\u00e9"]}\n'),
+                         {"status": "ok", "result": [1, "\u00e9"]})
+
+    def test_what_could_not_be_stored_is_no_report(self):
+        for data in (b'{"status": "ok", "result": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                     b'{"status": "ok", "result": ' + b"[" * 500 + b"]" * 500 + b"}",
+                     b'{"status": "ok", "result": "\\ud800"}', b'{"status": "ok", "res',
+                     b'[1, 2]', b'\xff\xfe'):
+            with self.subTest(data=data[:40]):
+                self.assertIsNone(self.report(data + b"\n"))
+
+
 class GroupCommitTest(TempCase):
     """Daemon.gather(): before the fsync of a pass, the next request of a client that was busy a
     moment ago is served in the same pass (one fsync for both), and nobody else is waited for."""
@@ -2056,6 +2110,40 @@ class GroupCommitTest(TempCase):
         self.assertEqual(len(busy.slots), 1)    # served now, not in the next pass
         self.assertEqual(idle.slots, [])
         self.assertEqual(len(daemon.batch_slots), 1)
+
+    def test_no_reply_leaves_before_the_commit(self):
+        # A client that is both readable and writable (it has unread replies): the reply to its
+        # new add must wait for the journal; here the write fails, so it must be io_error.
+        daemon = self.make_daemon()
+        conn, peer = self.connect(daemon)
+        conn.outbuf += b'{"ok":true,"earlier":1}\n'
+        peer.sendall(self.ADD)
+        daemon.jobs.track()
+        mark = daemon.log.mark()
+        daemon.on_client(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        peer.setblocking(False)
+        self.assertRaises(BlockingIOError, peer.recv, 4096)
+        with mock.patch.object(daemon.store, "commit",
+                               side_effect=OSError(errno.ENOSPC, "No space left on device")), \
+                contextlib.redirect_stderr(io.StringIO()):
+            daemon.commit(mark)
+        daemon.flush()
+        peer.setblocking(True)
+        peer.settimeout(10)
+        data = b""
+        while data.count(b"\n") < 2:
+            data += peer.recv(4096)
+        earlier, reply = data.splitlines()
+        self.assertEqual(json.loads(reply)["error"]["code"], "io_error")
+        self.assertEqual(daemon.jobs.jobs, {})
+
+    def test_an_empty_batch_journals_nothing(self):
+        daemon = self.make_daemon()
+        conn, peer = self.connect(daemon)
+        peer.sendall(b'{"op":"add_batch","jobs":[]}\n')
+        daemon.on_client(conn, selectors.EVENT_READ)
+        self.assertEqual(daemon.store.lines, [])
+        self.assertEqual(conn.slots, [[b'{"ok":true,"ids":[]}\n']])
 
     def test_nobody_is_waited_for_when_no_other_client_is_busy(self):
         daemon = self.make_daemon()
