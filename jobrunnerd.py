@@ -236,11 +236,8 @@ class Job:
             job.attempts = 0
         if job.priority is None:
             job.priority = 0
-        # The common durations come straight from the table; _shared_seconds() for the rest
-        # (and for 0.0, which is falsy).
-        job.retry_delay = _SECONDS.get(job.retry_delay) or _shared_seconds(job.retry_delay)
-        if job.timeout is not None:
-            job.timeout = _SECONDS.get(job.timeout) or _shared_seconds(job.timeout)
+        job.retry_delay = _shared_seconds(job.retry_delay)
+        job.timeout = _shared_seconds(job.timeout)
         return job
 
     def attempt_label(self) -> str:
@@ -419,6 +416,18 @@ class EventLog:
         self.fds.clear()
 
 
+def send_some_of(sock: socket.socket, buf: bytearray) -> bool:
+    """Send what the non-blocking socket takes of `buf` now, and drop that from `buf`;
+    False when the peer is gone."""
+    try:
+        del buf[:sock.send(buf)]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -481,6 +490,7 @@ def _entry_ids(obj: dict):
 # every control character inside strings and puts no space anywhere, so this byte pair occurs
 # only there, and a fold can cut the line back into records without parsing it.
 RECORD_SEP = ",\t"
+_RECORD_SEP = RECORD_SEP.encode()
 
 
 class _NotCopyable(Exception):
@@ -887,7 +897,7 @@ class Store:
             journal.readline()                      # the generation header
             for line in journal:
                 if line.startswith(b'{"jobs":[') and line.endswith(b"]}\n"):
-                    records = line[9:-3].split(RECORD_SEP.encode())
+                    records = line[9:-3].split(_RECORD_SEP)
                 elif line.startswith(b'{"job":{') and line.endswith(b"}}\n"):
                     records = (line[7:-2],)
                 elif line.startswith(b'{"job'):
@@ -1877,12 +1887,7 @@ class Runner:
 
     def _send_spec(self, att: Attempt) -> None:
         """Send what the socket takes of the job spec still to go to the child."""
-        try:
-            n = att.chan.send(att.chan_out)
-            del att.chan_out[:n]
-        except BlockingIOError:
-            pass
-        except OSError:
+        if not send_some_of(att.chan, att.chan_out):
             att.chan_out.clear()            # the child is gone; its exit will tell
 
     def _read_chan(self, att: Attempt) -> None:
@@ -3095,15 +3100,9 @@ class Daemon:
             conn.outbuf += slots[ready][0]
             ready += 1
         del slots[:ready]
-        if conn.outbuf:
-            try:
-                n = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:n]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.close(conn)
-                return
+        if conn.outbuf and not send_some_of(conn.sock, conn.outbuf):
+            self.close(conn)
+            return
         if conn.eof and not conn.outbuf and not conn.slots:
             self.close(conn)
             return

@@ -1923,6 +1923,14 @@ class CopyThroughSnapshotTest(unittest.TestCase):
             self.assertEqual(records, {i: j.stored() for i, j in jobs.items()},
                              "round %d" % round_no)
 
+    def first_snapshot(self, n: int):
+        """A store whose first snapshot holds jobs 1..n; (store, {id: job})."""
+        store = jr.Store(self.dir, fsync=False)
+        store.load()
+        jobs = {i: self.job(i) for i in range(1, n + 1)}
+        store.snapshot({"next_id": n + 1, "paused": False}, jobs)
+        return store, jobs
+
     @staticmethod
     def encoded_by_snapshot(store, next_id, jobs) -> list[int]:
         """Take a snapshot; return the ids of the jobs it encoded (instead of copying)."""
@@ -1933,10 +1941,7 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         return calls
 
     def test_only_jobs_journaled_more_than_once_are_encoded(self):
-        store = jr.Store(self.dir, fsync=False)
-        store.load()
-        jobs = {i: self.job(i) for i in range(1, 101)}
-        store.snapshot({"next_id": 101, "paused": False}, jobs)     # the first: all encoded
+        store, jobs = self.first_snapshot(100)      # the first: all encoded
         jobs[7].priority = 5                    # once: its journal record is copied
         store.append({"job": jobs[7].stored()})
         for priority in (6, 8):                 # twice: only memory knows which is current
@@ -1952,10 +1957,7 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         self.assertEqual(records, {i: j.stored() for i, j in jobs.items()})
 
     def test_unwritten_or_failed_journal_lines_are_never_copied(self):
-        store = jr.Store(self.dir, fsync=False)
-        store.load()
-        jobs = {i: self.job(i) for i in range(1, 4)}
-        store.snapshot({"next_id": 4, "paused": False}, jobs)
+        store, jobs = self.first_snapshot(3)
         jobs[2].priority = 3
         store.append({"job": jobs[2].stored()})     # appended, not yet written
         self.assertEqual(self.encoded_by_snapshot(store, 4, jobs), [2])
@@ -1970,10 +1972,7 @@ class CopyThroughSnapshotTest(unittest.TestCase):
             with self.subTest(damage=damage):
                 shutil.rmtree(self.dir)
                 os.makedirs(self.dir)
-                store = jr.Store(self.dir, fsync=False)
-                store.load()
-                jobs = {i: self.job(i) for i in range(1, 4)}
-                store.snapshot({"next_id": 4, "paused": False}, jobs)
+                store, jobs = self.first_snapshot(3)
                 jobs[4] = self.job(4)
                 store.append_records([4], [jr._encode(jobs[4].stored())])
                 store.commit()
@@ -2003,10 +2002,7 @@ class CopyThroughSnapshotTest(unittest.TestCase):
         self.assertEqual(records, {i: j.stored() for i, j in jobs.items()})
 
     def test_a_copy_that_gives_up_half_way_leaves_no_temp_file(self):
-        store = jr.Store(self.dir, fsync=False)
-        store.load()
-        jobs = {i: self.job(i) for i in range(1, 6)}
-        store.snapshot({"next_id": 6, "paused": False}, jobs)
+        store, jobs = self.first_snapshot(5)
         path = os.path.join(self.dir, "queue.json")
         with open(path, "rb") as f:
             data = f.read()
