@@ -19,10 +19,15 @@ Figures (name: what / baseline):
   jobctl_add          wall time of `jobctl add` / `sys.executable -c "import socket, json"`
   pending_N           RSS per pending job, restart time, and the enqueue rate with N pending /
                       the enqueue rate with 0 pending
+  machine_*           what this machine charges for the steps the figures above are made of,
+                      to compare machines by: one fdatasync; one copy-on-write page fault;
+                      fork + exit of a Python process holding what the zygote holds / the same
+                      without site-packages (`-S`)
 Every daemon runs from this checkout, in a fresh temp directory, with `sys.executable`.
 """
 
 import argparse
+import mmap
 import multiprocessing
 import py_compile
 import json
@@ -413,13 +418,95 @@ def _restart(d: Daemon) -> float:
     return d.start()
 
 
+# -- what the machine charges --------------------------------------------------------------------
+
+# The zygote's imports, then fork + _exit n times: CPU seconds (parent and child) per fork.
+FORK_PROBE = """
+import os, sys, gc, json, select, signal, socket, ctypes, fnmatch, importlib, resource, traceback
+gc.freeze()
+n = int(sys.argv[1])
+t = os.times()
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+u = os.times()
+print((u.user + u.system + u.children_user + u.children_system
+       - t.user - t.system - t.children_user - t.children_system) / n)
+"""
+
+
+def fork_cost(n: int, *flags: str) -> float:
+    out = subprocess.run([sys.executable, *flags, "-c", FORK_PROBE, str(n)], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out)
+
+
+def fdatasync_cost(n: int) -> float:
+    """Median seconds of a 100-byte append + fdatasync, where the daemons keep their state."""
+    with tempfile.TemporaryDirectory(prefix="jr-bench-") as root:
+        fd = os.open(os.path.join(root, "f"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                os.write(fd, b"x" * 99 + b"\n")
+                os.fdatasync(fd)
+                times.append(time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+    return statistics.median(times)
+
+
+def cow_fault_cost(pages: int) -> float:
+    """Seconds per copy-on-write fault: a child writes once to each of `pages` pages its
+    parent had written (minus the same loop again, once the pages are its own)."""
+    area = mmap.mmap(-1, pages * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    offsets = range(0, pages * mmap.PAGESIZE, mmap.PAGESIZE)
+    for i in offsets:
+        area[i] = 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            t0 = time.perf_counter()
+            for i in offsets:
+                area[i] = 2
+            t1 = time.perf_counter()
+            for i in offsets:
+                area[i] = 3
+            t2 = time.perf_counter()
+            os.write(w, repr(((t1 - t0) - (t2 - t1)) / pages).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return float(f.read())
+
+
+def bench_machine(sizes, runs):
+    n = sizes["machine"]
+    sync = measure(lambda: fdatasync_cost(n), runs)
+    fault = measure(lambda: cow_fault_cost(n * 50), runs)
+    fork, bare = measure_pair(lambda: fork_cost(n * 3, "-I"), lambda: fork_cost(n * 3, "-I", "-S"),
+                              runs)
+    return [figure("machine_fdatasync", "s", sync, None, "", higher_is_better=False),
+            figure("machine_cow_fault", "us", {k: v * 1e6 if k != "runs" else v
+                                               for k, v in fault.items()}, None, "",
+                   higher_is_better=False),
+            figure("machine_fork_exit", "s", fork, bare, "the same with -S (no site-packages)",
+                   higher_is_better=False, note="CPU, parent and child")]
+
+
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
-                 "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000]},
+                 "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
-              "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000]},
+              "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20},
 }
-GROUPS = ("enqueue", "noop", "latency", "jobctl", "pending")
+GROUPS = ("machine", "enqueue", "noop", "latency", "jobctl", "pending")
 
 
 def main(argv=None) -> int:
@@ -473,6 +560,8 @@ def fmt(value, unit, with_unit=True) -> str:
     if unit == "s":
         text = "%.2f ms" % (value * 1000) if value < 1 else "%.2f s" % value
         return text if with_unit else text.split()[0]
+    if unit == "us":
+        return "%.2f%s" % (value, " us" if with_unit else "")
     if unit == "jobs/s":
         return "%.0f%s" % (value, " jobs/s" if with_unit else "")
     return "%.0f%s" % (value, " " + unit if with_unit else "")

@@ -18,7 +18,8 @@ class BenchSmokeTest(unittest.TestCase):
         for name in ("enqueue_pipelined", "enqueue_batch", "enqueue_clients_1",
                      "enqueue_clients_16", "noop_jobs", "start_latency", "jobctl_add",
                      "rss_per_pending_job_5000", "restart_5000_pending",
-                     "enqueue_at_5000_pending"):
+                     "enqueue_at_5000_pending", "machine_fdatasync", "machine_cow_fault",
+                     "machine_fork_exit"):
             self.assertIn(name, names)
         for f in doc["figures"]:
             self.assertGreater(f["value"]["median"], 0, f)
