@@ -789,6 +789,10 @@ class Store:
         self.synced = self.size
         self.unsynced_since = None
 
+    def settled(self) -> bool:
+        """Whether every change handed to the store is durable."""
+        return not self.lines and self.unsynced_since is None and self.broken is None
+
     def sync_due(self) -> float | None:
         """When (monotonic) written changes must be synced at the latest; None if all are."""
         return None if self.unsynced_since is None else self.unsynced_since + SYNC_DELAY
@@ -2463,6 +2467,7 @@ class Daemon:
         self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
+        self.report_slots: list[list] = []         # replies that report an end not yet durable
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
         self.stopping = False
@@ -2679,7 +2684,9 @@ class Daemon:
     def commit(self, mark) -> None:
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
-        sync = bool(self.batch_slots) or any(job.id in self.waiters for job in self.jobs.changed)
+        ended = [job for job in self.jobs.changed if job.id in self.waiters]
+        self.jobs.changed.clear()
+        sync = bool(self.batch_slots or self.report_slots or ended)
         try:
             if self.store.broken is not None:
                 self.repair()
@@ -2692,16 +2699,25 @@ class Daemon:
             for slot in self.batch_slots:
                 slot[0] = encode_error("io_error", "the change could not be made durable (%s); "
                                        "nothing was changed" % (exc.strerror or exc))
+            # A job that ended (its process is gone: that is not undone) but whose end is not
+            # on disk: a reply that it ended would be an acknowledgement without the fsync.
+            not_durable = encode_error("io_error", "the job ended, but that could not be made "
+                                       "durable yet (%s); ask again" % (exc.strerror or exc))
+            for slot in self.report_slots:
+                slot[0] = not_durable
+            for job in ended:
+                if job.state in FINISHED:
+                    self.resolve_waiters(job, not_durable)
         else:
             self.jobs.untrack()
             for action in self.after_commit:
                 action()
             self.after_commit.clear()
+            for job in ended:
+                if job.state in FINISHED:
+                    self.resolve_waiters(job)
         self.batch_slots.clear()
-        for job in self.jobs.changed:
-            if job.state in FINISHED:
-                self.resolve_waiters(job)
-        self.jobs.changed.clear()
+        self.report_slots.clear()
         if self.store.broken is None and (self.compact_wanted or self.store.wants_compaction()):
             self.compact()
         self.log.flush()
@@ -2918,10 +2934,11 @@ class Daemon:
             print("jobrunnerd: cannot remove output of job %d: %s" % (job_id, exc),
                   file=sys.stderr)
 
-    def resolve_waiters(self, job: Job) -> None:
+    def resolve_waiters(self, job: Job, reply: bytes | None = None) -> None:
+        """Answer the waits for `job`, which has ended: with its record, or with `reply`."""
         for conn, slot, timer in self.waiters.pop(job.id, ()):
             Loop.cancel(timer)
-            slot[0] = encode_reply({"job": job.record(), "done": True})
+            slot[0] = reply or encode_reply({"job": job.record(), "done": True})
             self.dirty.add(conn)
             self.resume.add(conn)
 
@@ -3228,7 +3245,10 @@ class Daemon:
         job = self.find(req)
         timeout = get_seconds(req, "timeout", None, 0.0, MAX_DELAY, nullable=True)
         if job.state in FINISHED:
-            return {"job": job.record(), "done": True}
+            slot = [encode_reply({"job": job.record(), "done": True})]
+            if not self.store.settled():        # the end is written, its fsync still to come:
+                self.report_slots.append(slot)  # this pass's commit makes it durable first
+            return slot
         if timeout == 0:
             return {"job": job.record(), "done": False}
         slot = [None]

@@ -794,6 +794,55 @@ class DiskErrorInProcessTest(unittest.TestCase):
         self.assertEqual(self.on_disk(), acked)
         self.assertGreater(max(acked), 2)
 
+    def states_on_disk(self):
+        dup = self.state + "-copy-%d" % time.monotonic_ns()
+        shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
+        store = jr.Store(dup, fsync=False)
+        try:
+            return {i: r["state"] for i, r in store.load()[1].items()}
+        finally:
+            store.close()
+
+    def test_a_wait_never_reports_an_end_that_is_not_on_disk(self):
+        """That a job ended is bookkeeping (fsynced within SYNC_DELAY), but a `wait` that reports
+        it is an acknowledgement: while the disk fails, both a wait that was waiting when the
+        job ended and one that comes afterwards get io_error, never a false "succeeded"."""
+        job_id = self.call(op="add", target=TARGET, args=["w"])["id"]
+        eio = OSError(errno.EIO, "injected EIO")
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            waiting = self.call(op="wait", id=job_id, timeout=60)     # the job runs meanwhile
+            self.assertEqual(waiting["error"]["code"], "io_error", waiting)
+            self.assertEqual(self.d.jobs.jobs[job_id].state, "succeeded", "it did end")
+            after = self.call(op="wait", id=job_id)
+            self.assertEqual(after["error"]["code"], "io_error", after)
+            self.assertEqual(self.states_on_disk(), {job_id: "pending"})
+
+        def healed():
+            reply = self.call(op="wait", id=job_id)
+            if not reply["ok"]:
+                self.assertEqual(reply["error"]["code"], "io_error", reply)
+            return reply["ok"] and reply
+        reply = wait_until(healed, 10, interval=0.05, message="a wait to succeed after the EIO")
+        self.assertEqual(reply["job"]["state"], "succeeded", reply)
+        self.assertEqual(self.states_on_disk(), {job_id: "succeeded"})
+
+    def test_a_wait_for_an_ended_job_makes_the_end_durable_first(self):
+        with mock.patch.object(jr, "SYNC_DELAY", 3600):     # the end stays written, unsynced
+            job_id = self.call(op="add", target=TARGET, args=["s"])["id"]
+
+            def ended():
+                self.d.run_pass(0.01)
+                return self.d.jobs.jobs[job_id].state == "succeeded"
+            wait_until(ended, 20, interval=0, message="the job to end")
+            self.assertIsNotNone(self.d.store.sync_due(), "the end should not be synced yet")
+            self.assertEqual(self.states_on_disk()[job_id], "succeeded", "but written")
+            with mock.patch.object(jr.os, "fdatasync", wraps=os.fdatasync) as fdatasync:
+                reply = self.call(op="wait", id=job_id)
+            self.assertEqual(reply["job"]["state"], "succeeded", reply)
+            self.assertGreaterEqual(fdatasync.call_count, 1, "replied before the fsync")
+            self.assertIsNone(self.d.store.sync_due())
+
 
 ####################################################################################################
 #  A job that ignores SIGTERM, running when the daemon is SIGKILLed
