@@ -27,8 +27,9 @@ One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
     jobs -> client requests (and, before an fsync, a moment's wait for other
     busy clients: gather) -> ONE journal write (+ fsync) -> replies and log
-    lines go out. A reply that reports a change is never sent before the change
-    is fsynced; if the write fails, that pass's client changes are undone and
+    lines go out, and attempts whose start (pid) was just written get their job
+    spec. A reply that reports a change is never sent before the change is
+    fsynced; if the write fails, that pass's client changes are undone and
     answered with io_error. Changes no reply waits for (attempts starting and
     ending) are written at once and fsynced within SYNC_DELAY.
 
@@ -1414,7 +1415,7 @@ class Attempt:
 
     __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
                  "out_size", "out_capped", "chan", "chan_out", "chan_in", "started",
-                 "stop_reason", "timers", "status")
+                 "stop_reason", "timers", "status", "released")
 
     def __init__(self, job: Job, number: int, token: int):
         self.job = job
@@ -1425,8 +1426,9 @@ class Attempt:
         self.out_fd = self.out_file = self.chan = None
         self.out_size = 0
         self.out_capped = False
-        self.chan_out = bytearray()
+        self.chan_out = bytearray()             # the job spec, held until release()
         self.chan_in = bytearray()
+        self.released = False
         self.started = time.monotonic()
         self.stop_reason: str | None = None     # "timeout", "cancel", "shutdown"
         self.timers: list = []
@@ -1505,8 +1507,11 @@ def _tell(msg):
 
 def _start_time(pid):
     try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)     # no file object: on the job's
+        try:                                                # way to its start
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
         return int(data[data.rindex(b")") + 2:].split()[19])
     except (OSError, ValueError, IndexError):
         return None
@@ -1756,7 +1761,8 @@ class Zygote:
 class Runner:
     """Starts attempts as fresh child processes and watches them.
 
-    For callers: start(job, number) -> Attempt, stop(attempt, reason), reap() after SIGCHLD,
+    For callers: start(job, number) -> Attempt, release(attempt) once its pid is on record (the
+    process waits for that before it runs the job), stop(attempt, reason), reap() after SIGCHLD,
     restart() on SIGHUP, close() at exit, and `active` (token -> Attempt, starting or running).
     It reports through three callbacks: on_started(att) once the pid is known, on_exit(att)
     once the process has exited and its pipes are drained, on_start_failed(att, error) when no
@@ -1842,7 +1848,6 @@ class Runner:
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
         self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
-        self._send_spec(att)            # now, not a loop pass later (the socket buffers it)
         self._chan_events(att)
         if zygote is None:
             self.started(att, pid, proc_start_time(pid))
@@ -1870,6 +1875,18 @@ class Runner:
             reason, att.stop_reason = att.stop_reason, None
             self.stop(att, reason)
 
+    def release(self, att: Attempt) -> None:
+        """Let the attempt's process run the job: send it the spec it waits for. The daemon
+        calls this once the attempt's pid is written to the journal: were the daemon killed
+        before that, a restart would not know which process group to kill, and what the job
+        had started could run on beside its next attempt."""
+        if att.released or att.stop_reason is not None or att.chan is None:
+            return
+        att.released = True
+        self._send_spec(att)
+        if att.chan is not None:
+            self._chan_events(att)
+
     def start_failed(self, att: Attempt, error: str) -> None:
         self.active.pop(att.token, None)
         self._close(att)
@@ -1878,11 +1895,12 @@ class Runner:
     # -- pipes -------------------------------------------------------------------------------
 
     def _chan_events(self, att: Attempt) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if att.chan_out else 0)
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if att.chan_out and att.released
+                                         else 0)
         self.loop.watch(att.chan.fileno(), events, "internal", lambda m: self._on_chan(att, m))
 
     def _on_chan(self, att: Attempt, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and att.chan_out:
+        if mask & selectors.EVENT_WRITE and att.chan_out and att.released:
             self._send_spec(att)
             if not att.chan_out and att.chan is not None:
                 self._chan_events(att)
@@ -2468,6 +2486,7 @@ class Daemon:
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
         self.report_slots: list[list] = []         # replies that report an end not yet durable
+        self.starting: list[Attempt] = []          # started this pass: released after the write
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
         self.stopping = False
@@ -2718,6 +2737,12 @@ class Daemon:
                     self.resolve_waiters(job)
         self.batch_slots.clear()
         self.report_slots.clear()
+        # Written (a crash of the daemon keeps it; its fsync may follow, since a crash of the
+        # machine leaves no process behind), or the disk failed: then the job runs anyway,
+        # and the full snapshot that repairs the store records it.
+        for att in self.starting:
+            self.runner.release(att)
+        self.starting.clear()
         if self.store.broken is None and (self.compact_wanted or self.store.wants_compaction()):
             self.compact()
         self.log.flush()
@@ -2847,6 +2872,7 @@ class Daemon:
             self.jobs.transition(job, RUNNING, pid=att.pid, changes={
                 "attempts": att.number, "pid": att.pid, "pid_start": att.pid_start,
                 "exit_code": None, "error": None, "result": None})
+            self.starting.append(att)   # runs the job once this pass's commit wrote that
 
     def attempt_start_failed(self, att: Attempt, error: str) -> None:
         """The runner's report: no process could be made for `att` (the zygote failed)."""

@@ -681,9 +681,10 @@ class DiskFullTest(DaemonTestCase):
 #  EIO from fdatasync in a real Daemon object
 ####################################################################################################
 
-class DiskErrorInProcessTest(unittest.TestCase):
-    """A Daemon object in this process (start_method spawn, no job ever runs), driven one loop
-    pass at a time, with os.fdatasync and os.fsync failing with EIO while the test says so."""
+class InProcessDaemonCase(unittest.TestCase):
+    """A Daemon object in this process, driven one loop pass at a time by call()."""
+
+    START_METHOD = "spawn"
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory(prefix="jr-eio-")
@@ -692,7 +693,7 @@ class DiskErrorInProcessTest(unittest.TestCase):
         self.state = os.path.join(root, "state")
         cfg = jr.load_config(None, {"socket": os.path.join(root, "d.sock"),
                                     "state_dir": self.state, "log_dir": os.path.join(root, "logs"),
-                                    "start_method": "spawn", "workers": 1,
+                                    "start_method": self.START_METHOD, "workers": 1,
                                     "job_paths": [ROOT]})
         handlers = {s: signal.getsignal(s) for s in (signal.SIGCHLD, signal.SIGTERM,
                                                      signal.SIGINT, signal.SIGHUP)}
@@ -758,6 +759,11 @@ class DiskErrorInProcessTest(unittest.TestCase):
             return {i: r["args"][0] for i, r in store.load()[1].items()}
         finally:
             store.close()
+
+
+
+class DiskErrorInProcessTest(InProcessDaemonCase):
+    """With os.fdatasync and os.fsync failing with EIO while the test says so."""
 
     def test_eio_on_fdatasync_is_refused_undone_and_repaired(self):
         acked = {}
@@ -842,6 +848,36 @@ class DiskErrorInProcessTest(unittest.TestCase):
             self.assertEqual(reply["job"]["state"], "succeeded", reply)
             self.assertGreaterEqual(fdatasync.call_count, 1, "replied before the fsync")
             self.assertIsNone(self.d.store.sync_due())
+
+
+class JobRunsOnceItsStartIsWrittenTest(InProcessDaemonCase):
+    """The job's process gets its spec (and so runs the job) only once the journal holds its
+    pid: a daemon killed in between would otherwise restart not knowing which process group to
+    kill, and what the job had started could run on beside its next attempt."""
+
+    def test_the_spec_goes_out_only_after_the_pid_is_written(self):
+        journal = os.path.join(self.state, "journal.jsonl")
+        seen = []
+        send_spec = jr.Runner._send_spec
+
+        def spying(runner, att):
+            with open(journal, "rb") as f:
+                seen.append((att.pid, f.read()))
+            return send_spec(runner, att)
+        with mock.patch.object(jr.Runner, "_send_spec", spying):
+            job_id = self.call(op="add", target=TARGET, args=["x"])["id"]
+            reply = self.call(op="wait", id=job_id, timeout=60)
+        self.assertEqual(reply["job"]["state"], "succeeded", reply)
+        self.assertTrue(seen, "the spec was never sent")
+        pid, written = seen[0]
+        self.assertIsNotNone(pid, "the spec went out before the pid was known")
+        records = [json.loads(line).get("job") for line in written.splitlines()]
+        self.assertIn((job_id, "running", pid), [(r["id"], r["state"], r.get("pid"))
+                                                 for r in records if r])
+
+
+class JobRunsOnceItsStartIsWrittenZygoteTest(JobRunsOnceItsStartIsWrittenTest):
+    START_METHOD = "zygote"
 
 
 ####################################################################################################
