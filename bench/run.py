@@ -17,8 +17,8 @@ Figures (name: what / baseline):
                       `sys.executable -I -S -c pass`
   start_latency       enqueue -> the job's code running, idle worker, zygote / spawn mode
   jobctl_add          wall time of `jobctl add` / `sys.executable -c "import socket, json"`
-  pending_N           RSS per pending job, restart time, and the enqueue rate with N pending /
-                      the enqueue rate with 0 pending
+  pending_N           RSS per pending job (one sample); restart time / the same with 0 pending;
+                      the enqueue rate with N pending / the same with 0 pending
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -384,8 +384,7 @@ def bench_pending(n: int, sizes, runs):
         full_rate, empty_rate = measure_pair(
             lambda: pipelined_adds(d.socket, sizes["pipelined"]),
             lambda: _reset(empty) and pipelined_adds(empty.socket, sizes["pipelined"]), runs)
-        d.stop(cleanup=False)
-        restart = measure(lambda: _restart(d), runs)
+        restart, restart_empty = measure_pair(lambda: _restart(d), lambda: _restart(empty), runs)
         rss2 = d.rss()
     finally:
         d.stop()
@@ -395,7 +394,8 @@ def bench_pending(n: int, sizes, runs):
         figure("rss_per_pending_job_%d" % n, "bytes", {"median": per_job, "min": per_job,
                "max": per_job, "runs": 1}, None, "", higher_is_better=False,
                note="after a restart: %.0f bytes/job" % (rss2 / n)),
-        figure("restart_%d_pending" % n, "s", restart, None, "", higher_is_better=False),
+        figure("restart_%d_pending" % n, "s", restart, restart_empty, "0 pending",
+               higher_is_better=False),
         figure("enqueue_at_%d_pending" % n, "jobs/s", full_rate, empty_rate, "0 pending"),
     ]
 

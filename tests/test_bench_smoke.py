@@ -1,4 +1,5 @@
 """The benchmarks keep working: bench/run.py --quick --json runs every group at tiny sizes."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -6,12 +7,13 @@ import sys
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "run.py")
 
 
 class BenchSmokeTest(unittest.TestCase):
     def test_quick_run_reports_every_figure_with_its_baseline(self):
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick",
-                              "--json"], capture_output=True, text=True, timeout=300)
+        out = subprocess.run([sys.executable, BENCH, "--quick", "--json"], capture_output=True,
+                             text=True, timeout=300)
         self.assertEqual(out.returncode, 0, out.stderr[-3000:])
         doc = json.loads(out.stdout)
         names = {f["name"] for f in doc["figures"]}
@@ -22,9 +24,22 @@ class BenchSmokeTest(unittest.TestCase):
                      "machine_fork_exit"):
             self.assertIn(name, names)
         for f in doc["figures"]:
-            self.assertGreater(f["value"]["median"], 0, f)
+            value = f["value"]
+            self.assertGreater(value["median"], 0, f)
+            self.assertLessEqual(value["min"], value["median"], f)
+            self.assertLessEqual(value["median"], value["max"], f)
+            if f["name"].startswith(("enqueue", "noop", "start", "jobctl", "restart",
+                                     "machine_fork")):
+                self.assertIsNotNone(f["baseline"], f)
             if f["baseline"] is not None:
                 self.assertGreater(f["ratio"], 0, f)
+                self.assertAlmostEqual(f["ratio"], value["median"] / f["baseline"]["median"])
+        spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        text = bench.render(doc)            # what people read: a line per figure
+        for f in doc["figures"]:
+            self.assertIn(f["name"], text)
 
 
 if __name__ == "__main__":
