@@ -21,6 +21,39 @@ JOBCTL = os.path.join(ROOT, "jobctl.py")
 sys.path.insert(0, ROOT)
 
 
+def in_process_daemon(test: unittest.TestCase, cfg):
+    """A jobrunnerd Daemon object set up in this process, for tests that drive it one loop
+    pass at a time. The signal handlers and wakeup fd it installs are put back, and it is
+    dropped at cleanup as a crash would drop it: its files closed, nothing more written."""
+    import jobrunnerd
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGCHLD, signal.SIGTERM,
+                                                 signal.SIGINT, signal.SIGHUP)}
+    old_wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(old_wakeup)
+
+    def restore():
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    test.addCleanup(restore)
+    daemon = jobrunnerd.Daemon(cfg)
+
+    def drop():
+        for conn in list(daemon.conns):
+            daemon.close(conn)
+        for sock in (daemon.listener, daemon.wake_r, daemon.wake_w):
+            if sock is not None:
+                sock.close()
+        daemon.runner.close()
+        if daemon.log is not None:
+            daemon.log.close()
+        daemon.loop.sel.close()
+        daemon.store.close()
+    test.addCleanup(drop)
+    daemon.setup()
+    return daemon
+
+
 def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
     """Poll `predicate` until it returns a true value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -46,7 +46,7 @@ import traceback
 import unittest
 from unittest import mock
 
-from tests.support import ROOT, DaemonTestCase, Raw, wait_until
+from tests.support import ROOT, DaemonTestCase, Raw, in_process_daemon, wait_until
 
 import jobrunnerd as jr  # noqa: E402  (tests.support put ROOT on sys.path)
 
@@ -695,41 +695,15 @@ class InProcessDaemonCase(unittest.TestCase):
                                     "state_dir": self.state, "log_dir": os.path.join(root, "logs"),
                                     "start_method": self.START_METHOD, "workers": 1,
                                     "job_paths": [ROOT]})
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGCHLD, signal.SIGTERM,
-                                                     signal.SIGINT, signal.SIGHUP)}
-        old_wakeup = signal.set_wakeup_fd(-1)
-        signal.set_wakeup_fd(old_wakeup)
-
-        def restore():
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        self.addCleanup(restore)
         self.stderr = io.StringIO()         # what the daemon prints about failed writes
         patcher = mock.patch.object(sys, "stderr", self.stderr)
         patcher.start()
         self.addCleanup(patcher.stop)
-        self.d = jr.Daemon(cfg)
-        self.addCleanup(self.close_daemon)
-        self.d.setup()
+        self.d = in_process_daemon(self, cfg)
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn.connect(cfg.socket)
         self.addCleanup(self.conn.close)
         self.inbuf = b""
-
-    def close_daemon(self):
-        """Drop the daemon as a crash would: close its files, write nothing more."""
-        d = self.d
-        for conn in list(d.conns):
-            d.close(conn)
-        for sock in (d.listener, d.wake_r, d.wake_w):
-            if sock is not None:
-                sock.close()
-        d.runner.close()
-        if d.log is not None:
-            d.log.close()
-        d.loop.sel.close()
-        d.store.close()
 
     def call(self, **req):
         self.conn.sendall(json.dumps(req).encode() + b"\n")

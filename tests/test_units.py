@@ -37,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jobrunnerd as jr  # noqa: E402
+from tests.support import in_process_daemon  # noqa: E402
 
 # SPEC §3: the documented ops. Kept here literally so that a new handler needs a SPEC change.
 SPEC_OPS = "hello add add_batch get list cancel retry wait output stats pause resume prune".split()
@@ -2041,9 +2042,6 @@ class ZygoteFallbackTest(unittest.TestCase):
             self.assertEqual(runner.active, {})
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class AttemptReportTest(unittest.TestCase):
     """What a child writes to fd 3 is job code's to choose: only what the journal can hold is
@@ -2075,12 +2073,7 @@ class GroupCommitTest(TempCase):
     def make_daemon(self):
         cfg = jr.load_config(None, {"socket": self.path("s.sock"), "state_dir": self.path("state"),
                                     "log_dir": self.path("logs"), "start_method": "spawn"})
-        daemon = jr.Daemon(cfg)
-        daemon.setup()
-        self.addCleanup(daemon.store.close)
-        self.addCleanup(daemon.log.close)
-        self.addCleanup(daemon.listener.close)
-        return daemon
+        return in_process_daemon(self, cfg)
 
     def connect(self, daemon):
         ours, theirs = socket.socketpair()
@@ -2152,3 +2145,7 @@ class GroupCommitTest(TempCase):
         daemon.gather()
         self.assertLess(time.monotonic() - started, 10 * jr.GATHER_MAX + 0.5)
         self.assertEqual((lone.slots, busy.slots), ([], []))
+
+
+if __name__ == "__main__":
+    unittest.main()
