@@ -164,6 +164,29 @@ class AddTest(CliCase):
 #  Exit codes and errors
 ####################################################################################################
 
+class AddStdinTest(CliCase):
+
+    def test_thousands_of_jobs_go_in_batches_by_count_and_by_bytes(self):
+        # 2,500 small jobs (batches of 1000), then 600 of ~2.5 KB: 1.5 MB, more than one request
+        # may carry (max_request_bytes, 1 MiB), so only the byte limit keeps this working.
+        big = "x" * 2500
+        lines = [{"target": "examples.jobs:echo", "args": [i], "delay": 3600} for i in range(2500)]
+        lines += [{"target": "examples.jobs:echo", "args": [big, i], "delay": 3600}
+                  for i in range(600)]
+        text = "".join(json.dumps(job) + "\n" for job in lines) + "\n"    # a blank line: skipped
+        proc = self.ctl("add", "--stdin", input=text, timeout=120)
+        self.assertEqual([int(x) for x in proc.stdout.split()], list(range(1, 3101)))
+        self.assertEqual(self.daemon.call(op="stats")["counts"]["pending"], 3100)
+        self.assertEqual(self.daemon.get(2500)["args"], [2499])
+        self.assertEqual(self.daemon.get(3100)["args"], [big, 599])
+
+    def test_a_bad_line_adds_nothing(self):
+        text = json.dumps({"target": "examples.jobs:echo"}) + "\n" + "not json\n"
+        proc = self.ctl("add", "--stdin", input=text, code=2)
+        self.assertIn("stdin line 2", proc.stderr)
+        self.assertEqual(self.daemon.call(op="stats")["counts"]["pending"], 0)
+
+
 class ExitCodeTest(CliCase):
 
     def test_usage_errors_exit_2(self):
