@@ -77,7 +77,7 @@ MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failur
 READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
 MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop serving a client that does not read its replies
 MAX_LINES_PER_PASS = 1024             # per connection: one busy client cannot hold the loop
-MAX_UNHANDLED_INPUT = 4 * READ_CHUNK  # stop reading a client whose requests wait their turn
+MAX_UNHANDLED_INPUT = 4 * READ_CHUNK  # stop reading a client whose whole requests wait their turn
 IDLE_TIMEOUT = 60.0                   # seconds a half-sent request may sit before we hang up
 MAX_DELAY = 10 * 365 * 86400.0        # further out than this is a mistake, not a schedule
 MAX_RETRIES = 1000                    # more is a loop, not a retry policy
@@ -3152,8 +3152,11 @@ class Daemon:
         backlog = len(conn.outbuf) >= MAX_PENDING_OUTPUT
         if not backlog and not conn.waiting() and b"\n" in conn.inbuf:
             self.resume.add(conn)       # requests held back while its replies were unread
+        # Stop reading while whole requests wait their turn; a line still arriving is bounded
+        # by max_request_bytes instead (handle_input answers too_large past it), whatever
+        # that is set to.
         reading = not conn.eof and not conn.waiting() and not backlog \
-            and len(conn.inbuf) < MAX_UNHANDLED_INPUT
+            and (len(conn.inbuf) < MAX_UNHANDLED_INPUT or b"\n" not in conn.inbuf)
         events = (selectors.EVENT_READ if reading else 0) | \
             (selectors.EVENT_WRITE if conn.outbuf else 0)
         if events:

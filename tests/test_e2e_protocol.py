@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import re
+import select
 import signal
 import socket
 import time
@@ -731,6 +732,63 @@ class TooLargeTest(ProtocolTestCase):
             self.assertEqual(c.file.readline(), b"")
         self.assertOk(self.call(op="hello"), "protocol", "version")
         self.assertEqual(self.all_ids(), [1])
+
+
+def send_reading(sock, data: bytes, timeout: float) -> bytes:
+    """Send `data` in 64 KiB pieces as jobctl does, reading replies meanwhile; return what was
+    read by the time the daemon hung up (or everything was sent and a reply line came)."""
+    got, pos, deadline = b"", 0, time.monotonic() + timeout
+    sock.setblocking(False)
+    while time.monotonic() < deadline:
+        readable, writable, _ = select.select([sock], [sock] if pos < len(data) else [], [],
+                                              max(deadline - time.monotonic(), 0))
+        if readable:
+            try:
+                chunk = sock.recv(1 << 16)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return got
+            got += chunk
+            if pos == len(data) and got.endswith(b"\n"):
+                return got
+        if writable:
+            try:
+                pos += sock.send(data[pos:pos + 65536])
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                pos = len(data)
+    raise AssertionError("no answer within %gs (%d of %d bytes sent, got %r)"
+                         % (timeout, pos, len(data), got[:200]))
+
+
+class LongLineTest(ProtocolTestCase):
+    """A line longer than max_request_bytes, arriving in pieces: too_large at once, not a
+    stalled connection (the daemon used to stop reading at 1 MiB of unhandled input, before
+    the line was known to be too long, and hang up 60 s later)."""
+
+    def test_too_large_at_the_default_limit_while_the_client_keeps_sending(self):
+        jobs = [{"target": T, "args": ["x" * 2500, i]} for i in range(600)]       # ~1.5 MB
+        line = json.dumps({"op": "add_batch", "jobs": jobs}).encode() + b"\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(self.daemon.socket)
+            got = send_reading(sock, line, timeout=20)
+        self.assertEqual(json.loads(got.split(b"\n")[0])["error"]["code"], "too_large", got)
+        self.assertEqual(self.all_ids(), [])
+
+
+class LongLimitTest(ProtocolTestCase):
+    config = dict(ProtocolTestCase.config, max_request_bytes=3 * 1024 * 1024)
+
+    def test_a_request_longer_than_a_mebibyte_is_served_when_the_limit_allows(self):
+        jobs = [{"target": T, "args": ["x" * 2500, i]} for i in range(800)]       # ~2 MB
+        line = json.dumps({"op": "add_batch", "jobs": jobs}).encode() + b"\n"
+        self.assertGreater(len(line), 2 * 1024 * 1024 - 100_000)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(self.daemon.socket)
+            got = send_reading(sock, line, timeout=30)
+        self.assertEqual(json.loads(got)["ids"], list(range(1, 801)))
 
 
 class QueueFullTest(ProtocolTestCase):
