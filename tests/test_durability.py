@@ -952,5 +952,49 @@ class StubbornOrphanTest(DaemonTestCase):
         self.assertEqual(events[3].get("pid"), str(result["pid"]))
 
 
+class ReusedPidTest(unittest.TestCase):
+    """Jobs found `running` at start-up: a process with the recorded pid is killed only if it
+    also has the recorded start time; one that merely got the pid again is left alone."""
+
+    def test_only_the_process_with_the_recorded_start_time_is_killed(self):
+        tmp = tempfile.TemporaryDirectory(prefix="jr-pid-")
+        self.addCleanup(tmp.cleanup)
+        procs = []
+        for _ in range(2):      # stand-ins: each leads its own process group, as attempts do
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                    start_new_session=True)
+            self.addCleanup(proc.wait)
+            self.addCleanup(proc.kill)
+            procs.append(proc)
+        ours, stranger = procs
+        state = os.path.join(tmp.name, "state")
+        os.mkdir(state)
+        store = jr.Store(state, fsync=False)
+        store.load()
+        now = time.time()
+        jobs = [jr.Job(id=i, target=TARGET, method=None, args=[i], kwargs={}, priority=0,
+                       state="running", attempts=1, retries=3, retry_delay=1.0,
+                       backoff="exponential", timeout=None, created_at=now, run_at=now, uid=0,
+                       pid=proc.pid, pid_start=jr.proc_start_time(proc.pid) - (i == 2))
+                for i, proc in ((1, ours), (2, stranger))]
+        store.snapshot({"next_id": 3, "paused": True}, jobs)
+        store.close()
+        cfg = jr.load_config(None, {"socket": os.path.join(tmp.name, "d.sock"),
+                                    "state_dir": state, "log_dir": os.path.join(tmp.name, "logs"),
+                                    "start_method": "spawn", "job_paths": [ROOT]})
+        with mock.patch.object(sys, "stderr", io.StringIO()):
+            daemon = in_process_daemon(self, cfg)
+        self.assertEqual(ours.wait(timeout=10), -signal.SIGKILL, "the attempt's own process")
+        self.assertIsNone(stranger.poll(), "a process that only reuses the pid was killed")
+        for job_id in (1, 2):
+            job = daemon.jobs.jobs[job_id]
+            self.assertEqual((job.state, job.pid), ("pending", None))
+            self.assertIn("interrupted", job.error)
+        daemon.log.flush()
+        with open(os.path.join(tmp.name, "logs", "background_jobs.log")) as f:
+            interrupted = [line for line in f if " event=interrupted " in line]
+        self.assertEqual(len(interrupted), 2, interrupted)
+
+
 if __name__ == "__main__":
     unittest.main()
