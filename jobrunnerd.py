@@ -965,6 +965,8 @@ class JobTable:
         counts    jobs per state;  keys  unique key -> id of the live job holding it
         ids       every id, ascending (for `list ... after_id`)
         by_state  state -> ids in it (so `list --state failed` never scans a million pending)
+        by_target target -> its ids, ascending (so `list --target 'reports.*'` reads the jobs
+                  of the targets that match, not every job); built at its first use
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
     entries with an old token are skipped when they surface.
@@ -985,6 +987,7 @@ class JobTable:
         self.finished: list[tuple] = []
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
+        self.by_target: dict[str, list[int]] | None = None
         self.keys: dict[str, int] = {}
         self.next_id = 1
         self.paused = False
@@ -1054,6 +1057,8 @@ class JobTable:
                 self._undo[job.id] = (job, None)
             self.jobs[job.id] = job
             self.ids.append(job.id)
+            if self.by_target is not None:
+                self.by_target.setdefault(job.target, []).append(job.id)
             self._index(job, now)
             jobs.append(job)
         self.log.queued(now, jobs)
@@ -1120,6 +1125,13 @@ class JobTable:
             del self.jobs[job.id]
         gone = {job.id for job in jobs}
         self.ids = [i for i in self.ids if i not in gone]
+        if self.by_target is not None:
+            for target in {job.target for job in jobs}:
+                kept = [i for i in self.by_target[target] if i not in gone]
+                if kept:
+                    self.by_target[target] = kept
+                else:
+                    del self.by_target[target]
         self.store.append({"del": sorted(gone)})
 
     # -- undo (a failed journal write) -------------------------------------------------------
@@ -1147,10 +1159,11 @@ class JobTable:
             if values is None:                  # created since track(): forget it
                 if present:
                     del self.jobs[job_id]
-                    if self.ids[-1] == job_id:  # the newest: at the end (no O(n) remove)
-                        self.ids.pop()
-                    else:
-                        self.ids.remove(job_id)
+                    self._forget_id(self.ids, job_id)
+                    if self.by_target is not None:
+                        self._forget_id(self.by_target[job.target], job_id)
+                        if not self.by_target[job.target]:
+                            del self.by_target[job.target]
                 continue
             token = job.token                   # past every heap entry made for it meanwhile
             for name, value in zip(Job.__slots__, values):
@@ -1159,10 +1172,24 @@ class JobTable:
             if not present:                     # pruned since track(): back in
                 self.jobs[job_id] = job
                 bisect.insort(self.ids, job_id)
+                if self.by_target is not None:
+                    bisect.insort(self.by_target.setdefault(job.target, []), job_id)
             self._index(job)
         if self._undo_paused is not None:
             self.paused = self._undo_paused
         self.untrack()
+
+    @staticmethod
+    def _ids_after(ids: list[int], after_id: int):
+        """The ids > after_id of an ascending list, lazily (no copy, no skipping through)."""
+        return map(ids.__getitem__, range(bisect.bisect_right(ids, after_id), len(ids)))
+
+    @staticmethod
+    def _forget_id(ids: list[int], job_id: int) -> None:
+        if ids[-1] == job_id:                   # the newest: at the end (no O(n) remove)
+            ids.pop()
+        else:
+            ids.remove(job_id)
 
     # -- questions ---------------------------------------------------------------------------
 
@@ -1220,22 +1247,40 @@ class JobTable:
 
     def select(self, state: str | None, pattern: str | None, after_id: int,
                limit: int) -> list[Job]:
-        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`."""
+        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`:
+        read from the smallest of every id, the state's ids and the matching targets' ids."""
+        jobs = self.jobs
+        targets = None
+        if pattern is not None:
+            if self.by_target is None:          # once; kept up to date from then on
+                self.by_target = {}
+                for job_id in self.ids:
+                    self.by_target.setdefault(jobs[job_id].target, []).append(job_id)
+            targets = {t for t in self.by_target if fnmatch.fnmatchcase(t, pattern)}
+            if not targets:
+                return []
+            if len(targets) == len(self.by_target):
+                targets = None                  # every job matches: as without a pattern
+        in_targets = len(self.ids) if targets is None else \
+            sum(len(self.by_target[t]) for t in targets)
+        if state is not None and self.counts[state] * 8 < in_targets:
+            # A rare state: its own ids (unordered), the smallest `limit` of those that match.
+            found = heapq.nsmallest(limit, (
+                i for i in self.by_state[state]
+                if i > after_id and (targets is None or jobs[i].target in targets)))
+            return [jobs[i] for i in found]
+        if targets is None:
+            candidates = self._ids_after(self.ids, after_id)
+        else:
+            candidates = heapq.merge(*(self._ids_after(self.by_target[t], after_id)
+                                       for t in targets))
         out = []
-        ids = self.ids
-        if state is not None and self.counts[state] * 8 < len(ids):
-            # A rare state: look at its own ids, not at every job.
-            ids = sorted(i for i in self.by_state[state] if i > after_id)
-            after_id = 0
-        for i in range(bisect.bisect_right(ids, after_id), len(ids)):
-            job = self.jobs[ids[i]]
-            if state is not None and job.state != state:
-                continue
-            if pattern is not None and not fnmatch.fnmatchcase(job.target, pattern):
-                continue
-            out.append(job)
-            if len(out) >= limit:
-                break
+        for job_id in candidates:
+            job = jobs[job_id]
+            if state is None or job.state == state:
+                out.append(job)
+                if len(out) >= limit:
+                    break
         return out
 
 

@@ -13,6 +13,7 @@ import ast
 import collections
 import contextlib
 import errno
+import fnmatch
 import functools
 import glob
 import io
@@ -194,6 +195,11 @@ class TableCase(TempCase):
                                       if j.key is not None and j.state in jr.LIVE})
         self.assertEqual(table.by_state, {s: {j.id for j in table.jobs.values() if j.state == s}
                                           for s in jr.STATES})
+        if table.by_target is not None:
+            expected = collections.defaultdict(list)
+            for job_id in table.ids:
+                expected[table.jobs[job_id].target].append(job_id)
+            self.assertEqual(table.by_target, dict(expected))
 
 
 class TransitionTest(TableCase):
@@ -495,6 +501,62 @@ class QueueTest(TableCase):
         self.assertEqual(ids("pending", "*:Thing", 5, 1), [7])
         self.assertEqual(ids(None, None, 10, 100), [])
         self.assertEqual(ids(None, None, 0, 1), [1])
+
+    def test_select_matches_a_full_scan_through_random_changes_and_undo(self):
+        # Every path of select() (all ids, a rare state's ids, the matching targets' ids) and
+        # the target index it builds on first use, against filtering every job by hand.
+        rng = random.Random(7)
+        table = self.make_table()
+        targets = ["examples.jobs:A", "examples.jobs:B", "examples.other:C", "reports.x:D"]
+        patterns = [None, "examples.jobs:*", "*:C", "reports.*", "*", "nomatch.*"]
+
+        def check():
+            for _ in range(6):
+                state = rng.choice([None, None] + list(jr.STATES))
+                pattern, limit = rng.choice(patterns), rng.choice([1, 3, 50, 1000])
+                after = rng.choice([0, 0, rng.randrange(0, table.next_id + 2)])
+                expected = [i for i in sorted(table.jobs) if i > after
+                            and (state is None or table.jobs[i].state == state)
+                            and (pattern is None or fnmatch.fnmatchcase(table.jobs[i].target,
+                                                                         pattern))][:limit]
+                got = [j.id for j in table.select(state, pattern, after, limit)]
+                self.assertEqual(got, expected, (state, pattern, after, limit))
+            self.assert_consistent(table)
+
+        def change():
+            live = list(table.jobs.values())
+            roll = rng.random()
+            if roll < 0.45 or not live:
+                now = self.clock()
+                table.create(now, [dict(target=rng.choice(targets), method=None, args=[],
+                                        kwargs={}, priority=0, run_at=now, retries=0,
+                                        retry_delay=1.0, backoff="exponential", timeout=None,
+                                        key=None, uid=0) for _ in range(rng.randint(1, 4))])
+                return
+            job = rng.choice(live)
+            if job.state == jr.PENDING:
+                if roll < 0.7:
+                    table.transition(job, jr.CANCELLED)
+                else:
+                    self.start(table, job)
+            elif job.state == jr.RUNNING:
+                table.transition(job, jr.SUCCEEDED)
+            else:
+                table.remove([j for j in live if j.state in jr.FINISHED][:rng.randint(1, 5)])
+
+        for step in range(400):
+            if rng.random() < 0.2:
+                table.track()
+                for _ in range(rng.randint(1, 4)):
+                    change()
+                table.undo()
+            else:
+                change()
+            self.clock.advance(1)
+            if step % 5 == 0:
+                check()
+        self.assertIsNotNone(table.by_target, "the target index was used")
+        check()
 
     def test_finished_before_keeps_busy_jobs_for_later(self):
         table = self.make_table()
