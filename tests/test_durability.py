@@ -687,6 +687,10 @@ class InProcessDaemonCase(unittest.TestCase):
     START_METHOD = "spawn"
 
     def setUp(self):
+        self.boot()
+
+    def boot(self):
+        """A new daemon on a new state_dir (self.d, self.conn, self.state)."""
         tmp = tempfile.TemporaryDirectory(prefix="jr-eio-")
         self.addCleanup(tmp.cleanup)
         root = tmp.name
@@ -734,6 +738,27 @@ class InProcessDaemonCase(unittest.TestCase):
         finally:
             store.close()
 
+    def states_on_disk(self, lost=None):
+        """The jobs (id -> state) a restart would load. `lost` = (inode, start, end): what a
+        failed fsync of that file lost (Linux may drop such pages while reads still see them
+        until they are evicted): zeros in the copy, if the file is still there."""
+        dup = self.state + "-copy-%d" % time.monotonic_ns()
+        shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
+        if lost is not None:
+            for name in os.listdir(self.state):
+                path = os.path.join(self.state, name)
+                if os.path.isfile(path) and os.stat(path).st_ino == lost[0]:
+                    with open(os.path.join(dup, name), "r+b") as f:
+                        size = f.seek(0, os.SEEK_END)
+                        if size > lost[1]:
+                            f.seek(lost[1])
+                            f.write(b"\0" * (min(lost[2], size) - lost[1]))
+        store = jr.Store(dup, fsync=False)
+        try:
+            return {i: r["state"] for i, r in store.load()[1].items()}
+        finally:
+            store.close()
+
 
 
 class DiskErrorInProcessTest(InProcessDaemonCase):
@@ -774,14 +799,75 @@ class DiskErrorInProcessTest(InProcessDaemonCase):
         self.assertEqual(self.on_disk(), acked)
         self.assertGreater(max(acked), 2)
 
-    def states_on_disk(self):
-        dup = self.state + "-copy-%d" % time.monotonic_ns()
-        shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
-        store = jr.Store(dup, fsync=False)
-        try:
-            return {i: r["state"] for i, r in store.load()[1].items()}
-        finally:
-            store.close()
+    def test_a_failure_at_each_call_of_each_write_path_never_gives_a_false_ok(self):
+        # os.write (ENOSPC), os.fdatasync and os.fsync (EIO) on the state files fail once, at
+        # their Nth call; a mix of changing requests runs. Every reply that said ok is on
+        # disk, every io_error left nothing, the state loads, and the daemon serves on.
+        # Snapshots every few changes (a journal over 600 bytes), so that their writes and
+        # fsyncs are among the calls that fail.
+        for name, code in (("write", errno.ENOSPC), ("fdatasync", errno.EIO),
+                           ("fsync", errno.EIO)):
+            for n in range(1, 9):
+                with self.subTest(fails=name, at_call=n), \
+                        mock.patch.object(jr, "JOURNAL_MIN_COMPACT", 600):
+                    self.boot()
+                    self.sweep_once(name, code, n)
+
+    def sweep_once(self, name, code, n):
+        real = getattr(os, name)
+        calls = [0]
+        synced = {}                     # inode -> its size at its last good fdatasync
+        lost = []                       # what the failed fdatasync lost (states_on_disk)
+
+        def flaky(fd, *args):
+            try:
+                ours = os.readlink("/proc/self/fd/%d" % fd).startswith(self.state)
+            except OSError:
+                ours = False
+            if ours:
+                calls[0] += 1
+                st = os.fstat(fd)
+                if calls[0] == n:
+                    if name == "fdatasync":
+                        lost.append((st.st_ino, synced.get(st.st_ino, 0), st.st_size))
+                    raise OSError(code, "injected " + errno.errorcode[code])
+                if name == "fdatasync":
+                    synced[st.st_ino] = st.st_size
+            return real(fd, *args)
+        model = {}                      # id -> state, from the replies that said ok
+        self.assertTrue(self.call(op="pause")["ok"])        # a retried job must not start
+        with mock.patch.object(jr.os, name, flaky):
+            for step in range(12):
+                job_ids = sorted(model)
+                kind = step % 4
+                if kind == 0 or not job_ids:
+                    reply = self.call(op="add", target=TARGET, args=[step], delay=3600)
+                    new = [reply["id"]] if reply["ok"] else []
+                elif kind == 1:
+                    reply = self.call(op="add_batch", jobs=[
+                        {"target": TARGET, "args": [step, k], "delay": 3600} for k in range(3)])
+                    new = reply["ids"] if reply["ok"] else []
+                elif kind == 2:
+                    pending = [i for i in job_ids if model[i] == "pending"]
+                    reply = self.call(op="cancel", id=pending[0] if pending else job_ids[0])
+                    new = []
+                    if reply["ok"]:
+                        model[reply["job"]["id"]] = "cancelled"
+                else:
+                    done = [i for i in job_ids if model[i] == "cancelled"]
+                    reply = self.call(op="retry", id=done[0] if done else job_ids[0])
+                    new = []
+                    if reply["ok"]:
+                        model[reply["job"]["id"]] = "pending"
+                if not reply["ok"]:
+                    self.assertIn(reply["error"]["code"], ("io_error", "invalid_state"), reply)
+                for job_id in new:
+                    model[job_id] = "pending"
+                self.assertEqual(self.states_on_disk(*lost), model,
+                                 "after step %d: %r" % (step, reply))
+        self.assertGreaterEqual(calls[0], n, "the failure was injected")
+        self.assertGreater(self.d.store.gen, 1, "no snapshot was taken")
+        self.assertTrue(self.call(op="hello")["ok"])
 
     def test_a_wait_never_reports_an_end_that_is_not_on_disk(self):
         """That a job ended is bookkeeping (fsynced within SYNC_DELAY), but a `wait` that reports
