@@ -818,6 +818,31 @@ class StoreBasicsTest(StoreCase):
         self.assertEqual(meta, {"next_id": 4, "paused": True})
         self.assertEqual(other.warnings, [])
 
+    def test_compaction_is_wanted_once_the_journal_outgrows_a_mebibyte_and_the_snapshot(self):
+        store = self.open_store()
+        store.load()
+        pad = "p" * 20_000
+        job_id = 0
+
+        def grow_until_wanted():
+            nonlocal job_id
+            while not store.wants_compaction():
+                before = store.size
+                job_id += 1
+                self.commit(store, {"job": record(job_id, args=[pad])})
+            return before, store.size
+        before, after = grow_until_wanted()
+        self.assertLessEqual(before, jr.JOURNAL_MIN_COMPACT)
+        self.assertGreater(after, jr.JOURNAL_MIN_COMPACT)
+        # A snapshot bigger than a mebibyte: the journal may grow as big as it before a fold.
+        jobs = {i: jr.Job.from_stored(record(i, args=[pad * 2])) for i in range(1, 101)}
+        store.snapshot({"next_id": 101, "paused": False}, jobs)
+        self.assertGreater(store.snapshot_size, 3 * jr.JOURNAL_MIN_COMPACT)
+        self.assertFalse(store.wants_compaction(), "a fresh journal")
+        before, after = grow_until_wanted()
+        self.assertLessEqual(before, store.snapshot_size)
+        self.assertGreater(after, store.snapshot_size)
+
     def test_discarded_lines_are_not_written(self):
         store = self.open_store()
         store.load()
@@ -995,6 +1020,7 @@ class StoreTornTailTest(StoreCase):
                     if start < length < len(data) and not kept:
                         self.assertTrue(store.warnings, "a torn tail must be warned about")
                         self.assertIn(path, store.warnings[0])
+                        self.assertIn("offset %d " % start, store.warnings[0])
                     if length in (start, len(data)):
                         self.assertEqual(store.warnings, [])
                     # New appends land on a clean line.
@@ -1027,6 +1053,8 @@ class StoreTornTailTest(StoreCase):
                     meta, records = store.load()
                     self.assertEqual(set(records), expect)
                     self.assertTrue(store.warnings)
+                    offset = len(data) if expect == {1, 2, 3} else start
+                    self.assertIn("offset %d " % offset, store.warnings[0])
                     self.commit(store, {"job": record(7)})
                 finally:
                     store.close()
@@ -2149,6 +2177,32 @@ class GroupCommitTest(TempCase):
         return conn, theirs
 
     ADD = b'{"op":"add","target":"examples.jobs:add","args":[1,2]}\n'
+
+    def test_one_pass_of_many_clients_is_one_write_and_one_fdatasync(self):
+        daemon = self.make_daemon()
+        peers = [self.connect(daemon)[1] for _ in range(5)]
+        for i, peer in enumerate(peers):
+            peer.sendall(self.ADD.replace(b"[1,2]", b"[%d,2]" % i) * 2)    # two adds each
+        journal = daemon.store.fd
+        real_write = os.write
+        writes = []
+
+        def counting_write(fd, data):
+            if fd == journal:
+                writes.append(bytes(data))
+            return real_write(fd, data)
+        with mock.patch.object(jr.os, "write", counting_write), \
+                mock.patch.object(jr.os, "fdatasync", wraps=os.fdatasync) as fdatasync:
+            daemon.run_pass(1.0)
+        self.assertEqual(len(writes), 1, "one write for the pass")
+        self.assertEqual(fdatasync.call_count, 1, "one fdatasync for the pass")
+        self.assertEqual(writes[0].count(b"\n"), 10, "every add of every client in it")
+        for peer in peers:
+            peer.settimeout(10)
+            data = b""
+            while data.count(b"\n") < 2:
+                data += peer.recv(4096)
+            self.assertEqual(data.count(b'"ok":true'), 2, data)
 
     def test_a_recently_busy_client_shares_the_pass(self):
         daemon = self.make_daemon()
