@@ -7,6 +7,7 @@ no job process outlives a SIGKILLed daemon.
 import os
 import signal
 import subprocess
+import sys
 import unittest
 
 from tests.support import DaemonTestCase, wait_until
@@ -21,7 +22,8 @@ def who():
     return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
             "stdin": os.readlink("/proc/self/fd/0"), "attempt": os.environ["JOBRUNNER_ATTEMPT"],
             "preloaded": "testjobs_preload" in sys.modules,
-            "paths": [p for p in sys.path if p.endswith("jobs")]}
+            "paths": [p for p in sys.path if p.endswith("jobs")],
+            "executable": sys.executable, "isolated": sys.flags.isolated}
 
 def flaky(marker):
     """Fails the first time (no marker file yet), succeeds the second."""
@@ -33,6 +35,13 @@ def flaky(marker):
 
 def environment():
     return dict(os.environ)
+
+def hold(flag):
+    """Runs until `flag` exists."""
+    print(os.getpid(), flush=True)
+    while not os.path.exists(flag):
+        time.sleep(0.01)
+    return "released"
 
 def sleeper(seconds):
     print(os.getpid(), flush=True)
@@ -65,6 +74,9 @@ class CoreScenario:
         self.assertEqual(info["stdin"], "/dev/null")
         self.assertEqual(info["attempt"], "1")
         self.assertNotEqual(info["ppid"], os.getpid())
+        # The daemon's own interpreter (never `python3` from PATH), isolated (-I).
+        self.assertEqual(os.path.realpath(info["executable"]), os.path.realpath(sys.executable))
+        self.assertEqual(info["isolated"], 1)
 
     def test_the_job_environment_is_the_daemons_plus_its_ids(self):
         job_id = self.daemon.add("testjobs_sm:environment")
@@ -123,12 +135,24 @@ class ZygoteTest(DaemonTestCase):
                    message="a new zygote after SIGHUP")
         self.assertEqual(self.daemon.wait_job(self.daemon.add("testjobs_sm:version"))["result"], 2)
 
-    def test_running_job_survives_sighup(self):
-        job_id = self.daemon.add("testjobs_sm:sleeper", args=[1.0])
+    def test_running_job_survives_sighup_and_its_old_zygote_then_goes(self):
+        flag = os.path.join(self.root, "release")
+        job_id = self.daemon.add("testjobs_sm:hold", args=[flag])
         self.daemon.wait_state(job_id, "running")
+        wait_until(lambda: self.daemon.call(op="output", id=job_id)["data"], 10,
+                   message="the job to print its pid")
+        [old] = self.zygote_pids()
         self.daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(self.zygote_pids()) == 2, 10,
+                   message="a new zygote beside the old one, which still has the job")
+        self.assertTrue(process_alive(old))
+        self.assertEqual(self.daemon.get(job_id)["state"], "running")
+        open(flag, "w").close()
         job = self.daemon.wait_job(job_id)
-        self.assertEqual(job["state"], "succeeded", job)
+        self.assertEqual((job["state"], job["result"]), ("succeeded", "released"), job)
+        wait_until(lambda: self.zygote_pids() and old not in self.zygote_pids(), 10,
+                   message="the old zygote to exit once its job is over")
+        self.assertEqual(len(self.zygote_pids()), 1)
 
     def test_zygote_death_fails_the_attempt_and_the_next_one_runs(self):
         job_id = self.daemon.add("testjobs_sm:sleeper", args=[60], retries=1, retry_delay=0.05)
