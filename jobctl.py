@@ -842,10 +842,37 @@ def _iso_time(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
-def build_parser():
-    """The argparse parser. --socket and --json are accepted before and after the
-    subcommand: the subparsers repeat them with SUPPRESS defaults so they do not
-    overwrite a value given before."""
+class _Unbuilt:
+    """Takes the arguments of a subcommand that is not on the command line: building
+    all eleven subparsers (gettext looks for translations for each of their strings)
+    would cost `jobctl add` several milliseconds for nothing."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        pass
+
+    def add_mutually_exclusive_group(self, **kwargs) -> _Unbuilt:
+        return self
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The subcommand argv names, found past the global --socket PATH and --json as
+    argparse will find it; None if it is not plainly there (then every subparser is
+    built, and argparse says what is wrong)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--socket":
+            i += 2
+        elif argv[i] == "--json" or argv[i].startswith("--socket="):
+            i += 1
+        else:
+            return argv[i] if argv[i] in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None):
+    """The argparse parser, with every subcommand or `only` the one given. --socket and
+    --json are accepted before and after the subcommand: the subparsers repeat them with
+    SUPPRESS defaults so they do not overwrite a value given before."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="jobctl", description="Queue and inspect jobrunner jobs.",
@@ -863,6 +890,8 @@ def build_parser():
     parser.commands = {}  # name -> subparser, for errors found after parsing
 
     def command(name: str, help: str, **kw):
+        if only is not None and name != only:
+            return _Unbuilt()
         p = parser.commands[name] = sub.add_parser(name, parents=[common], help=help,
                                                    description=help, **kw)
         return p
@@ -917,8 +946,8 @@ def build_parser():
 
 def parse_args(argv: list[str] | None = None):
     """Parse and check the command line; exits 2 (argparse) on a usage error."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_in(argv))
     # Everything after the first "--" is an ARG, verbatim (argparse would drop a later "--").
     tail = argv[argv.index("--") + 1:] if "--" in argv else None
     ns, extra = parser.parse_known_args(argv if tail is None else argv[:argv.index("--")])

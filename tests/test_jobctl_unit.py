@@ -553,5 +553,31 @@ class CliTest(FakeDaemonTest):
         self.assertEqual(len(self.daemon.requests), 1)  # nothing sent for bad input
 
 
+class OnlyTheNamedSubparserTest(unittest.TestCase):
+    """parse_args builds only the subparser argv names (a faster `jobctl add`); argv that
+    does not plainly name one gets the whole parser, so argparse's own rules still apply."""
+
+    def test_the_command_is_found_past_the_global_options(self):
+        for argv, expected in ((["add", "t:x"], "add"),
+                               (["--socket", "/s", "--json", "list"], "list"),
+                               (["--socket=/s", "stats"], "stats"),
+                               (["--json", "--socket", "list", "show", "1"], "show"),
+                               (["--sock", "/s", "add"], None), (["nonsense"], None), ([], None),
+                               (["--help"], None), (["-h", "add"], None)):
+            self.assertEqual(jobctl.command_in(argv), expected, argv)
+
+    def test_what_is_not_plainly_named_still_parses_as_before(self):
+        ns = jobctl.parse_args(["--sock", "/s", "add", "examples.jobs:add", "1"])    # abbreviated
+        self.assertEqual((ns.command, ns.socket, ns.target, ns.args),
+                         ("add", "/s", "examples.jobs:add", ["1"]))
+        with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit):
+            jobctl.parse_args(["nonsense"])
+        self.assertIn("invalid choice: 'nonsense'", err.getvalue())
+        for name in jobctl.COMMANDS:                     # each command's parser, alone or not
+            only, full = jobctl.build_parser(name), jobctl.build_parser()
+            self.assertEqual(only.commands[name].format_help(), full.commands[name].format_help())
+            self.assertEqual(list(only.commands), [name])
+
+
 if __name__ == "__main__":
     unittest.main()
