@@ -386,6 +386,8 @@ def bench_pending(n: int, sizes, runs):
             lambda: _reset(empty) and pipelined_adds(empty.socket, sizes["pipelined"]), runs)
         restart, restart_empty = measure_pair(lambda: _restart(d), lambda: _restart(empty), runs)
         rss2 = d.rss()
+        with Conn(d.socket) as c:       # n, plus what the enqueue-rate runs added
+            held = c.call({"op": "stats"})["counts"]["pending"]
     finally:
         d.stop()
         empty.stop()
@@ -393,7 +395,7 @@ def bench_pending(n: int, sizes, runs):
     return [
         figure("rss_per_pending_job_%d" % n, "bytes", {"median": per_job, "min": per_job,
                "max": per_job, "runs": 1}, None, "", higher_is_better=False,
-               note="after a restart: %.0f bytes/job" % (rss2 / n)),
+               note="after a restart: %.0f bytes/job" % ((rss2 - rss0) / held)),
         figure("restart_%d_pending" % n, "s", restart, restart_empty, "0 pending",
                higher_is_better=False),
         figure("enqueue_at_%d_pending" % n, "jobs/s", full_rate, empty_rate, "0 pending"),
