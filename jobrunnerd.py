@@ -1734,8 +1734,8 @@ class Zygote:
                 socket.send_fds(self.ctl, [msg], fds)
             except BlockingIOError:
                 break
-            except OSError:
-                self.died()
+            except OSError:         # gone; said in the next pass, not inside Runner.start()
+                self.runner.loop.call_later(0, self.died)
                 return
             self.outbox.pop(0)
             for fd in fds:
@@ -2531,6 +2531,8 @@ class Daemon:
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
         self.report_slots: list[list] = []         # replies that report an end not yet durable
+        self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
+        self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
         self.starting: list[Attempt] = []          # started this pass: released after the write
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
@@ -2748,8 +2750,9 @@ class Daemon:
     def commit(self, mark) -> None:
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
-        ended = [job for job in self.jobs.changed if job.id in self.waiters]
+        finished = list(self.jobs.changed)      # the jobs that ended this pass
         self.jobs.changed.clear()
+        ended = [job for job in finished if job.id in self.waiters]
         sync = bool(self.batch_slots or self.report_slots or ended)
         try:
             if self.store.broken is not None:
@@ -2772,6 +2775,14 @@ class Daemon:
             for job in ended:
                 if job.state in FINISHED:
                     self.resolve_waiters(job, not_durable)
+            # A wait that came after a change now undone (an add, a retry) would wait forever
+            # for a job that is gone or finished again.
+            undone = encode_error("io_error", "the change before this wait could not be made "
+                                  "durable (%s); nothing was changed" % (exc.strerror or exc))
+            for job_id, entry in self.new_waiters:
+                job = self.jobs.jobs.get(job_id)
+                if job is None or job.state in FINISHED:
+                    self.answer_waiter(job_id, entry, undone)
         else:
             self.jobs.untrack()
             for action in self.after_commit:
@@ -2782,6 +2793,10 @@ class Daemon:
                     self.resolve_waiters(job)
         self.batch_slots.clear()
         self.report_slots.clear()
+        self.new_waiters.clear()
+        self.unsynced_ends.update(job.id for job in finished if job.state in FINISHED)
+        if self.store.settled():
+            self.unsynced_ends.clear()
         # Written (a crash of the daemon keeps it; its fsync may follow, since a crash of the
         # machine leaves no process behind), or the disk failed: then the job runs anyway,
         # and the full snapshot that repairs the store records it.
@@ -2928,7 +2943,7 @@ class Daemon:
         self.attempts.pop(job.id, None)
         if job.state == PENDING:        # else it was cancelled meanwhile
             self.jobs.transition(job, RUNNING, changes={"attempts": number})
-            self.attempt_failed(job, None, error, None, permanent=False)
+            self.attempt_failed(job, None, error, error, permanent=False)   # error log too
 
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
@@ -3320,9 +3335,9 @@ class Daemon:
         timeout = get_seconds(req, "timeout", None, 0.0, MAX_DELAY, nullable=True)
         if job.state in FINISHED:
             slot = [encode_reply({"job": job.record(), "done": True})]
-            if not self.store.settled():        # the end is written, its fsync still to come:
-                self.report_slots.append(slot)  # this pass's commit makes it durable first
-            return slot
+            if job.id in self.unsynced_ends or job in self.jobs.changed:
+                self.report_slots.append(slot)  # its end is not durable yet: this pass's
+            return slot                         # commit makes it so first (or says it failed)
         if timeout == 0:
             return {"job": job.record(), "done": False}
         slot = [None]
@@ -3330,16 +3345,25 @@ class Daemon:
         if timeout is not None:
             entry[2] = self.loop.call_later(timeout, self.wait_expired, job.id, entry)
         self.waiters.setdefault(job.id, []).append(entry)
+        self.new_waiters.append((job.id, entry))
         return slot
 
     def wait_expired(self, job_id: int, entry: list) -> None:
+        job = self.jobs.jobs.get(job_id)
+        if job is not None and job.state in FINISHED:
+            return          # it ended in this pass: the commit answers, once that is durable
+        self.answer_waiter(job_id, entry, encode_reply(
+            {"job": job.record() if job else None, "done": False}))
+
+    def answer_waiter(self, job_id: int, entry: list, reply: bytes) -> None:
+        """Answer one wait for `job_id` with `reply`, before its job ends."""
         entries = self.waiters.get(job_id, [])
         if entry in entries:
             entries.remove(entry)
             if not entries:
                 del self.waiters[job_id]
-            job = self.jobs.jobs.get(job_id)
-            entry[1][0] = encode_reply({"job": job.record() if job else None, "done": False})
+            Loop.cancel(entry[2])
+            entry[1][0] = reply
             self.dirty.add(entry[0])
             self.resume.add(entry[0])
 

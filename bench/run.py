@@ -485,7 +485,10 @@ def cow_fault_cost(pages: int) -> float:
     os.close(w)
     os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as f:
-        return float(f.read())
+        data = f.read()
+    if not data:
+        raise RuntimeError("the copy-on-write probe's child died before it reported")
+    return float(data)
 
 
 def bench_machine(sizes, runs):

@@ -725,6 +725,26 @@ class InProcessDaemonCase(unittest.TestCase):
         line, _, self.inbuf = self.inbuf.partition(b"\n")
         return json.loads(line)
 
+    def replies(self, *reqs, expect=None, timeout=10):
+        """Send `reqs` at once (pipelined: the daemon reads them in one pass) and return
+        their replies (or `expect` replies), running passes until all have come."""
+        expect = len(reqs) if expect is None else expect
+        self.conn.sendall(b"".join(json.dumps(req).encode() + b"\n" for req in reqs))
+        deadline = time.monotonic() + timeout
+        while self.inbuf.count(b"\n") < expect:
+            self.assertLess(time.monotonic(), deadline, "no replies to %r" % (reqs,))
+            self.d.run_pass(0.01)
+            sel = selectors.DefaultSelector()
+            sel.register(self.conn, selectors.EVENT_READ)
+            if sel.select(0):
+                data = self.conn.recv(1 << 20)
+                self.assertTrue(data, "the daemon hung up")
+                self.inbuf += data
+            sel.close()
+        lines = self.inbuf.split(b"\n")
+        self.inbuf = b"\n".join(lines[expect:])
+        return [json.loads(line) for line in lines[:expect]]
+
     def add(self, tag):
         return self.call(op="add", target=TARGET, args=[tag], delay=3600)
 
@@ -893,6 +913,56 @@ class DiskErrorInProcessTest(InProcessDaemonCase):
         self.assertEqual(reply["job"]["state"], "succeeded", reply)
         self.assertEqual(self.states_on_disk(), {job_id: "succeeded"})
 
+    def test_a_wait_for_a_job_that_ended_long_ago_is_answered_while_the_disk_fails(self):
+        job_id = self.add("old")["id"]
+        self.assertTrue(self.call(op="cancel", id=job_id)["ok"])      # its end is durable
+        eio = OSError(errno.EIO, "injected EIO")
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            self.assertEqual(self.add("new")["error"]["code"], "io_error")    # now broken
+            self.assertIsNotNone(self.d.store.broken)
+            reply = self.call(op="wait", id=job_id)
+        self.assertEqual((reply["ok"], reply["done"], reply["job"]["state"]),
+                         (True, True, "cancelled"), reply)
+
+    def test_a_wait_after_a_change_that_is_undone_is_answered_not_left_hanging(self):
+        job_id = self.add("r")["id"]
+        self.assertTrue(self.call(op="cancel", id=job_id)["ok"])
+        eio = OSError(errno.EIO, "injected EIO")
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            new_id = self.d.jobs.next_id
+            add, wait_new, retry, wait_old, hello = self.replies(
+                {"op": "add", "target": TARGET, "args": ["n"], "delay": 3600},
+                {"op": "wait", "id": new_id}, {"op": "retry", "id": job_id},
+                {"op": "wait", "id": job_id}, {"op": "hello"})
+        self.assertEqual([r.get("error", {}).get("code") for r in (add, wait_new, retry, wait_old)],
+                         ["io_error"] * 4, (add, wait_new, retry, wait_old))
+        self.assertTrue(hello["ok"])
+        self.assertEqual(self.d.waiters, {})
+        self.assertEqual(self.d.jobs.jobs[job_id].state, "cancelled")
+        self.assertNotIn(new_id, self.d.jobs.jobs)
+
+    def test_a_wait_that_times_out_as_its_job_ends_reports_the_end(self):
+        job_id = self.call(op="add", target="examples.jobs:DelayedJob", args=[0.2])["id"]
+        wait_until(lambda: (self.d.run_pass(0.01), self.d.attempts.get(job_id))[1]
+                   and self.d.attempts[job_id].pid, 20, interval=0, message="the job to start")
+        pid = self.d.attempts[job_id].pid
+        self.conn.sendall(json.dumps({"op": "wait", "id": job_id, "timeout": 0.05}).encode()
+                          + b"\n")
+        wait_until(lambda: (self.d.run_pass(0), job_id in self.d.waiters)[1], 10, interval=0,
+                   message="the wait to be taken")
+        since = time.monotonic()
+
+        def exited_and_expired():
+            with open("/proc/%d/stat" % pid, "rb") as f:        # our child: a zombie until
+                state = f.read().rsplit(b")", 1)[1].split()[0]   # this pass reaps it
+            return state == b"Z" and time.monotonic() > since + 0.1
+        wait_until(exited_and_expired, 20, message="the job to exit, the wait to time out")
+        self.d.run_pass(0)              # both in one pass: the end, then the expired timer
+        [reply] = self.replies(expect=1)
+        self.assertEqual((reply["done"], reply["job"]["state"]), (True, "succeeded"), reply)
+
     def test_a_wait_for_an_ended_job_makes_the_end_durable_first(self):
         with mock.patch.object(jr, "SYNC_DELAY", 3600):     # the end stays written, unsynced
             job_id = self.call(op="add", target=TARGET, args=["s"])["id"]
@@ -938,6 +1008,32 @@ class JobRunsOnceItsStartIsWrittenTest(InProcessDaemonCase):
 
 class JobRunsOnceItsStartIsWrittenZygoteTest(JobRunsOnceItsStartIsWrittenTest):
     START_METHOD = "zygote"
+
+
+class ZygoteGoneAtForkTest(InProcessDaemonCase):
+    START_METHOD = "zygote"
+
+    def test_a_fork_request_the_zygote_cannot_take_fails_that_attempt_only(self):
+        # The zygote's socket refuses the request (it died; its EOF not yet seen): that
+        # attempt fails and is retried, rather than being kept as running with no process.
+        send_fds, calls = socket.send_fds, []
+
+        def refusing_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise BrokenPipeError(errno.EPIPE, "injected EPIPE")
+            return send_fds(*args, **kwargs)
+        with mock.patch.object(jr.socket, "send_fds", refusing_once):
+            job_id = self.call(op="add", target=TARGET, args=["z"], retries=2,
+                               retry_delay=0.01)["id"]
+            reply = self.call(op="wait", id=job_id, timeout=30)
+        self.assertEqual((reply["job"]["state"], reply["job"]["attempts"]), ("succeeded", 2),
+                         reply)
+        self.d.log.flush()
+        errors = os.path.join(os.path.dirname(self.state), "logs", "background_jobs_errors.log")
+        with open(errors) as f:
+            self.assertIn("the fork server died before the job started", f.read())
+        self.assertEqual((self.d.runner.active, self.d.attempts), ({}, {}))
 
 
 ####################################################################################################
