@@ -954,10 +954,8 @@ class DiskErrorInProcessTest(InProcessDaemonCase):
                    message="the wait to be taken")
         since = time.monotonic()
 
-        def exited_and_expired():
-            with open("/proc/%d/stat" % pid, "rb") as f:        # our child: a zombie until
-                state = f.read().rsplit(b")", 1)[1].split()[0]   # this pass reaps it
-            return state == b"Z" and time.monotonic() > since + 0.1
+        def exited_and_expired():       # our child: a zombie until the next pass reaps it
+            return proc_state(pid)[0] == "Z" and time.monotonic() > since + 0.1
         wait_until(exited_and_expired, 20, message="the job to exit, the wait to time out")
         self.d.run_pass(0)              # both in one pass: the end, then the expired timer
         [reply] = self.replies(expect=1)
