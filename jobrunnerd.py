@@ -2750,8 +2750,7 @@ class Daemon:
     def commit(self, mark) -> None:
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
-        finished = list(self.jobs.changed)      # the jobs that ended this pass
-        self.jobs.changed.clear()
+        finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
         ended = [job for job in finished if job.id in self.waiters]
         sync = bool(self.batch_slots or self.report_slots or ended)
         try:

@@ -28,6 +28,7 @@ interval of client threads) and join threads with timeouts.
 import collections
 import copy
 import errno
+import inspect
 import io
 import json
 import os
@@ -710,20 +711,7 @@ class InProcessDaemonCase(unittest.TestCase):
         self.inbuf = b""
 
     def call(self, **req):
-        self.conn.sendall(json.dumps(req).encode() + b"\n")
-        deadline = time.monotonic() + 10
-        while b"\n" not in self.inbuf:
-            self.assertLess(time.monotonic(), deadline, "no reply to %r" % req)
-            self.d.run_pass(0.01)
-            sel = selectors.DefaultSelector()
-            sel.register(self.conn, selectors.EVENT_READ)
-            if sel.select(0):
-                data = self.conn.recv(1 << 20)
-                self.assertTrue(data, "the daemon hung up")
-                self.inbuf += data
-            sel.close()
-        line, _, self.inbuf = self.inbuf.partition(b"\n")
-        return json.loads(line)
+        return self.replies(req)[0]
 
     def replies(self, *reqs, expect=None, timeout=10):
         """Send `reqs` at once (pipelined: the daemon reads them in one pass) and return
@@ -750,18 +738,16 @@ class InProcessDaemonCase(unittest.TestCase):
 
     def on_disk(self):
         """The jobs (id -> tag) a restart would load, from a copy of state_dir."""
-        dup = self.state + "-copy-%d" % time.monotonic_ns()
-        shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
-        store = jr.Store(dup, fsync=False)
-        try:
-            return {i: r["args"][0] for i, r in store.load()[1].items()}
-        finally:
-            store.close()
+        return {i: r["args"][0] for i, r in self.loaded_copy().items()}
 
     def states_on_disk(self, lost=None):
-        """The jobs (id -> state) a restart would load. `lost` = (inode, start, end): what a
-        failed fsync of that file lost (Linux may drop such pages while reads still see them
-        until they are evicted): zeros in the copy, if the file is still there."""
+        """The jobs (id -> state) a restart would load."""
+        return {i: r["state"] for i, r in self.loaded_copy(lost).items()}
+
+    def loaded_copy(self, lost=None):
+        """The records a restart would load, from a copy of state_dir. `lost` = (inode, start,
+        end): what a failed fsync of that file lost (Linux may drop such pages while reads
+        still see them until they are evicted): zeros in the copy, if the file is still there."""
         dup = self.state + "-copy-%d" % time.monotonic_ns()
         shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
         if lost is not None:
@@ -775,10 +761,9 @@ class InProcessDaemonCase(unittest.TestCase):
                             f.write(b"\0" * (min(lost[2], size) - lost[1]))
         store = jr.Store(dup, fsync=False)
         try:
-            return {i: r["state"] for i, r in store.load()[1].items()}
+            return store.load()[1]
         finally:
             store.close()
-
 
 
 class DiskErrorInProcessTest(InProcessDaemonCase):
@@ -1039,17 +1024,11 @@ class ZygoteGoneAtForkTest(InProcessDaemonCase):
 ####################################################################################################
 
 JOB_MODULE = "durability_jobs"
+# The job's module cannot import this one: it gets proc_state() as source, one definition.
 JOB_SOURCE = '''
 import json, os, signal, subprocess, sys, time
 
-def _stat(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0].decode(), int(fields[19])
+''' + inspect.getsource(proc_state) + '''
 
 def stubborn(pids_file, limit=120):
     """Attempt 1 ignores SIGTERM (and so does its grandchild) and never ends by itself.
@@ -1060,8 +1039,8 @@ def stubborn(pids_file, limit=120):
         child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                                   "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                                   "time.sleep(%d)" % limit])
-        procs = {"job": [os.getpid(), _stat(os.getpid())[1]],
-                 "grandchild": [child.pid, _stat(child.pid)[1]]}
+        procs = {"job": [os.getpid(), proc_state(os.getpid())[1]],
+                 "grandchild": [child.pid, proc_state(child.pid)[1]]}
         with open(pids_file + ".tmp", "w") as f:
             json.dump(procs, f)
         os.replace(pids_file + ".tmp", pids_file)
@@ -1071,7 +1050,7 @@ def stubborn(pids_file, limit=120):
         procs = json.load(f)
     alive = {}
     for name, (pid, start) in procs.items():
-        st = _stat(pid)
+        st = proc_state(pid)
         alive[name] = st is not None and st[1] == start and st[0] not in ("Z", "X")
     return {"attempt": attempt, "pid": os.getpid(), "old_running_at_start": alive}
 '''
