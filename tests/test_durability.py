@@ -747,7 +747,8 @@ class InProcessDaemonCase(unittest.TestCase):
     def loaded_copy(self, lost=None):
         """The records a restart would load, from a copy of state_dir. `lost` = (inode, start,
         end): what a failed fsync of that file lost (Linux may drop such pages while reads
-        still see them until they are evicted): zeros in the copy, if the file is still there."""
+        still see them until they are evicted): zeros in the copy, if the file is still there.
+        The caller keeps that file open, so that its inode number names no other file."""
         dup = self.state + "-copy-%d" % time.monotonic_ns()
         shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
         if lost is not None:
@@ -823,6 +824,7 @@ class DiskErrorInProcessTest(InProcessDaemonCase):
         calls = [0]
         synced = {}                     # inode -> its size at its last good fdatasync
         lost = []                       # what the failed fdatasync lost (states_on_disk)
+        held = {}                       # inode -> an fd that keeps it from being reused
 
         def flaky(fd, *args):
             try:
@@ -832,6 +834,11 @@ class DiskErrorInProcessTest(InProcessDaemonCase):
             if ours:
                 calls[0] += 1
                 st = os.fstat(fd)
+                if st.st_ino not in held:
+                    # Keep every file seen open, so that no inode number in `synced` or
+                    # `lost` is freed and given to a later file (one that would be zeroed).
+                    held[st.st_ino] = os.dup(fd)
+                    self.addCleanup(os.close, held[st.st_ino])
                 if calls[0] == n:
                     if name == "fdatasync":
                         lost.append((st.st_ino, synced.get(st.st_ino, 0), st.st_size))
