@@ -2478,7 +2478,13 @@ def sd_notify(message: str) -> None:
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(message.encode(), addr)
+            # Never wait: a reader that does not read (its queue holds ~10 datagrams) must not
+            # stop the loop. A dropped ping is harmless, the next comes in half an interval.
+            s.sendto(message.encode(), socket.MSG_DONTWAIT, addr)
+    except BlockingIOError:
+        if message != "WATCHDOG=1":
+            print("jobrunnerd: sd_notify: the notify socket is full; dropped %r" % message,
+                  file=sys.stderr)
     except OSError as exc:
         print("jobrunnerd: sd_notify: %s" % exc, file=sys.stderr)
 

@@ -14,8 +14,10 @@ systemd, checked without a running systemd.
 - SIGHUP after logrotate moved the logs: new lines go to new files; `allow` and `limits` are
   re-read; a broken config on reload keeps the daemon running on the old one.
 """
+import io
 import os
 import pwd
+import queue
 import re
 import secrets
 import shutil
@@ -25,8 +27,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+from unittest import mock
 
 from tests.support import DAEMON, ROOT, Daemon, Raw, wait_until
 
@@ -250,7 +254,9 @@ def _seconds(value):
 
 class Notifications:
     """An AF_UNIX datagram socket like systemd's $NOTIFY_SOCKET: bound in `root`, or with an
-    abstract name ("@..."). Every message received is kept as (arrival time, {field: value})."""
+    abstract name ("@..."). A thread reads every message as it arrives, as systemd does (a
+    datagram queue holds only ~10 unread messages before the sender blocks), and keeps it as
+    (arrival time, {field: value})."""
 
     def __init__(self, root=None, abstract=False):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -261,19 +267,30 @@ class Notifications:
         else:
             self.address = os.path.join(root, "notify.sock")
             self.sock.bind(self.address)
-        self.seen = []
+        self.seen = []                  # every message received so far
+        self.arrived = queue.Queue()    # those receive() has not returned yet
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return                  # closed
+            if not data:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            entry = (time.monotonic(), fields)
+            self.seen.append(entry)
+            self.arrived.put(entry)
 
     def receive(self, timeout):
         """The next message, or None when `timeout` seconds pass without one."""
-        self.sock.settimeout(max(timeout, 0.001))
         try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
+            return self.arrived.get(timeout=max(timeout, 0.001))
+        except queue.Empty:
             return None
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        entry = (time.monotonic(), fields)
-        self.seen.append(entry)
-        return entry
 
     def gather(self, seconds):
         """Every message that arrives within `seconds` from now."""
@@ -286,7 +303,40 @@ class Notifications:
         return out
 
     def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)    # wakes the reader's recv()
         self.sock.close()
+        self.reader.join(5)
+
+
+class NotifyNeverBlocksTest(unittest.TestCase):
+    """sd_notify() on a notify socket nobody reads (its queue full) returns at once: a ping is
+    dropped silently, any other message with a warning. It used to block the loop for ever."""
+
+    def test_a_full_notify_socket_does_not_stop_the_caller(self):
+        import jobrunnerd
+        tmp = tempfile.TemporaryDirectory(prefix="jr-sdn-")
+        self.addCleanup(tmp.cleanup)
+        path = os.path.join(tmp.name, "notify.sock")
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        deaf.bind(path)                                 # never read
+        err = io.StringIO()
+        sent = threading.Event()
+
+        def send():
+            for _ in range(100):                        # the queue holds ~10 (net.unix)
+                jobrunnerd.sd_notify("WATCHDOG=1")
+            jobrunnerd.sd_notify("STATUS=busy")
+            sent.set()
+        with mock.patch.dict(os.environ, {"NOTIFY_SOCKET": path}), \
+                mock.patch.object(sys, "stderr", err):
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            finished = sent.wait(10)
+            deaf.close()                # a sender still blocked now fails and returns
+            sender.join(10)
+        self.assertTrue(finished, "sd_notify blocked on a full notify socket")
+        self.assertNotIn("WATCHDOG", err.getvalue())
+        self.assertIn("dropped 'STATUS=busy'", err.getvalue())
 
 
 def pings(entries):
