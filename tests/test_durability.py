@@ -65,13 +65,6 @@ def queue_gen(state_dir):
     return int(found.group(1)) if found else None
 
 
-def snapshot_inode(state_dir):
-    try:
-        return os.stat(os.path.join(state_dir, "queue.json")).st_ino
-    except FileNotFoundError:
-        return None
-
-
 def list_all(daemon, **filters):
     """Every job, paging `list` with after_id; returns the list in the order the daemon gave."""
     out, after = [], 0
@@ -268,9 +261,10 @@ class KillLoopTest(DaemonTestCase):
                    message="every client to park")
 
     def wait_compaction(self, timeout=20.0):
-        """Wait until queue.json is replaced (a compaction just renamed it in)."""
-        inode = snapshot_inode(self.daemon.state_dir)
-        wait_until(lambda: snapshot_inode(self.daemon.state_dir) != inode, timeout,
+        """Wait until queue.json is replaced (a compaction just renamed it in): its generation
+        grows (an inode number may come back: ext4 gives a freed one to the next file)."""
+        gen = queue_gen(self.daemon.state_dir) or 0
+        wait_until(lambda: (queue_gen(self.daemon.state_dir) or 0) > gen, timeout,
                    interval=0.001, message="a compaction")
 
     def crash_and_restart(self):

@@ -48,7 +48,7 @@ import threading
 import time
 import unittest
 
-from tests.support import DaemonTestCase, Raw, parse_log_line, wait_until
+from tests.support import DaemonTestCase, Raw, daemon_env, parse_log_line, wait_until
 
 import jobrunnerd   # noqa: E402  (only for IDLE_TIMEOUT: importing it has no side effects)
 
@@ -345,7 +345,7 @@ class LineMaker:
     def seed(self):
         rng = self.rng
         job_id = lambda: rng.choice([1, 2, 3, rng.randint(1, 80)])    # noqa: E731
-        now = time.time()
+        now = float(int(time.time()))  # of one length: the seed alone fixes the mutations
         return rng.choice([
             [("op", "hello")],
             [("op", "add"), ("target", T), ("method", "handle"),
@@ -989,7 +989,9 @@ class GarbageTest(HardeningCase):
                 times["wait"].append(took)
                 self.assertEqual(done["job"]["state"], "succeeded", done)
         for op, values in times.items():
-            self.assertLess(statistics.median(values), LATENCY_BOUND,
+            # A wait's time also runs its job end to end (a fork, an import): more room.
+            bound = LATENCY_BOUND if op != "wait" else LATENCY_BOUND + 4.0
+            self.assertLess(statistics.median(values), bound,
                             "%s beside 5,000 garbage lines: %s" % (op, values))
         replies = [flood.recv() for _ in lines]
         sender.join(30)
@@ -1282,9 +1284,9 @@ class IsolationTest(HardeningCase):
         with open(self.path("startup.py"), "w") as f:
             f.write("open(%r, 'w').close()\n" % startup_marker)
         self.assertEqual(self.daemon.stop(), 0)
-        self.daemon.start(env=dict(os.environ, PYTHONPATH=pythonpath,
-                                   PYTHONSTARTUP=self.path("startup.py"), PYTHONINSPECT="1",
-                                   WATCHDOG_USEC="60000000"))
+        self.daemon.start(env=daemon_env(PYTHONPATH=pythonpath,
+                                         PYTHONSTARTUP=self.path("startup.py"), PYTHONINSPECT="1",
+                                         WATCHDOG_USEC="60000000"))
         job = self.wait_done(self.daemon.add("testjobs_hard:isolation",
                                              args=["jr_pythonpath_probe"]))
         self.assertEqual(job["state"], "succeeded", job["error"])

@@ -32,7 +32,7 @@ import time
 import unittest
 from unittest import mock
 
-from tests.support import DAEMON, ROOT, Daemon, Raw, wait_until
+from tests.support import DAEMON, ROOT, Daemon, Raw, daemon_env, wait_until
 
 SYSTEMD_DIR = os.path.join(ROOT, "systemd")
 SERVICE = os.path.join(SYSTEMD_DIR, "jobrunnerd.service")
@@ -56,14 +56,6 @@ for name in filter(None, sys.argv[2].split(",")):
     os.environ[name] = str(os.getpid())
 os.execv(sys.executable, [sys.executable] + sys.argv[3:])
 """
-
-
-def daemon_env(**extra):
-    """The test's environment without anything systemd may have given the test run itself."""
-    env = {k: v for k, v in os.environ.items()
-           if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_", "JOBRUNNER_"))}
-    env.update(extra)
-    return env
 
 
 def unit_settings(path):
@@ -518,14 +510,16 @@ class WatchdogTests(SystemdCase):
 
     def test_pings_every_half_the_watchdog_interval(self):
         note = self.notifications()
-        self.start(note, WATCHDOG_USEC=WATCHDOG_USEC)
+        # 1 s here: room for a loaded machine's scheduling delays inside the bounds.
+        self.start(note, WATCHDOG_USEC="1000000")
         self.expect(note, "READY", "1")
-        times = pings(note.gather(1.5))
-        self.assertGreaterEqual(len(times), 6, times)
+        times = pings(note.gather(3.0))
+        self.assertGreaterEqual(len(times), 5, times)
         mean = (times[-1] - times[0]) / (len(times) - 1)
-        self.assertLess(mean, 0.25, "WATCHDOG_USEC/2 = 0.2 s on average")
-        self.assertGreater(mean, 0.15, "not more often than WATCHDOG_USEC/2 either")
-        self.assertLess(max(gaps(times)), 0.45, gaps(times))
+        self.assertLess(mean, 0.65, "WATCHDOG_USEC/2 = 0.5 s on average")
+        self.assertGreater(mean, 0.4, "not more often than WATCHDOG_USEC/2 either")
+        self.assertLess(max(gaps(times)), 1.0, "systemd's deadline is WATCHDOG_USEC: %r"
+                        % gaps(times))
 
     def test_a_stalled_loop_stops_the_pings_and_they_resume(self):
         note = self.notifications()
@@ -549,7 +543,9 @@ class WatchdogTests(SystemdCase):
         self.assertGreaterEqual(stall, 1.0, "no ping while the loop is stuck: %r" % spaced)
         after = spaced[spaced.index(stall) + 1:]
         self.assertGreaterEqual(len(after), 2, "pings resume after the stall: %r" % spaced)
-        self.assertLess(max(after), 0.45, spaced)
+        # Every 0.2 s again; the bounds leave room for a loaded machine's scheduling delays.
+        self.assertLess(sorted(after)[len(after) // 2], 0.3, spaced)
+        self.assertLess(max(after), 0.8, spaced)
         self.assertTrue(self.daemon.call(op="hello")["ok"])
 
     def test_no_pings_when_watchdog_pid_is_another_process(self):

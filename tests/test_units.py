@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import gc
 import glob
 import io
 import json
@@ -2120,7 +2121,10 @@ class ZygoteFallbackTest(unittest.TestCase):
                                lambda a, e: None)
             job = jr.Job(id=1, target="examples.jobs:add", args=[1, 2], kwargs={},
                          state="pending", attempts=0, retries=0, timeout=None)
-            fds_before = len(os.listdir("/proc/self/fd"))
+            gc.collect()                # no finalizer of an earlier test's leftovers runs now
+            gc.disable()
+            self.addCleanup(gc.enable)
+            fds_before = set(os.listdir("/proc/self/fd"))
             with mock.patch.object(jr, "Zygote", side_effect=OSError(errno.EAGAIN, "no")), \
                     mock.patch.object(runner, "_spawn", side_effect=RuntimeError("spawned")):
                 for _ in range(jr.Runner.ZYGOTE_QUICK_DEATHS):
@@ -2128,7 +2132,7 @@ class ZygoteFallbackTest(unittest.TestCase):
                         runner.start(job, 1)
                 with self.assertRaisesRegex(RuntimeError, "spawned"):
                     runner.start(job, 1)
-            self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before, "no fd leaked")
+            self.assertEqual(set(os.listdir("/proc/self/fd")) - fds_before, set(), "fd leaked")
             self.assertEqual(runner.active, {})
 
 
@@ -2211,6 +2215,7 @@ class GroupCommitTest(TempCase):
         idle, idle_peer = self.connect(daemon)
         idle.last_input -= 10 * jr.GATHER_ACTIVE
         busy_peer.sendall(self.ADD)
+        busy.last_input = time.monotonic()      # recent, however slowly this test ran so far
         daemon.gather()
         self.assertEqual(len(busy.slots), 1)    # served now, not in the next pass
         self.assertEqual(idle.slots, [])
@@ -2259,7 +2264,7 @@ class GroupCommitTest(TempCase):
         daemon.gather()
         busy, _ = self.connect(daemon)          # busy but silent: waited for GATHER_MAX at most
         daemon.gather()
-        self.assertLess(time.monotonic() - started, 10 * jr.GATHER_MAX + 0.5)
+        self.assertLess(time.monotonic() - started, 10 * jr.GATHER_MAX + 2.0)
         self.assertEqual((lone.slots, busy.slots), ([], []))
 
 
