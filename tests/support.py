@@ -18,6 +18,7 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMON = os.path.join(ROOT, "jobrunnerd.py")
 JOBCTL = os.path.join(ROOT, "jobctl.py")
+sys.path.insert(0, ROOT)
 
 
 def daemon_env(**extra):
@@ -27,7 +28,6 @@ def daemon_env(**extra):
            if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_", "JOBRUNNER_"))}
     env.update(extra)
     return env
-sys.path.insert(0, ROOT)
 
 
 def in_process_daemon(test: unittest.TestCase, cfg):
