@@ -215,6 +215,11 @@ class Daemon:
         with open(path, encoding="utf-8") as f:
             return [parse_log_line(line) for line in f]
 
+    def job_events(self, job_id, event=None):
+        """The log lines of job `job_id` (only those of `event`, if given), in order."""
+        return [e for e in self.events()
+                if e.get("job") == str(job_id) and (event is None or e["event"] == event)]
+
     def jobctl(self, *args, input=None, timeout=60.0):
         """Run `jobctl.py --socket ... ARGS`; returns CompletedProcess (text)."""
         return subprocess.run([sys.executable, JOBCTL, "--socket", self.socket, *args],

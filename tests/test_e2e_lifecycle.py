@@ -94,10 +94,6 @@ class LifecycleCase(DaemonTestCase):
         return wait_until(lambda: text in self.output(job_id) and self.output(job_id), timeout,
                           message="job %d to print %r" % (job_id, text))
 
-    def job_events(self, job_id, event=None):
-        return [e for e in self.daemon.events() if e.get("job") == str(job_id)
-                and (event is None or e["event"] == event)]
-
     def assert_not_found(self, job_id):
         reply = self.daemon.call(op="get", id=job_id)
         self.assertFalse(reply["ok"], reply)
@@ -258,11 +254,11 @@ class GracefulStopInterruptsTest(LifecycleCase):
         self.assertEqual(d.stop(signal.SIGTERM), 0, d.read_stderr())
         self.assertTrue(os.path.exists(os.path.join(d.state_dir, "queue.json")),
                         "a cleanly stopped daemon leaves a queue.json")
-        interrupted = self.job_events(job_id, "interrupted")
-        self.assertEqual(len(interrupted), 1, self.job_events(job_id))
+        interrupted = self.daemon.job_events(job_id, "interrupted")
+        self.assertEqual(len(interrupted), 1, self.daemon.job_events(job_id))
         self.assertEqual(interrupted[0].get("attempt"), "1/3")
-        self.assertEqual(self.job_events(job_id, "retrying"), [])
-        self.assertEqual(self.job_events(job_id, "failed"), [])
+        self.assertEqual(self.daemon.job_events(job_id, "retrying"), [])
+        self.assertEqual(self.daemon.job_events(job_id, "failed"), [])
         events = [e["event"] for e in d.events()]
         self.assertEqual(events[-1], "shutdown")
 
@@ -277,7 +273,7 @@ class GracefulStopInterruptsTest(LifecycleCase):
         self.assertEqual(job["attempts"], 1)
         self.assertEqual(job["result"], {"attempt": "1"},
                          "the next attempt carries the same JOBRUNNER_ATTEMPT")
-        self.assertEqual([e.get("attempt") for e in self.job_events(job_id, "started")],
+        self.assertEqual([e.get("attempt") for e in self.daemon.job_events(job_id, "started")],
                          ["1/3", "1/3"])
 
 
@@ -307,7 +303,7 @@ class GracefulStopWaitsTest(LifecycleCase):
         self.assertIn(("succeeded", str(job_id)), names)
         self.assertLess(names.index(("succeeded", str(job_id))),
                         names.index(("shutdown", None)))
-        self.assertEqual(self.job_events(job_id, "interrupted"), [])
+        self.assertEqual(self.daemon.job_events(job_id, "interrupted"), [])
         d.start()
         job = d.get(job_id)
         self.assertEqual(job["state"], "succeeded")
@@ -345,15 +341,15 @@ class CrashTest(LifecycleCase):
         d.start()
         self.assert_gone(pid, "the job process")
         self.assert_gone(grandchild, "the grandchild")
-        interrupted = self.job_events(job_id, "interrupted")
-        self.assertEqual(len(interrupted), 1, self.job_events(job_id))
+        interrupted = self.daemon.job_events(job_id, "interrupted")
+        self.assertEqual(len(interrupted), 1, self.daemon.job_events(job_id))
         self.assertEqual(interrupted[0].get("attempt"), "1/2")
         self.touch(flag)
         job = d.wait_job(job_id)
         self.assertEqual(job["state"], "succeeded", job)
         self.assertEqual(job["attempts"], 2)
         self.assertEqual(job["result"], {"attempt": "2"})
-        self.assertEqual([e.get("attempt") for e in self.job_events(job_id, "started")],
+        self.assertEqual([e.get("attempt") for e in self.daemon.job_events(job_id, "started")],
                          ["1/2", "2/2"])
 
     def test_crash_without_retries_left_fails_the_job(self):
@@ -371,8 +367,9 @@ class CrashTest(LifecycleCase):
         self.assertEqual(job["attempts"], 1)
         self.assertIsNone(job["pid"])
         self.assertIsNotNone(job["finished_at"])
-        self.assertEqual(len(self.job_events(job_id, "interrupted")), 1, self.job_events(job_id))
-        self.assertEqual(len(self.job_events(job_id, "failed")), 1, self.job_events(job_id))
+        events = self.daemon.job_events(job_id)
+        self.assertEqual(len([e for e in events if e["event"] == "interrupted"]), 1, events)
+        self.assertEqual(len([e for e in events if e["event"] == "failed"]), 1, events)
 
     def test_acknowledged_jobs_survive_sigkill(self):
         d = self.daemon

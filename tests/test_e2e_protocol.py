@@ -187,13 +187,9 @@ class ProtocolTestCase(DaemonTestCase):
     def path(self, name):
         return os.path.join(self.root, name)
 
-    def job_events(self, job_id, event=None):
-        return [e for e in self.daemon.events()
-                if e.get("job") == str(job_id) and (event is None or e["event"] == event)]
-
     def wait_events(self, job_id, event, n=1, timeout=10.0):
-        return wait_until(lambda: len(self.job_events(job_id, event)) >= n
-                          and self.job_events(job_id, event), timeout,
+        return wait_until(lambda: len(self.daemon.job_events(job_id, event)) >= n
+                          and self.daemon.job_events(job_id, event), timeout,
                           message="%d %s line(s) for job %s" % (n, event, job_id))
 
     def output_text(self, job_id):
@@ -331,7 +327,7 @@ class OpsTest(ProtocolTestCase):
         job = self.get(victim)
         self.assertEqual((job["state"], job["attempts"], job["started_at"]),
                          ("cancelled", 0, None))
-        self.assertEqual(self.job_events(victim, "started"), [])
+        self.assertEqual(self.daemon.job_events(victim, "started"), [])
 
     def test_retry_failed_job(self):
         job_id = self.add("examples.jobs:ErrorJob")
@@ -1003,7 +999,7 @@ class SchedulingTest(ProtocolTestCase):
         self.assertNotIn("\n", job["error"])
         self.assertNotEqual(job["exit_code"], 0)
         events = self.wait_events(job_id, "failed")
-        events = [e for e in self.job_events(job_id) if e["event"] != "queued"]
+        events = [e for e in self.daemon.job_events(job_id) if e["event"] != "queued"]
         self.assertEqual([e["event"] for e in events],
                          ["started", "retrying"] * (n - 1) + ["started", "failed"])
         self.assertEqual([e["attempt"] for e in events if e["event"] != "started"],
@@ -1122,8 +1118,8 @@ class ProcessTest(ProtocolTestCase):
         job = wait_until(lambda: self.get(job_id)["pid"] is None and self.get(job_id),
                          message="the attempt to be over")
         self.assertEqual(job["state"], "cancelled")
-        self.assertEqual(self.job_events(job_id, "failed"), [])
-        self.assertEqual(self.job_events(job_id, "succeeded"), [])
+        self.assertEqual(self.daemon.job_events(job_id, "failed"), [])
+        self.assertEqual(self.daemon.job_events(job_id, "succeeded"), [])
 
     def test_cancel_escalates_to_sigkill_after_kill_grace(self):
         job_id = self.add("testjobs_e2e:stubborn", args=[60])
@@ -1229,8 +1225,8 @@ class ProcessTest(ProtocolTestCase):
             job = self.wait_done(job_id)
             self.assertEqual((job["state"], job["attempts"]), ("failed", 1), case)
             self.assertTrue(job["error"], case)
-            self.assertEqual(len(self.job_events(job_id, "started")), 1, case)
-            self.assertEqual(self.job_events(job_id, "retrying"), [], case)
+            self.assertEqual(len(self.daemon.job_events(job_id, "started")), 1, case)
+            self.assertEqual(self.daemon.job_events(job_id, "retrying"), [], case)
             self.assertEqual(len(self.wait_events(job_id, "failed")), 1, case)
 
 
@@ -1348,18 +1344,18 @@ class LogTest(ProtocolTestCase):
                 self.assertRegex(event.get("pid", ""), r"^\d+$", raw)
         self.assertTrue([e for e in self.daemon.events() if e["event"] == "startup"])
         seq = lambda job_id: [(e["event"], e.get("attempt"))  # noqa: E731
-                              for e in self.job_events(job_id)]
+                              for e in self.daemon.job_events(job_id)]
         self.assertEqual(seq(ok), [("queued", None), ("started", "1/1"), ("succeeded", "1/1")])
         self.assertEqual(seq(failing), [("queued", None), ("started", "1/2"),
                                         ("retrying", "1/2"), ("started", "2/2"),
                                         ("failed", "2/2")])
-        self.assertEqual([e["event"] for e in self.job_events(cancelled)],
+        self.assertEqual([e["event"] for e in self.daemon.job_events(cancelled)],
                          ["queued", "cancelled"])
-        for e in self.job_events(ok):
+        for e in self.daemon.job_events(ok):
             self.assertEqual(e["target"], T)
-        self.assertIn("duration", self.job_events(ok, "succeeded")[0])
+        self.assertIn("duration", self.daemon.job_events(ok, "succeeded")[0])
         # UTC: the started line's time is the job's started_at
-        started = self.job_events(ok, "started")[0]
+        started = self.daemon.job_events(ok, "started")[0]
         self.assertAlmostEqual(log_ts(started["time"]), okjob["started_at"], delta=1.0)
 
     def test_user_strings_cannot_forge_log_lines(self):
@@ -1377,7 +1373,7 @@ class LogTest(ProtocolTestCase):
         for raw in text.split("\n")[:-1]:
             self.assertRegex(raw, LOG_LINE_RE)
         self.assertEqual([e for e in events if e.get("job") == "999"], [])
-        failed = self.job_events(job_id, "failed")[0]
+        failed = self.daemon.job_events(job_id, "failed")[0]
         self.assertIn("event=succeeded job=999", failed.get("error", ""))
         self.assertEqual(failed["target"], "testjobs_e2e:fail_with")
         errors = self.read_log("background_jobs_errors.log")

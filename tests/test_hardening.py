@@ -275,10 +275,6 @@ class HardeningCase(DaemonTestCase):
         with open(os.path.join(self.daemon.log_dir, name), encoding="utf-8") as f:
             return f.read()
 
-    def job_events(self, job_id, event=None):
-        return [e for e in self.daemon.events()
-                if e.get("job") == str(job_id) and (event is None or e["event"] == event)]
-
     def path(self, *names):
         return os.path.join(self.root, *names)
 
@@ -1138,7 +1134,7 @@ class SocketTest(HardeningCase):
 
     def test_queued_line_names_the_peer_uid(self):
         job_id = self.daemon.add(T)
-        queued = wait_until(lambda: self.job_events(job_id, "queued"), message="queued line")
+        queued = wait_until(lambda: self.daemon.job_events(job_id, "queued"), message="queued line")
         self.assertEqual(queued[0].get("uid"), str(os.getuid()), queued[0])
 
     def test_targets_with_path_separators_are_bad_requests(self):
@@ -1183,10 +1179,11 @@ class AllowReloadTest(HardeningCase):
         self.assertEqual((job["state"], job["attempts"]), ("failed", 1), job)
         self.assertIn("not allowed", job["error"].lower())
         self.assertFalse(os.path.exists(marker), "the job's module was imported")
-        wait_until(lambda: self.job_events(victim, "failed"), message="the failed line")
-        self.assertEqual(len(self.job_events(victim, "started")), 1)
-        self.assertEqual(self.job_events(victim, "retrying"), [])
-        self.assertIn("not allowed", self.job_events(victim, "failed")[0].get("error", "").lower())
+        wait_until(lambda: self.daemon.job_events(victim, "failed"), message="the failed line")
+        self.assertEqual(len(self.daemon.job_events(victim, "started")), 1)
+        self.assertEqual(self.daemon.job_events(victim, "retrying"), [])
+        failed = self.daemon.job_events(victim, "failed")[0]
+        self.assertIn("not allowed", failed.get("error", "").lower())
         # what is still allowed still runs
         self.assertEqual(self.wait_done(self.daemon.add(T))["state"], "succeeded")
 
@@ -1316,7 +1313,7 @@ class LogInjectionTest(HardeningCase):
         job = self.wait_done(job_id)
         self.assertEqual((job["state"], job["attempts"]), ("failed", 1))
         self.assertEqual(len(job["error"].splitlines()), 1, job["error"][:300])
-        wait_until(lambda: self.job_events(job_id, "failed"), message="the failed line")
+        wait_until(lambda: self.daemon.job_events(job_id, "failed"), message="the failed line")
         events = self.read_log("background_jobs.log")
         self.assertEqual(events.splitlines(), events.split("\n")[:-1])
         for line in events.split("\n")[:-1]:
@@ -1324,7 +1321,7 @@ class LogInjectionTest(HardeningCase):
             self.assertLess(len(line.encode()), 10 * 1024, "a log line of %d bytes"
                             % len(line.encode()))
             self.assertNotEqual(parse_log_line(line).get("job"), "999", line[:300])
-        failed = self.job_events(job_id, "failed")[0]
+        failed = self.daemon.job_events(job_id, "failed")[0]
         self.assertIn("boom", failed.get("error", ""))
         self.assertIn("event=succeeded job=999", failed["error"])   # kept, as a value
         errors = self.read_log("background_jobs_errors.log")

@@ -96,8 +96,7 @@ class CoreScenario:
         self.assertEqual(job["state"], "failed")
         self.assertIn("timed out", job["error"])
         # The pid from the log: the output is empty if the kill came before the job printed.
-        pid = int([e for e in self.daemon.events()
-                   if e.get("event") == "started" and e.get("job") == str(job_id)][0]["pid"])
+        pid = int(self.daemon.job_events(job_id, "started")[0]["pid"])
         wait_until(lambda: not process_alive(pid), 10, message="the timed-out job to be gone")
 
 
