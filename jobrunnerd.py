@@ -407,14 +407,26 @@ class EventLog:
                 try:
                     _write_all(self.fds[kind], data)
                 except OSError as exc:      # a full log disk must not stop the jobs
-                    print("jobrunnerd: cannot write %s: %s" % (self.NAMES[kind], exc),
-                          file=sys.stderr)
+                    warn("cannot write %s: %s" % (self.NAMES[kind], exc))
 
     def close(self) -> None:
         self.flush()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def say(line: str) -> None:
+    """One line to people on stderr (systemd's journal), written whole by one write(). Never
+    raises: a full disk or a closed pipe on stderr must not stop the daemon (SPEC §3)."""
+    try:
+        os.write(2, (line.translate(_CONTROLS) + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def warn(message: str) -> None:
+    say("jobrunnerd: " + message)
 
 
 def send_some_of(sock: socket.socket, buf: bytearray) -> bool:
@@ -1769,7 +1781,7 @@ class Zygote:
             elif "exit" in msg:
                 self.runner.exited(msg["exit"], msg["status"])
             elif "warning" in msg:
-                print("jobrunnerd: zygote: %s" % msg["warning"], file=sys.stderr)
+                warn("zygote: %s" % msg["warning"])
 
     def retire(self) -> None:
         """Take no new work; go away once the attempts it forked are over."""
@@ -1995,7 +2007,7 @@ class Runner:
                     att.out_size = os.fstat(att.out_file).st_size
                 except OSError as exc:
                     att.out_capped = True
-                    print("jobrunnerd: job %d output: %s" % (att.job.id, exc), file=sys.stderr)
+                    warn("job %d output: %s" % (att.job.id, exc))
                     continue
             if att.out_size + len(data) > cap:
                 data = data[:max(cap - att.out_size, 0)] + (
@@ -2006,7 +2018,7 @@ class Runner:
                 att.out_size += len(data)
             except OSError as exc:          # a full disk loses output, never the job
                 att.out_capped = True
-                print("jobrunnerd: job %d output: %s" % (att.job.id, exc), file=sys.stderr)
+                warn("job %d output: %s" % (att.job.id, exc))
 
     # -- stop and reap -----------------------------------------------------------------------
 
@@ -2040,8 +2052,7 @@ class Runner:
                 self.zygotes.remove(zygote)
                 if not zygote.retiring:
                     self.quick_deaths.append(time.monotonic())
-                    print("jobrunnerd: the zygote (pid %d) died; its attempts are lost"
-                          % zygote.pid, file=sys.stderr)
+                    warn("the zygote (pid %d) died; its attempts are lost" % zygote.pid)
                 zygote.died()
                 if zygote is self.zygote:
                     self.zygote = None
@@ -2483,10 +2494,9 @@ def sd_notify(message: str) -> None:
             s.sendto(message.encode(), socket.MSG_DONTWAIT, addr)
     except BlockingIOError:
         if message != "WATCHDOG=1":
-            print("jobrunnerd: sd_notify: the notify socket is full; dropped %r" % message,
-                  file=sys.stderr)
+            warn("sd_notify: the notify socket is full; dropped %r" % message)
     except OSError as exc:
-        print("jobrunnerd: sd_notify: %s" % exc, file=sys.stderr)
+        warn("sd_notify: %s" % exc)
 
 
 class Connection:
@@ -2560,7 +2570,7 @@ class Daemon:
         try:
             self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
         except OSError as exc:          # each attempt tries again (and spawns if it must)
-            print("jobrunnerd: warning: cannot start the zygote: %s" % exc, file=sys.stderr)
+            warn("warning: cannot start the zygote: %s" % exc)
         self.log = EventLog(cfg.log_dir)
         # Loading a million jobs makes a million objects the cycle collector would walk again
         # and again (40% of the load time): off while loading, then what was loaded is frozen
@@ -2575,7 +2585,7 @@ class Daemon:
             gc.freeze()
             gc.enable()
         for warning in self.store.warnings:
-            print("jobrunnerd: warning: " + warning, file=sys.stderr)
+            warn("warning: " + warning)
         self.recover_running()
         self.store.commit()
         self.listener = self.open_listener()
@@ -2612,8 +2622,8 @@ class Daemon:
             if groups:
                 time.sleep(0.01)
         for pgid in groups:
-            print("jobrunnerd: warning: process group %d survived SIGKILL for %gs"
-                  % (pgid, self.cfg.kill_grace), file=sys.stderr)
+            warn("warning: process group %d survived SIGKILL for %gs"
+                 % (pgid, self.cfg.kill_grace))
         for job in running:
             error = "interrupted: the daemon stopped while the attempt ran"
             changes = {"pid": None, "pid_start": None, "error": error}
@@ -2764,7 +2774,7 @@ class Daemon:
                 self.repair()
             self.store.commit(sync)
         except OSError as exc:
-            print("jobrunnerd: journal write failed: %s" % exc, file=sys.stderr)
+            warn("journal write failed: %s" % exc)
             self.jobs.undo()
             self.log.rewind(mark)
             self.after_commit.clear()
@@ -2818,14 +2828,14 @@ class Daemon:
             raise self.store.broken
         self.repair_after = time.monotonic() + 1.0
         self.store.snapshot(self.meta(), self.jobs.jobs)
-        print("jobrunnerd: state written again in full; the store is healthy", file=sys.stderr)
+        warn("state written again in full; the store is healthy")
 
     def compact(self) -> None:
         self.compact_wanted = False
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:      # the journal still holds everything; try again later
-            print("jobrunnerd: snapshot failed: %s" % exc, file=sys.stderr)
+            warn("snapshot failed: %s" % exc)
 
     def meta(self) -> dict:
         return {"next_id": self.jobs.next_id, "paused": self.jobs.paused}
@@ -2842,8 +2852,7 @@ class Daemon:
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:
-            print("jobrunnerd: final snapshot failed (the journal has everything): %s" % exc,
-                  file=sys.stderr)
+            warn("final snapshot failed (the journal has everything): %s" % exc)
         self.flush()
         for conn in list(self.conns):
             self.send_some(conn)
@@ -2904,7 +2913,7 @@ class Daemon:
             try:
                 fresh = load_config(self.cfg.path, {})
             except ConfigError as exc:
-                print("jobrunnerd: reload: %s; keeping the old config" % exc, file=sys.stderr)
+                warn("reload: %s; keeping the old config" % exc)
             else:
                 self.cfg.allow, self.cfg.limits = fresh.allow, fresh.limits
         sd_notify("READY=1")
@@ -3022,8 +3031,7 @@ class Daemon:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            print("jobrunnerd: cannot remove output of job %d: %s" % (job_id, exc),
-                  file=sys.stderr)
+            warn("cannot remove output of job %d: %s" % (job_id, exc))
 
     def resolve_waiters(self, job: Job, reply: bytes | None = None) -> None:
         """Answer the waits for `job`, which has ended: with its record, or with `reply`."""
@@ -3058,7 +3066,7 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:      # EMFILE and friends: keep serving who we have
-                print("jobrunnerd: accept: %s" % exc, file=sys.stderr)
+                warn("accept: %s" % exc)
                 return
             sock.setblocking(False)
             uid = self.peer_uid(sock)
@@ -3457,7 +3465,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or os.environ.get("JOBRUNNER_CONFIG") or None,
                           {"socket": args.socket, "workers": args.workers})
     except ConfigError as exc:
-        print("jobrunnerd: %s" % exc, file=sys.stderr)
+        warn("%s" % exc)
         return 2
     if args.check_config:
         print("jobrunnerd: config OK")
@@ -3468,13 +3476,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.setup()
     except StateError as exc:
-        print("jobrunnerd: %s" % exc, file=sys.stderr)
+        warn("%s" % exc)
         return 1
     except OSError as exc:
-        print("jobrunnerd: cannot start: %s" % exc, file=sys.stderr)
+        warn("cannot start: %s" % exc)
         return 1
-    print("jobrunnerd %s: listening on %s with %d workers (state in %s)"
-          % (VERSION, cfg.socket, cfg.workers, cfg.state_dir), file=sys.stderr)
+    say("jobrunnerd %s: listening on %s with %d workers (state in %s)"
+        % (VERSION, cfg.socket, cfg.workers, cfg.state_dir))
     return daemon.run()
 
 
