@@ -14,7 +14,6 @@ systemd, checked without a running systemd.
 - SIGHUP after logrotate moved the logs: new lines go to new files; `allow` and `limits` are
   re-read; a broken config on reload keeps the daemon running on the old one.
 """
-import io
 import os
 import pwd
 import queue
