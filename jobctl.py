@@ -10,7 +10,7 @@ never imports job code.
 Sections, in file order:
 
     constants       exit codes, defaults, each with its reason
-    errors          JobrunnerError, DaemonUnreachable
+    errors          JobrunnerError, DaemonUnreachable, ReplyTimeout, BadReply
     socket path     resolve_socket(): --socket, $JOBRUNNER_SOCKET, storage/, /run
     Client          one connection; call(), send()/recv() for pipelining and one
                     method per protocol op (hello, add, add_batch, get, list,
@@ -37,13 +37,20 @@ Command line (run "jobctl -h" or "jobctl add -h" for details):
     jobctl show ID
     jobctl cancel ID ...        jobctl retry ID ...
     jobctl wait ID ... [--timeout S]
-    jobctl logs ID [--follow]
+    jobctl logs ID [--follow] [--raw]
     jobctl stats                jobctl pause     jobctl resume     jobctl prune [--older-than S]
 
 Global options --socket PATH and --json go before or after the subcommand.
 Exit codes: 0 success, 1 a waited job ended failed or cancelled, 2 usage error or
 the daemon refused the request, 3 the daemon cannot be reached, 4 --timeout passed
-before a waited job finished.
+before a waited job finished (whatever the daemon does, wait --timeout D returns within
+D + 5 s).
+
+Limits: a reply must come within REPLY_TIMEOUT (30 s; $JOBRUNNER_REPLY_TIMEOUT sets other
+seconds) and be one JSON object on a line of at most MAX_REPLY_BYTES (64 MiB), else the
+Client raises ReplyTimeout or BadReply (both DaemonUnreachable: exit 3). In text output every
+string that came from a user or the daemon goes through escape(): control characters are
+shown as escapes (\x1b, \r), so a job's key or error cannot drive the terminal.
 """
 from __future__ import annotations  # Client.list shadows the builtin in annotations
 
@@ -53,8 +60,8 @@ import socket
 import sys
 from collections import deque
 
-__all__ = ["Client", "JobrunnerError", "DaemonUnreachable", "run_background_job",
-           "resolve_socket", "main"]
+__all__ = ["Client", "JobrunnerError", "DaemonUnreachable", "ReplyTimeout", "BadReply",
+           "run_background_job", "resolve_socket", "escape", "main"]
 
 
 ###############################################################################
@@ -83,6 +90,11 @@ _SEND_BUFFER_MAX = 512 * 1024  # flush pipelined requests beyond this, bounding 
 _BATCH_JOBS = 1000             # add --stdin: jobs per add_batch request
 _BATCH_BYTES = 768 * 1024      # ... and bytes per request, below max_request_bytes (1 MiB)
 _FOLLOW_POLL = 0.5             # logs --follow: output has no push, wait() ends early when the job does
+REPLY_TIMEOUT = 30.0           # SPEC §4: a daemon that accepted but says nothing for 30 s is unreachable
+REPLY_TIMEOUT_ENV = "JOBRUNNER_REPLY_TIMEOUT"  # seconds instead of REPLY_TIMEOUT (tests, slow hosts)
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # SPEC §4: a longer reply line is a broken daemon, not data to buffer
+WAIT_GRACE = 3.0               # a wait's reply may come this long after its timeout; SPEC allows D + 5 s
+_WAIT_SLICE = 60.0             # a wait "until done" asks in slices, so a daemon that stops answering is seen
 
 _OMIT = object()  # "argument not given" where None is a meaningful value (timeout: no limit)
 
@@ -107,6 +119,23 @@ class DaemonUnreachable(JobrunnerError):
 
     def __init__(self, message: str, code: str = "unreachable") -> None:
         super().__init__(code, message)
+
+
+class ReplyTimeout(DaemonUnreachable):
+    """The daemon accepted but its reply did not come within the Client's timeout
+    (code "timeout"). The connection is closed; the next request opens a new one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "timeout")
+
+
+class BadReply(DaemonUnreachable):
+    """The daemon sent something that is not a reply: not one JSON object on a line,
+    a line over MAX_REPLY_BYTES, more replies than requests, or a reply without the
+    fields its op promises (code "bad_reply")."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "bad_reply")
 
 
 ###############################################################################
@@ -153,17 +182,26 @@ class Client:
     pipelining, send() any number of requests and recv() their replies in the same
     order. The other methods are one per protocol op and return the interesting
     part of the reply. The connection is opened on first use and, after it breaks,
-    reopened by the next request. `timeout` (seconds, None = none) bounds connecting
-    and each reply; wait() extends it by its own timeout. Not thread-safe: use one
-    Client per thread.
+    reopened by the next request. Not thread-safe: use one Client per thread.
+
+    Limits, so that a script never hangs or fills its memory whatever the daemon
+    does: `timeout` (seconds; default REPLY_TIMEOUT, 30, or $JOBRUNNER_REPLY_TIMEOUT;
+    None = no limit) bounds connecting and each whole reply, else ReplyTimeout.
+    wait(id, timeout=T) allows T + WAIT_GRACE for its reply, and wait(id) without a
+    timeout asks in slices of _WAIT_SLICE, so a daemon that stops answering is
+    noticed there too. A reply line over MAX_REPLY_BYTES (64 MiB), one that is not
+    a JSON object, or one without the fields its op returns raises BadReply. Both
+    are DaemonUnreachable (exit 3 in jobctl); the connection is closed after them.
     """
 
-    def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, socket_path: str | None = None, timeout: float | None | object = _OMIT) -> None:
         self.socket_path = resolve_socket(socket_path)
-        self.timeout = timeout
+        self.timeout = reply_timeout() if timeout is _OMIT else timeout
         self._sock: socket.socket | None = None
         self._wbuf = bytearray()     # requests sent but not yet written
         self._rbuf = bytearray()     # bytes received but not yet parsed
+        self._lines = 0              # complete reply lines in _rbuf
+        self._tail = 0               # bytes in _rbuf after its last newline (a line in progress)
         self._pending: deque = deque()  # read timeout of each request awaiting its reply
         self._eof = False            # the daemon closed its end
 
@@ -182,15 +220,21 @@ class Client:
         self._sock = None
         self._wbuf.clear()
         self._rbuf.clear()
+        self._lines = self._tail = 0
         self._pending.clear()
         self._eof = False
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, limit: float | None = None) -> socket.socket:
+        """The connection, opened if needed within self.timeout (or `limit` if shorter)."""
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            timeout = self.timeout if limit is None or self.timeout is None else min(self.timeout, limit)
             try:
-                sock.settimeout(self.timeout)
+                sock.settimeout(timeout)
                 sock.connect(self.socket_path)
+            except TimeoutError:  # a full listen backlog: the daemon accepts nothing
+                sock.close()
+                raise ReplyTimeout(f"{self.socket_path} did not accept within {timeout}s") from None
             except OSError as e:
                 sock.close()
                 reason = e.strerror or str(e) or type(e).__name__
@@ -201,7 +245,7 @@ class Client:
     def _broken(self, e: BaseException) -> DaemonUnreachable:
         self.close()
         if isinstance(e, TimeoutError):
-            return DaemonUnreachable(f"no reply from {self.socket_path} within {self.timeout}s", "timeout")
+            return ReplyTimeout(f"no reply from {self.socket_path} within {self.timeout}s")
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         return DaemonUnreachable(f"connection to {self.socket_path} lost: {reason}")
 
@@ -234,6 +278,9 @@ class Client:
                 self._interleave(sock)
         except TimeoutError as e:
             raise self._broken(e) from None
+        except BadReply:
+            self.close()
+            raise
         except OSError:
             # EPIPE/ECONNRESET: the daemon closed, maybe after a reply that says why
             # (too_large, busy). recv() reads what it sent before giving up.
@@ -254,7 +301,7 @@ class Client:
                     if not chunk:
                         self._eof = True
                         return
-                    self._rbuf += chunk
+                    self._received(chunk)
                 if writable:
                     try:
                         pos += sock.send(view[pos:pos + _SEND_DIRECT], socket.MSG_DONTWAIT)
@@ -263,44 +310,79 @@ class Client:
         finally:
             view.release()
 
+    def _received(self, chunk: bytes) -> None:
+        """Buffer bytes from the daemon, refusing what no honest daemon sends: a line
+        longer than MAX_REPLY_BYTES, or more replies than requests. Memory stays bounded
+        by those limits however fast or long the daemon writes. The caller closes the
+        connection after a BadReply (_interleave still holds a view of _wbuf here)."""
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            self._tail += len(chunk)
+        else:
+            longest = self._tail + chunk.find(b"\n")  # the line this chunk ends; the others are shorter than a chunk
+            self._lines += chunk.count(b"\n")
+            self._tail = len(chunk) - last - 1
+            if longest > MAX_REPLY_BYTES:
+                self._tail = longest
+        if self._tail > MAX_REPLY_BYTES:
+            raise BadReply(f"{self.socket_path} sent a reply line over {MAX_REPLY_BYTES} bytes")
+        if self._lines > max(1, len(self._pending)):
+            raise BadReply(f"{self.socket_path} sent more replies than requests")
+        self._rbuf += chunk
+
     def _read_line(self, timeout: float | None) -> bytes:
+        """The next reply line, which must be complete within `timeout` seconds."""
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
         buf = self._rbuf
-        start = 0
         while True:
-            end = buf.find(b"\n", start)
-            if end >= 0:
+            if self._lines:
+                end = buf.find(b"\n")
                 line = bytes(buf[:end])
                 del buf[:end + 1]
+                self._lines -= 1
                 return line
             if self._eof:
                 self.close()
                 raise DaemonUnreachable(f"connection to {self.socket_path} closed by the daemon")
-            start = len(buf)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.close()
+                raise ReplyTimeout(f"no reply from {self.socket_path} within {timeout:g}s")
             try:
-                self._sock.settimeout(timeout)
+                self._sock.settimeout(left)
                 chunk = self._sock.recv(_RECV_SIZE)
+            except TimeoutError:
+                continue  # the deadline check above says so
             except OSError as e:
                 raise self._broken(e) from None
-            if chunk:
-                buf += chunk
-            else:
+            if not chunk:
                 self._eof = True
+                continue
+            try:
+                self._received(chunk)
+            except BadReply:
+                self.close()
+                raise
 
     def recv(self) -> dict:
         """Read the next reply (for the oldest request sent); return its fields
-        without "ok", or raise JobrunnerError if it is an error reply."""
+        without "ok", or raise JobrunnerError if it is an error reply (ReplyTimeout or
+        BadReply when the daemon does not answer in time or not with a reply)."""
         if self._sock is None:
             raise DaemonUnreachable(f"not connected to {self.socket_path}")
         self._flush()
-        timeout = self._pending.popleft() if self._pending else self.timeout
+        timeout = self._pending[0] if self._pending else self.timeout
         line = self._read_line(timeout)
+        if self._pending:
+            self._pending.popleft()
         try:
-            reply = json.loads(line)
-        except ValueError:
+            reply = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested past the stack
             reply = None
         if not isinstance(reply, dict):
             self.close()  # the stream is out of step; nothing after this can be trusted
-            raise JobrunnerError("bad_reply", f"daemon sent something that is not a JSON object: {line[:200]!r}")
+            raise BadReply(f"daemon sent something that is not a JSON object: {line[:200]!r}")
         if reply.pop("ok", False) is True:
             return reply
         error = reply.get("error")
@@ -334,61 +416,111 @@ class Client:
         fields = add_fields(target, method=method, args=args, kwargs=kwargs, priority=priority,
                             delay=delay, run_at=run_at, retries=retries, retry_delay=retry_delay,
                             backoff=backoff, timeout=timeout, key=key)
-        return self.call("add", **fields)
+        reply = self.call("add", **fields)
+        _field(reply, "id", int)
+        return reply
 
     def add_batch(self, jobs: list[dict]) -> list[int]:
         """Queue several jobs (add objects without "op"), all or nothing; return their ids."""
-        return self.call("add_batch", jobs=jobs)["ids"]
+        return _field(self.call("add_batch", jobs=jobs), "ids", list, int)
 
     def get(self, id: int) -> dict:
         """The job record."""
-        return self.call("get", id=id)["job"]
+        return _field(self.call("get", id=id), "job", dict)
 
     def list(self, state: str | None = None, target: str | None = None,
              limit: int | None = None, after_id: int | None = None) -> list[dict]:
         """Job records in ascending id order (the daemon's default limit is 100, at most 1000)."""
         fields = _given(state=state, target=target, limit=limit, after_id=after_id)
-        return self.call("list", **fields)["jobs"]
+        return _field(self.call("list", **fields), "jobs", list, dict)
 
     def cancel(self, id: int) -> dict:
         """Cancel a pending or running job; return the job record."""
-        return self.call("cancel", id=id)["job"]
+        return _field(self.call("cancel", id=id), "job", dict)
 
     def retry(self, id: int) -> dict:
         """Put a failed or cancelled job back to pending; return the job record."""
-        return self.call("retry", id=id)["job"]
+        return _field(self.call("retry", id=id), "job", dict)
 
     def wait(self, id: int, timeout: float | None = None) -> dict:
         """Block until the job is finished or `timeout` seconds pass (None: no limit);
-        return {"job": record, "done": bool}."""
-        if timeout is None:
-            return self._call({"op": "wait", "id": id}, None)
-        read_timeout = None if self.timeout is None else self.timeout + timeout
-        return self._call({"op": "wait", "id": id, "timeout": timeout}, read_timeout)
+        return {"job": record, "done": bool}. With a timeout it returns or raises
+        within timeout + WAIT_GRACE (at most self.timeout), whatever the daemon does."""
+        if self.timeout is None:
+            reply = self._call({"op": "wait", "id": id, **_given(timeout=timeout)}, None)
+        elif timeout is None:
+            while True:  # slices: each one is answered in time by a daemon that is alive
+                reply = self.wait(id, _WAIT_SLICE)
+                if reply["done"]:
+                    return reply
+        else:
+            import time
+            allowed = timeout + min(WAIT_GRACE, self.timeout)
+            deadline = time.monotonic() + allowed
+            self._connect(allowed)  # connecting counts against the same deadline
+            reply = self._call({"op": "wait", "id": id, "timeout": timeout},
+                               max(0.0, deadline - time.monotonic()))
+        _field(reply, "job", dict)
+        _field(reply, "done", bool)
+        return reply
 
     def output(self, id: int, offset: int = 0, limit: int | None = None) -> dict:
         """Captured output from byte `offset`: {"data": str, "offset": next, "eof": bool}."""
-        return self.call("output", id=id, offset=offset, **_given(limit=limit))
+        reply = self.call("output", id=id, offset=offset, **_given(limit=limit))
+        _field(reply, "data", str)
+        _field(reply, "offset", int)
+        _field(reply, "eof", bool)
+        return reply
 
     def stats(self) -> dict:
         """{"counts": {state: n}, "workers", "paused", "uptime", "protocol"}"""
-        return self.call("stats")
+        reply = self.call("stats")
+        _field(reply, "counts", dict)
+        return reply
 
     def pause(self) -> bool:
         """Start no new attempts until resume(); return the paused flag (True)."""
-        return self.call("pause")["paused"]
+        return _field(self.call("pause"), "paused", bool)
 
     def resume(self) -> bool:
         """Start attempts again; return the paused flag (False)."""
-        return self.call("resume")["paused"]
+        return _field(self.call("resume"), "paused", bool)
 
     def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs older than `older_than` seconds (default: all); return how many."""
-        return self.call("prune", **_given(older_than=older_than))["removed"]
+        return _field(self.call("prune", **_given(older_than=older_than)), "removed", int)
 
 
 def _given(**fields: object) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _field(reply: dict, name: str, kind: type, item: type | None = None):
+    """reply[name], checked to be a `kind` (a list of `item`s), else BadReply: the
+    callers and jobctl's rendering may then rely on its type."""
+    value = reply.get(name)
+    if not isinstance(value, kind) or (item is not None and not all(isinstance(v, item) for v in value)):
+        raise BadReply(f"the daemon's reply has no valid {name!r} (a {type(value).__name__})")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    """json.loads(parse_constant=): NaN and Infinity are not JSON, and no daemon sends them."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def reply_timeout() -> float:
+    """The Client's default reply timeout: $JOBRUNNER_REPLY_TIMEOUT seconds, else REPLY_TIMEOUT."""
+    text = os.environ.get(REPLY_TIMEOUT_ENV)
+    if not text:
+        return REPLY_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise JobrunnerError("bad_request", f"${REPLY_TIMEOUT_ENV}: not a number of seconds: {text!r}")
+    return value
 
 
 def add_fields(target: str, *, timeout: float | None | object = _OMIT, **fields: object) -> dict:
@@ -438,6 +570,31 @@ def run_background_job(target: str | type | object, method: str | None = "handle
 # Rendering
 ###############################################################################
 
+_ESCAPES: dict[int, str] = {}       # filled on first use: `jobctl add` prints only an id
+_ESCAPES_KEEP_LINES: dict[int, str] = {}
+
+
+def _escape_table(keep_lines: bool) -> dict[int, str]:
+    if not _ESCAPES:
+        controls = [*range(0x20), 0x7f, *range(0x80, 0xa0)]  # C0, DEL, C1
+        _ESCAPES.update({c: f"\\x{c:02x}" for c in controls})
+        _ESCAPES.update({0x09: "\\t", 0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+        _ESCAPES_KEEP_LINES.update(_ESCAPES)
+        del _ESCAPES_KEEP_LINES[0x09], _ESCAPES_KEEP_LINES[0x0a]
+    return _ESCAPES_KEEP_LINES if keep_lines else _ESCAPES
+
+
+def escape(text: str, keep_lines: bool = False) -> str:
+    """`text` safe for a terminal: control characters (C0, DEL, C1, U+2028/2029) shown
+    as escapes ("\\x1b", "\\r", "\\n"), so a string from a job or another user cannot
+    move the cursor, retitle the window or fake a line. `keep_lines` leaves newline and
+    tab as they are (job output). Every user-supplied string in text output goes
+    through here; --json output is escaped by _out_json instead."""
+    if text.isprintable():  # the common case, and cheap: no control character in it
+        return text
+    return text.translate(_escape_table(keep_lines))
+
+
 def relative_time(t: float, now: float | None = None) -> str:
     """An epoch time relative to now: "in 4s", "2m ago", "3h ago", "just now"."""
     if now is None:
@@ -483,13 +640,16 @@ def local_time(t: float, now: float | None = None) -> str:
 
 def attempts_text(job: dict) -> str:
     """Attempts started out of those allowed: "1/4"."""
-    return f"{job.get('attempts', 0)}/{(job.get('retries') or 0) + 1}"
+    retries = job.get("retries") or 0
+    return f"{job.get('attempts', 0)}/{retries + 1 if isinstance(retries, int) else '?'}"
 
 
 def _when(job: dict, now: float) -> str:
     # The one time that matters in each state: pending -> when it may run,
     # running -> since when, finished -> when it ended.
     state = job.get("state")
+    if not isinstance(state, str):
+        return "-"
     t = {"pending": job.get("run_at"), "running": job.get("started_at")}.get(state, job.get("finished_at"))
     return relative_time(t, now) if isinstance(t, (int, float)) else "-"
 
@@ -501,11 +661,11 @@ def job_table(jobs: list[dict], now: float | None = None) -> str:
         now = time.time()
     rows = [("ID", "STATE", "PRI", "ATTEMPTS", "TARGET", "WHEN")]
     for j in jobs:
-        target = j.get("target", "")
+        target = str(j.get("target", ""))
         if j.get("method") not in (None, "handle"):
             target += f" ({j['method']})"
-        rows.append((str(j.get("id")), str(j.get("state")), str(j.get("priority", 0)),
-                     attempts_text(j), target, _when(j, now)))
+        rows.append(tuple(escape(cell) for cell in (str(j.get("id")), str(j.get("state")),
+                          str(j.get("priority", 0)), attempts_text(j), target, _when(j, now))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = (True, False, True, False, False, False)  # numbers line up on the right
     lines = []
@@ -535,10 +695,10 @@ def job_record(job: dict, now: float | None = None) -> str:
         elif name == "attempts":
             text = attempts_text(job)
         elif isinstance(value, str) and name not in ("result", "args", "kwargs"):
-            text = value.replace("\n", "\\n")
+            text = value
         else:
             text = json.dumps(value, ensure_ascii=False)
-        lines.append(f"{name}: {text}")
+        lines.append(escape(f"{name}: {text}"))
     return "\n".join(lines)
 
 
@@ -547,7 +707,7 @@ def state_line(job: dict) -> str:
     line = f"{job.get('id')} {job.get('state')}"
     if job.get("state") == "failed" and job.get("error"):
         line += f": {job['error']}"
-    return line
+    return escape(line)
 
 
 def _write(text: str) -> None:
@@ -565,8 +725,13 @@ def _out(text: str) -> None:
     _write(text + "\n")
 
 
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in (0x7f, *range(0x80, 0xa0), 0x2028, 0x2029)}
+
+
 def _out_json(doc: object) -> None:
-    _out(json.dumps(doc, ensure_ascii=False))  # one line: easy to read in a shell loop
+    # One line: easy to read in a shell loop. json.dumps escapes C0 but leaves DEL, C1 and
+    # U+2028/2029 raw without ensure_ascii; as \u escapes they are the same JSON value.
+    _out(json.dumps(doc, ensure_ascii=False).translate(_JSON_ESCAPES))
 
 
 # Hints for the codes where the next step is not obvious from the daemon's message.
@@ -581,7 +746,7 @@ _HINTS = {
 def report(error: JobrunnerError, context: str = "") -> int:
     """The one place errors reach the user: print to stderr, return the exit code."""
     where = f"{context}: " if context else ""
-    print(f"jobctl: error: {where}{error.code}: {error.message}", file=sys.stderr)
+    print(escape(f"jobctl: error: {where}{error.code}: {error.message}"), file=sys.stderr)
     if error.code in _HINTS:
         print(f"jobctl: hint: {_HINTS[error.code]}", file=sys.stderr)
     return EXIT_UNREACHABLE if isinstance(error, DaemonUnreachable) else EXIT_REFUSED
@@ -603,7 +768,7 @@ def cmd_add(client: Client, ns) -> int:
     if ns.json and not ns.wait:
         _out_json(reply)
     elif not ns.json:
-        _out(str(reply["id"]))
+        _out(str(reply["id"]))  # an int: Client.add checks
     if not ns.wait:
         return EXIT_OK
     job = client.wait(reply["id"])["job"]
@@ -644,7 +809,7 @@ def _add_stdin(client: Client, ns) -> int:
             return code
         ids += new
         if not ns.json:
-            _write("".join(f"{job_id}\n" for job_id in new))
+            _write("".join(f"{job_id}\n" for job_id in new))  # ints: Client.add_batch checks
         chunk, size = [], 0
     if ns.json:
         _out_json({"ids": ids})
@@ -694,7 +859,7 @@ def _each_id(client: Client, ns, op: str) -> int:
     try:
         for reply in _replies(ns, lambda job_id: client.recv(), codes, docs):
             if not ns.json:
-                _out(state_line(reply["job"]))
+                _out(state_line(_field(reply, "job", dict)))
     except DaemonUnreachable as e:
         return report(e)
     _out_docs(ns, docs)
@@ -739,6 +904,11 @@ def cmd_wait(client: Client, ns) -> int:
                 codes.append(EXIT_JOB_FAILED)
             if not ns.json:
                 _out(state_line(job) + ("" if reply.get("done") else " (not finished)"))
+    except ReplyTimeout as e:
+        # The daemon did not answer a wait in time: its deadline has passed (exit 4), and
+        # another wait would only go past it further.
+        code = report(e)
+        return EXIT_TIMEOUT if deadline is not None else code
     except DaemonUnreachable as e:
         return report(e)
     _out_docs(ns, docs)
@@ -746,6 +916,9 @@ def cmd_wait(client: Client, ns) -> int:
 
 
 def cmd_logs(client: Client, ns) -> int:
+    # On a terminal the output is escaped (a job must not drive it); to a pipe or file,
+    # or with --raw, it goes as it is.
+    escaped = not ns.json and not ns.raw and sys.stdout.isatty()
     offset, eof, parts = 0, False, []
     finished = False  # the job has ended: one more read gets the rest, then stop
     while True:
@@ -754,7 +927,7 @@ def cmd_logs(client: Client, ns) -> int:
         if ns.json:
             parts.append(data)
         elif data:
-            _write(data)
+            _write(escape(data, keep_lines=True) if escaped else data)
         if eof or (not data and (not ns.follow or finished)):
             break
         if not data:
@@ -778,7 +951,7 @@ def cmd_stats(client: Client, ns) -> int:
         lines.append(f"uptime: {duration(stats['uptime'])}")
     if "protocol" in stats:
         lines.append(f"protocol: {stats['protocol']}")
-    _out("\n".join(lines))
+    _out("\n".join(escape(line) for line in lines))
     return EXIT_OK
 
 
@@ -874,7 +1047,14 @@ def build_parser(only: str | None = None):
     --json are accepted before and after the subcommand: the subparsers repeat them with
     SUPPRESS defaults so they do not overwrite a value given before."""
     import argparse
-    parser = argparse.ArgumentParser(
+
+    class Parser(argparse.ArgumentParser):
+        """Usage errors quote argv ("unrecognized arguments: ..."): escaped like all text."""
+
+        def _print_message(self, message: str, file=None) -> None:
+            super()._print_message(escape(message, keep_lines=True) if message else message, file)
+
+    parser = Parser(
         prog="jobctl", description="Queue and inspect jobrunner jobs.",
         epilog="exit codes: 0 ok, 1 waited job failed/cancelled, 2 usage error or refused, "
                "3 daemon unreachable, 4 --timeout passed")
@@ -936,6 +1116,8 @@ def build_parser(only: str | None = None):
     p = command("logs", "print a job's output")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.add_argument("--raw", action="store_true", help="write the output as it is, also to a terminal "
+                   "(there control characters are otherwise shown escaped)")
     command("stats", "queue counts and daemon status")
     command("pause", "start no new attempts")
     command("resume", "start attempts again")

@@ -410,7 +410,7 @@ class OpMethodsTest(FakeDaemonTest):
             {"op": "get", "id": 1},
             {"op": "list", "state": "pending", "limit": 5},
             {"op": "cancel", "id": 1}, {"op": "retry", "id": 1},
-            {"op": "wait", "id": 1, "timeout": 2}, {"op": "wait", "id": 1},
+            {"op": "wait", "id": 1, "timeout": 2}, {"op": "wait", "id": 1, "timeout": jobctl._WAIT_SLICE},
             {"op": "output", "id": 1, "offset": 5},
             {"op": "stats"}, {"op": "pause"}, {"op": "resume"},
             {"op": "prune", "older_than": 60}, {"op": "prune"},
@@ -472,7 +472,7 @@ class CliTest(FakeDaemonTest):
         self.replies["wait"] = ok(job=job(9, "failed", error="RuntimeError: boom"), done=True)
         code, out, _ = self.run_main("add", "examples.jobs:ErrorJob", "--wait")
         self.assertEqual((code, out), (1, "9\n9 failed: RuntimeError: boom\n"))
-        self.assertEqual(self.daemon.requests[-1], {"op": "wait", "id": 9})
+        self.assertEqual(self.daemon.requests[-1], {"op": "wait", "id": 9, "timeout": jobctl._WAIT_SLICE})
 
     def test_refused_request_exits_2_with_message(self):
         self.replies["add"] = err("not_allowed", "target os:system is not allowed")
