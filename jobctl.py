@@ -908,7 +908,7 @@ def cmd_wait(client: Client, ns) -> int:
         # The daemon did not answer a wait in time: its deadline has passed (exit 4), and
         # another wait would only go past it further.
         code = report(e)
-        return EXIT_TIMEOUT if deadline is not None else code
+        return worst(codes + [EXIT_TIMEOUT]) if deadline is not None else code
     except DaemonUnreachable as e:
         return report(e)
     _out_docs(ns, docs)
