@@ -348,7 +348,7 @@ class Client:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self.close()
-                raise ReplyTimeout(f"no reply from {self.socket_path} within {timeout:g}s")
+                raise ReplyTimeout(f"no reply from {self.socket_path} within {timeout:.3g}s")
             try:
                 self._sock.settimeout(left)
                 chunk = self._sock.recv(_RECV_SIZE)
@@ -740,6 +740,9 @@ _HINTS = {
     "forbidden": "this user is not in the daemon's allowed_uids/allowed_gids",
     "queue_full": "too many pending and running jobs (max_queued)",
     "busy": "too many connections (max_connections); try again",
+    "timeout": f"the daemon accepted but did not answer: is it stopped or stuck? (${REPLY_TIMEOUT_ENV} "
+               "sets the seconds to wait)",
+    "bad_reply": "is --socket (or $JOBRUNNER_SOCKET) the socket of a jobrunnerd?",
 }
 
 
