@@ -926,6 +926,8 @@ def cmd_logs(client: Client, ns) -> int:
     finished = False  # the job has ended: one more read gets the rest, then stop
     while True:
         reply = client.output(ns.id, offset=offset)
+        if reply["data"] and reply["offset"] <= offset:  # the same bytes again: it would never end
+            raise BadReply(f"output of job {ns.id}: data without progress past offset {offset}")
         data, offset, eof = reply.get("data", ""), reply.get("offset", offset), reply.get("eof", False)
         if ns.json:
             parts.append(data)
