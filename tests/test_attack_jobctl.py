@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -298,6 +299,24 @@ class GarbageTest(ServerCase):
         server = self.serve(answer(b"[" * 100_000 + b"\n"))
         code, out, err, _, _ = run_jobctl(server.path, "show", "1")
         self.assertEqual((code, out), (3, b""), err)
+        self.assertNotIn(b"Traceback", err)
+
+
+class StoppedDaemonTest(DaemonTestCase):
+    """The reproduction itself: a real daemon, SIGSTOPped (the kernel still queues connections
+    in its listen backlog; nobody answers them)."""
+
+    def test_jobctl_against_a_stopped_daemon(self):
+        job_id = self.daemon.add(delay=3600)
+        os.kill(self.daemon.proc.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, self.daemon.proc.pid, signal.SIGCONT)
+        code, _, err, elapsed, _ = run_jobctl(self.daemon.socket, "wait", str(job_id), "--timeout", "1")
+        self.assertEqual(code, 4, err)
+        self.assertLess(elapsed, 1 + 5)
+        code, _, err, elapsed, _ = run_jobctl(self.daemon.socket, "stats",
+                                              env=client_env(JOBRUNNER_REPLY_TIMEOUT="1"))
+        self.assertEqual(code, 3, err)
+        self.assertIn(b"jobctl: error: timeout:", err)
         self.assertNotIn(b"Traceback", err)
 
 
