@@ -4,7 +4,8 @@
 1. No hang, no unbounded memory: fake servers on a temp Unix socket that accept and never
    answer, send one endless line, flood replies, or send garbage. The reply deadline is
    shortened through the Client's `timeout` or $JOBRUNNER_REPLY_TIMEOUT (the 30 s default is
-   checked to stay the default); `wait --timeout D` is held to D + 5 s with the default.
+   checked to stay the default); `wait --timeout D` is held to D + 5 s with the default, also
+   against a real SIGSTOPped daemon.
 2. No raw control character in text output: a real daemon with a job whose key, args, error,
    result and output are full of control characters, and every command run on it.
 
