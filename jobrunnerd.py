@@ -1331,6 +1331,47 @@ def _fail(status, error, tb=None):
     sys.stdout.flush()
     os._exit(2 if status == "permanent" else 1)
 
+_NOT_FOUND = object()
+
+def _lookup(cls, name):
+    """cls.name as stored in the class or a base (its MRO), read from their __dict__: no
+    descriptor, no metaclass __getattr__ runs (a plain getattr() could run either)."""
+    for base in type.__dict__["__mro__"].__get__(cls):
+        found = type.__dict__["__dict__"].__get__(base).get(name, _NOT_FOUND)
+        if found is not _NOT_FOUND:
+            return found
+    return _NOT_FOUND
+
+def _resolve(module, module_name, attr):
+    """(the object `attr` names in `module`, None) or (None, why not). Every step must be a
+    class or a Python function that the module itself defines: never a module, a builtin or a
+    name the module imported, so that `examples.jobs:os.system` cannot walk out of the
+    allowed module. Names are read from __dict__, so no job code runs during the walk."""
+    import types
+    if not issubclass(type(module), types.ModuleType):
+        return None, "%s is not a module" % module_name
+    obj, path = module, module_name + ":"
+    names = types.ModuleType.__dict__["__dict__"].__get__(module)
+    for part in attr.split("."):
+        if part.startswith("_"):
+            return None, "the name %r starts with '_'" % part
+        obj = names.get(part, _NOT_FOUND) if obj is module else _lookup(obj, part)
+        path += part
+        if obj is _NOT_FOUND:
+            return None, "%s is not defined" % path
+        if issubclass(type(obj), type):
+            owner = type.__dict__["__dict__"].__get__(obj).get("__module__")
+        elif type(obj) is types.FunctionType:
+            owner = obj.__module__
+        else:
+            return None, "%s is a %s, not a class or function" % (path, type(obj).__name__)
+        if type(owner) is not str:          # compared as is, its __eq__ could run code
+            return None, "%s has no module name" % path
+        if owner != module_name:
+            return None, "%s is defined in %s, not in %s" % (path, owner, module_name)
+        path += "."
+    return obj, None
+
 def _main():
     spec = json.loads(_chan.readline())
     _chan.close()
@@ -1369,14 +1410,12 @@ def _main():
     except BaseException as exc:
         _fail("permanent", "cannot import %s: %s" % (module_name, _one_line(exc)),
               traceback.format_exc())
-    try:
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as exc:
-        _fail("permanent", "cannot resolve %s: %s" % (target, _one_line(exc)))
-    if isinstance(obj, type):
+    obj, why = _resolve(obj, module_name, attr)
+    if why is not None:
+        _fail("permanent", "cannot resolve %s: %s" % (target, why))
+    if issubclass(type(obj), type):
         name = method or "handle"
-        if name.startswith("_") or not callable(getattr(obj, name, None)):
+        if name.startswith("_") or not callable(_lookup(obj, name)):
             _fail("permanent", "%s has no method %r" % (target, name))
         try:
             func = getattr(obj(), name)
@@ -2235,6 +2274,9 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
     if verdict == "bad_request":
         raise ProtocolError("bad_request", "%starget %r is not 'package.module:Attr'"
                             % (where, target[:100]))
+    if verdict == "private":
+        raise ProtocolError("bad_request", "%starget %r: names in Attr starting with '_' are "
+                            "refused" % (where, target))
     if verdict == "not_allowed":
         raise ProtocolError("not_allowed", "%starget %s is not in the allow list" % (where, target))
     method = req.get("method")
@@ -2285,14 +2327,17 @@ _VERDICTS: list = [None, {}]    # [the allow list they were made for, {target: v
 
 
 def target_verdict(target: str, allow: list) -> str:
-    """"ok", "bad_request" (not 'package.module:Attr') or "not_allowed" (no allow pattern
-    matches), remembered per target: a batch names the same target a thousand times."""
+    """"ok", "bad_request" (not 'package.module:Attr'), "private" (a step of Attr starts with
+    "_") or "not_allowed" (no allow pattern matches), remembered per target: a batch names the same target a thousand times."""
     if _VERDICTS[0] is not allow or len(_VERDICTS[1]) >= 4096:
         _VERDICTS[:] = [allow, {}]          # a reload brings a new list; bounded memory
     verdict = _VERDICTS[1].get(target)
     if verdict is None:
+        attr = target.partition(":")[2]
         if len(target) > 500 or not TARGET_RE.match(target):
             verdict = "bad_request"
+        elif attr.startswith("_") or "._" in attr:
+            verdict = "private"             # SPEC §2: no Attr step starts with "_"
         elif not any(fnmatch.fnmatchcase(target, pattern) for pattern in allow):
             verdict = "not_allowed"
         else:
