@@ -74,6 +74,8 @@ MAX_RESULT_BYTES = 64 * 1024          # SPEC: a larger return value is not kept 
 MAX_LOG_VALUE = 2000                  # one log field; a traceback goes to the errors log instead
 MAX_ERROR_CHARS = 500                 # `error` is a one-line summary, not a traceback
 MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failure
+MAX_REPORT_BYTES = 2 * (MAX_RESULT_BYTES + MAX_TRACEBACK_BYTES)  # read from fd 3, at most: our
+                                      # child's report fits; more is job code writing there
 READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
 MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop serving a client that does not read its replies
 MAX_LINES_PER_PASS = 1024             # per connection: one busy client cannot hold the loop
@@ -96,6 +98,8 @@ SYNC_DELAY = 0.2                      # a journal write that no reply waits for 
                                       # a process crash loses nothing (it is written at once),
                                       # a machine crash may lose it: that attempt then runs again
 JSON_MAX_DEPTH = 64                   # deeper requests are refused: they must encode back out
+MAX_RESULT_DEPTH = JSON_MAX_DEPTH - 2  # a result sits two levels down in a `get` reply and in
+                                      # the journal's {"job": {...}} line, which must load back
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                        r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")   # a leading "_" is refused by SPEC
@@ -1309,8 +1313,8 @@ class JobTable:
 CHILD_BOOTSTRAP = ("import os,json;_chan=os.fdopen(3,'rb',closefd=False);"
                    "exec(json.loads(_chan.readline()))")
 
-CHILD_SOURCE = ("MAX_ERROR, MAX_TB, MAX_RESULT = %d, %d, %d\n"
-                % (MAX_ERROR_CHARS, MAX_TRACEBACK_BYTES, MAX_RESULT_BYTES)) + r'''
+CHILD_SOURCE = ("MAX_ERROR, MAX_TB, MAX_RESULT, MAX_DEPTH = %d, %d, %d, %d\n"
+                % (MAX_ERROR_CHARS, MAX_TRACEBACK_BYTES, MAX_RESULT_BYTES, MAX_RESULT_DEPTH)) + r'''
 import json, os, signal, sys
 
 def _send(msg):
@@ -1326,10 +1330,31 @@ def _one_line(exc):
     text = "%s: %s" % (type(exc).__name__, exc)
     return " ".join(text.split())[:MAX_ERROR]
 
+def _tail(text, limit):
+    """The end of `text` that JSON-encodes in at most `limit` bytes (escapes count too)."""
+    text = text[-limit:]
+    while len(json.dumps(text, ensure_ascii=False).encode("utf-8", "replace")) > limit:
+        text = text[len(text) // 8 + 1:]
+    return text
+
 def _fail(status, error, tb=None):
-    _send({"status": status, "error": error, "traceback": (tb or "")[-MAX_TB:]})
+    _send({"status": status, "error": error, "traceback": _tail(tb or "", MAX_TB)})
     sys.stdout.flush()
     os._exit(2 if status == "permanent" else 1)
+
+def _too_deep(value, limit):
+    """As the daemon's too_deep(): it refuses a report that nests deeper."""
+    level = [value]
+    for _ in range(limit):
+        inner = []
+        for container in level:
+            for item in (container if type(container) is list else container.values()):
+                if type(item) is list or type(item) is dict:
+                    inner.append(item)
+        if not inner:
+            return False
+        level = inner
+    return True
 
 _NOT_FOUND = object()
 
@@ -1435,11 +1460,16 @@ def _main():
     except BaseException as exc:
         _fail("error", _one_line(exc), traceback.format_exc())
     try:
-        encoded = json.dumps(result, ensure_ascii=False, allow_nan=False)
-        if len(encoded.encode("utf-8")) > MAX_RESULT:
-            raise ValueError("%d bytes encoded, more than %d"
-                             % (len(encoded.encode("utf-8")), MAX_RESULT))
-    except (TypeError, ValueError) as exc:
+        encoded = json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if len(encoded) > MAX_RESULT:
+            raise ValueError("%d bytes encoded, more than %d" % (len(encoded), MAX_RESULT))
+        result = json.loads(encoded)      # plain lists and dicts now: no cycle, no subclass
+        if type(result) in (list, dict) and _too_deep(result, MAX_DEPTH):
+            raise ValueError("it nests deeper than %d levels" % MAX_DEPTH)
+    except RecursionError:
+        print("[jobrunner] result not kept: it nests too deeply to encode", file=sys.stderr)
+        result = None
+    except Exception as exc:              # not JSON, cyclic, too large or too deep
         print("[jobrunner] result not kept: %s" % _one_line(exc), file=sys.stderr)
         result = None
     sys.stdout.flush()
@@ -1530,21 +1560,74 @@ class Attempt:
         self.timers: list = []
 
     def report(self) -> dict | None:
-        """The child's last JSON line, if it sent one."""
+        """The child's last line on fd 3 as a checked report (see check_report()), None if it
+        sent none, or {"status": "invalid", "error": why} when that line is not a report."""
+        if len(self.chan_in) >= MAX_REPORT_BYTES:   # the runner stopped reading there
+            return invalid_report("at least %d bytes" % MAX_REPORT_BYTES)
         for line in reversed(bytes(self.chan_in).split(b"\n")):
             if line.strip():
-                # Job code can write anything to fd 3: keep only what the journal can hold
-                # (no nesting past JSON_MAX_DEPTH, no lone surrogates), or the daemon would
-                # crash on it, and again after each restart.
                 try:
-                    msg = json.loads(line)
-                    if not isinstance(msg, dict) or too_deep(msg, JSON_MAX_DEPTH):
-                        return None
-                    _json_line(msg).encode("utf-8")
-                except (ValueError, RecursionError):    # UnicodeError is a ValueError
-                    return None
-                return msg
+                    return check_report(line)
+                except ValueError as exc:
+                    return invalid_report(str(exc))
         return None
+
+
+REPORT_FIELDS = frozenset({"status", "error", "traceback", "result"})
+
+
+def invalid_report(why: str) -> dict:
+    """What attempt_ended() takes for a line on fd 3 that is not a report: a failed attempt."""
+    return {"status": "invalid", "error": "the job process sent an invalid report: " + why}
+
+
+def check_report(line: bytes) -> dict:
+    """A child's report line -> the report, each field checked and cut to size, or ValueError
+    saying what is wrong. Job code can write anything to fd 3: what is kept must fit the journal
+    and the replies (no nesting past MAX_RESULT_DEPTH, no lone surrogates, no NaN, strings where
+    strings go), or the daemon would crash on it, and again after each restart."""
+    try:
+        text = line.decode("utf-8")
+        msg = _decode_request(text)
+    except UnicodeDecodeError as exc:
+        raise ValueError("not UTF-8 (byte %d)" % exc.start) from None
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    except ValueError as exc:
+        raise ValueError("not JSON (%s)" % " ".join(str(exc).split())[:100]) from None
+    if type(msg) is not dict:
+        raise ValueError("not a JSON object")
+    if too_deep(msg, MAX_RESULT_DEPTH + 1):
+        raise ValueError("it nests deeper than %d levels" % (MAX_RESULT_DEPTH + 1))
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _json_line(msg).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("it holds a lone UTF-16 surrogate") from None
+    unknown = msg.keys() - REPORT_FIELDS
+    if unknown:
+        raise ValueError("unknown field %r" % min(unknown)[:40])
+    status = msg.get("status")
+    if type(status) is not str or status not in ("ok", "error", "permanent"):
+        raise ValueError("status must be \"ok\", \"error\" or \"permanent\"")
+    report = {"status": status}
+    for name in ("error", "traceback"):
+        value = msg.get(name)
+        if value is not None and type(value) is not str:
+            raise ValueError("%s must be a string, not %s" % (name, type(value).__name__))
+        if value:
+            report[name] = value
+    if "error" in report:
+        report["error"] = report["error"][:MAX_ERROR_CHARS]
+    if "traceback" in report:                   # its end says where it happened: keep that
+        report["traceback"] = report["traceback"].encode("utf-8")[-MAX_TRACEBACK_BYTES:] \
+            .decode("utf-8", "ignore")
+    if "result" in msg and status == "ok":
+        size = len(_encode(msg["result"]).encode("utf-8"))
+        if size > MAX_RESULT_BYTES:
+            raise ValueError("result of %d bytes encoded, more than %d" % (size, MAX_RESULT_BYTES))
+        report["result"] = msg["result"]
+    return report
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -2021,7 +2104,7 @@ class Runner:
                 att.chan.close()
                 att.chan = None
                 return
-            if len(att.chan_in) < MAX_RESULT_BYTES * 2 + MAX_TRACEBACK_BYTES * 2:
+            if len(att.chan_in) < MAX_REPORT_BYTES:
                 att.chan_in += data
 
     def _read_output(self, att: Attempt) -> None:
@@ -3033,7 +3116,7 @@ class Daemon:
             error = "timed out after %gs" % job.timeout
             self.log.event("timed_out", job=job.id, target=job.target,
                            attempt=job.attempt_label(), duration=duration, pid=att.pid)
-        elif status in ("error", "permanent") and report.get("error"):
+        elif status in ("error", "permanent", "invalid") and report.get("error"):
             error = str(report["error"])
         elif exit_code < 0:
             error = "killed by signal %s" % _signal_name(-exit_code)

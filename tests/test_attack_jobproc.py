@@ -129,5 +129,156 @@ class WalkOutTest(DaemonTestCase):
             self.assertEqual((job["state"], job["result"]), ("succeeded", result), job)
 
 
+REPORT_MODULE = r"""
+import os
+
+def deep(n):
+    value = []
+    for _ in range(n - 1):
+        value = [value]
+    return value
+
+def cyclic():
+    value = []
+    value.append(value)
+    return value
+
+def not_json():
+    return {"a": object()}
+
+def large(size):
+    return "x" * size
+
+def lone_surrogate():
+    return "\ud800"
+
+def report(data_hex, code):
+    # Writes `data` to fd 3 (the report channel) and ends without a report of its own.
+    data = bytes.fromhex(data_hex)
+    while data:
+        data = data[os.write(3, data):]
+    os._exit(code)
+"""
+
+
+class ResultTest(DaemonTestCase):
+    config = {"allow": ALLOW, "workers": 4}
+
+    def prepare(self):
+        self.write_job_module("tjobs_report", REPORT_MODULE)
+
+    def output(self, job_id):
+        reply = self.daemon.call(op="output", id=job_id)
+        self.assertTrue(reply["ok"], reply)
+        return reply["data"]
+
+    def test_a_result_that_cannot_be_kept_is_dropped_with_a_note(self):
+        cases = {"deep 5000": ("tjobs_report:deep", [5000], "nests too deeply to encode"),
+                 "deep 70": ("tjobs_report:deep", [70], "nests deeper than 62 levels"),
+                 "deep 63": ("tjobs_report:deep", [63], "nests deeper than 62 levels"),
+                 "cyclic": ("tjobs_report:cyclic", [], "Circular reference"),
+                 "not JSON": ("tjobs_report:not_json", [], "not JSON serializable"),
+                 "too large": ("tjobs_report:large", [64 * 1024 + 1], "more than 65536"),
+                 "lone surrogate": ("tjobs_report:lone_surrogate", [], "surrogate")}
+        ids = {name: self.daemon.add(target, args=args, retries=2, retry_delay=0)
+               for name, (target, args, _) in cases.items()}
+        for name, (_, _, note) in cases.items():
+            with self.subTest(case=name):
+                job = self.daemon.wait_job(ids[name])
+                self.assertEqual((job["state"], job["attempts"], job["result"]),
+                                 ("succeeded", 1, None), job)
+                self.assertIn("[jobrunner] result not kept:", self.output(ids[name]))
+                self.assertIn(note, self.output(ids[name]))
+        self.assertEqual(self.daemon.call(op="hello")["ok"], True)
+
+    def test_a_result_at_the_limits_is_kept(self):
+        deep = self.daemon.wait_job(self.daemon.add("tjobs_report:deep", args=[62]))
+        self.assertEqual(deep["state"], "succeeded", deep)
+        value, depth = deep["result"], 1
+        while value:
+            value, depth = value[0], depth + 1
+        self.assertEqual(depth, 62)
+        size = 64 * 1024 - 2                    # the quotes make it 64 KiB encoded
+        large = self.daemon.wait_job(self.daemon.add("tjobs_report:large", args=[size]))
+        self.assertEqual((large["state"], len(large["result"])), ("succeeded", size))
+        self.daemon.kill()                      # and the journal loads back
+        self.daemon.start()
+        self.assertEqual(len(self.daemon.get(large["id"])["result"]), size)
+
+
+def _hex(data):
+    return (data if isinstance(data, bytes) else data.encode()).hex()
+
+
+class ReportTest(DaemonTestCase):
+    config = {"allow": ALLOW, "workers": 4, "max_request_bytes": 8 << 20}  # the huge one's args
+
+    def prepare(self):
+        self.write_job_module("tjobs_report", REPORT_MODULE)
+
+    INVALID = {     # name: (what the job writes to fd 3, its exit code, the reason given)
+        "traceback not a str": ('{"status":"error","error":"x","traceback":123}\n', 1,
+                                "traceback must be a string"),
+        "error not a str": ('{"status":"ok","error":["x"]}\n', 0, "error must be a string"),
+        "status not a str": ('{"status":5}\n', 0, "status must be"),
+        "status unknown": ('{"status":"great"}\n', 0, "status must be"),
+        "unknown field": ('{"status":"ok","exit":0}\n', 0, "unknown field 'exit'"),
+        "not an object": ("[1, 2]\n", 0, "not a JSON object"),
+        "not JSON": ('{"status":"ok","result":NaN}\n', 0, "not JSON"),
+        "torn": ('{"status":"ok","res', 0, "not JSON"),
+        "not UTF-8": (b'\xff\xfe{"status":"ok"}\n', 0, "not UTF-8"),
+        "lone surrogate": ('{"status":"ok","result":"\\ud800"}\n', 0, "surrogate"),
+        "deep": ('{"status":"ok","result":' + "[" * 70 + "]" * 70 + "}\n", 0,
+                 "nests deeper than 63 levels"),
+        "very deep": ('{"status":"ok","result":' + "[" * 100000 + "]" * 100000 + "}\n", 0,
+                      "nests too deeply"),
+        "result too large": ('{"status":"ok","result":"%s"}\n' % ("x" * 70000), 0,
+                             "more than 65536"),
+        "huge": ('{"status":"ok","result":"%s"}\n' % ("x" * (1 << 20)), 0, "at least"),
+    }
+
+    def test_an_invalid_report_is_a_failed_attempt_and_the_daemon_serves_on(self):
+        ids = {name: self.daemon.add("tjobs_report:report", args=[_hex(data), code])
+               for name, (data, code, _) in self.INVALID.items()}
+        for name, (_, code, why) in self.INVALID.items():
+            with self.subTest(case=name):
+                job = self.daemon.wait_job(ids[name])
+                self.assertEqual((job["state"], job["exit_code"]), ("failed", code), job)
+                self.assertTrue(job["error"].startswith(
+                    "the job process sent an invalid report: "), job)
+                self.assertIn(why, job["error"])
+                self.assertIsNone(job["result"])
+        self.assertTrue(self.daemon.call(op="hello")["ok"])
+        # What was journalled loads back: a restart neither crashes nor reruns them.
+        self.daemon.kill()
+        self.daemon.start()
+        for name in self.INVALID:
+            job = self.daemon.get(ids[name])
+            self.assertEqual((job["state"], job["attempts"]), ("failed", 1), (name, job))
+
+    def test_an_invalid_report_is_retried_like_any_failed_attempt(self):
+        job = self.daemon.wait_job(self.daemon.add(
+            "tjobs_report:report", args=[_hex('{"status":"ok","result":[1],"traceback":7}'), 0],
+            retries=1, retry_delay=0))
+        self.assertEqual((job["state"], job["attempts"]), ("failed", 2), job)
+
+    def test_long_fields_of_a_valid_report_are_cut(self):
+        error_job = self.daemon.add("tjobs_report:report", args=[_hex(json.dumps(
+            {"status": "permanent", "error": "e" * 10000, "traceback": "t" * 400000})), 2],
+            retries=3)
+        job = self.daemon.wait_job(error_job)
+        self.assertEqual((job["state"], job["attempts"]), ("failed", 1), job)
+        self.assertEqual(job["error"], "e" * 500)
+        ok_job = self.daemon.add("tjobs_report:report", args=[_hex(json.dumps(
+            {"status": "ok", "result": {"a": "\u00e9"}, "traceback": None})), 0])
+        job = self.daemon.wait_job(ok_job)
+        self.assertEqual((job["state"], job["result"]), ("succeeded", {"a": "\u00e9"}), job)
+        errors = os.path.join(self.daemon.log_dir, "background_jobs_errors.log")
+        with open(errors, encoding="utf-8") as f:
+            text = f.read()
+        self.assertLess(text.count("t"), 300000, "the traceback is cut to 256 KiB")
+        self.assertGreater(text.count("t"), 200000)
+
+
 if __name__ == "__main__":
     unittest.main()
