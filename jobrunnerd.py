@@ -87,6 +87,9 @@ MAX_PRIORITY = 2 ** 31 - 1            # keeps priorities printable and comparabl
 MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
 MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
 LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
+MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
+QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
+                                      # them together: the loop is never held much longer
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
@@ -982,7 +985,8 @@ class JobTable:
         ids       every id, ascending (for `list ... after_id`)
         by_state  state -> ids in it (so `list --state failed` never scans a million pending)
         by_target target -> its ids, ascending (so `list --target 'reports.*'` reads the jobs
-                  of the targets that match, not every job); built at its first use
+                  of the targets that match, not every job); built at its first use, a slice
+                  per loop pass (index_targets()), kept up to date from its start
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
     entries with an old token are skipped when they surface.
@@ -1004,6 +1008,8 @@ class JobTable:
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
         self.by_target: dict[str, list[int]] | None = None
+        self._targets_done = 0                  # by_target holds every id up to this one
+        self._targets_upto = 0                  # and create() adds those above this one
         self.keys: dict[str, int] = {}
         self.next_id = 1
         self.paused = False
@@ -1141,13 +1147,13 @@ class JobTable:
             del self.jobs[job.id]
         gone = {job.id for job in jobs}
         self.ids = [i for i in self.ids if i not in gone]
-        if self.by_target is not None:
+        if self.by_target is not None:           # maybe still being built: maybe absent
             for target in {job.target for job in jobs}:
-                kept = [i for i in self.by_target[target] if i not in gone]
+                kept = [i for i in self.by_target.get(target, ()) if i not in gone]
                 if kept:
                     self.by_target[target] = kept
                 else:
-                    del self.by_target[target]
+                    self.by_target.pop(target, None)
         self.store.append({"del": sorted(gone)})
 
     # -- undo (a failed journal write) -------------------------------------------------------
@@ -1209,6 +1215,37 @@ class JobTable:
 
     # -- questions ---------------------------------------------------------------------------
 
+    def index_targets(self, deadline: float) -> bool:
+        """Build by_target until `deadline` (time.monotonic()); True once it is complete.
+        A million jobs take most of a second: built at once, that would hold the loop. From
+        the start on, create(), remove() and undo() keep what is there up to date, while this
+        adds the jobs that existed before, in id order (an id that undo() put back already is
+        not added twice)."""
+        if self.by_target is None:
+            self.by_target = {}
+            self._targets_done, self._targets_upto = 0, self.ids[-1] if self.ids else 0
+        jobs, by_target, upto = self.jobs, self.by_target, self._targets_upto
+        while self._targets_done < upto:
+            start = bisect.bisect_right(self.ids, self._targets_done)
+            chunk = self.ids[start:start + 2048]
+            if not chunk:
+                break
+            for job_id in chunk:
+                if job_id > upto:
+                    break
+                ids = by_target.setdefault(jobs[job_id].target, [])
+                if not ids or ids[-1] < job_id:
+                    ids.append(job_id)
+                else:                           # jobs made since the start are there already
+                    at = bisect.bisect_left(ids, job_id)
+                    if at == len(ids) or ids[at] != job_id:
+                        ids.insert(at, job_id)
+            self._targets_done = chunk[-1]
+            if time.monotonic() >= deadline:
+                return self._targets_done >= upto
+        self._targets_done = upto
+        return True
+
     def pop_due(self, now: float) -> Job | None:
         """The pending job that should start next, taken off the heap; None if none is due."""
         delayed, ready, jobs = self.delayed, self.ready, self.jobs
@@ -1261,22 +1298,21 @@ class JobTable:
             heapq.heappush(self.finished, entry)
         return found
 
-    def select(self, state: str | None, pattern: str | None, after_id: int,
-               limit: int) -> list[Job]:
-        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`:
-        read from the smallest of every id, the state's ids and the matching targets' ids."""
-        jobs = self.jobs
-        targets = None
+    def select(self, state: str | None, pattern: str | None, after_id: int, limit: int,
+               targets: set[str] | None = None) -> list[Job]:
+        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`
+        (at once: the daemon runs a PatternQuery a slice per pass instead) or of one of
+        `targets` (a few, in the index): read from the smallest of every id, the state's
+        ids and those targets' ids."""
         if pattern is not None:
-            if self.by_target is None:          # once; kept up to date from then on
-                self.by_target = {}
-                for job_id in self.ids:
-                    self.by_target.setdefault(jobs[job_id].target, []).append(job_id)
-            targets = {t for t in self.by_target if fnmatch.fnmatchcase(t, pattern)}
+            query = PatternQuery(self, state, pattern, after_id, limit)
+            query.step(math.inf)
+            return query.jobs
+        jobs = self.jobs
+        if targets is not None:
             if not targets:
                 return []
-            if len(targets) == len(self.by_target):
-                targets = None                  # every job matches: as without a pattern
+            self.index_targets(math.inf)        # a few targets: the index already is complete
         in_targets = len(self.ids) if targets is None else \
             sum(len(self.by_target[t]) for t in targets)
         if state is not None and self.counts[state] * 8 < in_targets:
@@ -1298,6 +1334,99 @@ class JobTable:
                 if len(out) >= limit:
                     break
         return out
+
+
+class PatternQuery:
+    """One `list` with a `target` pattern, worked through a slice at a time: step(deadline)
+    returns True once `jobs` holds the answer. Translating a pattern, compiling it, building
+    the by_target index and matching it against 200k distinct targets each can take longer
+    than the loop may be held (SPEC §3: 100 ms), so the daemon runs each query a slice per
+    loop pass (Daemon.advance_queries) and answers it when it is done.
+
+    The pattern is translated once and compiled by `re` (whose cache is bounded), never
+    through fnmatch's own cache (32,768 compiled patterns of up to 1,024 characters each).
+    The targets are those in the index when matching starts: a job added with a new target
+    after the request arrived may be missing from the answer; one of a target seen, or
+    acknowledged before the request, is in it."""
+
+    FEW_TARGETS = 64        # matched targets that JobTable.select merges in one go
+
+    def __init__(self, table: JobTable, state: str | None, pattern: str, after_id: int,
+                 limit: int):
+        self.table, self.state, self.pattern = table, state, pattern
+        self.after_id, self.limit = after_id, limit
+        self.regex: re.Pattern | None = None
+        self.targets: list[str] | None = None   # the index's targets when matching started
+        self.position = 0                       # of the next target to match
+        self.matched: list[str] = []
+        self.collect = None                     # a generator: the ids of the answer
+        self.found: list[int] = []              # a max-heap (ids negated) of the smallest
+        self.jobs: list[Job] | None = None
+
+    def step(self, deadline: float) -> bool:
+        table = self.table
+        if self.regex is None:
+            self.regex = re.compile(fnmatch.translate(self.pattern))
+            if time.monotonic() >= deadline:
+                return False
+        if self.targets is None:
+            if not table.index_targets(deadline):
+                return False
+            self.targets = list(table.by_target)
+        match, targets = self.regex.match, self.targets
+        while self.position < len(targets):
+            end = self.position + 512
+            self.matched.extend(filter(match, targets[self.position:end]))
+            self.position = end
+            if time.monotonic() >= deadline:
+                return False
+        if self.collect is None:
+            if len(self.matched) <= self.FEW_TARGETS:
+                present = {t for t in self.matched if t in table.by_target}   # none pruned?
+                self.jobs = table.select(self.state, None, self.after_id, self.limit,
+                                         targets=present)
+                return True
+            self.collect = self._collect(self.matched)
+        for _ in self.collect:
+            if time.monotonic() >= deadline:
+                return False
+        ids = sorted({-i for i in self.found})
+        jobs = table.jobs
+        self.jobs = [jobs[i] for i in ids if i in jobs and
+                     (self.state is None or jobs[i].state == self.state)]
+        return True
+
+    def _collect(self, targets: list[str]):
+        """Keep in self.found the `limit` smallest ids > after_id of `targets` in `state`;
+        yields now and then to let step() look at the clock. Between two yields the index
+        may change: each list is read again, from the last id seen."""
+        table, state, limit, found = self.table, self.state, self.limit, self.found
+        jobs = table.jobs
+        for n, target in enumerate(targets):
+            last = self.after_id
+            while True:
+                ids = table.by_target.get(target)
+                if not ids:
+                    break
+                start = bisect.bisect_right(ids, last)
+                chunk = ids[start:start + 256]
+                full = False
+                for job_id in chunk:
+                    if len(found) >= limit and job_id > -found[0]:
+                        full = True             # the rest of this list is larger still
+                        break
+                    job = jobs.get(job_id)
+                    if job is not None and (state is None or job.state == state):
+                        if len(found) < limit:
+                            heapq.heappush(found, -job_id)
+                        else:
+                            heapq.heappushpop(found, -job_id)
+                if full or len(chunk) < 256:
+                    break
+                last = chunk[-1]
+                yield
+            if n % 64 == 63:
+                yield
 
 
 ####################################################################################################
@@ -2429,6 +2558,19 @@ def target_verdict(target: str, allow: list) -> str:
     return verdict
 
 
+def get_pattern(req: dict, name: str = "target", where: str = "") -> str | None:
+    """The fnmatch pattern `req[name]` of list (and of cancel/retry `where`), or None."""
+    pattern = req.get(name)
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise ProtocolError("bad_request", "%s%s must be a pattern string" % (where, name))
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ProtocolError("bad_request", "%s%s pattern is longer than %d characters"
+                            % (where, name, MAX_PATTERN_CHARS))
+    return pattern
+
+
 def utf8_prefix(data: bytes, complete: bool) -> bytes:
     """`data` without a character cut at its end (unless `complete`: the file ends there)."""
     if complete:
@@ -2677,6 +2819,7 @@ class Daemon:
         self.report_slots: list[list] = []         # replies that report an end not yet durable
         self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
         self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
+        self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
         self.starting: list[Attempt] = []          # started this pass: released after the write
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
@@ -2976,6 +3119,10 @@ class Daemon:
                 slot[0] = encode_error("shutting_down", "the daemon is stopping")
                 self.dirty.add(conn)
         self.waiters.clear()
+        for conn, slot, query in self.queries:
+            slot[0] = encode_error("shutting_down", "the daemon is stopping")
+            self.dirty.add(conn)
+        self.queries.clear()
         self.commit(self.log.mark())
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
@@ -3440,12 +3587,33 @@ class Daemon:
         state = req.get("state")
         if state is not None and state not in STATES:
             raise ProtocolError("bad_request", "state must be one of " + ", ".join(STATES))
-        pattern = req.get("target")
-        if pattern is not None and not isinstance(pattern, str):
-            raise ProtocolError("bad_request", "target must be a pattern string")
+        pattern = get_pattern(req)
         limit = get_int(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
         after = get_int(req, "after_id", 0, 0, 2 ** 63 - 1)
-        return {"jobs": [j.record() for j in self.jobs.select(state, pattern, after, limit)]}
+        if pattern is None:
+            return {"jobs": [j.record() for j in self.jobs.select(state, None, after, limit)]}
+        # Answered in a later pass, as a `wait` is: later requests of conn wait for it.
+        slot = [None]
+        if not self.queries:
+            self.loop.call_later(0, self.advance_queries)
+        self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after, limit)))
+        return slot
+
+    def advance_queries(self) -> None:
+        """Work on the pattern queries under way, QUERY_SLICE in all per pass, in turn."""
+        deadline = time.monotonic() + QUERY_SLICE
+        while self.queries and time.monotonic() < deadline:
+            conn, slot, query = self.queries.pop(0)
+            if conn.closed:
+                continue
+            if not query.step(deadline):
+                self.queries.append((conn, slot, query))    # the others' turn first
+                continue
+            slot[0] = encode_reply({"jobs": [j.record() for j in query.jobs]})
+            self.dirty.add(conn)
+            self.resume.add(conn)
+        if self.queries:
+            self.loop.call_later(0, self.advance_queries)
 
     def op_cancel(self, req: dict, conn: Connection) -> dict:
         job = self.find(req)
