@@ -1569,7 +1569,8 @@ def _main():
         _fail("permanent", "cannot resolve %s: %s" % (target, why))
     if issubclass(type(obj), type):
         name = method or "handle"
-        if name.startswith("_") or not callable(_lookup(obj, name)):
+        found = _lookup(obj, name)
+        if name.startswith("_") or not (callable(found) or type(found) is classmethod):
             _fail("permanent", "%s has no method %r" % (target, name))
         try:
             func = getattr(obj(), name)

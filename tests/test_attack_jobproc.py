@@ -63,6 +63,10 @@ class Described:
     def static():
         _mark("static")
 
+    @classmethod
+    def handle(cls, x):
+        return x * 2
+
 class Outer:
     class Inner:
         def handle(self):
@@ -127,7 +131,8 @@ class WalkOutTest(DaemonTestCase):
         for target, args, result in (("examples.jobs:Outer.Inner", [], "inner"),
                                       ("tjobs_walk:Outer.Inner", [], "inner"),
                                       ("tjobs_walk:plain", [41], 42),
-                                      ("examples.jobs:add", [1, 2], 3)):
+                                      ("examples.jobs:add", [1, 2], 3),
+                                      ("tjobs_walk:Described", [4], 8)):
             job = self.daemon.wait_job(self.daemon.add(target, args=args))
             self.assertEqual((job["state"], job["result"]), ("succeeded", result), job)
 
