@@ -11,9 +11,13 @@ and the 100 ms loop bound). Each case names the defect it provokes:
     ReportTest       malformed reports written to fd 3 (wrong types, not an object, huge, deep,
                      not UTF-8, NaN), with exit 1 and exit 0: the daemon keeps serving, the job
                      fails with "the job process sent an invalid report: ...".
-    PatternTest      a `list --target` pattern over 1,024 characters is a bad_request; one of
-                     1,024 characters against many distinct targets does not hold a `stats`
-                     of another client; its answer equals a plain filter of every job.
+    PatternQueryUnitTest  the target index built in slices amid changes and undo equals one
+                     built at once; a query run a slice per step equals a full scan; client
+                     patterns never enter fnmatch's cache.
+    PatternTest      a `list --target` pattern over 1,024 characters is a bad_request; a
+                     hundred pipelined 1,024-character patterns against 20,000 distinct
+                     targets do not hold another client's `stats` (the old code held it for
+                     all of them in one pass).
 """
 import fnmatch
 import json
