@@ -74,6 +74,8 @@ MAX_RESULT_BYTES = 64 * 1024          # SPEC: a larger return value is not kept 
 MAX_LOG_VALUE = 2000                  # one log field; a traceback goes to the errors log instead
 MAX_ERROR_CHARS = 500                 # `error` is a one-line summary, not a traceback
 MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failure
+MAX_REPORT_BYTES = 2 * (MAX_RESULT_BYTES + MAX_TRACEBACK_BYTES)  # read from fd 3, at most: our
+                                      # child's report fits; more is job code writing there
 READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
 MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop serving a client that does not read its replies
 MAX_LINES_PER_PASS = 1024             # per connection: one busy client cannot hold the loop
@@ -85,6 +87,9 @@ MAX_PRIORITY = 2 ** 31 - 1            # keeps priorities printable and comparabl
 MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
 MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
 LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
+MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
+QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
+                                      # them together: the loop is never held much longer
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
@@ -96,6 +101,8 @@ SYNC_DELAY = 0.2                      # a journal write that no reply waits for 
                                       # a process crash loses nothing (it is written at once),
                                       # a machine crash may lose it: that attempt then runs again
 JSON_MAX_DEPTH = 64                   # deeper requests are refused: they must encode back out
+MAX_RESULT_DEPTH = JSON_MAX_DEPTH - 2  # a result sits two levels down in a `get` reply and in
+                                      # the journal's {"job": {...}} line, which must load back
 TARGET_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                        r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")   # a leading "_" is refused by SPEC
@@ -978,7 +985,8 @@ class JobTable:
         ids       every id, ascending (for `list ... after_id`)
         by_state  state -> ids in it (so `list --state failed` never scans a million pending)
         by_target target -> its ids, ascending (so `list --target 'reports.*'` reads the jobs
-                  of the targets that match, not every job); built at its first use
+                  of the targets that match, not every job); built at its first use, a slice
+                  per loop pass (index_targets()), kept up to date from its start
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
     entries with an old token are skipped when they surface.
@@ -1000,6 +1008,8 @@ class JobTable:
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
         self.by_target: dict[str, list[int]] | None = None
+        self._targets_done = 0                  # by_target holds every id up to this one
+        self._targets_upto = 0                  # and create() adds those above this one
         self.keys: dict[str, int] = {}
         self.next_id = 1
         self.paused = False
@@ -1137,13 +1147,13 @@ class JobTable:
             del self.jobs[job.id]
         gone = {job.id for job in jobs}
         self.ids = [i for i in self.ids if i not in gone]
-        if self.by_target is not None:
+        if self.by_target is not None:           # maybe still being built: maybe absent
             for target in {job.target for job in jobs}:
-                kept = [i for i in self.by_target[target] if i not in gone]
+                kept = [i for i in self.by_target.get(target, ()) if i not in gone]
                 if kept:
                     self.by_target[target] = kept
                 else:
-                    del self.by_target[target]
+                    self.by_target.pop(target, None)
         self.store.append({"del": sorted(gone)})
 
     # -- undo (a failed journal write) -------------------------------------------------------
@@ -1205,6 +1215,37 @@ class JobTable:
 
     # -- questions ---------------------------------------------------------------------------
 
+    def index_targets(self, deadline: float) -> bool:
+        """Build by_target until `deadline` (time.monotonic()); True once it is complete.
+        A million jobs take most of a second: built at once, that would hold the loop. From
+        the start on, create(), remove() and undo() keep what is there up to date, while this
+        adds the jobs that existed before, in id order (an id that undo() put back already is
+        not added twice)."""
+        if self.by_target is None:
+            self.by_target = {}
+            self._targets_done, self._targets_upto = 0, self.ids[-1] if self.ids else 0
+        jobs, by_target, upto = self.jobs, self.by_target, self._targets_upto
+        while self._targets_done < upto:
+            start = bisect.bisect_right(self.ids, self._targets_done)
+            chunk = self.ids[start:start + 2048]
+            if not chunk:
+                break
+            for job_id in chunk:
+                if job_id > upto:
+                    break
+                ids = by_target.setdefault(jobs[job_id].target, [])
+                if not ids or ids[-1] < job_id:
+                    ids.append(job_id)
+                else:                           # jobs made since the start are there already
+                    at = bisect.bisect_left(ids, job_id)
+                    if at == len(ids) or ids[at] != job_id:
+                        ids.insert(at, job_id)
+            self._targets_done = chunk[-1]
+            if time.monotonic() >= deadline:
+                return self._targets_done >= upto
+        self._targets_done = upto
+        return True
+
     def pop_due(self, now: float) -> Job | None:
         """The pending job that should start next, taken off the heap; None if none is due."""
         delayed, ready, jobs = self.delayed, self.ready, self.jobs
@@ -1257,22 +1298,21 @@ class JobTable:
             heapq.heappush(self.finished, entry)
         return found
 
-    def select(self, state: str | None, pattern: str | None, after_id: int,
-               limit: int) -> list[Job]:
-        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`:
-        read from the smallest of every id, the state's ids and the matching targets' ids."""
-        jobs = self.jobs
-        targets = None
+    def select(self, state: str | None, pattern: str | None, after_id: int, limit: int,
+               targets: set[str] | None = None) -> list[Job]:
+        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`
+        (at once: the daemon runs a PatternQuery a slice per pass instead) or of one of
+        `targets` (a few, in the index): read from the smallest of every id, the state's
+        ids and those targets' ids."""
         if pattern is not None:
-            if self.by_target is None:          # once; kept up to date from then on
-                self.by_target = {}
-                for job_id in self.ids:
-                    self.by_target.setdefault(jobs[job_id].target, []).append(job_id)
-            targets = {t for t in self.by_target if fnmatch.fnmatchcase(t, pattern)}
+            query = PatternQuery(self, state, pattern, after_id, limit)
+            query.step(math.inf)
+            return query.jobs
+        jobs = self.jobs
+        if targets is not None:
             if not targets:
                 return []
-            if len(targets) == len(self.by_target):
-                targets = None                  # every job matches: as without a pattern
+            self.index_targets(math.inf)        # a few targets: the index already is complete
         in_targets = len(self.ids) if targets is None else \
             sum(len(self.by_target[t]) for t in targets)
         if state is not None and self.counts[state] * 8 < in_targets:
@@ -1296,6 +1336,99 @@ class JobTable:
         return out
 
 
+class PatternQuery:
+    """One `list` with a `target` pattern, worked through a slice at a time: step(deadline)
+    returns True once `jobs` holds the answer. Translating a pattern, compiling it, building
+    the by_target index and matching it against 200k distinct targets each can take longer
+    than the loop may be held (SPEC §3: 100 ms), so the daemon runs each query a slice per
+    loop pass (Daemon.advance_queries) and answers it when it is done.
+
+    The pattern is translated once and compiled by `re` (whose cache is bounded), never
+    through fnmatch's own cache (32,768 compiled patterns of up to 1,024 characters each).
+    The targets are those in the index when matching starts: a job added with a new target
+    after the request arrived may be missing from the answer; one of a target seen, or
+    acknowledged before the request, is in it."""
+
+    FEW_TARGETS = 64        # matched targets that JobTable.select merges in one go
+
+    def __init__(self, table: JobTable, state: str | None, pattern: str, after_id: int,
+                 limit: int):
+        self.table, self.state, self.pattern = table, state, pattern
+        self.after_id, self.limit = after_id, limit
+        self.regex: re.Pattern | None = None
+        self.targets: list[str] | None = None   # the index's targets when matching started
+        self.position = 0                       # of the next target to match
+        self.matched: list[str] = []
+        self.collect = None                     # a generator: the ids of the answer
+        self.found: list[int] = []              # a max-heap (ids negated) of the smallest
+        self.jobs: list[Job] | None = None
+
+    def step(self, deadline: float) -> bool:
+        table = self.table
+        if self.regex is None:
+            self.regex = re.compile(fnmatch.translate(self.pattern))
+            if time.monotonic() >= deadline:
+                return False
+        if self.targets is None:
+            if not table.index_targets(deadline):
+                return False
+            self.targets = list(table.by_target)
+        match, targets = self.regex.match, self.targets
+        while self.position < len(targets):
+            end = self.position + 512
+            self.matched.extend(filter(match, targets[self.position:end]))
+            self.position = end
+            if time.monotonic() >= deadline:
+                return False
+        if self.collect is None:
+            if len(self.matched) <= self.FEW_TARGETS:
+                present = {t for t in self.matched if t in table.by_target}   # none pruned?
+                self.jobs = table.select(self.state, None, self.after_id, self.limit,
+                                         targets=present)
+                return True
+            self.collect = self._collect(self.matched)
+        for _ in self.collect:
+            if time.monotonic() >= deadline:
+                return False
+        ids = sorted({-i for i in self.found})
+        jobs = table.jobs
+        self.jobs = [jobs[i] for i in ids if i in jobs and
+                     (self.state is None or jobs[i].state == self.state)]
+        return True
+
+    def _collect(self, targets: list[str]):
+        """Keep in self.found the `limit` smallest ids > after_id of `targets` in `state`;
+        yields now and then to let step() look at the clock. Between two yields the index
+        may change: each list is read again, from the last id seen."""
+        table, state, limit, found = self.table, self.state, self.limit, self.found
+        jobs = table.jobs
+        for n, target in enumerate(targets):
+            last = self.after_id
+            while True:
+                ids = table.by_target.get(target)
+                if not ids:
+                    break
+                start = bisect.bisect_right(ids, last)
+                chunk = ids[start:start + 256]
+                full = False
+                for job_id in chunk:
+                    if len(found) >= limit and job_id > -found[0]:
+                        full = True             # the rest of this list is larger still
+                        break
+                    job = jobs.get(job_id)
+                    if job is not None and (state is None or job.state == state):
+                        if len(found) < limit:
+                            heapq.heappush(found, -job_id)
+                        else:
+                            heapq.heappushpop(found, -job_id)
+                if full or len(chunk) < 256:
+                    break
+                last = chunk[-1]
+                yield
+            if n % 64 == 63:
+                yield
+
+
 ####################################################################################################
 #  The job process (this code runs in the child, never in the daemon)
 ####################################################################################################
@@ -1309,8 +1442,8 @@ class JobTable:
 CHILD_BOOTSTRAP = ("import os,json;_chan=os.fdopen(3,'rb',closefd=False);"
                    "exec(json.loads(_chan.readline()))")
 
-CHILD_SOURCE = ("MAX_ERROR, MAX_TB, MAX_RESULT = %d, %d, %d\n"
-                % (MAX_ERROR_CHARS, MAX_TRACEBACK_BYTES, MAX_RESULT_BYTES)) + r'''
+CHILD_SOURCE = ("MAX_ERROR, MAX_TB, MAX_RESULT, MAX_DEPTH = %d, %d, %d, %d\n"
+                % (MAX_ERROR_CHARS, MAX_TRACEBACK_BYTES, MAX_RESULT_BYTES, MAX_RESULT_DEPTH)) + r'''
 import json, os, signal, sys
 
 def _send(msg):
@@ -1326,10 +1459,72 @@ def _one_line(exc):
     text = "%s: %s" % (type(exc).__name__, exc)
     return " ".join(text.split())[:MAX_ERROR]
 
+def _tail(text, limit):
+    """The end of `text` that JSON-encodes in at most `limit` bytes (escapes count too)."""
+    text = text[-limit:]
+    while len(json.dumps(text, ensure_ascii=False).encode("utf-8", "replace")) > limit:
+        text = text[len(text) // 8 + 1:]
+    return text
+
 def _fail(status, error, tb=None):
-    _send({"status": status, "error": error, "traceback": (tb or "")[-MAX_TB:]})
+    _send({"status": status, "error": error, "traceback": _tail(tb or "", MAX_TB)})
     sys.stdout.flush()
     os._exit(2 if status == "permanent" else 1)
+
+def _too_deep(value, limit):
+    """As the daemon's too_deep(): it refuses a report that nests deeper."""
+    level = [value]
+    for _ in range(limit):
+        inner = []
+        for container in level:
+            for item in (container if type(container) is list else container.values()):
+                if type(item) is list or type(item) is dict:
+                    inner.append(item)
+        if not inner:
+            return False
+        level = inner
+    return True
+
+_NOT_FOUND = object()
+
+def _lookup(cls, name):
+    """cls.name as stored in the class or a base (its MRO), read from their __dict__: no
+    descriptor, no metaclass __getattr__ runs (a plain getattr() could run either)."""
+    for base in type.__dict__["__mro__"].__get__(cls):
+        found = type.__dict__["__dict__"].__get__(base).get(name, _NOT_FOUND)
+        if found is not _NOT_FOUND:
+            return found
+    return _NOT_FOUND
+
+def _resolve(module, module_name, attr):
+    """(the object `attr` names in `module`, None) or (None, why not). Every step must be a
+    class or a Python function that the module itself defines: never a module, a builtin or a
+    name the module imported, so that `examples.jobs:os.system` cannot walk out of the
+    allowed module. Names are read from __dict__, so no job code runs during the walk."""
+    import types
+    if not issubclass(type(module), types.ModuleType):
+        return None, "%s is not a module" % module_name
+    obj, path = module, module_name + ":"
+    names = types.ModuleType.__dict__["__dict__"].__get__(module)
+    for part in attr.split("."):
+        if part.startswith("_"):
+            return None, "the name %r starts with '_'" % part
+        obj = names.get(part, _NOT_FOUND) if obj is module else _lookup(obj, part)
+        path += part
+        if obj is _NOT_FOUND:
+            return None, "%s is not defined" % path
+        if issubclass(type(obj), type):
+            owner = type.__dict__["__dict__"].__get__(obj).get("__module__")
+        elif type(obj) is types.FunctionType:
+            owner = obj.__module__
+        else:
+            return None, "%s is a %s, not a class or function" % (path, type(obj).__name__)
+        if type(owner) is not str:          # compared as is, its __eq__ could run code
+            return None, "%s has no module name" % path
+        if owner != module_name:
+            return None, "%s is defined in %s, not in %s" % (path, owner, module_name)
+        path += "."
+    return obj, None
 
 def _main():
     spec = json.loads(_chan.readline())
@@ -1369,14 +1564,13 @@ def _main():
     except BaseException as exc:
         _fail("permanent", "cannot import %s: %s" % (module_name, _one_line(exc)),
               traceback.format_exc())
-    try:
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as exc:
-        _fail("permanent", "cannot resolve %s: %s" % (target, _one_line(exc)))
-    if isinstance(obj, type):
+    obj, why = _resolve(obj, module_name, attr)
+    if why is not None:
+        _fail("permanent", "cannot resolve %s: %s" % (target, why))
+    if issubclass(type(obj), type):
         name = method or "handle"
-        if name.startswith("_") or not callable(getattr(obj, name, None)):
+        found = _lookup(obj, name)
+        if name.startswith("_") or not (callable(found) or type(found) is classmethod):
             _fail("permanent", "%s has no method %r" % (target, name))
         try:
             func = getattr(obj(), name)
@@ -1396,11 +1590,16 @@ def _main():
     except BaseException as exc:
         _fail("error", _one_line(exc), traceback.format_exc())
     try:
-        encoded = json.dumps(result, ensure_ascii=False, allow_nan=False)
-        if len(encoded.encode("utf-8")) > MAX_RESULT:
-            raise ValueError("%d bytes encoded, more than %d"
-                             % (len(encoded.encode("utf-8")), MAX_RESULT))
-    except (TypeError, ValueError) as exc:
+        encoded = json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if len(encoded) > MAX_RESULT:
+            raise ValueError("%d bytes encoded, more than %d" % (len(encoded), MAX_RESULT))
+        result = json.loads(encoded)      # plain lists and dicts now: no cycle, no subclass
+        if type(result) in (list, dict) and _too_deep(result, MAX_DEPTH):
+            raise ValueError("it nests deeper than %d levels" % MAX_DEPTH)
+    except RecursionError:
+        print("[jobrunner] result not kept: it nests too deeply to encode", file=sys.stderr)
+        result = None
+    except Exception as exc:              # not JSON, cyclic, too large or too deep
         print("[jobrunner] result not kept: %s" % _one_line(exc), file=sys.stderr)
         result = None
     sys.stdout.flush()
@@ -1491,21 +1690,74 @@ class Attempt:
         self.timers: list = []
 
     def report(self) -> dict | None:
-        """The child's last JSON line, if it sent one."""
+        """The child's last line on fd 3 as a checked report (see check_report()), None if it
+        sent none, or {"status": "invalid", "error": why} when that line is not a report."""
+        if len(self.chan_in) >= MAX_REPORT_BYTES:   # the runner stopped reading there
+            return invalid_report("at least %d bytes" % MAX_REPORT_BYTES)
         for line in reversed(bytes(self.chan_in).split(b"\n")):
             if line.strip():
-                # Job code can write anything to fd 3: keep only what the journal can hold
-                # (no nesting past JSON_MAX_DEPTH, no lone surrogates), or the daemon would
-                # crash on it, and again after each restart.
                 try:
-                    msg = json.loads(line)
-                    if not isinstance(msg, dict) or too_deep(msg, JSON_MAX_DEPTH):
-                        return None
-                    _json_line(msg).encode("utf-8")
-                except (ValueError, RecursionError):    # UnicodeError is a ValueError
-                    return None
-                return msg
+                    return check_report(line)
+                except ValueError as exc:
+                    return invalid_report(str(exc))
         return None
+
+
+REPORT_FIELDS = frozenset({"status", "error", "traceback", "result"})
+
+
+def invalid_report(why: str) -> dict:
+    """What attempt_ended() takes for a line on fd 3 that is not a report: a failed attempt."""
+    return {"status": "invalid", "error": "the job process sent an invalid report: " + why}
+
+
+def check_report(line: bytes) -> dict:
+    """A child's report line -> the report, each field checked and cut to size, or ValueError
+    saying what is wrong. Job code can write anything to fd 3: what is kept must fit the journal
+    and the replies (no nesting past MAX_RESULT_DEPTH, no lone surrogates, no NaN, strings where
+    strings go), or the daemon would crash on it, and again after each restart."""
+    try:
+        text = line.decode("utf-8")
+        msg = _decode_request(text)
+    except UnicodeDecodeError as exc:
+        raise ValueError("not UTF-8 (byte %d)" % exc.start) from None
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    except ValueError as exc:
+        raise ValueError("not JSON (%s)" % " ".join(str(exc).split())[:100]) from None
+    if type(msg) is not dict:
+        raise ValueError("not a JSON object")
+    if too_deep(msg, MAX_RESULT_DEPTH + 1):
+        raise ValueError("it nests deeper than %d levels" % (MAX_RESULT_DEPTH + 1))
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _json_line(msg).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("it holds a lone UTF-16 surrogate") from None
+    unknown = msg.keys() - REPORT_FIELDS
+    if unknown:
+        raise ValueError("unknown field %r" % min(unknown)[:40])
+    status = msg.get("status")
+    if type(status) is not str or status not in ("ok", "error", "permanent"):
+        raise ValueError("status must be \"ok\", \"error\" or \"permanent\"")
+    report = {"status": status}
+    for name in ("error", "traceback"):
+        value = msg.get(name)
+        if value is not None and type(value) is not str:
+            raise ValueError("%s must be a string, not %s" % (name, type(value).__name__))
+        if value:
+            report[name] = value
+    if "error" in report:
+        report["error"] = report["error"][:MAX_ERROR_CHARS]
+    if "traceback" in report:                   # its end says where it happened: keep that
+        report["traceback"] = report["traceback"].encode("utf-8")[-MAX_TRACEBACK_BYTES:] \
+            .decode("utf-8", "ignore")
+    if "result" in msg and status == "ok":
+        size = len(_encode(msg["result"]).encode("utf-8"))
+        if size > MAX_RESULT_BYTES:
+            raise ValueError("result of %d bytes encoded, more than %d" % (size, MAX_RESULT_BYTES))
+        report["result"] = msg["result"]
+    return report
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -1982,7 +2234,7 @@ class Runner:
                 att.chan.close()
                 att.chan = None
                 return
-            if len(att.chan_in) < MAX_RESULT_BYTES * 2 + MAX_TRACEBACK_BYTES * 2:
+            if len(att.chan_in) < MAX_REPORT_BYTES:
                 att.chan_in += data
 
     def _read_output(self, att: Attempt) -> None:
@@ -2235,6 +2487,9 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
     if verdict == "bad_request":
         raise ProtocolError("bad_request", "%starget %r is not 'package.module:Attr'"
                             % (where, target[:100]))
+    if verdict == "private":
+        raise ProtocolError("bad_request", "%starget %r: names in Attr starting with '_' are "
+                            "refused" % (where, target))
     if verdict == "not_allowed":
         raise ProtocolError("not_allowed", "%starget %s is not in the allow list" % (where, target))
     method = req.get("method")
@@ -2285,20 +2540,36 @@ _VERDICTS: list = [None, {}]    # [the allow list they were made for, {target: v
 
 
 def target_verdict(target: str, allow: list) -> str:
-    """"ok", "bad_request" (not 'package.module:Attr') or "not_allowed" (no allow pattern
-    matches), remembered per target: a batch names the same target a thousand times."""
+    """"ok", "bad_request" (not 'package.module:Attr'), "private" (a step of Attr starts with
+    "_") or "not_allowed" (no allow pattern matches), remembered per target: a batch names the same target a thousand times."""
     if _VERDICTS[0] is not allow or len(_VERDICTS[1]) >= 4096:
         _VERDICTS[:] = [allow, {}]          # a reload brings a new list; bounded memory
     verdict = _VERDICTS[1].get(target)
     if verdict is None:
+        attr = target.partition(":")[2]
         if len(target) > 500 or not TARGET_RE.match(target):
             verdict = "bad_request"
+        elif attr.startswith("_") or "._" in attr:
+            verdict = "private"             # SPEC §2: no Attr step starts with "_"
         elif not any(fnmatch.fnmatchcase(target, pattern) for pattern in allow):
             verdict = "not_allowed"
         else:
             verdict = "ok"
         _VERDICTS[1][target] = verdict
     return verdict
+
+
+def get_pattern(req: dict, name: str = "target", where: str = "") -> str | None:
+    """The fnmatch pattern `req[name]` of list (and of cancel/retry `where`), or None."""
+    pattern = req.get(name)
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise ProtocolError("bad_request", "%s%s must be a pattern string" % (where, name))
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ProtocolError("bad_request", "%s%s pattern is longer than %d characters"
+                            % (where, name, MAX_PATTERN_CHARS))
+    return pattern
 
 
 def utf8_prefix(data: bytes, complete: bool) -> bytes:
@@ -2549,6 +2820,7 @@ class Daemon:
         self.report_slots: list[list] = []         # replies that report an end not yet durable
         self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
         self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
+        self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
         self.starting: list[Attempt] = []          # started this pass: released after the write
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
@@ -2848,6 +3120,10 @@ class Daemon:
                 slot[0] = encode_error("shutting_down", "the daemon is stopping")
                 self.dirty.add(conn)
         self.waiters.clear()
+        for conn, slot, query in self.queries:
+            slot[0] = encode_error("shutting_down", "the daemon is stopping")
+            self.dirty.add(conn)
+        self.queries.clear()
         self.commit(self.log.mark())
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
@@ -2988,7 +3264,7 @@ class Daemon:
             error = "timed out after %gs" % job.timeout
             self.log.event("timed_out", job=job.id, target=job.target,
                            attempt=job.attempt_label(), duration=duration, pid=att.pid)
-        elif status in ("error", "permanent") and report.get("error"):
+        elif status in ("error", "permanent", "invalid") and report.get("error"):
             error = str(report["error"])
         elif exit_code < 0:
             error = "killed by signal %s" % _signal_name(-exit_code)
@@ -3312,12 +3588,33 @@ class Daemon:
         state = req.get("state")
         if state is not None and state not in STATES:
             raise ProtocolError("bad_request", "state must be one of " + ", ".join(STATES))
-        pattern = req.get("target")
-        if pattern is not None and not isinstance(pattern, str):
-            raise ProtocolError("bad_request", "target must be a pattern string")
+        pattern = get_pattern(req)
         limit = get_int(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
         after = get_int(req, "after_id", 0, 0, 2 ** 63 - 1)
-        return {"jobs": [j.record() for j in self.jobs.select(state, pattern, after, limit)]}
+        if pattern is None:
+            return {"jobs": [j.record() for j in self.jobs.select(state, None, after, limit)]}
+        # Answered in a later pass, as a `wait` is: later requests of conn wait for it.
+        slot = [None]
+        if not self.queries:
+            self.loop.call_later(0, self.advance_queries)
+        self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after, limit)))
+        return slot
+
+    def advance_queries(self) -> None:
+        """Work on the pattern queries under way, QUERY_SLICE in all per pass, in turn."""
+        deadline = time.monotonic() + QUERY_SLICE
+        while self.queries and time.monotonic() < deadline:
+            conn, slot, query = self.queries.pop(0)
+            if conn.closed:
+                continue
+            if not query.step(deadline):
+                self.queries.append((conn, slot, query))    # the others' turn first
+                continue
+            slot[0] = encode_reply({"jobs": [j.record() for j in query.jobs]})
+            self.dirty.add(conn)
+            self.resume.add(conn)
+        if self.queries:
+            self.loop.call_later(0, self.advance_queries)
 
     def op_cancel(self, req: dict, conn: Connection) -> dict:
         job = self.find(req)

@@ -7,6 +7,7 @@ baseline measured in the same run, because absolute times drift on shared machin
     python3 bench/run.py --big      # adds the 1,000,000-pending-job figures
     python3 bench/run.py --json     # one JSON document on stdout for scripts
     python3 bench/run.py --only enqueue,noop
+    python3 bench/run.py --only pattern     # the loop's longest pause under a pattern query
 
 Figures (name: what / baseline):
   enqueue_pipelined   durable single adds pipelined on one connection / the same, fsync = "never"
@@ -19,6 +20,10 @@ Figures (name: what / baseline):
   jobctl_add          wall time of `jobctl add` / `sys.executable -c "import socket, json"`
   pending_N           RSS per pending job (one sample); restart time / the same with 0 pending;
                       the enqueue rate with N pending / the same with 0 pending
+  pattern_list_pause  the longest wait of a `stats` sent every 10 ms by one client while
+                      another lists with a 1,024-character target pattern against N distinct
+                      targets (paused daemon, the first list builds the target index) / the
+                      same client's longest wait with no pattern query running
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -38,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,13 +517,68 @@ def bench_machine(sizes, runs):
                    higher_is_better=False, note="CPU, parent and child")]
 
 
+def distinct_targets(path: str, n: int, size: int = 1000) -> None:
+    """n jobs, each with a target of its own (examples.jobs:T000000, ...)."""
+    with Conn(path) as c:
+        for start in range(0, n, size):
+            c.call({"op": "add_batch", "jobs": [{"target": "examples.jobs:T%06d" % i}
+                                                for i in range(start, min(n, start + size))]})
+
+
+def longest_stats_wait(path: str, during=None, settle: float = 0.1) -> float:
+    """The longest reply time of a `stats` sent every 10 ms, from `settle` s before
+    during() starts (in another thread) to `settle` s after it returns (or, without it,
+    for 2 * settle s)."""
+    done = threading.Event()
+    worst = [0.0]
+
+    def probe():
+        with Conn(path) as c:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                c.call({"op": "stats"})
+                worst[0] = max(worst[0], time.perf_counter() - t0)
+                time.sleep(0.01)
+    thread = threading.Thread(target=probe)
+    thread.start()
+    time.sleep(settle)
+    if during is not None:
+        during()
+    time.sleep(settle)
+    done.set()
+    thread.join()
+    return worst[0]
+
+
+def bench_pattern(sizes, runs):
+    n = sizes["pattern"]
+    d = paused_daemon("never")
+    counter = [0]
+
+    def pattern_list():
+        counter[0] += 1                 # a pattern of its own each run: no cache helps it
+        pattern = ("*a" * 512)[:1024 - 8] + "%08d" % counter[0]
+        with Conn(d.socket) as c:
+            c.call({"op": "list", "target": pattern})
+    try:
+        distinct_targets(d.socket, n)
+        value, base = measure_pair(lambda: longest_stats_wait(d.socket, pattern_list),
+                                   lambda: longest_stats_wait(d.socket), runs)
+    finally:
+        d.stop()
+    return [figure("pattern_list_pause", "s", value, base, "no pattern query",
+                   higher_is_better=False, note="%d distinct targets" % n)]
+
+
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
-                 "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100},
+                 "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
+                 "pattern": 200_000},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
-              "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20},
+              "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
+              "pattern": 2000},
 }
-GROUPS = ("machine", "enqueue", "noop", "latency", "jobctl", "pending")
+GROUPS = ("machine", "enqueue", "noop", "latency", "jobctl", "pending", "pattern")
 
 
 def main(argv=None) -> int:

@@ -2156,7 +2156,7 @@ class AttemptReportTest(unittest.TestCase):
                      b'{"status": "ok", "result": "\\ud800"}', b'{"status": "ok", "res',
                      b'[1, 2]', b'\xff\xfe'):
             with self.subTest(data=data[:40]):
-                self.assertIsNone(self.report(data + b"\n"))
+                self.assertEqual(self.report(data + b"\n")["status"], "invalid")
 
 
 class GroupCommitTest(TempCase):
