@@ -552,7 +552,8 @@ def open_nofollow(path: str, flags: int, mode: int = 0o600, *, dir_fd: int | Non
 
 
 def _is_link(path: str, dir_fd: int | None) -> bool:
-    """(O_DIRECTORY with O_NOFOLLOW says ENOTDIR for a link to a directory.)"""
+    """Whether `path` is a symbolic link (O_DIRECTORY | O_NOFOLLOW on a link to a directory
+    fails with ENOTDIR, not ELOOP)."""
     try:
         return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
     except OSError:
