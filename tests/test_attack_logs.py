@@ -31,13 +31,26 @@ import jobrunnerd as jr
 
 LINE_START = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z event=[a-z_]+( |$)")
 TALK_MODULE = '''
+import os
 import sys
+import time
 
 
 def talk(n):
     sys.stdout.write("x" * n)
     sys.stdout.flush()
     return n
+
+
+def talk_twice(n, printed, go):
+    """Print, say so in the file `printed`, wait for the file `go`, print again."""
+    sys.stdout.write("x" * n)
+    sys.stdout.flush()
+    open(printed, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    sys.stdout.write("y" * n)
+    sys.stdout.flush()
 '''
 
 
@@ -238,23 +251,35 @@ class FullLogDiskTest(Fixture):
         before = os.path.getsize(events)
         limit = before + 60                         # the next write of lines is short
         self.assertLess(os.path.getsize(journal) + 64 * 1024, limit, "the journal stays below")
+        # The output files of the next 41 jobs are already as large (sparse): each write to
+        # them fails as the log's do, and none works until the limit is raised.
+        for job_id in range(1, 42):
+            with open(os.path.join(logs, "output", "%d.log" % job_id), "wb") as f:
+                f.truncate(before)
         soft, hard = resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE)
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))
-        # 40 jobs: 20 print more than the limit (their output fails part way), 20 a little.
-        reply = d.call(op="add_batch", jobs=[
-            {"target": "testjobs_logs:talk", "args": [300_000 if i % 2 else 100]}
-            for i in range(40)])
+        go, printed = os.path.join(self.root, "go"), os.path.join(self.root, "printed")
+        long = d.add("testjobs_logs:talk_twice", args=[1000, printed, go])
+        reply = d.call(op="add_batch", jobs=[{"target": "testjobs_logs:talk", "args": [1000]}
+                                             for i in range(40)])
         self.assertTrue(reply["ok"], reply)
         for job_id in reply["ids"]:
             self.assertEqual(d.wait_job(job_id, timeout=60)["state"], "succeeded")
         self.assertEqual(os.path.getsize(events), before, "a short write is cut back")
-        # The disk takes writes again.
+        wait_until(lambda: os.path.exists(printed), 30, message="the long job's first output")
+        # The disk takes writes again; the long job prints once more.
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        with open(go, "w"):
+            pass
+        self.assertEqual(d.wait_job(long, timeout=30)["state"], "succeeded")
+        with open(os.path.join(logs, "output", "%d.log" % long), "rb") as f:
+            self.assertEqual(f.read()[before:], b"\n[jobrunner: 1000 bytes of output lost: the "
+                             b"disk refused them]\n" + b"y" * 1000)
         ran = []
 
         def resumed():
             # "Written again" is said at a write once none failed for a second (QUIET).
-            ran.append(d.add("testjobs_logs:talk", args=[300_000]))
+            ran.append(d.add("testjobs_logs:talk", args=[1000]))
             self.assertEqual(d.wait_job(ran[-1], timeout=30)["state"], "succeeded")
             err = d.read_stderr()
             return "background_jobs.log is written again" in err \
@@ -269,7 +294,7 @@ class FullLogDiskTest(Fixture):
             self.assertEqual(text.count(" event="), 1, "line %d runs into another: %r"
                              % (i + 1, text[:300]))
             self.assertTrue(text.endswith("\n"), "line %d is torn" % (i + 1))
-        self.assertEqual(os.path.getsize(os.path.join(logs, "output", "%d.log" % last)), 300_000,
+        self.assertEqual(os.path.getsize(os.path.join(logs, "output", "%d.log" % last)), 1000,
                          "the last job's output is whole")
         err = d.read_stderr()
         said = err.splitlines()
@@ -277,8 +302,11 @@ class FullLogDiskTest(Fixture):
         self.assertEqual(sum("cannot write job output" in s for s in said), 1, err)
         resumed = re.findall(r"background_jobs.log is written again; (\d+) lines", err)
         self.assertEqual(len(resumed), 1, err)
-        self.assertGreaterEqual(int(resumed[0]), 40, "at least each job's queued line was lost")
-        self.assertLessEqual(len(said), 8, "stderr is flooded:\n" + err[:3000])
+        self.assertGreaterEqual(int(resumed[0]), 3 * 40, "queued, started, succeeded: lost")
+        lost = re.findall(r"job output is written again; (\d+) bytes", err)
+        self.assertEqual(len(lost), 1, err)
+        self.assertGreaterEqual(int(lost[0]), 41 * 1000, err)
+        self.assertLessEqual(len(said), 6, "stderr is flooded:\n" + err[:3000])
         self.assertIsNone(d.proc.poll())
 
 
