@@ -97,7 +97,6 @@ class Fixture(unittest.TestCase):
         os.makedirs(os.path.join(self.root, "jobs"))
 
     def daemon(self, root=None, **config):
-        config.setdefault("start_method", "zygote")
         config.setdefault("allow", ["examples.*:*", "testjobs*:*"])
         d = support.Daemon(root or self.root, **config)
         self.addCleanup(self.stop, d)
@@ -145,6 +144,11 @@ class Fixture(unittest.TestCase):
 ####################################################################################################
 
 class FailingStderrTest(Fixture):
+    """The warnings are provoked by killing the daemon's zygote (and by SIGHUP with a broken
+    config), so these daemons use the zygote whatever JOBRUNNER_TEST_START_METHOD says."""
+
+    def daemon(self, root=None, **config):
+        return super().daemon(root, start_method="zygote", **config)
 
     def check_serves_and_runs(self, d):
         job = d.wait_job(d.add(), timeout=30)
