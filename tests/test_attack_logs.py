@@ -242,7 +242,7 @@ class FullLogDiskTest(Fixture):
 
     def test_log_and_output_writes_fail_then_resume_without_torn_lines_or_a_flood(self):
         logs = os.path.join(self.root, "logs")
-        os.makedirs(logs, 0o750)
+        jr.make_dirs(logs, 0o750)
         line = "2026-12-01T00:00:00.000Z event=startup pid=1 filler=%s\n" % ("f" * 100)
         with open(os.path.join(logs, "background_jobs.log"), "w") as f:
             f.write(line * (self.FILLER // len(line) + 1))
@@ -338,7 +338,7 @@ class SymlinkTest(Fixture):
             with self.subTest(name=name):
                 root = tempfile.mkdtemp(dir=self.root)
                 target = self.outside(root)
-                os.makedirs(os.path.join(root, where), 0o750)
+                jr.make_dirs(os.path.join(root, where), 0o750)
                 link = os.path.join(root, where, name)
                 os.symlink(target, link)
                 d = self.daemon(root)
@@ -351,7 +351,7 @@ class SymlinkTest(Fixture):
     def test_a_link_in_place_of_the_output_directory_stops_it(self):
         elsewhere = os.path.join(self.root, "elsewhere")
         os.makedirs(elsewhere)
-        os.makedirs(os.path.join(self.root, "logs"), 0o750)
+        jr.make_dirs(os.path.join(self.root, "logs"), 0o750)
         link = os.path.join(self.root, "logs", "output")
         os.symlink(elsewhere, link)
         rc, err = self.refused(self.daemon())
@@ -362,7 +362,7 @@ class SymlinkTest(Fixture):
 
     def test_links_in_place_of_temp_files_are_replaced_not_followed(self):
         state = os.path.join(self.root, "state")
-        os.makedirs(state, 0o750)
+        jr.make_dirs(state, 0o750)
         targets = {}
         for name in ("queue.json.tmp", "journal.jsonl.tmp"):
             targets[name] = self.outside(tempfile.mkdtemp(dir=self.root))
@@ -381,7 +381,7 @@ class SymlinkTest(Fixture):
 
     def test_a_link_in_place_of_a_job_output_file_is_not_followed(self):
         output = os.path.join(self.root, "logs", "output")
-        os.makedirs(output, 0o750)
+        jr.make_dirs(output, 0o750)
         target = self.outside(self.root)
         os.symlink(target, os.path.join(output, "1.log"))          # the next job's file
         d = self.daemon()
@@ -409,7 +409,7 @@ class DirectoryModeTest(Fixture):
         root = tempfile.mkdtemp(dir=self.root)
         path = {"state": os.path.join(root, "state"), "logs": os.path.join(root, "logs"),
                 "output": os.path.join(root, "logs", "output")}[which]
-        os.makedirs(path, 0o750)
+        jr.make_dirs(path, 0o750)
         if mode is not None:
             os.chmod(path, mode)
         if uid is not None:
