@@ -360,6 +360,23 @@ class SymlinkTest(Fixture):
         self.assertIn("symbolic link", err)
         self.assertEqual(os.listdir(elsewhere), [])
 
+    def test_a_link_planted_before_sighup_is_not_followed_and_the_old_log_goes_on(self):
+        d = self.daemon()
+        d.start()
+        events = os.path.join(d.log_dir, "background_jobs.log")
+        os.rename(events, events + ".1")                    # as logrotate does
+        target = self.outside(self.root)
+        os.symlink(target, events)
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_until(lambda: "cannot reopen the logs" in d.read_stderr(), 15,
+                   message="the reload's warning")
+        job_id = d.add()
+        self.assertEqual(d.wait_job(job_id)["state"], "succeeded")
+        self.assertUnchanged(target)
+        with open(events + ".1") as f:
+            self.assertIn(" event=succeeded job=%d " % job_id, f.read(), "written on to the old")
+        self.assertIn("symbolic link", d.read_stderr())
+
     def test_links_in_place_of_temp_files_are_replaced_not_followed(self):
         state = os.path.join(self.root, "state")
         jr.make_dirs(state, 0o750)
