@@ -3087,13 +3087,15 @@ class Daemon:
             data = self.wake_r.recv(4096)
         except BlockingIOError:
             return
+        # Each signal's work is a callback of its own: a bug met while reaping must not lose
+        # a SIGTERM read in the same batch.
         for signum in set(data):
             if signum == signal.SIGCHLD:
-                self.runner.reap()
+                self.loop.call(self.runner.reap)
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.begin_stop()
+                self.loop.call(self.begin_stop)
             elif signum == signal.SIGHUP:
-                self.reload()
+                self.loop.call(self.reload)
             elif signum == signal.SIGUSR1:      # only with JOBRUNNER_TEST_HOOKS=1
                 time.sleep(float(os.environ.get("JOBRUNNER_TEST_STALL", "2")))
 

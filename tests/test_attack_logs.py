@@ -540,6 +540,17 @@ class LoopGuardTest(unittest.TestCase):
         self.assertEqual(said.count("a bug in a timer"), 1, said)
         self.assertEqual(said.count("a bug in a selector callback"), 1, said)
 
+    def test_a_bug_in_handling_one_signal_loses_no_other_signal_of_the_same_batch(self):
+        def failing_reap():
+            raise RuntimeError("a bug in reap")
+        self.d.runner.reap = failing_reap
+        self.d.wake_w.send(bytes([signal.SIGCHLD, signal.SIGTERM]))  # as the wakeup fd would
+        for _ in range(3):
+            self.d.run_pass(0.01)
+        self.assertTrue(self.d.stopping, "the SIGTERM was lost")
+        [line] = self.errors("failing_reap")
+        self.assertIn("a bug in reap", line)
+
     def test_a_bug_in_a_handler_never_writes_stderr_another_way(self):
         class Unwritable:
             def write(self, text):
