@@ -1998,7 +1998,10 @@ class Runner:
 
     def open_output(self, job_id: int, flags: int) -> int:
         """Open output/ID.log (OSError if it is a symbolic link or cannot be opened)."""
-        return open_nofollow("%d.log" % job_id, flags, 0o640, dir_fd=self.output_dir_fd())
+        try:
+            return open_nofollow("%d.log" % job_id, flags, 0o640, dir_fd=self.output_dir_fd())
+        except OSError as exc:          # name the whole path, not the one relative to output/
+            raise OSError(exc.errno, exc.strerror, self.output_path(job_id)) from None
 
     # -- start -------------------------------------------------------------------------------
 
