@@ -59,6 +59,7 @@ import re
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -100,6 +101,8 @@ SYNC_DELAY = 0.2                      # a journal write that no reply waits for 
                                       # started or ended) is fsynced this much later at most;
                                       # a process crash loses nothing (it is written at once),
                                       # a machine crash may lose it: that attempt then runs again
+MAX_BUG_PLACES = 100                  # internal errors reported with a traceback (once each):
+                                      # past this many distinct places it is a flood, not news
 JSON_MAX_DEPTH = 64                   # deeper requests are refused: they must encode back out
 MAX_RESULT_DEPTH = JSON_MAX_DEPTH - 2  # a result sits two levels down in a `get` reply and in
                                       # the journal's {"job": {...}} line, which must load back
@@ -348,25 +351,61 @@ def format_event(t: float, event: str, fields: dict) -> str:
     return " ".join(parts) + "\n"
 
 
+class WriteTrouble:
+    """Whether writes to one kind of file (stderr, a log, job output) fail, so that each way is
+    said once (SPEC §3): failed() is true at the first refused write, worked() gives what was
+    lost once writing works again, which is only when no write has failed for QUIET seconds:
+    a disk on the edge of full (small writes fit, large ones not) is not news at every write."""
+
+    QUIET = 1.0             # seconds without a failed write before writing "works again"
+
+    def __init__(self):
+        self.since: float | None = None     # when a write last failed; None while they work
+        self.lost = 0                       # what was dropped since writes began to fail
+
+    def failed(self, lost: int) -> bool:
+        first = self.since is None
+        self.since = time.monotonic()
+        self.lost += lost
+        return first
+
+    def worked(self) -> int | None:
+        if self.since is None or time.monotonic() - self.since < self.QUIET:
+            return None
+        lost, self.lost, self.since = self.lost, 0, None
+        return lost
+
+
 class EventLog:
     """background_jobs.log (one line per event) and background_jobs_errors.log (a header line
     per failed attempt, then the traceback indented). Lines are buffered for one loop pass and
-    written with one write() per file; SIGHUP reopens both files (logrotate)."""
+    written with one write() per file, whole or not at all; SIGHUP reopens both files
+    (logrotate). A file that refuses writes (full disk) loses those lines and is said to fail
+    once on stderr, and once more when it takes lines again (SPEC §3)."""
 
     def __init__(self, log_dir: str, clock=time.time):
         self.dir = log_dir
         self.clock = clock
         self.fds: dict[str, int] = {}
         self.buffers: dict[str, list[str]] = {"events": [], "errors": []}
+        self.trouble = {kind: WriteTrouble() for kind in self.NAMES}
         self.targets: dict[str, str] = {}     # target -> as logged (most jobs share a few)
         self.reopen()
 
     NAMES = {"events": "background_jobs.log", "errors": "background_jobs_errors.log"}
 
     def reopen(self) -> None:
-        for kind, name in self.NAMES.items():
-            fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                         | os.O_CLOEXEC, 0o640)
+        """Open both files (again); raises OSError, keeping the open ones, if one cannot be."""
+        fds: dict[str, int] = {}
+        try:
+            for kind, name in self.NAMES.items():
+                fds[kind] = open_nofollow(os.path.join(self.dir, name),
+                                          os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        for kind, fd in fds.items():
             old = self.fds.get(kind)
             self.fds[kind] = fd
             if old is not None:
@@ -410,11 +449,31 @@ class EventLog:
         for kind, lines in self.buffers.items():
             if lines:
                 data = "".join(lines).encode("utf-8", "replace")
+                count = len(lines)
                 lines.clear()
+                self._write(kind, data, count)
+
+    def _write(self, kind: str, data: bytes, count: int) -> None:
+        """Append `data` (`count` whole lines) or, if the file refuses part of it, none of it:
+        a short write is cut back, so a torn line never runs into the next one."""
+        fd, done = self.fds[kind], 0
+        try:
+            while done < len(data):
+                done += os.write(fd, data[done:] if done else data)
+        except OSError as exc:              # a full log disk must not stop the jobs
+            if done:
                 try:
-                    _write_all(self.fds[kind], data)
-                except OSError as exc:      # a full log disk must not stop the jobs
-                    warn("cannot write %s: %s" % (self.NAMES[kind], exc))
+                    os.ftruncate(fd, os.fstat(fd).st_size - done)
+                except OSError:
+                    pass
+            if self.trouble[kind].failed(count):
+                warn("cannot write %s: %s; its lines are dropped until it works again"
+                     % (self.NAMES[kind], exc))
+            return
+        lost = self.trouble[kind].worked()
+        if lost is not None:
+            warn("%s is written again; %d %s lost meanwhile"
+                 % (self.NAMES[kind], lost, "line was" if lost == 1 else "lines were"))
 
     def close(self) -> None:
         self.flush()
@@ -423,13 +482,53 @@ class EventLog:
         self.fds.clear()
 
 
+class Stderr:
+    """fd 2, where say() writes lines for people (systemd's journal). A failing stderr (a full
+    disk, a pipe whose reader went away, or one nobody reads) never stops or blocks the daemon
+    (SPEC §3): the line is dropped, and that stderr fails, and later that it works again, is
+    said once each in the errors log (`log`, once the daemon has one)."""
+
+    MAX_LINE = 4096         # PIPE_BUF: one write() of at most this much to a pipe is never torn
+
+    def __init__(self, fd: int = 2):
+        self.fd = fd
+        self.log: EventLog | None = None
+        self.trouble = WriteTrouble()
+
+    def never_block(self) -> None:
+        """A pipe or socket that nobody reads must not hold the loop: O_NONBLOCK on it, so that
+        a full one drops the line (EAGAIN). A terminal or a file is left alone: its open file
+        description is often shared with the shell that started the daemon."""
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                os.set_blocking(self.fd, False)
+        except OSError:
+            pass
+
+    def write(self, line: str) -> None:
+        """One line, whole, by one write(). Never raises."""
+        data = (line.translate(_CONTROLS) + "\n").encode("utf-8", "replace")
+        if len(data) > self.MAX_LINE:
+            data = data[:self.MAX_LINE - 4].decode("utf-8", "ignore").encode() + b"...\n"
+        try:
+            os.write(self.fd, data)
+        except OSError as exc:
+            if self.trouble.failed(1) and self.log is not None:
+                self.log.error("write_failed", "", file="stderr", error=str(exc))
+            return
+        lost = self.trouble.worked()
+        if lost is not None and self.log is not None:
+            self.log.error("write_resumed", "", file="stderr", lost=lost)
+
+
+STDERR = Stderr()
+
+
 def say(line: str) -> None:
     """One line to people on stderr (systemd's journal), written whole by one write(). Never
-    raises: a full disk or a closed pipe on stderr must not stop the daemon (SPEC §3)."""
-    try:
-        os.write(2, (line.translate(_CONTROLS) + "\n").encode("utf-8", "replace"))
-    except OSError:
-        pass
+    raises or waits: a full disk or a closed pipe on stderr must not stop the daemon (SPEC §3)."""
+    STDERR.write(line)
 
 
 def warn(message: str) -> None:
@@ -446,6 +545,26 @@ def send_some_of(sock: socket.socket, buf: bytearray) -> bool:
     except OSError:
         return False
     return True
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o600, *, dir_fd: int | None = None) -> int:
+    """os.open for a file in state_dir or log_dir: never through a symbolic link (SPEC §3a).
+    A link there is an OSError(ELOOP) that says so. Also an `opener` for open()."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or exc.errno == errno.ENOTDIR and _is_link(path, dir_fd):
+            raise OSError(errno.ELOOP, "a symbolic link, not followed", path) from None
+        raise
+
+
+def _is_link(path: str, dir_fd: int | None) -> bool:
+    """Whether `path` is a symbolic link (O_DIRECTORY | O_NOFOLLOW on a link to a directory
+    fails with ENOTDIR, not ELOOP)."""
+    try:
+        return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -568,8 +687,7 @@ class Store:
     # -- lifetime ----------------------------------------------------------------------------
 
     def lock(self) -> None:
-        fd = os.open(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        fd = open_nofollow(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -610,7 +728,7 @@ class Store:
             self._new_journal(snap_gen)
         else:
             self.gen = journal_gen
-            self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self.fd = open_nofollow(self.journal_path, os.O_WRONLY | os.O_APPEND)
             if good < os.fstat(self.fd).st_size:
                 os.ftruncate(self.fd, good)     # drop the torn tail before appending after it
                 os.fsync(self.fd)
@@ -620,7 +738,7 @@ class Store:
     def _load_snapshot(self, meta: dict, records: dict, make) -> tuple[int, bool]:
         """Read queue.json into `records`; (its generation, whether it is one job a line)."""
         path = self.snapshot_path
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=open_nofollow) as f:
             data = f.read()
         self.snapshot_size = len(data)
         if not data.strip():
@@ -691,7 +809,7 @@ class Store:
         """Replay the journal; return (bytes that are good, its generation or None)."""
         path = self.journal_path
         try:
-            with open(path, "rb") as f:
+            with open(path, "rb", opener=open_nofollow) as f:
                 data = f.read()
         except FileNotFoundError:
             return 0, None
@@ -893,7 +1011,7 @@ class Store:
         # The journal holds exactly the entries counted in `touched` unless a write failed
         # (broken) or some are still unwritten: then encode every touched job.
         from_journal = self.broken is None and not self.lines
-        with open(self.snapshot_path, "rb") as old:
+        with open(self.snapshot_path, "rb", opener=open_nofollow) as old:
             old.readline()                          # the old header
             for line in old:
                 if line.startswith(b"]}"):
@@ -917,7 +1035,7 @@ class Store:
         the journal does not hold exactly one record for each of them."""
         touched = self.touched
         copied: set[int] = set()
-        with open(self.journal_path, "rb") as journal:
+        with open(self.journal_path, "rb", opener=open_nofollow) as journal:
             journal.readline()                      # the generation header
             for line in journal:
                 if line.startswith(b'{"jobs":[') and line.endswith(b"]}\n"):
@@ -941,7 +1059,7 @@ class Store:
     def _new_journal(self, gen: int) -> None:
         header = _json_line({"gen": gen}).encode()
         self._replace(self.journal_path, header)
-        self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.fd = open_nofollow(self.journal_path, os.O_WRONLY | os.O_APPEND)
         self.size = self.synced = len(header)
         self.unsynced_since = None
 
@@ -954,7 +1072,11 @@ class Store:
     def _write_temp(self, path: str, chunks) -> tuple[str, int]:
         """Write the byte strings of `chunks` to PATH.tmp and fsync it; (temp path, size)."""
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:                    # a leftover (or a planted link) goes; O_EXCL: nothing in its place
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         size = 0
         try:
             for chunk in chunks:
@@ -1622,6 +1744,19 @@ class Loop:
         self.watched: dict[int, tuple] = {}     # fd -> (events, kind, callback) as registered
         self.timers: list[list] = []
         self.seq = 0
+        self.on_error = None                    # (where, exception) of a callback that raised
+
+    def call(self, callback, *args) -> None:
+        """Run one callback of the loop (selector or timer). An exception it raises goes to
+        on_error and the loop goes on: a bug in one callback must not take the daemon, and
+        every job it runs, down with it."""
+        try:
+            callback(*args)
+        except Exception as exc:
+            if self.on_error is None:
+                raise
+            func = getattr(callback, "func", callback)          # functools.partial
+            self.on_error(getattr(func, "__qualname__", type(func).__name__), exc)
 
     def watch(self, fd: int, events: int, kind: str, callback) -> None:
         """Register or change; a no-op when nothing changes (clients re-watch every pass)."""
@@ -1663,14 +1798,14 @@ class Loop:
         while self.timers and self.timers[0][0] <= now:
             _, _, callback, args = heapq.heappop(self.timers)
             if callback is not None:
-                callback(*args)
+                self.call(callback, *args)
 
 
 class Attempt:
     """One attempt of a job: its process group, its pipes, and what the child reported."""
 
     __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
-                 "out_size", "out_capped", "chan", "chan_out", "chan_in", "started",
+                 "out_size", "out_capped", "out_lost", "chan", "chan_out", "chan_in", "started",
                  "stop_reason", "timers", "status", "released")
 
     def __init__(self, job: Job, number: int, token: int):
@@ -1682,6 +1817,7 @@ class Attempt:
         self.out_fd = self.out_file = self.chan = None
         self.out_size = 0
         self.out_capped = False
+        self.out_lost = 0                       # output bytes the disk refused, not yet noted
         self.chan_out = bytearray()             # the job spec, held until release()
         self.chan_in = bytearray()
         self.released = False
@@ -2096,12 +2232,28 @@ class Runner:
         self.zygotes: list[Zygote] = []         # every zygote not yet reaped
         self.quick_deaths: list[float] = []
         self.output_dir = os.path.join(cfg.log_dir, "output")
+        self.out_dir_fd: int | None = None      # output/, opened once (output_dir_fd)
+        self.output_trouble = WriteTrouble()    # bytes of job output lost
         self.env = {k: v for k, v in os.environ.items()
                     if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_"))}
         self.source_line = (json.dumps(CHILD_SOURCE) + "\n").encode()
 
     def output_path(self, job_id: int) -> str:
         return os.path.join(self.output_dir, "%d.log" % job_id)
+
+    def output_dir_fd(self) -> int:
+        """output/, held open from the first use (start-up): its files are opened relative to
+        it, never through a link put in the place of output/ or of a file in it (SPEC §3a)."""
+        if self.out_dir_fd is None:
+            self.out_dir_fd = open_nofollow(self.output_dir, os.O_RDONLY | os.O_DIRECTORY)
+        return self.out_dir_fd
+
+    def open_output(self, job_id: int, flags: int) -> int:
+        """Open output/ID.log (OSError if it is a symbolic link or cannot be opened)."""
+        try:
+            return open_nofollow("%d.log" % job_id, flags, 0o640, dir_fd=self.output_dir_fd())
+        except OSError as exc:          # name the whole path, not the one relative to output/
+            raise OSError(exc.errno, exc.strerror, self.output_path(job_id)) from None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -2238,7 +2390,9 @@ class Runner:
                 att.chan_in += data
 
     def _read_output(self, att: Attempt) -> None:
-        """Copy what the job printed to its output file, up to max_output_bytes."""
+        """Copy what the job printed to its output file, up to max_output_bytes. A chunk the
+        disk refuses is dropped (the job goes on), and a note in the file later says how much;
+        that output cannot be written is said once, not per chunk or job (SPEC §3)."""
         cap = self.cfg.max_output_bytes
         while att.out_fd is not None:
             try:
@@ -2254,23 +2408,45 @@ class Runner:
                 continue
             if att.out_file is None:        # opened on the first byte: most jobs print nothing
                 try:
-                    att.out_file = os.open(self.output_path(att.job.id), os.O_WRONLY | os.O_APPEND
-                                           | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                    att.out_file = self.open_output(att.job.id, os.O_WRONLY | os.O_APPEND
+                                                    | os.O_CREAT)
                     att.out_size = os.fstat(att.out_file).st_size
                 except OSError as exc:
                     att.out_capped = True
-                    warn("job %d output: %s" % (att.job.id, exc))
+                    self._output_failed(att, len(data), exc)
                     continue
+            size = len(data)
+            if att.out_lost:
+                data = b"\n[jobrunner: %d bytes of output lost: the disk refused them]\n" \
+                    % att.out_lost + data
             if att.out_size + len(data) > cap:
                 data = data[:max(cap - att.out_size, 0)] + (
                     b"\n[jobrunner: output truncated: max_output_bytes=%d reached]\n" % cap)
                 att.out_capped = True
+            done = 0
             try:
-                _write_all(att.out_file, data)
-                att.out_size += len(data)
+                while done < len(data):
+                    done += os.write(att.out_file, data[done:] if done else data)
             except OSError as exc:          # a full disk loses output, never the job
-                att.out_capped = True
-                warn("job %d output: %s" % (att.job.id, exc))
+                if done:                    # all of a chunk or none: the note says what is lost
+                    try:
+                        os.ftruncate(att.out_file, att.out_size)
+                    except OSError:
+                        pass
+                att.out_capped = False      # what the cap cut is not written either: try again
+                self._output_failed(att, size, exc)
+                continue
+            att.out_size += len(data)
+            att.out_lost = 0
+            lost = self.output_trouble.worked()
+            if lost is not None:
+                warn("job output is written again; %d bytes of it were lost meanwhile" % lost)
+
+    def _output_failed(self, att: Attempt, size: int, exc: OSError) -> None:
+        att.out_lost += size
+        if self.output_trouble.failed(size):
+            warn("cannot write job output (job %d: %s); it is dropped until writing works again"
+                 % (att.job.id, exc))
 
     # -- stop and reap -----------------------------------------------------------------------
 
@@ -2751,6 +2927,21 @@ def make_dirs(path: str, mode: int) -> None:
             pass
 
 
+def check_dir(what: str, path: str, st: os.stat_result) -> None:
+    """Refuse (StateError) a directory that a user other than ours or root may write to
+    (SPEC §3a): they could plant files or links in it. Group or others' write permission is
+    refused whoever is in the group, and so is an owner that is neither us nor root."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()):
+        raise StateError("%s %s (mode %04o) is owned by uid %d, not by root or the daemon's "
+                         "own uid %d; refusing to start" % (what, path, mode, st.st_uid,
+                                                            os.geteuid()))
+    if mode & 0o022:
+        raise StateError("%s %s has mode %04o: writable by group or others, who could plant "
+                         "files or links in it; refusing to start (chmod go-w %s)"
+                         % (what, path, mode, path))
+
+
 def sd_notify(message: str) -> None:
     """Send a state line to systemd ($NOTIFY_SOCKET, "@" = abstract namespace); no-op outside."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -2831,6 +3022,8 @@ class Daemon:
         self.uid = os.getuid()
         self.group_cache: dict[int, set[int]] = {}
         self.wake_r = self.wake_w = None
+        self.bugs: set[tuple] = set()              # places whose internal error was reported
+        self.loop.on_error = self.internal_error
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -2838,6 +3031,9 @@ class Daemon:
         cfg = self.cfg
         for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
             make_dirs(path, 0o750)
+        check_dir("state_dir", cfg.state_dir, os.stat(cfg.state_dir))
+        check_dir("log_dir", cfg.log_dir, os.stat(cfg.log_dir))
+        check_dir("log_dir/output", self.runner.output_dir, os.fstat(self.runner.output_dir_fd()))
         self.store.lock()
         try:
             self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
@@ -2996,7 +3192,7 @@ class Daemon:
             if kind == "client":
                 clients.append((callback, mask))
             else:
-                callback(mask)
+                self.loop.call(callback, mask)
         self.loop.run_timers()
         self.dispatch()
         self.jobs.track()
@@ -3007,7 +3203,7 @@ class Daemon:
                 self.dirty.add(conn)
         self.resume.clear()
         for callback, mask in clients:
-            callback(mask)
+            self.loop.call(callback, mask)
         if self.batch_slots and self.store.do_fsync:
             self.gather()
         self.commit(mark)
@@ -3032,7 +3228,7 @@ class Daemon:
                 conn = expected.pop(key.fd, None)
                 if conn is None:
                     return              # something else needs the loop: commit now
-                conn.on_event(mask)
+                self.loop.call(conn.on_event, mask)
             now = time.monotonic()
 
     def commit(self, mark) -> None:
@@ -3146,6 +3342,23 @@ class Daemon:
         self.store.close()
         return 0
 
+    def internal_error(self, where: str, exc: Exception) -> None:
+        """A bug: an exception no code expected, caught where it would have stopped the daemon.
+        Its traceback goes to the errors log and a line to stderr, once per place it was raised
+        (a bug met every pass floods neither), and the daemon goes on."""
+        import traceback
+        frames = traceback.extract_tb(exc.__traceback__)[-1:]
+        place = (where, type(exc).__name__, *((f.filename, f.lineno) for f in frames))
+        if place in self.bugs or len(self.bugs) >= MAX_BUG_PLACES:
+            return
+        self.bugs.add(place)
+        error = "%s: %s" % (type(exc).__name__, exc)
+        if self.log is not None:
+            self.log.error("internal_error", "".join(traceback.format_exception(exc)),
+                           where=where, error=error)
+        warn("internal error in %s: %s (traceback in %s; said once)"
+             % (where, error, EventLog.NAMES["errors"]))
+
     # -- signals -----------------------------------------------------------------------------
 
     def on_signal(self, mask: int) -> None:
@@ -3153,13 +3366,15 @@ class Daemon:
             data = self.wake_r.recv(4096)
         except BlockingIOError:
             return
+        # Each signal's work is a callback of its own: a bug met while reaping must not lose
+        # a SIGTERM read in the same batch.
         for signum in set(data):
             if signum == signal.SIGCHLD:
-                self.runner.reap()
+                self.loop.call(self.runner.reap)
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.begin_stop()
+                self.loop.call(self.begin_stop)
             elif signum == signal.SIGHUP:
-                self.reload()
+                self.loop.call(self.reload)
             elif signum == signal.SIGUSR1:      # only with JOBRUNNER_TEST_HOOKS=1
                 time.sleep(float(os.environ.get("JOBRUNNER_TEST_STALL", "2")))
 
@@ -3183,7 +3398,10 @@ class Daemon:
         """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
         sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
         self.group_cache.clear()
-        self.log.reopen()
+        try:
+            self.log.reopen()
+        except OSError as exc:
+            warn("reload: cannot reopen the logs (%s); writing on to the open ones" % exc)
         self.runner.restart()
         if self.cfg.path:
             try:
@@ -3303,7 +3521,7 @@ class Daemon:
 
     def remove_output(self, job_id: int) -> None:
         try:
-            os.unlink(self.runner.output_path(job_id))
+            os.unlink("%d.log" % job_id, dir_fd=self.runner.output_dir_fd())
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -3474,8 +3692,7 @@ class Daemon:
         except ProtocolError as exc:
             return [encode_error(exc.code, exc.message)]
         except Exception as exc:            # a bug here must not take the daemon down
-            import traceback
-            traceback.print_exc()
+            self.internal_error("op %s" % op if op in HANDLERS else "handle_line", exc)
             return [encode_error("bad_request", "internal error in %s: %s: %s"
                                  % (op, type(exc).__name__, exc))]
 
@@ -3683,8 +3900,10 @@ class Daemon:
         limit = get_int(req, "limit", 65536, 1, MAX_OUTPUT_LIMIT)
         finished = job.state in FINISHED and job.id not in self.attempts
         try:
-            fd = os.open(self.runner.output_path(job.id), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = self.runner.open_output(job.id, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP):    # none, or not one we wrote
+                raise
             size, data = 0, b""
         else:
             try:
@@ -3769,6 +3988,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in CONFIG_KEYS:
             print("  %s = %r" % (key, getattr(cfg, key)))
         return 0
+    STDERR.never_block()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a file past RLIMIT_FSIZE: EFBIG, not death
     daemon = Daemon(cfg)
     try:
         daemon.setup()
@@ -3778,6 +3999,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         warn("cannot start: %s" % exc)
         return 1
+    STDERR.log = daemon.log         # from now on, that stderr fails is said in the errors log
     say("jobrunnerd %s: listening on %s with %d workers (state in %s)"
         % (VERSION, cfg.socket, cfg.workers, cfg.state_dir))
     return daemon.run()

@@ -1128,7 +1128,7 @@ class ReusedPidTest(unittest.TestCase):
             procs.append(proc)
         ours, stranger = procs
         state = os.path.join(tmp.name, "state")
-        os.mkdir(state)
+        os.mkdir(state, 0o750)          # the daemon refuses a group-writable one (umask 002)
         store = jr.Store(state, fsync=False)
         store.load()
         now = time.time()
