@@ -31,6 +31,7 @@ import errno
 import inspect
 import io
 import json
+import multiprocessing.sharedctypes
 import os
 import random
 import re
@@ -809,13 +810,14 @@ class DiskErrorInProcessTest(InProcessDaemonCase):
                            ("fsync", errno.EIO)):
             for n in range(1, 9):
                 with self.subTest(fails=name, at_call=n), \
-                        mock.patch.object(jr, "JOURNAL_MIN_COMPACT", 600):
+                        mock.patch.object(jr, "JOURNAL_MIN_COMPACT", 600), \
+                        mock.patch.object(jr, "FOLD_RETRY", 0.0):
                     self.boot()
                     self.sweep_once(name, code, n)
 
     def sweep_once(self, name, code, n):
         real = getattr(os, name)
-        calls = [0]
+        calls = multiprocessing.sharedctypes.RawArray("q", 1)   # a fold's child counts too
         synced = {}                     # inode -> its size at its last good fdatasync
         lost = []                       # what the failed fdatasync lost (states_on_disk)
         held = {}                       # inode -> an fd that keeps it from being reused
