@@ -1217,6 +1217,9 @@ class Fold:
             status = 1
             try:
                 self._detach((w, go_r))
+                if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1" and \
+                        os.environ.get("JOBRUNNER_TEST_FOLD_STOP") == "1":
+                    os.kill(os.getpid(), signal.SIGSTOP)    # tests: a fold that takes its time
                 path = self.temp[:-len(".tmp")]
                 _, size = self.store._write_snapshot(path, self.gen, meta, jobs, self.touched,
                                                      self.covers, True, keep_temp=True)
@@ -3199,10 +3202,10 @@ class Daemon:
             # A prune under way stops here (its steps so far are done): an auto-prune tries
             # again in a minute, a request is answered (its slot may be this pass's too).
             for task in self.prunes:
-                if task.slot is not None and task.slot[0] is None:
-                    task.answer(self, encode_error("io_error", "the prune could not be made "
-                                                   "durable (%s) after %d jobs were removed"
-                                                   % (exc.strerror or exc, task.removed)))
+                if task.slot is not None:       # (its slot may have its io_error already)
+                    task.answer(self, task.slot[0] or encode_error(
+                        "io_error", "the prune could not be made durable (%s) after %d jobs "
+                        "were removed" % (exc.strerror or exc, task.removed)))
             self.prunes.clear()
         else:
             self.jobs.untrack()
