@@ -92,9 +92,10 @@ JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(thi
 PRUNE_FOLD_SHARE = 8                  # a fold follows prunes once they deleted 1/8 of the jobs
                                       # in the snapshot (disk use stays proportional to live jobs;
                                       # one job pruned of a million is one `del` line, not 143 MiB)
-PRUNE_SLICE = 2000                    # finished jobs pruned per loop pass (a durable step): ~20 ms
-                                      # at 1M jobs, so a prune of 100k never holds the loop
-PRUNE_OUTPUT_SECONDS = 0.02           # per pass, deleting the output files of pruned jobs
+PRUNE_SLICE = 1000                    # finished jobs pruned per loop pass (a durable step): ~10 ms
+                                      # at 1M jobs, so a prune of 100k never holds the loop (a
+                                      # request waits for up to two passes)
+PRUNE_OUTPUT_SECONDS = 0.01           # per pass, deleting the output files of pruned jobs
 FOLD_RETRY = 5.0                      # seconds before a failed background fold is tried again
 FOLD_SYNC_EVERY = 4 * 1024 * 1024     # a fold's child fdatasyncs this much at a time (see
                                       # Store._write_temp)

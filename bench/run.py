@@ -541,7 +541,9 @@ def pauses(n: int) -> dict:
         if probe.is_alive():
             probe.kill()
         d.stop()
-    return {phase: [s for t, s in samples if start <= t <= end]
+    # A sample belongs to the phase its reply came in: one sent just before a prune may wait
+    # for it, and the reply comes after the stall, inside the prune's window.
+    return {phase: [s for t, s in samples if start <= t + s <= end]
             for phase, (start, end) in windows.items()}
 
 
