@@ -551,11 +551,11 @@ class Store:
     fold() does the same without holding the loop: it renames the journal (generation G) to
     journal.G.jsonl, starts journal.jsonl with G+1, and forks a child that writes the snapshot
     G+1 (what memory held at the fork: everything up to the end of journal G) to a temp file and
-    exits; the parent goes on journaling into G+1 meanwhile. Once the child has exited, the parent
-    renames its file into place (reap_fold) and deletes the journals it covers. load() replays
-    the snapshot, then every journal of its generation or later in order (journal.S.jsonl ...
-    journal.jsonl), and ignores older ones: every state the files pass through loads to the same
-    jobs, whatever the step at which a crash stops it. A child that fails (disk full) leaves the
+    says so; the parent goes on journaling into G+1 meanwhile. Then the parent renames that file
+    into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
+    replays the snapshot, then every journal of its generation or later in order
+    (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
+    through loads to the same jobs, whatever the step at which a crash stops it. A child that fails (disk full) leaves the
     old files in force: the next fold (FOLD_RETRY later) rotates again and covers them all."""
 
     SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
