@@ -555,8 +555,9 @@ class Store:
     into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
     replays the snapshot, then every journal of its generation or later in order
     (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
-    through loads to the same jobs, whatever the step at which a crash stops it. A child that fails (disk full) leaves the
-    old files in force: the next fold (FOLD_RETRY later) rotates again and covers them all."""
+    through loads to the same jobs, whatever the step at which a crash stops it. A child that
+    fails (disk full) leaves the old files in force: the next fold (FOLD_RETRY later) rotates
+    again and covers them all."""
 
     SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
 
