@@ -45,6 +45,7 @@ Protocol (version 1), in brief
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import fcntl
 import fnmatch
@@ -94,6 +95,17 @@ QUERY_SLICE = 0.015                   # pattern queries work this long per loop 
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
+PRUNE_FOLD_SHARE = 8                  # a fold follows prunes once they deleted 1/8 of the jobs
+                                      # in the snapshot (disk use stays proportional to live jobs;
+                                      # one job pruned of a million is one `del` line, not 143 MiB)
+PRUNE_SLICE = 1000                    # finished jobs pruned per loop pass (a durable step): ~10 ms
+                                      # at 1M jobs, so a prune of 100k never holds the loop (a
+                                      # request waits for up to two passes)
+PRUNE_OUTPUT_SECONDS = 0.01           # per pass, deleting the output files of pruned jobs
+FOLD_RETRY = 5.0                      # seconds before a failed background fold is tried again
+FOLD_SYNC_EVERY = 4 * 1024 * 1024     # a fold's child fdatasyncs this much at a time (see
+                                      # Store._write_temp)
+FOLD_POLL = 0.05                      # the loop looks at a fold under way this often at least
 GATHER_ACTIVE = 0.05                  # group commit: a client that sent a request this recently
 GATHER_MAX = 0.002                    # may be waited for, this long at most (and never longer
                                       # than the last fsync took), so its change shares our fsync
@@ -264,6 +276,7 @@ _CANONICAL_STATES = {state: state for state in STATES}
 _public_values = operator.attrgetter(*PUBLIC_FIELDS)     # one C call instead of 21 getattr()s
 _stored_values = operator.attrgetter(*_STORED_FIELDS)
 _stored_items = operator.itemgetter(*_STORED_FIELDS)
+_all_values = operator.attrgetter(*Job.__slots__)        # what undo() puts back, in one C call
 _BLANK = dict.fromkeys(_STORED_FIELDS)
 # Left out of stored records when they have these values, which from_stored() restores: fewer
 # bytes to parse for each of a million jobs at start-up.
@@ -659,7 +672,18 @@ class Store:
     that continues it; the journal's first line is {"gen": G}. snapshot() writes (1) a new
     queue.json with G+1 (temp file, fsync, rename, fsync of the directory), then (2) a new journal
     whose header is G+1 the same way. A crash between (1) and (2) leaves a journal of generation
-    G, whose changes are all in the new snapshot: load() ignores it."""
+    G, whose changes are all in the new snapshot: load() ignores it.
+
+    fold() does the same without holding the loop: it renames the journal (generation G) to
+    journal.G.jsonl, starts journal.jsonl with G+1, and forks a child that writes the snapshot
+    G+1 (what memory held at the fork: everything up to the end of journal G) to a temp file and
+    says so; the parent goes on journaling into G+1 meanwhile. Then the parent renames that file
+    into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
+    replays the snapshot, then every journal of its generation or later in order
+    (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
+    through loads to the same jobs, whatever the step at which a crash stops it. A child that
+    fails (disk full) leaves the old files in force: the next fold (FOLD_RETRY later) rotates
+    again and covers them all."""
 
     SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
 
@@ -683,6 +707,13 @@ class Store:
         self.broken: OSError | None = None
         self.lock_fd: int | None = None
         self.warnings: list[str] = []
+        self.older: list[str] = []        # journals before journal.jsonl that the snapshot on
+        self.older_size = 0               # disk does not cover, oldest first; their bytes
+        self.snapshot_jobs = 0            # jobs in the snapshot on disk
+        self.deleted = 0                  # jobs deleted by the journals since that snapshot
+        self.folding: Fold | None = None  # the background fold under way (at most one)
+        self.fold_after = 0.0             # monotonic: no background fold before (one failed)
+        self.fold_error: str | None = None    # why the last background fold failed
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -699,6 +730,7 @@ class Store:
         self.lock_fd = fd
 
     def close(self) -> None:
+        self.end_fold()
         for fd in (self.fd, self.lock_fd):
             if fd is not None:
                 os.close(fd)
@@ -718,14 +750,34 @@ class Store:
         ours = False                    # one job a line: a fold may copy its lines
         if os.path.exists(self.snapshot_path):
             snap_gen, ours = self._load_snapshot(meta, records, make)
+        self.snapshot_jobs = len(records)
         self.touched = {}
-        good, journal_gen = self._load_journal(meta, records, snap_gen, make)
+        self.deleted = 0
+        want = snap_gen                 # the generation the next journal must have
+        self.older, self.older_size, stale = [], 0, []
+        for gen, path in self._older_journals():
+            if gen < snap_gen:          # folded into the snapshot already
+                stale.append(path)
+                continue
+            if gen != want:
+                raise StateError("%s: journal generation %d is missing (%s is %d)"
+                                 % (self.dir, want, os.path.basename(path), gen))
+            good, _ = self._load_journal(meta, records, snap_gen, make, path, want)
+            self.older.append(path)
+            self.older_size += good
+            want = gen + 1
+        good, journal_gen = self._load_journal(meta, records, snap_gen, make,
+                                               self.journal_path, want)
         if not ours:
             self.touched = None
+        if self.lock_fd is not None:    # a daemon's own state: leftovers of folds go
+            self._remove(stale + [os.path.join(self.dir, name) for name in os.listdir(self.dir)
+                                  if _FOLD_TEMP.fullmatch(name)])
         if journal_gen is None or journal_gen < snap_gen:
-            # No journal, or one whose changes are all in the snapshot: start a new one.
-            self.gen = snap_gen
-            self._new_journal(snap_gen)
+            # No journal, or one whose changes are all in the snapshot: start a new one (after
+            # the older journals, if a crash came between the two renames of a rotation).
+            self.gen = want
+            self._new_journal(want)
         else:
             self.gen = journal_gen
             self.fd = open_nofollow(self.journal_path, os.O_WRONLY | os.O_APPEND)
@@ -805,9 +857,22 @@ class Store:
             raise StateError("%s: does not parse at offset %d: %s"
                              % (path, offset, getattr(exc, "msg", exc))) from None
 
-    def _load_journal(self, meta: dict, records: dict, snap_gen: int, make):
-        """Replay the journal; return (bytes that are good, its generation or None)."""
-        path = self.journal_path
+    def _older_journals(self) -> list[tuple[int, str]]:
+        """(generation, path) of each journal.G.jsonl, oldest first."""
+        found = []
+        for name in os.listdir(self.dir):
+            match = _OLDER_JOURNAL.fullmatch(name)
+            if match:
+                found.append((int(match.group(1)), os.path.join(self.dir, name)))
+        return sorted(found)
+
+    def _load_journal(self, meta: dict, records: dict, snap_gen: int, make,
+                      path: str | None = None, want: int | None = None):
+        """Replay a journal (journal.jsonl by default) whose generation must be `want` (the
+        snapshot's by default), or below the snapshot's (then it is ignored); return (bytes
+        that are good, its generation or None)."""
+        path = path or self.journal_path
+        want = snap_gen if want is None else want
         try:
             with open(path, "rb", opener=open_nofollow) as f:
                 data = f.read()
@@ -832,14 +897,19 @@ class Store:
                 if "gen" not in obj:
                     raise StateError("%s: no generation header at offset 0" % path)
                 gen = int(obj["gen"])
-                if gen > snap_gen:
+                if gen >= snap_gen and gen != want:
                     raise StateError("%s: generation %d at offset 0 is newer than %s (%d): the "
                                      "snapshot is missing or old" % (path, gen, self.SNAPSHOT,
-                                                                     snap_gen))
+                                                                     snap_gen)
+                                     if want == snap_gen else
+                                     "%s: generation %d at offset 0, not %d: a journal is "
+                                     "missing" % (path, gen, want))
             elif gen >= snap_gen:       # an older generation is already in the snapshot
                 try:
                     self._apply(obj, meta, records, make)
                     self._touch(_entry_ids(obj))
+                    if "del" in obj:
+                        self.deleted += len(obj["del"])
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise StateError("%s: bad entry at offset %d: %s"
                                      % (path, offset, exc)) from None
@@ -876,6 +946,8 @@ class Store:
         self.lines.append(_json_line(obj))
         if self.touched is not None:
             self._touch(_entry_ids(obj))
+        if "del" in obj:
+            self.deleted += len(obj["del"])
 
     def append_records(self, ids: list[int], encoded: list[str]) -> None:
         """New jobs, already encoded (ids in the same order): one {"jobs":[...]} entry."""
@@ -949,26 +1021,27 @@ class Store:
             os.close(fd)
 
     def wants_compaction(self) -> bool:
-        return self.size > max(JOURNAL_MIN_COMPACT, self.snapshot_size)
+        """The journals outgrew the snapshot and 1 MiB, or prunes deleted enough of its jobs
+        (any, when it is small: then a fold is cheap)."""
+        if self.size + self.older_size > max(JOURNAL_MIN_COMPACT, self.snapshot_size):
+            return True
+        return self.deleted > 0 and (self.snapshot_size <= JOURNAL_MIN_COMPACT
+                                     or self.deleted * PRUNE_FOLD_SHARE >= self.snapshot_jobs)
 
     def snapshot(self, meta: dict, jobs) -> None:
         """Write the new snapshot and start an empty journal. `jobs` is every job: a dict by id
         (then the lines of untouched jobs are copied from the old snapshot) or an iterable.
         Repairs a broken store; raises OSError (store left as it was, or broken) when the disk
         refuses."""
+        self.end_fold()             # one writer of snapshots at a time
         gen = self.gen + 1
-        head = (_json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
-                            "paused": meta["paused"]})[:-2] + ',"jobs":[\n').encode()
-        by_id = jobs if isinstance(jobs, dict) else None
-        try:
-            if by_id is None or self.touched is None:     # touched is kept only for ours
-                raise _NotCopyable
-            lines = self._copied_lines(by_id)
-            tmp, size = self._write_temp(self.snapshot_path, self._chunks(head, lines))
-        except _NotCopyable:
-            every = by_id.values() if by_id is not None else jobs
-            lines = (_encode(job.stored()).encode("utf-8") for job in every)
-            tmp, size = self._write_temp(self.snapshot_path, self._chunks(head, lines))
+        if not isinstance(jobs, dict):
+            jobs = list(jobs)
+        # The journals hold exactly the entries counted in `touched` unless a write failed
+        # (broken) or some are still unwritten: then every touched job is encoded.
+        tmp, size = self._write_snapshot(self.snapshot_path, gen, meta, jobs, self.touched,
+                                         self.older + [self.journal_path],
+                                         self.broken is None and not self.lines)
         try:
             os.replace(tmp, self.snapshot_path)
             self.snapshot_size = size
@@ -987,6 +1060,140 @@ class Store:
         self.lines.clear()          # everything they said is in the snapshot
         self.broken = None
         self.touched = {}
+        self.deleted = 0
+        self._snapshot_done(len(jobs), self.older)
+
+    def _snapshot_done(self, jobs: int, covered: list[str], remove: bool = True) -> None:
+        """A snapshot of `jobs` jobs is in place: the older journals it covers can go."""
+        self.snapshot_jobs = jobs
+        self.older = [path for path in self.older if path not in covered]
+        self.older_size = 0
+        if remove:
+            self._remove(covered)
+
+    @staticmethod
+    def _remove(paths) -> None:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass                # a leftover is ignored (and removed) by the next load
+
+    def _write_snapshot(self, path: str, gen: int, meta: dict, jobs, touched: dict | None,
+                        journals: list[str], from_journal: bool,
+                        keep_temp: bool = False) -> tuple[str, int]:
+        """Write the snapshot `gen` of `jobs` (a dict by id: the lines of untouched jobs are
+        copied from the snapshot on disk, and of jobs `journals` change once from there; or
+        a list) to PATH.tmp, fsynced; (temp path, size)."""
+        head = (_json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
+                            "paused": meta["paused"]})[:-2] + ',"jobs":[\n').encode()
+        by_id = jobs if isinstance(jobs, dict) else None
+        try:
+            if by_id is None or touched is None:     # touched is kept only for ours
+                raise _NotCopyable
+            lines = self._copied_lines(by_id, touched, journals, from_journal)
+            return self._write_temp(path, self._chunks(head, lines), keep_temp)
+        except _NotCopyable:
+            every = by_id.values() if by_id is not None else jobs
+            lines = (_encode(job.stored()).encode("utf-8") for job in every)
+            return self._write_temp(path, self._chunks(head, lines), keep_temp)
+
+    # -- folding in the background -----------------------------------------------------------
+
+    def can_fold(self) -> bool:
+        return self.folding is None and self.broken is None and not self.lines \
+            and time.monotonic() >= self.fold_after
+
+    def fold(self, meta: dict, jobs: dict) -> None:
+        """Start a background fold (see the class docstring): rotate the journal, fork the
+        child that writes the snapshot. Costs the loop a few small fsyncs and the fork (page
+        tables only). Raises OSError when the disk refuses the rotation (the store is broken
+        if it got half way: a full snapshot repairs it)."""
+        assert self.can_fold()
+        if self.unsynced_since is not None:
+            self.sync()             # journal G is whole on disk before G+1 can follow it
+        gen = self.gen
+        rotated = os.path.join(self.dir, "journal.%d.jsonl" % gen)
+        os.replace(self.journal_path, rotated)
+        fd, self.fd = self.fd, None
+        os.close(fd)
+        self.older.append(rotated)
+        self.older_size += self.size
+        self.gen = gen + 1
+        try:
+            if self.do_fsync:       # the rename is on disk before journal.jsonl is replaced
+                _fsync_dir(self.dir)
+            self._new_journal(gen + 1)
+        except OSError as exc:
+            self._break(exc)
+            raise
+        fold = Fold(self, gen + 1, len(jobs))
+        fold.touched, self.touched = self.touched, {}
+        fold.deleted, self.deleted = self.deleted, 0
+        try:
+            fold.start(meta, jobs)
+        except OSError:
+            self._fold_failed(fold)
+            raise
+        self.folding = fold
+
+    def reap_fold(self) -> bool | None:
+        """Once the background fold's child has written its snapshot: put it in place and let
+        the child delete the journals it covers (True), or keep the old files in force (False,
+        fold_error says why). None while it works, or when there is none. Cheap: a read that
+        would block, or a waitpid, while the child works."""
+        fold = self.folding
+        if fold is None:
+            return None
+        if fold.placed:             # the child deletes the journals; then it is reaped
+            if fold.exited():
+                self.folding = None
+            return None
+        report = fold.report()
+        if report is None:
+            return None
+        try:
+            if not report.startswith("ok "):
+                raise OSError(errno.EIO, report or "the fold's child died without a word")
+            os.replace(fold.temp, self.snapshot_path)
+            self.snapshot_size = int(report.split()[1])
+            if self.do_fsync:       # the journals it covers go only once it is there for good
+                _fsync_dir(self.dir)
+        except OSError as exc:
+            self.folding = None
+            fold.kill()
+            self._fold_failed(fold, exc)
+            return False
+        fold.proceed()
+        self._snapshot_done(fold.jobs, fold.covers, remove=False)
+        return True
+
+    def end_fold(self) -> None:
+        """Stop a background fold under way (before a snapshot in the foreground), or wait
+        for the child that deletes what a fold covered."""
+        fold = self.folding
+        if fold is not None:
+            self.folding = None
+            if fold.placed:
+                fold.wait()
+            else:
+                fold.kill()
+                self._fold_failed(fold, None)
+
+    def _fold_failed(self, fold: "Fold", exc: OSError | None = None) -> None:
+        """The snapshot on disk is still the one before the fold: count from there again."""
+        self._remove([fold.temp])
+        if fold.touched is None or self.touched is None:
+            self.touched = None
+        else:                       # (in place: proportional to the changes since the fork)
+            merged = fold.touched
+            for job_id, n in self.touched.items():
+                merged[job_id] = merged.get(job_id, 0) + n
+            self.touched = merged
+        self.deleted += fold.deleted
+        if exc is not None:
+            self.fold_error = exc.strerror or str(exc)
+            self.fold_after = time.monotonic() + FOLD_RETRY
 
     @staticmethod
     def _chunks(head: bytes, lines):
@@ -1003,14 +1210,11 @@ class Store:
             yield sep + b",\n".join(batch)
         yield b"\n]}\n"
 
-    def _copied_lines(self, by_id: dict):
+    def _copied_lines(self, by_id: dict, touched: dict, journals: list[str], from_journal: bool):
         """Each untouched job's line, copied from the old snapshot; the record of each job
-        journaled once, copied from the journal; the other touched jobs that still exist,
-        encoded. Raises _NotCopyable if a file is not laid out as we write it."""
-        touched = self.touched
-        # The journal holds exactly the entries counted in `touched` unless a write failed
-        # (broken) or some are still unwritten: then encode every touched job.
-        from_journal = self.broken is None and not self.lines
+        journaled once, copied from `journals` (when `from_journal`: they hold exactly the
+        entries counted in `touched`); the other touched jobs that still exist, encoded.
+        Raises _NotCopyable if a file is not laid out as we write it."""
         with open(self.snapshot_path, "rb", opener=open_nofollow) as old:
             old.readline()                          # the old header
             for line in old:
@@ -1022,37 +1226,38 @@ class Store:
             else:
                 raise _NotCopyable                  # no closing line: not our layout
         if from_journal:
-            yield from self._journaled_once(by_id)
+            yield from self._journaled_once(by_id, touched, journals)
         for job_id, entries in touched.items():
             if entries > 1 or not from_journal:
                 job = by_id.get(job_id)
                 if job is not None:
                     yield _encode(job.stored()).encode("utf-8")
 
-    def _journaled_once(self, by_id: dict):
-        """The record of each existing job that the journal changes exactly once: that record
+    @staticmethod
+    def _journaled_once(by_id: dict, touched: dict, journals: list[str]):
+        """The record of each existing job that the journals change exactly once: that record
         is the job as it is now (every change to a job is journaled). Raises _NotCopyable if
-        the journal does not hold exactly one record for each of them."""
-        touched = self.touched
+        they do not hold exactly one record for each of them."""
         copied: set[int] = set()
-        with open(self.journal_path, "rb", opener=open_nofollow) as journal:
-            journal.readline()                      # the generation header
-            for line in journal:
-                if line.startswith(b'{"jobs":[') and line.endswith(b"]}\n"):
-                    records = line[9:-3].split(_RECORD_SEP)
-                elif line.startswith(b'{"job":{') and line.endswith(b"}}\n"):
-                    records = (line[7:-2],)
-                elif line.startswith(b'{"job'):
-                    raise _NotCopyable              # not laid out as we write it
-                else:
-                    continue                        # del, paused, next_id
-                for rec in records:
-                    job_id = _record_id(rec)
-                    if touched.get(job_id) == 1 and job_id in by_id:
-                        if job_id in copied:
-                            raise _NotCopyable      # never a job twice in the snapshot
-                        copied.add(job_id)
-                        yield rec
+        for path in journals:
+            with open(path, "rb", opener=open_nofollow) as journal:
+                journal.readline()                  # the generation header
+                for line in journal:
+                    if line.startswith(b'{"jobs":[') and line.endswith(b"]}\n"):
+                        records = line[9:-3].split(_RECORD_SEP)
+                    elif line.startswith(b'{"job":{') and line.endswith(b"}}\n"):
+                        records = (line[7:-2],)
+                    elif line.startswith(b'{"job'):
+                        raise _NotCopyable          # not laid out as we write it
+                    else:
+                        continue                    # del, paused, next_id
+                    for rec in records:
+                        job_id = _record_id(rec)
+                        if touched.get(job_id) == 1 and job_id in by_id:
+                            if job_id in copied:
+                                raise _NotCopyable  # never a job twice in the snapshot
+                            copied.add(job_id)
+                            yield rec
         if len(copied) != sum(1 for job_id, n in touched.items() if n == 1 and job_id in by_id):
             raise _NotCopyable                      # never a job left out of the snapshot
 
@@ -1069,27 +1274,176 @@ class Store:
         if self.do_fsync:
             _fsync_dir(self.dir)
 
-    def _write_temp(self, path: str, chunks) -> tuple[str, int]:
-        """Write the byte strings of `chunks` to PATH.tmp and fsync it; (temp path, size)."""
+    def _write_temp(self, path: str, chunks, keep: bool = False) -> tuple[str, int]:
+        """Write the byte strings of `chunks` to PATH.tmp and fsync it; (temp path, size).
+        A fold's child (`keep`) leaves the temp file to its parent when it fails, and syncs
+        every FOLD_SYNC_EVERY bytes: the journal's fdatasync then never queues behind a
+        hundred megabytes of snapshot written back at once."""
         tmp = path + ".tmp"
         try:                    # a leftover (or a planted link) goes; O_EXCL: nothing in its place
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        size = 0
+        size = synced = 0
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
                 size += len(chunk)
+                if keep and self.do_fsync and size - synced >= FOLD_SYNC_EVERY:
+                    os.fdatasync(fd)
+                    synced = size
             if self.do_fsync:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
+            if not keep:
+                os.unlink(tmp)
             raise
         os.close(fd)
         return tmp, size
+
+
+_OLDER_JOURNAL = re.compile(r"journal\.(\d+)\.jsonl")      # a journal a fold has not covered yet
+_FOLD_TEMP = re.compile(r"queue\.json\.\d+\.tmp")            # a fold's snapshot being written
+
+
+class Fold:
+    """The child process of a background fold. It writes the snapshot `gen` from its copy of
+    memory to queue.json.GEN.tmp (a name no other fold uses: an orphan left by a daemon that
+    was killed cannot collide with a later one), says "ok SIZE" on a pipe and waits. The parent
+    renames the file into place (the child never renames anything: only the daemon holding the
+    lock does), then says go; the child deletes the journals the snapshot covers (~30 ms each
+    for a large file on this kind of disk: not in the loop) and exits. It dies with the
+    parent, holds none of its files and never runs the cycle collector."""
+
+    def __init__(self, store: Store, gen: int, jobs: int):
+        self.store = store
+        self.gen = gen
+        self.jobs = jobs                        # how many the snapshot holds
+        self.covers = list(store.older)         # the journals it folds
+        self.temp = "%s.%d.tmp" % (store.snapshot_path, gen)
+        self.touched: dict | None = None        # the store's counts for those journals
+        self.deleted = 0
+        self.pid: int | None = None
+        self.pipe: int | None = None            # child -> parent: its one line
+        self.go: int | None = None              # parent -> child: the snapshot is in place
+        self.said = b""
+        self.placed = False                     # renamed into place; the child deletes
+
+    def start(self, meta: dict, jobs: dict) -> None:
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+        # What exists now is frozen out of the cycle collector (jobs never form cycles): a
+        # full collection would write to every object's header, copying each page the child
+        # shares (and take ~100 ms at 1M jobs); later ones see only what is created after.
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (r, w, go_r, go_w):
+                os.close(fd)
+            raise
+        if pid == 0:                            # the child: never returns
+            status = 1
+            try:
+                self._detach((w, go_r))
+                if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1" and \
+                        os.environ.get("JOBRUNNER_TEST_FOLD_STOP") == "1":
+                    os.kill(os.getpid(), signal.SIGSTOP)    # tests: a fold that takes its time
+                path = self.temp[:-len(".tmp")]
+                _, size = self.store._write_snapshot(path, self.gen, meta, jobs, self.touched,
+                                                     self.covers, True, keep_temp=True)
+                _write_all(w, b"ok %d\n" % size)
+                if os.read(go_r, 1) == b"x":
+                    Store._remove(self.covers)
+                status = 0
+            except BaseException as exc:
+                try:
+                    _write_all(w, ("%s: %s\n" % (type(exc).__name__, exc)).encode()[-1000:])
+                except BaseException:
+                    pass
+            finally:
+                os._exit(status)
+        os.close(w)
+        os.close(go_r)
+        os.set_blocking(r, False)
+        self.pid, self.pipe, self.go = pid, r, go_w
+
+    @staticmethod
+    def _detach(keep: tuple) -> None:
+        """In the child: die with the parent, hold none of its files (sockets, journal, lock,
+        logs) and none of its signal handling, never run the cycle collector."""
+        gc.disable()
+        parent = os.getppid()
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+        if os.getppid() != parent:
+            os._exit(1)                         # the parent died before prctl took effect
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                        signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+        low = 3
+        for fd in sorted(keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
+
+    def report(self) -> str | None:
+        """The child's line ("ok SIZE", or why it failed) once it has said it or died without
+        a word (then ""); None while it works."""
+        while True:
+            try:
+                data = os.read(self.pipe, 4096)
+            except BlockingIOError:
+                return None
+            self.said += data
+            if not data or self.said.endswith(b"\n"):
+                return self.said.decode("utf-8", "replace").strip()
+
+    def proceed(self) -> None:
+        """The snapshot is in place: the child may delete the journals it covers, and exit."""
+        self.placed = True
+        try:
+            os.write(self.go, b"x")
+        except OSError:
+            pass                # it died: the next load removes what it left
+        self._close()
+
+    def exited(self) -> bool:
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        return bool(done)
+
+    def wait(self) -> None:
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait()
+        self._close()
+
+    def _close(self) -> None:
+        for name in ("pipe", "go"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
 ####################################################################################################
@@ -1117,6 +1471,8 @@ class JobTable:
     times, writes the log line and journals the job. update() journals other changes. While
     tracking (a client request is being served), the first change to a job saves its previous
     values so that undo() can restore them when the journal write fails."""
+
+    IN_PLACE_RUNS = 16     # more runs of removed ids than this: one copying pass is cheaper
 
     def __init__(self, store: Store, log: EventLog, clock=time.time):
         self.store = store
@@ -1268,10 +1624,10 @@ class JobTable:
             self._unindex(job)
             del self.jobs[job.id]
         gone = {job.id for job in jobs}
-        self.ids = [i for i in self.ids if i not in gone]
+        self.ids = self._without(self.ids, gone)
         if self.by_target is not None:           # maybe still being built: maybe absent
             for target in {job.target for job in jobs}:
-                kept = [i for i in self.by_target.get(target, ()) if i not in gone]
+                kept = self._without(self.by_target.get(target, []), gone)
                 if kept:
                     self.by_target[target] = kept
                 else:
@@ -1290,7 +1646,7 @@ class JobTable:
 
     def _save(self, job: Job) -> None:
         if self._undo is not None and job.id not in self._undo:
-            self._undo[job.id] = (job, tuple(getattr(job, n) for n in Job.__slots__))
+            self._undo[job.id] = (job, _all_values(job))
 
     def undo(self) -> None:
         """Put every job changed since track() back as it was (nothing if not tracking)."""
@@ -1327,6 +1683,27 @@ class JobTable:
     def _ids_after(ids: list[int], after_id: int):
         """The ids > after_id of an ascending list, lazily (no copy, no skipping through)."""
         return map(ids.__getitem__, range(bisect.bisect_right(ids, after_id), len(ids)))
+
+    @staticmethod
+    def _without(ids: list[int], gone: set[int]) -> list[int]:
+        """The ascending `ids` without those in `gone`. Jobs finished together mostly have
+        neighbouring ids: a few runs of them are cut out in place (a memmove each, ~1 ms at
+        1M); scattered ones cost one pass that copies the rest (~20 ms at 1M: every id it
+        keeps is touched), never a set lookup per id of a million."""
+        runs: list[list[int]] = []          # [start, end) positions in ids, descending
+        for job_id in sorted(gone, reverse=True):
+            pos = bisect.bisect_left(ids, job_id, 0, runs[-1][0] if runs else len(ids))
+            if pos == len(ids) or ids[pos] != job_id:
+                continue                    # not there (cannot happen): nothing to cut
+            if runs and runs[-1][0] == pos + 1:
+                runs[-1][0] = pos
+            else:
+                runs.append([pos, pos + 1])
+            if len(runs) > JobTable.IN_PLACE_RUNS:
+                return [i for i in ids if i not in gone]
+        for start, end in runs:             # from the end: earlier positions stay right
+            del ids[start:end]
+        return ids
 
     @staticmethod
     def _forget_id(ids: list[int], job_id: int) -> None:
@@ -1400,11 +1777,13 @@ class JobTable:
                     break
                 heapq.heappop(heap)
 
-    def finished_before(self, cutoff: float, busy=()) -> list[Job]:
-        """Finished jobs whose finished_at <= cutoff (for prune), except those in `busy`
-        (their processes are still being killed), which stay for a later prune."""
+    def finished_before(self, cutoff: float, busy=(), limit: int | None = None) -> list[Job]:
+        """Finished jobs whose finished_at <= cutoff (for prune), oldest first, at most `limit`,
+        except those in `busy` (their processes are still being killed), which stay for a
+        later prune."""
         found, seen, later = [], set(), []
-        while self.finished and self.finished[0][0] <= cutoff:
+        while self.finished and self.finished[0][0] <= cutoff \
+                and (limit is None or len(found) < limit):
             entry = heapq.heappop(self.finished)
             finished_at, job_id = entry
             job = self.jobs.get(job_id)
@@ -2985,6 +3364,26 @@ class Connection:
         return bool(self.slots) and self.slots[-1][0] is None
 
 
+class PruneTask:
+    """A prune under way: removes finished jobs up to `cutoff` in steps (Daemon.prune_some);
+    `slot` is the reply of the request that asked for it (None: the automatic prune)."""
+
+    __slots__ = ("cutoff", "slot", "conn", "removed", "exhausted", "outputs")
+
+    def __init__(self, cutoff: float, slot: list | None = None, conn: Connection | None = None):
+        self.cutoff = cutoff
+        self.slot = slot
+        self.conn = conn
+        self.removed = 0
+        self.exhausted = False              # every job it is to remove is removed
+        self.outputs: collections.deque[int] = collections.deque()  # ids: their files go
+
+    def answer(self, daemon: "Daemon", reply: bytes) -> None:
+        self.slot[0] = reply
+        daemon.dirty.add(self.conn)
+        daemon.resume.add(self.conn)
+
+
 class Daemon:
     """The daemon: owns the loop, the job table, the store, the runner and the clients.
 
@@ -3017,6 +3416,7 @@ class Daemon:
         self.own_socket = True                     # False under socket activation
         self.stopping = False
         self.compact_wanted = False
+        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
         self.repair_after = 0.0
         self.started = time.time()
         self.uid = os.getuid()
@@ -3169,8 +3569,10 @@ class Daemon:
 
     def select_timeout(self) -> float:
         timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
-        if self.resume:
+        if self.resume or self.prunes:
             return 0.0
+        if self.store.folding is not None:
+            timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
         if not self.stopping and not self.jobs.paused \
                 and len(self.runner.active) < self.cfg.workers:
             now = time.time()
@@ -3204,6 +3606,7 @@ class Daemon:
         self.resume.clear()
         for callback, mask in clients:
             self.loop.call(callback, mask)
+        self.prune_some(PRUNE_SLICE)
         if self.batch_slots and self.store.do_fsync:
             self.gather()
         self.commit(mark)
@@ -3266,6 +3669,14 @@ class Daemon:
                 job = self.jobs.jobs.get(job_id)
                 if job is None or job.state in FINISHED:
                     self.answer_waiter(job_id, entry, undone)
+            # A prune under way stops here (its steps so far are done): an auto-prune tries
+            # again in a minute, a request is answered (its slot may be this pass's too).
+            for task in self.prunes:
+                if task.slot is not None:       # (its slot may have its io_error already)
+                    task.answer(self, task.slot[0] or encode_error(
+                        "io_error", "the prune could not be made durable (%s) after %d jobs "
+                        "were removed" % (exc.strerror or exc, task.removed)))
+            self.prunes.clear()
         else:
             self.jobs.untrack()
             for action in self.after_commit:
@@ -3286,7 +3697,10 @@ class Daemon:
         for att in self.starting:
             self.runner.release(att)
         self.starting.clear()
-        if self.store.broken is None and (self.compact_wanted or self.store.wants_compaction()):
+        if self.store.folding is not None and self.store.reap_fold() is False:
+            warn("background snapshot failed (the journal has everything; trying again in "
+                 "%gs): %s" % (FOLD_RETRY, self.store.fold_error))
+        if self.store.can_fold() and (self.compact_wanted or self.store.wants_compaction()):
             self.compact()
         self.log.flush()
 
@@ -3299,9 +3713,10 @@ class Daemon:
         warn("state written again in full; the store is healthy")
 
     def compact(self) -> None:
+        """Fold the journal into a snapshot in the background (Store.fold)."""
         self.compact_wanted = False
         try:
-            self.store.snapshot(self.meta(), self.jobs.jobs)
+            self.store.fold(self.meta(), self.jobs.jobs)
         except OSError as exc:      # the journal still holds everything; try again later
             warn("snapshot failed: %s" % exc)
 
@@ -3320,7 +3735,9 @@ class Daemon:
             slot[0] = encode_error("shutting_down", "the daemon is stopping")
             self.dirty.add(conn)
         self.queries.clear()
+        self.prune_some(None)       # the loop is over: a prune under way ends at once
         self.commit(self.log.mark())
+        self.prune_some(None)       # (its last output files, now that it is durable)
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:
@@ -3508,16 +3925,50 @@ class Daemon:
 
     def auto_prune(self) -> None:
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
-        for job in self.prune(time.time() - self.cfg.keep_finished):
-            self.remove_output(job.id)
+        if not any(task.slot is None for task in self.prunes):
+            self.prunes.append(PruneTask(time.time() - self.cfg.keep_finished))
 
-    def prune(self, cutoff: float) -> list[Job]:
-        """Remove the jobs finished at or before `cutoff` whose processes are gone."""
-        old = self.jobs.finished_before(cutoff, busy=self.attempts)
+    def prune(self, cutoff: float, limit: int | None = None) -> list[Job]:
+        """Remove (at most `limit` of) the jobs finished at or before `cutoff` whose processes
+        are gone. One `del` entry in the journal; a fold follows when prunes have deleted
+        enough of the snapshot (Store.wants_compaction)."""
+        old = self.jobs.finished_before(cutoff, busy=self.attempts, limit=limit)
         if old:
             self.jobs.remove(old)
-            self.compact_wanted = True
         return old
+
+    def prune_some(self, budget: int | None) -> None:
+        """The next step of the prunes under way, oldest first: at most `budget` jobs removed
+        this pass (None: all), and for at most PRUNE_OUTPUT_SECONDS the output files of jobs
+        whose removal is durable (an unlink costs up to ~0.1 ms: 100k of them are seconds).
+        A request is answered after its last step, its files gone (a crash before leaves a
+        prefix done, as `cancel` with `where`)."""
+        deadline = None if budget is None else time.monotonic() + PRUNE_OUTPUT_SECONDS
+        while self.prunes and (budget is None or budget > 0):
+            task = self.prunes[0]
+            if task.slot is not None and task.slot[0] is not None:
+                self.prunes.popleft()           # answered already: a step's write failed
+                continue
+            while task.outputs and (deadline is None or time.monotonic() < deadline):
+                self.remove_output(task.outputs.popleft())
+            if task.outputs:
+                return                          # more next pass
+            if not task.exhausted:
+                old = self.prune(task.cutoff, budget)
+                task.removed += len(old)
+                if task.slot is not None:
+                    self.batch_slots.append(task.slot)  # this step's reply waits for it
+                if old:                         # their files go once this step is durable
+                    self.after_commit.append(
+                        lambda task=task, ids=[j.id for j in old]: task.outputs.extend(ids))
+                if budget is not None and len(old) >= budget:
+                    return                      # more next pass
+                task.exhausted = True
+                if old:
+                    return
+            if task.slot is not None:
+                task.answer(self, encode_reply({"removed": task.removed}))
+            self.prunes.popleft()
 
     def remove_output(self, job_id: int) -> None:
         try:
@@ -3936,12 +4387,11 @@ class Daemon:
             self.jobs.set_paused(False)
         return {"paused": False}
 
-    def op_prune(self, req: dict, conn: Connection) -> dict:
+    def op_prune(self, req: dict, conn: Connection) -> list:
         older = get_seconds(req, "older_than", 0.0, 0.0, MAX_DELAY)
-        old = self.prune(time.time() - older)
-        if old:
-            self.after_commit.append(lambda: [self.remove_output(j.id) for j in old])
-        return {"removed": len(old)}
+        task = PruneTask(time.time() - older, [None], conn)
+        self.prunes.append(task)            # done in steps by prune_some(), from this pass on
+        return task.slot
 
 
 HANDLERS = {

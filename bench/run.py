@@ -24,6 +24,10 @@ Figures (name: what / baseline):
                       another lists with a 1,024-character target pattern against N distinct
                       targets (paused daemon, the first list builds the target index) / the
                       same client's longest wait with no pattern query running
+  pause_*_N           the loop's longest pause at N jobs (--big: 1,000,000): the slowest and the
+                      p99 `stats` reply of a client asking every 10 ms while the journal is folded
+                      into a snapshot (adds push it past the snapshot's size), while one job is
+                      pruned and while N/10 are / the same client's with nothing else happening
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -35,6 +39,7 @@ import argparse
 import mmap
 import multiprocessing
 import py_compile
+import re
 import json
 import os
 import signal
@@ -426,6 +431,149 @@ def _restart(d: Daemon) -> float:
     return d.start()
 
 
+# -- the loop's longest pause -------------------------------------------------------------------
+
+PROBE_INTERVAL = 0.01       # how often the probe asks for `stats`
+
+
+def _probe(path: str, control) -> None:
+    """A client that sends `stats` every PROBE_INTERVAL until `control` says stop, then sends
+    back [(monotonic time sent, seconds to the reply)]. A stalled loop delays the reply; the
+    next request goes out after it, so a stall shows as one long sample, not many."""
+    samples = []
+    with Conn(path) as c:
+        control.send("ready")
+        tick = time.monotonic()
+        while not control.poll():
+            t0 = time.monotonic()
+            c.call({"op": "stats"})
+            samples.append((t0, time.monotonic() - t0))
+            tick = max(tick + PROBE_INTERVAL, time.monotonic())
+            time.sleep(max(0.0, tick - time.monotonic()))
+    control.send(samples)
+
+
+def _record_line(job_id: int, **fields) -> str:
+    rec = {"id": job_id, "target": NOOP, "args": [job_id, 1], "state": "pending",
+           "retries": 0, "retry_delay": 1, "timeout": 3600, "created_at": 1.0e9}
+    rec.update(fields)
+    return json.dumps(rec, separators=(",", ":"))
+
+
+def _write_state(state_dir: str, n: int, finished_at: list) -> None:
+    """n jobs, the first len(finished_at) cancelled at those times, the rest pending: about half
+    in queue.json (generation 1), the rest in the journal, which stays just below the size of
+    the snapshot (so a few more adds make the daemon fold it). Our own layout: one job a line."""
+    os.makedirs(state_dir, mode=0o750)
+    in_snapshot = n * 51 // 100
+
+    def line(i):
+        if i <= len(finished_at):
+            return _record_line(i, state="cancelled", finished_at=finished_at[i - 1])
+        return _record_line(i)
+    with open(os.path.join(state_dir, "queue.json"), "w") as f:
+        f.write('{"format":1,"gen":1,"next_id":%d,"paused":true,"jobs":[\n' % (n + 1))
+        f.write(",\n".join(line(i) for i in range(1, in_snapshot + 1)))
+        f.write("\n]}\n")
+    with open(os.path.join(state_dir, "journal.jsonl"), "w") as f:
+        f.write('{"gen":1}\n')
+        for start in range(in_snapshot + 1, n + 1, 1000):
+            f.write('{"jobs":[%s]}\n' % ",\t".join(
+                line(i) for i in range(start, min(start + 1000, n + 1))))
+
+
+def _snapshot_gen(state_dir: str) -> int:
+    with open(os.path.join(state_dir, "queue.json"), "rb") as f:
+        return int(re.search(rb'"gen":(\d+)', f.readline(4096)).group(1))
+
+
+def _settled(state_dir: str) -> bool:
+    """No fold under way: no temp snapshot and no journal but journal.jsonl."""
+    names = os.listdir(state_dir)
+    return "queue.json.tmp" not in names and \
+        not [x for x in names if x.startswith("journal") and x != "journal.jsonl"]
+
+
+def _wait(condition, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.05)
+
+
+def pauses(n: int) -> dict:
+    """{phase: [reply seconds]} for the phases idle, compaction, prune_1, prune_tenth."""
+    now = time.time()
+    tenth = max(1, n // 10)
+    d = Daemon(fsync="always", max_queued=10_000_000)
+    _write_state(d.config["state_dir"], n, [now - 3000] + [now - 2000] * tenth)
+    d.start()
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    probe = ctx.Process(target=_probe, args=(d.socket, theirs))
+    windows = {}
+    try:
+        probe.start()
+        ours.recv()
+        state = d.config["state_dir"]
+        with Conn(d.socket) as c:
+            t0 = time.monotonic()
+            time.sleep(3.0)
+            windows["idle"] = (t0, time.monotonic())
+            gen = _snapshot_gen(state)
+            t0 = time.monotonic()
+            job = {"target": NOOP, "args": [1, 1]}
+            body = json.dumps({"op": "add_batch", "jobs": [job] * 1000}).encode() + b"\n"
+            while _snapshot_gen(state) == gen:
+                c.send_raw(body)
+                c.recv_lines(1)
+            _wait(lambda: _settled(state))
+            time.sleep(0.5)
+            windows["compaction"] = (t0, time.monotonic())
+            for phase, older, expect in (("prune_1", 2500, 1), ("prune_tenth", 1500, tenth)):
+                t0 = time.monotonic()
+                removed = c.call({"op": "prune", "older_than": older})["removed"]
+                if removed != expect:
+                    raise RuntimeError("prune removed %d, not %d" % (removed, expect))
+                time.sleep(0.5)
+                _wait(lambda: _settled(state))
+                time.sleep(0.5)
+                windows[phase] = (t0, time.monotonic())
+        ours.send("stop")
+        samples = ours.recv()
+        probe.join(60)
+    finally:
+        if probe.is_alive():
+            probe.kill()
+        d.stop()
+    # A sample belongs to the phase its reply came in: one sent just before a prune may wait
+    # for it, and the reply comes after the stall, inside the prune's window.
+    return {phase: [s for t, s in samples if start <= t + s <= end]
+            for phase, (start, end) in windows.items()}
+
+
+def bench_pause(sizes, runs):
+    out = []
+    for n in sizes["pause"]:
+        got = pauses(n)
+        idle = got["idle"]
+        for phase in ("compaction", "prune_1", "prune_tenth"):
+            values = got[phase]
+            for name, pick in (("max", max), ("p99", _p99)):
+                value, base = pick(values), pick(idle)
+                out.append(figure("pause_%s_%s_%d" % (name, phase, n), "s",
+                                  {"median": value, "min": value, "max": value, "runs": 1},
+                                  {"median": base, "min": base, "max": base, "runs": 1},
+                                  "idle", higher_is_better=False,
+                                  note="%d samples" % len(values)))
+    return out
+
+
+def _p99(values: list) -> float:
+    return sorted(values)[min(len(values) - 1, int(len(values) * 0.99))]
+
+
 # -- what the machine charges --------------------------------------------------------------------
 
 # The zygote's imports, then fork + _exit n times: CPU seconds (parent and child) per fork.
@@ -573,12 +721,12 @@ def bench_pattern(sizes, runs):
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
                  "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
-                 "pattern": 200_000},
+                 "pattern": 200_000, "pause": [100_000]},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
-              "pattern": 2000},
+              "pattern": 2000, "pause": [5000]},
 }
-GROUPS = ("machine", "enqueue", "noop", "latency", "jobctl", "pending", "pattern")
+GROUPS = ("machine", "enqueue", "noop", "latency", "jobctl", "pending", "pattern", "pause")
 
 
 def main(argv=None) -> int:
@@ -592,6 +740,7 @@ def main(argv=None) -> int:
     sizes = dict(SIZES["quick" if args.quick else "standard"])
     if args.big:
         sizes["pending"] = sizes["pending"] + [1_000_000]
+        sizes["pause"] = sizes["pause"] + [1_000_000]
     runs = args.runs or (1 if args.quick else 3)
     groups = args.only.split(",") if args.only else GROUPS
     figures = []
