@@ -78,9 +78,11 @@ MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failur
 READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
 MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # one connection's share of max_reply_buffer, at most
 MAX_LINES_PER_PASS = 1024             # per connection: one busy client cannot hold the loop
-PASS_REQUEST_TIME = 0.05              # nor many: past this, requests wait for the next pass
+PASS_REQUEST_TIME = 0.025             # nor many: requests held over, then new ones, get this
+                                      # long each per pass; the rest waits for the next pass
 MAX_UNHANDLED_INPUT = 4 * READ_CHUNK  # stop reading a client whose whole requests wait their turn
 ACCEPT_RETRY = 0.5                    # with no fd free: accept again this often at the latest
+HANGUP_CHECK = 0.2                    # a waiting client we do not read: is it gone? (POLLHUP)
 MMAP_THRESHOLD = 128 * 1024           # glibc's initial value, kept: see keep_big_blocks_apart()
 MAX_DELAY = 10 * 365 * 86400.0        # further out than this is a mistake, not a schedule
 MAX_RETRIES = 1000                    # more is a loop, not a retry policy
@@ -2571,6 +2573,7 @@ class Daemon:
         self.accepting = False                     # the listener is watched
         self.accept_timer: list | None = None      # accept again, after EMFILE
         self.accept_warned = False                 # said once that no fd was free
+        self.hangup_timer: list | None = None      # look for half-closed waiters that left
         self.requests_until = math.inf             # this pass's requests stop at (monotonic)
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
@@ -2755,12 +2758,15 @@ class Daemon:
         self.dispatch()
         self.jobs.track()
         mark = self.log.mark()
+        # Two budgets: clients held over from earlier passes go on, and a new request (a
+        # `stats` while 250 clients each wait for a big `list`) is not queued behind them all.
         self.requests_until = time.monotonic() + PASS_REQUEST_TIME
         for conn in self.resume:
             if not conn.closed:
                 self.handle_input(conn)
                 self.dirty.add(conn)
         self.resume.clear()
+        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
         for callback, mask in clients:
             callback(mask)
         if self.batch_slots and self.store.do_fsync:
@@ -3273,6 +3279,20 @@ class Daemon:
         return any(revents & (select.POLLHUP | select.POLLERR)
                    for _, revents in poller.poll(0))
 
+    def check_hangups(self) -> None:
+        """A client whose wait is pending and that we do not read (it shut its write side:
+        its end of input stays readable; or it sent MAX_UNHANDLED_INPUT after the wait) is
+        not watched for its close: look for POLLHUP every HANGUP_CHECK instead."""
+        self.hangup_timer = None
+        left = False
+        for conn in [c for c in self.conns if c.waiting() and not self.reading(c)]:
+            if self.hung_up(conn):
+                self.close(conn)
+            else:
+                left = True
+        if left:
+            self.hangup_timer = self.loop.call_later(HANGUP_CHECK, self.check_hangups)
+
     def too_large(self, conn: Connection) -> None:
         conn.slots.append([encode_error("too_large", "request longer than max_request_bytes=%d"
                                         % self.cfg.max_request_bytes)])
@@ -3339,19 +3359,26 @@ class Daemon:
         whole = b"\n" in conn.inbuf
         if not conn.outbuf and not conn.waiting() and (whole or (conn.eof and conn.inbuf)):
             self.resume.add(conn)       # requests held back while its replies were unread
-        # Stop reading while whole requests wait their turn (its replies unread, or many of
-        # them); a line still arriving is bounded by max_request_bytes instead (handle_input
-        # answers too_large past it), whatever that is set to. While a wait is pending we
-        # read on (its later requests wait in inbuf): that is how a client that hangs up
-        # meanwhile is seen at once.
-        reading = not conn.eof and (not whole or (
-            not conn.outbuf and len(conn.inbuf) < MAX_UNHANDLED_INPUT))
+        reading = self.reading(conn)
+        if conn.waiting() and not reading and self.hangup_timer is None:
+            self.hangup_timer = self.loop.call_later(HANGUP_CHECK, self.check_hangups)
         events = (selectors.EVENT_READ if reading else 0) | \
             (selectors.EVENT_WRITE if conn.outbuf else 0)
         if events:
             self.loop.watch(conn.fd, events, "client", conn.on_event)
         else:
             self.loop.unwatch(conn.fd)
+
+    @staticmethod
+    def reading(conn: Connection) -> bool:
+        """Do we read from `conn` now? A line still arriving that handle_input takes at once
+        is bounded by max_request_bytes (it answers too_large past it), whatever that is set
+        to; input that waits its turn (behind a wait, behind unread replies, or many whole
+        requests) by MAX_UNHANDLED_INPUT. While a wait is pending we read on: that is how a
+        client that hangs up meanwhile is seen at once."""
+        served = not conn.outbuf and not conn.waiting()
+        return not conn.eof and ((served and b"\n" not in conn.inbuf)
+                                 or len(conn.inbuf) < MAX_UNHANDLED_INPUT)
 
     def close(self, conn: Connection) -> None:
         if conn.closed:

@@ -5,7 +5,8 @@
                           line without its newline gets bad_request; a pending wait still gets
                           its reply after the half-close.
     HangUpDuringWaitTest  clients that close while their `wait` is pending free their slot at
-                          once (max_connections = 8, 3 rounds of 8 interrupted waits).
+                          once (max_connections = 8, 3 rounds of 8 interrupted waits; killed
+                          `jobctl wait`s; clients that half-closed, then closed).
     IdleTest              idle_timeout = 1: max_connections silent clients are hung up, and a
                           new client is served within a deadline.
     ReplyBufferTest       max_reply_buffer = 8 MiB: 50 clients pipeline big `list` requests and
@@ -21,6 +22,7 @@ that is a deadline loop too. JOBRUNNER_CONNS_REPORT=1 prints the figures to stde
 import json
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -143,12 +145,52 @@ class HangUpDuringWaitTest(DaemonTestCase):
             wait_until(lambda: self.busy(), 10, message="the 9th client to get busy")
             for c in waiters:           # `timeout 0.3 jobctl wait ID`: the client goes away
                 c.close()
-            # the slots are free at once, not when the job ends in a minute
-            wait_until(self.served, 10, message="a client to be served after the hang-ups "
-                       "(round %d)" % round_)
+            # all 8 slots are free at once, not when the job ends in a minute
+            wait_until(lambda: self.served(8), 10, message="8 clients at once to be served "
+                       "after the hang-ups (round %d)" % round_)
         with self.daemon.raw() as c:
             # the waits ended because their clients went, not because the job did
             self.assertIn(c.call(op="get", id=job_id)["job"]["state"], ("pending", "running"))
+
+    def test_clients_that_half_close_then_close_during_a_wait_free_their_slots(self):
+        job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
+        waiters = []
+        for i in range(8):
+            c = self.daemon.raw(timeout=10)
+            c.send(op="wait", id=job_id, timeout=0.3)
+            c.send(op="wait", id=job_id)
+            c.sock.shutdown(socket.SHUT_WR)     # the waits are still answered (HalfCloseTest)
+            waiters.append(c)
+        for c in waiters:
+            # answered passes after the daemon saw the half-close; the second wait is pending
+            self.assertFalse(c.recv()["done"])
+        wait_until(lambda: self.busy(), 10, message="the 9th client to get busy")
+        for c in waiters:
+            c.close()
+        wait_until(lambda: self.served(8), 10, message="8 clients at once to be served "
+                   "after the half-closed waiters left")
+
+    def test_input_behind_a_pending_wait_is_bounded(self):
+        # a waiting connection is read (to see it hang up), but not without end
+        job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
+        pid = self.daemon.proc.pid
+        with self.daemon.raw(timeout=10) as c:
+            c.send(op="wait", id=job_id)
+            base = rss_bytes(pid)
+            c.sock.setblocking(False)
+            sent, chunk = 0, b"x" * 65536           # one endless line
+            while sent < 64 * 2**20:
+                try:
+                    sent += c.sock.send(chunk)
+                except BlockingIOError:
+                    # not writable for a second: the daemon stopped reading, as it should
+                    if not select.select([], [c.sock], [], 1.0)[1]:
+                        break
+            growth = rss_bytes(pid) - base
+            self.assertLess(sent, 16 * 2**20, "the daemon read on behind a pending wait")
+            self.assertLess(growth, 16 * 2**20)
+        # not read, and not forgotten either: its hang-up is seen
+        wait_until(lambda: self.served(8), 10, message="8 clients at once to be served")
 
     def test_a_client_killed_during_jobctl_wait_frees_its_slot(self):
         job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
@@ -157,12 +199,22 @@ class HangUpDuringWaitTest(DaemonTestCase):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for _ in range(8)]
         try:
-            wait_until(lambda: self.busy(), 30, message="8 jobctl waits to hold every slot")
+            # counted in /proc/net/unix: a probe connection would take a slot from them
+            wait_until(lambda: self.accepted() == 8, 30,
+                       message="8 jobctl waits to be connected")
         finally:
             for p in procs:
                 p.kill()
                 p.wait(10)
-        wait_until(self.served, 10, message="a client to be served after jobctl was killed")
+        wait_until(lambda: self.served(8), 10, message="8 clients at once to be served after "
+                   "jobctl was killed")
+
+    def accepted(self):
+        """The daemon's connections: its ends of them carry the socket's path, connected."""
+        with open("/proc/net/unix") as f:
+            rows = [line.split() for line in f]
+        return sum(1 for row in rows[1:] if len(row) == 8 and row[7] == self.daemon.socket
+                   and row[5] == "03")
 
     def busy(self):
         try:
@@ -172,12 +224,16 @@ class HangUpDuringWaitTest(DaemonTestCase):
             return False
         return not reply["ok"] and reply["error"]["code"] == "busy"
 
-    def served(self):
-        with self.daemon.raw(timeout=10) as c:
-            try:
-                return c.call(op="hello")["ok"]
-            except (ConnectionError, OSError):
-                return False
+    def served(self, n):
+        """n clients connected at once are all served (none gets busy)."""
+        clients = [self.daemon.raw(timeout=10) for _ in range(n)]
+        try:
+            return all(c.call(op="hello")["ok"] for c in clients)
+        except (ConnectionError, OSError):
+            return False
+        finally:
+            for c in clients:
+                c.close()
 
 
 class IdleTest(DaemonTestCase):
