@@ -55,6 +55,14 @@ def read_lines_to_eof(sock, timeout=30.0):
     return [json.loads(line) for line in data.splitlines()]
 
 
+def connections(path):
+    """Connections to the socket at `path`, from /proc/net/unix: the daemon's ends carry its
+    path (also those still in the listen backlog), connected (St 03)."""
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f]
+    return sum(1 for row in rows[1:] if len(row) == 8 and row[7] == path and row[5] == "03")
+
+
 def rss_bytes(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -133,6 +141,7 @@ class HangUpDuringWaitTest(DaemonTestCase):
 
     def test_clients_that_hang_up_during_a_wait_free_their_slots(self):
         job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
+        self.no_connections()
         for round_ in range(3):
             waiters = []
             for i in range(8):
@@ -154,6 +163,7 @@ class HangUpDuringWaitTest(DaemonTestCase):
 
     def test_clients_that_half_close_then_close_during_a_wait_free_their_slots(self):
         job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
+        self.no_connections()
         waiters = []
         for i in range(8):
             c = self.daemon.raw(timeout=10)
@@ -173,6 +183,7 @@ class HangUpDuringWaitTest(DaemonTestCase):
     def test_input_behind_a_pending_wait_is_bounded(self):
         # a waiting connection is read (to see it hang up), but not without end
         job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
+        self.no_connections()
         pid = self.daemon.proc.pid
         with self.daemon.raw(timeout=10) as c:
             c.send(op="wait", id=job_id)
@@ -194,13 +205,14 @@ class HangUpDuringWaitTest(DaemonTestCase):
 
     def test_a_client_killed_during_jobctl_wait_frees_its_slot(self):
         job_id = self.daemon.add("examples.jobs:DelayedJob", args=[60])
+        self.no_connections()
         procs = [subprocess.Popen([sys.executable, JOBCTL, "--socket", self.daemon.socket,
                                    "wait", str(job_id)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for _ in range(8)]
         try:
             # counted in /proc/net/unix: a probe connection would take a slot from them
-            wait_until(lambda: self.accepted() == 8, 30,
+            wait_until(lambda: connections(self.daemon.socket) == 8, 30,
                        message="8 jobctl waits to be connected")
         finally:
             for p in procs:
@@ -209,12 +221,10 @@ class HangUpDuringWaitTest(DaemonTestCase):
         wait_until(lambda: self.served(8), 10, message="8 clients at once to be served after "
                    "jobctl was killed")
 
-    def accepted(self):
-        """The daemon's connections: its ends of them carry the socket's path, connected."""
-        with open("/proc/net/unix") as f:
-            rows = [line.split() for line in f]
-        return sum(1 for row in rows[1:] if len(row) == 8 and row[7] == self.daemon.socket
-                   and row[5] == "03")
+    def no_connections(self):
+        """Earlier connections are closed by the daemon: each test's clients get every slot."""
+        wait_until(lambda: connections(self.daemon.socket) == 0, 10,
+                   message="the earlier connections to be closed")
 
     def busy(self):
         try:
@@ -240,6 +250,9 @@ class IdleTest(DaemonTestCase):
     config = {"idle_timeout": 1, "max_connections": 20}
 
     def test_silent_clients_are_hung_up_and_a_new_client_is_served(self):
+        # the start-up check's connection is gone: the 20 take every slot, none is refused
+        wait_until(lambda: connections(self.daemon.socket) == 0, 10,
+                   message="no connection left from the start")
         silent = [self.daemon.raw(timeout=30) for _ in range(20)]
         try:
             with self.daemon.raw() as c:
