@@ -25,8 +25,9 @@ Sections, in file order
 
 One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
-    jobs -> client requests (and, before an fsync, a moment's wait for other
-    busy clients: gather) -> ONE journal write (+ fsync) -> replies and log
+    jobs -> client requests (those held over, then new ones, PASS_REQUEST_TIME
+    each; before an fsync, a moment's wait for other busy clients: gather) ->
+    ONE journal write (+ fsync) -> replies and log
     lines go out, and attempts whose start (pid) was just written get their job
     spec. A reply that reports a change is never sent before the change is
     fsynced; if the write fails, that pass's client changes are undone and
