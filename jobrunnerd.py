@@ -2576,6 +2576,8 @@ class Daemon:
         self.accept_warned = False                 # said once that no fd was free
         self.hangup_timer: list | None = None      # look for half-closed waiters that left
         self.requests_until = math.inf             # this pass's requests stop at (monotonic)
+        self.read_buf = bytearray(READ_CHUNK)      # every recv() from a client goes here first
+        self.read_view = memoryview(self.read_buf)
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
         self.report_slots: list[list] = []         # replies that report an end not yet durable
@@ -3203,7 +3205,10 @@ class Daemon:
             return                      # closed earlier in this pass (gather, drop_idle)
         if mask & selectors.EVENT_READ and not conn.eof:
             try:
-                data = conn.sock.recv(READ_CHUNK)
+                # into one buffer kept for it: a fresh READ_CHUNK per recv() would be an
+                # mmap() and munmap() each (see keep_big_blocks_apart)
+                n = conn.sock.recv_into(self.read_buf)
+                data = self.read_view[:n]
             except BlockingIOError:
                 data = None
             except OSError:             # ECONNRESET: the client is gone, replies and all
@@ -3213,7 +3218,7 @@ class Daemon:
                 conn.inbuf += data
                 conn.last_input = conn.last_active = time.monotonic()
                 self.handle_input(conn)
-            elif data == b"":
+            elif data is not None:      # end of input
                 if self.hung_up(conn):  # closed, not just its write side: nobody to answer
                     self.close(conn)
                     return
