@@ -25,8 +25,9 @@ Sections, in file order
 
 One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
-    jobs -> client requests (and, before an fsync, a moment's wait for other
-    busy clients: gather) -> ONE journal write (+ fsync) -> replies and log
+    jobs -> client requests (those held over, then new ones, PASS_REQUEST_TIME
+    each; before an fsync, a moment's wait for other busy clients: gather) ->
+    ONE journal write (+ fsync) -> replies and log
     lines go out, and attempts whose start (pid) was just written get their job
     spec. A reply that reports a change is never sent before the change is
     fsynced; if the write fails, that pass's client changes are undone and
@@ -57,6 +58,7 @@ import math
 import operator
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -79,10 +81,14 @@ MAX_TRACEBACK_BYTES = 256 * 1024      # what a child may report about its failur
 MAX_REPORT_BYTES = 2 * (MAX_RESULT_BYTES + MAX_TRACEBACK_BYTES)  # read from fd 3, at most: our
                                       # child's report fits; more is job code writing there
 READ_CHUNK = 256 * 1024               # one recv(); large enough for a pipelined burst
-MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # stop serving a client that does not read its replies
+MAX_PENDING_OUTPUT = 8 * 1024 * 1024  # one connection's share of max_reply_buffer, at most
 MAX_LINES_PER_PASS = 1024             # per connection: one busy client cannot hold the loop
+PASS_REQUEST_TIME = 0.025             # nor many: requests held over, then new ones, get this
+                                      # long each per pass; the rest waits for the next pass
 MAX_UNHANDLED_INPUT = 4 * READ_CHUNK  # stop reading a client whose whole requests wait their turn
-IDLE_TIMEOUT = 60.0                   # seconds a half-sent request may sit before we hang up
+ACCEPT_RETRY = 0.5                    # with no fd free: accept again this often at the latest
+HANGUP_CHECK = 0.2                    # a waiting client we do not read: is it gone? (POLLHUP)
+MMAP_THRESHOLD = 128 * 1024           # glibc's initial value, kept: see keep_big_blocks_apart()
 MAX_DELAY = 10 * 365 * 86400.0        # further out than this is a mistake, not a schedule
 MAX_RETRIES = 1000                    # more is a loop, not a retry policy
 MAX_PRIORITY = 2 ** 31 - 1            # keeps priorities printable and comparable everywhere
@@ -3172,6 +3178,8 @@ CONFIG_KEYS: dict[str, tuple] = {
     "fsync": ("always", ("always", "never")),
     "max_request_bytes": (1048576, "count"),
     "max_connections": (256, "count"),
+    "idle_timeout": (600.0, "seconds"),        # 0: never
+    "max_reply_buffer": (67108864, "count"),
     "max_queued": (1000000, "count"),
     "keep_finished": (604800.0, "seconds"),
     "max_output_bytes": (1048576, "size"),
@@ -3340,12 +3348,25 @@ def sd_notify(message: str) -> None:
         warn("sd_notify: %s" % exc)
 
 
+def keep_big_blocks_apart() -> None:
+    """Pin glibc's mmap threshold. By default it rises to the size of each mmap'ed block
+    freed, so after the first big reply, replies (built, sent, freed) and the unsent tails
+    of slow clients (kept) share the heap, and the holes freed between kept buffers stay
+    resident: 50 clients that do not read held 9 MiB of replies in 17.5 MiB of RSS, and
+    kept most of it after they left. Blocks from mmap go back to the system when freed."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)      # -3: M_MMAP_THRESHOLD (malloc.h)
+    except (ImportError, OSError, AttributeError):
+        pass                    # not glibc: its allocator, its rules
+
+
 class Connection:
     """One client. Replies are slots in request order; a slot is [None] until its reply exists
     (a `wait` fills it later), and only the filled prefix is sent."""
 
     __slots__ = ("sock", "fd", "uid", "inbuf", "outbuf", "slots", "eof", "closed", "last_input",
-                 "on_event")
+                 "on_event", "last_active", "counted")
 
     def __init__(self, sock: socket.socket, uid: int):
         self.on_event = None        # the loop callback: one object, so re-watching is free
@@ -3358,6 +3379,8 @@ class Connection:
         self.eof = False            # the client will send nothing more (or must not)
         self.closed = False
         self.last_input = time.monotonic()
+        self.last_active = self.last_input  # a request or a reply moved: idle_timeout counts on
+        self.counted = 0            # len(outbuf) as counted in Daemon.reply_bytes
 
     def waiting(self) -> bool:
         """A `wait` is pending: later requests wait for it, as if the server were sequential."""
@@ -3405,6 +3428,17 @@ class Daemon:
         self.dirty: set[Connection] = set()        # connections with replies to send
         self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
         self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
+        self.reply_bytes = 0                       # unsent replies over all connections (outbufs)
+        self.pass_replies = 0                      # replies made this pass, not yet in an outbuf
+        self.reply_share = min(MAX_PENDING_OUTPUT,  # one connection's part of max_reply_buffer
+                               max(1, cfg.max_reply_buffer // cfg.max_connections))
+        self.accepting = False                     # the listener is watched
+        self.accept_timer: list | None = None      # accept again, after EMFILE
+        self.accept_warned = False                 # said once that no fd was free
+        self.hangup_timer: list | None = None      # look for half-closed waiters that left
+        self.requests_until = math.inf             # this pass's requests stop at (monotonic)
+        self.read_buf = bytearray(READ_CHUNK)      # every recv() from a client goes here first
+        self.read_view = memoryview(self.read_buf)
         self.after_commit: list = []               # side effects of this pass's client requests
         self.batch_slots: list[list] = []          # replies of this pass's changing requests
         self.report_slots: list[list] = []         # replies that report an end not yet durable
@@ -3457,13 +3491,11 @@ class Daemon:
         self.recover_running()
         self.store.commit()
         self.listener = self.open_listener()
-        self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "client", self.on_accept)
+        self.start_accepting()
         self.install_signals()
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
-        self.idle_timeout = IDLE_TIMEOUT
-        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":     # tests need not wait a minute
-            self.idle_timeout = float(os.environ.get("JOBRUNNER_TEST_IDLE_TIMEOUT", IDLE_TIMEOUT))
-        self.loop.call_later(self.idle_timeout / 4, self.drop_idle)
+        if cfg.idle_timeout > 0:
+            self.loop.call_later(cfg.idle_timeout / 4, self.drop_idle)
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
                        jobs=len(self.jobs.jobs), workers=cfg.workers)
         self.log.flush()
@@ -3599,11 +3631,15 @@ class Daemon:
         self.dispatch()
         self.jobs.track()
         mark = self.log.mark()
+        # Two budgets: clients held over from earlier passes go on, and a new request (a
+        # `stats` while 250 clients each wait for a big `list`) is not queued behind them all.
+        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
         for conn in self.resume:
             if not conn.closed:
                 self.handle_input(conn)
                 self.dirty.add(conn)
         self.resume.clear()
+        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
         for callback, mask in clients:
             self.loop.call(callback, mask)
         self.prune_some(PRUNE_SLICE)
@@ -3611,6 +3647,7 @@ class Daemon:
             self.gather()
         self.commit(mark)
         self.flush()
+        self.requests_until = math.inf
 
     def gather(self) -> None:
         """Group commit across clients: before paying an fsync for this pass's changes, wait
@@ -3803,7 +3840,7 @@ class Daemon:
         self.stopping = True
         sd_notify("STOPPING=1")
         if not self.own_socket:     # systemd holds new clients for the next daemon meanwhile
-            self.loop.unwatch(self.listener.fileno())
+            self.stop_accepting()
         if self.runner.active:
             self.loop.call_later(self.cfg.shutdown_grace, self.interrupt_all)
 
@@ -3872,6 +3909,7 @@ class Daemon:
 
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
+        self.fd_freed()                         # its pipes are closed
         job = att.job
         self.attempts.pop(job.id, None)
         exit_code = os.waitstatus_to_exitcode(att.status)
@@ -4004,14 +4042,43 @@ class Daemon:
 
     # -- clients -----------------------------------------------------------------------------
 
+    def start_accepting(self) -> None:
+        """Watch the listener (again); not once a stop under socket activation has begun."""
+        Loop.cancel(self.accept_timer)
+        self.accept_timer = None
+        if self.accepting or (self.stopping and not self.own_socket):
+            return
+        self.accepting = True
+        self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "client", self.on_accept)
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        self.loop.unwatch(self.listener.fileno())
+
+    def fd_freed(self) -> None:
+        """A connection or an attempt let go of its fds: accept again if we had run out."""
+        if not self.accepting and self.accept_timer is not None:
+            self.start_accepting()
+
     def on_accept(self, mask: int) -> None:
         for _ in range(64):             # a burst of connections, but do not starve the others
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                if self.accept_warned:          # every waiting client is in: fds to spare
+                    warn("accept: accepting new clients again")
+                    self.accept_warned = False
                 return
-            except OSError as exc:      # EMFILE and friends: keep serving who we have
-                warn("accept: %s" % exc)
+            except OSError as exc:
+                # No fd free (EMFILE, ENFILE, ENOBUFS...): the listener stays readable, so
+                # watching it would spin. Serve who we have; accept again when a connection
+                # or an attempt frees an fd, or after ACCEPT_RETRY (fds may close elsewhere).
+                if not self.accept_warned:
+                    warn("accept: %s; not accepting new clients until a file descriptor is "
+                         "free" % (exc.strerror or exc))
+                    self.accept_warned = True
+                self.stop_accepting()
+                self.accept_timer = self.loop.call_later(ACCEPT_RETRY, self.start_accepting)
                 return
             sock.setblocking(False)
             uid = self.peer_uid(sock)
@@ -4059,34 +4126,51 @@ class Daemon:
         return bool(groups & set(self.cfg.allowed_gids))
 
     def drop_idle(self) -> None:
-        """Hang up on clients that sent half a request and nothing more for IDLE_TIMEOUT."""
-        self.loop.call_later(self.idle_timeout / 4, self.drop_idle)
+        """Hang up on clients with no request in progress (a pending wait is one) for
+        idle_timeout: no request came in and no reply went out. One that sent half a request
+        is told so first; one that does not read its replies is not (it would not read it)."""
+        idle = self.cfg.idle_timeout
+        self.loop.call_later(idle / 4, self.drop_idle)
         now = time.monotonic()
         for conn in list(self.conns):
-            if conn.inbuf and not conn.eof and not conn.waiting() \
-                    and now - conn.last_input > self.idle_timeout:
+            if conn.closed or conn.waiting() or now - conn.last_active <= idle:
+                continue
+            if conn.inbuf and not conn.eof and not conn.outbuf and not conn.slots:
                 conn.slots.append([encode_error("bad_request", "request not finished within %gs"
-                                                % self.idle_timeout)])
+                                                % idle)])
                 conn.eof = True
                 conn.inbuf.clear()
+                conn.last_active = now      # the time to read that reply
                 self.dirty.add(conn)
+            else:
+                self.close(conn)
 
     def on_client(self, conn: Connection, mask: int) -> None:
+        if conn.closed:
+            return                      # closed earlier in this pass (gather, drop_idle)
         if mask & selectors.EVENT_READ and not conn.eof:
             try:
-                data = conn.sock.recv(READ_CHUNK)
+                # into one buffer kept for it: a fresh READ_CHUNK per recv() would be an
+                # mmap() and munmap() each (see keep_big_blocks_apart)
+                n = conn.sock.recv_into(self.read_buf)
+                data = self.read_view[:n]
             except BlockingIOError:
                 data = None
-            except OSError:
-                data = b""
+            except OSError:             # ECONNRESET: the client is gone, replies and all
+                self.close(conn)
+                return
             if data:
                 conn.inbuf += data
-                conn.last_input = time.monotonic()
+                conn.last_input = conn.last_active = time.monotonic()
                 self.handle_input(conn)
-            elif data == b"":
+            elif data is not None:      # end of input
+                if self.hung_up(conn):  # closed, not just its write side: nobody to answer
+                    self.close(conn)
+                    return
+                # A half-close (SHUT_WR): every whole request sent before it is answered,
+                # then we close (send_some); a last line without its newline is refused.
                 conn.eof = True
-                self.loop.watch(conn.fd, selectors.EVENT_WRITE, "client", conn.on_event)
-                conn.inbuf.clear()          # half a request with no end will never be served
+                self.handle_input(conn)
         # Writable or not, replies go out in flush(), after this pass's commit: a reply made
         # just now may report a change that is not yet durable.
         self.dirty.add(conn)
@@ -4094,26 +4178,71 @@ class Daemon:
     def handle_input(self, conn: Connection) -> None:
         """Serve the complete request lines in conn.inbuf, as many as is fair this pass."""
         buf, start, limit = conn.inbuf, 0, self.cfg.max_request_bytes
-        budget, produced = MAX_LINES_PER_PASS, len(conn.outbuf)
-        while not conn.eof and not conn.waiting():
-            if budget == 0 or produced > MAX_PENDING_OUTPUT:
+        budget, produced = MAX_LINES_PER_PASS, 0
+        throttled = False
+        while buf and not conn.waiting():
+            if conn.outbuf or (produced and self.backlogged(produced)):
+                throttled = True
                 break                   # the rest when its replies are read (send_some)
+            if budget == 0:
+                break
+            if time.monotonic() > self.requests_until:
+                break                   # the rest next pass (send_some resumes it)
             budget -= 1
             end = buf.find(b"\n", start)
             if end < 0:
                 if len(buf) - start > limit:
                     self.too_large(conn)
+                elif conn.eof and len(buf) > start:
+                    conn.slots.append([encode_error(
+                        "bad_request", "request line not ended by a newline before the end "
+                        "of input")])
+                    start = len(buf)
                 break
             if end - start > limit:
                 self.too_large(conn)
                 break
             slot = self.handle_line(conn, bytes(buf[start:end]))
             conn.slots.append(slot)
-            produced += len(slot[0] or b"")
+            made = len(slot[0] or b"")
+            produced += made
+            self.pass_replies += made
             start = end + 1
         del buf[:start]
-        if budget == 0 and produced <= MAX_PENDING_OUTPUT:
+        if budget == 0 and not throttled:
             self.resume.add(conn)       # more lines may be waiting: next pass
+
+    def backlogged(self, produced: int) -> bool:
+        """Replies to a connection are made while the kernel took all those made before (its
+        outbuf is empty), up to its share of max_reply_buffer, and while all connections
+        together hold less than max_reply_buffer. So one that does not read its replies
+        holds at most one share (or one reply) more than the kernel takes, and a client
+        that reads is served however many do not."""
+        return produced >= self.reply_share or \
+            self.reply_bytes + self.pass_replies >= self.cfg.max_reply_buffer
+
+    @staticmethod
+    def hung_up(conn: Connection) -> bool:
+        """At end of input: did the client close (POLLHUP) rather than shut its write side
+        only? On a Unix stream socket only a peer that can no longer read gives POLLHUP."""
+        poller = select.poll()
+        poller.register(conn.fd, select.POLLIN)
+        return any(revents & (select.POLLHUP | select.POLLERR)
+                   for _, revents in poller.poll(0))
+
+    def check_hangups(self) -> None:
+        """A client whose wait is pending and that we do not read (it shut its write side:
+        its end of input stays readable; or it sent MAX_UNHANDLED_INPUT after the wait) is
+        not watched for its close: look for POLLHUP every HANGUP_CHECK instead."""
+        self.hangup_timer = None
+        left = False
+        for conn in [c for c in self.conns if c.waiting() and not self.reading(c)]:
+            if self.hung_up(conn):
+                self.close(conn)
+            else:
+                left = True
+        if left:
+            self.hangup_timer = self.loop.call_later(HANGUP_CHECK, self.check_hangups)
 
     def too_large(self, conn: Connection) -> None:
         conn.slots.append([encode_error("too_large", "request longer than max_request_bytes=%d"
@@ -4152,6 +4281,7 @@ class Daemon:
             if not conn.closed:
                 self.send_some(conn)
         self.dirty.clear()
+        self.pass_replies = 0           # all in outbufs now, and counted there
 
     def send_some(self, conn: Connection) -> None:
         slots = conn.slots
@@ -4160,20 +4290,28 @@ class Daemon:
             conn.outbuf += slots[ready][0]
             ready += 1
         del slots[:ready]
-        if conn.outbuf and not send_some_of(conn.sock, conn.outbuf):
+        if conn.outbuf:
+            before = len(conn.outbuf)
+            if not send_some_of(conn.sock, conn.outbuf):
+                self.close(conn)
+                return
+            if len(conn.outbuf) < before:
+                conn.last_active = time.monotonic()
+                # What was sent stays allocated until a bytearray is half empty: give it back
+                # sooner, so that what we count (len) is what a client holds.
+                if sys.getsizeof(conn.outbuf) > len(conn.outbuf) * 5 // 4 + 4096:
+                    conn.outbuf = bytearray(conn.outbuf)
+        self.reply_bytes += len(conn.outbuf) - conn.counted
+        conn.counted = len(conn.outbuf)
+        if conn.eof and not conn.outbuf and not conn.slots and not conn.inbuf:
             self.close(conn)
             return
-        if conn.eof and not conn.outbuf and not conn.slots:
-            self.close(conn)
-            return
-        backlog = len(conn.outbuf) >= MAX_PENDING_OUTPUT
-        if not backlog and not conn.waiting() and b"\n" in conn.inbuf:
+        whole = b"\n" in conn.inbuf
+        if not conn.outbuf and not conn.waiting() and (whole or (conn.eof and conn.inbuf)):
             self.resume.add(conn)       # requests held back while its replies were unread
-        # Stop reading while whole requests wait their turn; a line still arriving is bounded
-        # by max_request_bytes instead (handle_input answers too_large past it), whatever
-        # that is set to.
-        reading = not conn.eof and not conn.waiting() and not backlog \
-            and (len(conn.inbuf) < MAX_UNHANDLED_INPUT or b"\n" not in conn.inbuf)
+        reading = self.reading(conn)
+        if conn.waiting() and not reading and self.hangup_timer is None:
+            self.hangup_timer = self.loop.call_later(HANGUP_CHECK, self.check_hangups)
         events = (selectors.EVENT_READ if reading else 0) | \
             (selectors.EVENT_WRITE if conn.outbuf else 0)
         if events:
@@ -4181,14 +4319,41 @@ class Daemon:
         else:
             self.loop.unwatch(conn.fd)
 
+    @staticmethod
+    def reading(conn: Connection) -> bool:
+        """Do we read from `conn` now? A line still arriving that handle_input takes at once
+        is bounded by max_request_bytes (it answers too_large past it), whatever that is set
+        to; input that waits its turn (behind a wait, behind unread replies, or many whole
+        requests) by MAX_UNHANDLED_INPUT. While a wait is pending we read on: that is how a
+        client that hangs up meanwhile is seen at once."""
+        served = not conn.outbuf and not conn.waiting()
+        return not conn.eof and ((served and b"\n" not in conn.inbuf)
+                                 or len(conn.inbuf) < MAX_UNHANDLED_INPUT)
+
     def close(self, conn: Connection) -> None:
         if conn.closed:
             return
         conn.closed = True
+        if conn.waiting():              # nobody to answer: its wait ends here, timer and all
+            for job_id, entries in list(self.waiters.items()):
+                kept = [entry for entry in entries if entry[0] is not conn]
+                if len(kept) < len(entries):
+                    for entry in entries:
+                        if entry[0] is conn:
+                            Loop.cancel(entry[2])
+                    if kept:
+                        self.waiters[job_id] = kept
+                    else:
+                        del self.waiters[job_id]
         self.loop.unwatch(conn.fd)
         conn.on_event = None            # it refers back to conn: no cycle left for the collector
         conn.sock.close()
         self.conns.discard(conn)
+        self.reply_bytes -= conn.counted
+        conn.counted = 0
+        conn.inbuf, conn.outbuf = bytearray(), bytearray()  # memory back now, not when the
+        conn.slots = []                     # last reference to conn (a timer, a set) goes
+        self.fd_freed()
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -4440,6 +4605,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     STDERR.never_block()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a file past RLIMIT_FSIZE: EFBIG, not death
+    keep_big_blocks_apart()
     daemon = Daemon(cfg)
     try:
         daemon.setup()

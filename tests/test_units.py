@@ -2225,7 +2225,7 @@ class GroupCommitTest(TempCase):
         # new add must wait for the journal; here the write fails, so it must be io_error.
         daemon = self.make_daemon()
         conn, peer = self.connect(daemon)
-        conn.outbuf += b'{"ok":true,"earlier":1}\n'
+        conn.slots.append([b'{"ok":true,"earlier":1}\n'])     # made, not yet sent
         peer.sendall(self.ADD)
         daemon.jobs.track()
         mark = daemon.log.mark()
