@@ -2180,9 +2180,17 @@ class Runner:
                 self.loop.unwatch(att.chan.fileno())
                 att.chan.close()
                 att.chan = None
+                self._pipes_closed(att)
                 return
             if len(att.chan_in) < MAX_RESULT_BYTES * 2 + MAX_TRACEBACK_BYTES * 2:
                 att.chan_in += data
+
+    def _pipes_closed(self, att: Attempt) -> None:
+        """Both pipes of a forked attempt closed: its process has most likely exited. Its
+        zygote should say so soon; if it does not, /proc tells (settle)."""
+        if att.chan is None and att.out_fd is None and att.zygote is not None \
+                and att.status is None:
+            att.timers.append(self.loop.call_later(ZYGOTE_REPLY_TIMEOUT, self.settle, att))
 
     def _read_output(self, att: Attempt) -> None:
         """Copy what the job printed to its output file, up to max_output_bytes."""
@@ -2196,6 +2204,7 @@ class Runner:
                 self.loop.unwatch(att.out_fd)
                 os.close(att.out_fd)
                 att.out_fd = None
+                self._pipes_closed(att)
                 return
             if att.out_capped:
                 continue

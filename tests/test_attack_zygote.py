@@ -54,6 +54,10 @@ for fd in range(3, 256):
         s.detach()
 '''
 
+# Preload code runs in the zygote: it can make it lose every exit of its children (it answers
+# requests and pings, but reaps nothing and so reports no exit).
+LOSING_PRELOAD = "import os\nos.waitpid = lambda pid, options: (0, 0)\n"
+
 
 def children_named(parent: int, word: bytes) -> list[int]:
     """Processes whose parent is `parent` and whose command line has `word`."""
@@ -196,6 +200,28 @@ class StoppedZygoteTest(ZygoteCase):
         self.job_pid(job_id)
         self.stop_zygote()
         self.assert_stops_within(1 + 1 + 2 + 10)
+
+
+class ZygoteThatLosesExitsTest(ZygoteCase):
+    """A zygote that answers but never reports an exit: the attempt's pipes closing, /proc,
+    and the stop's hard deadline end what it no longer tells about."""
+    config = dict(ZygoteCase.config, preload=["zygpreload"], shutdown_grace=1)
+    preload_source = LOSING_PRELOAD
+
+    def test_an_ended_job_is_recorded_from_proc(self):
+        job = self.daemon.wait_job(self.daemon.add("zygjobs:ok"), timeout=30)
+        self.assertEqual((job["state"], job["result"], job["exit_code"]), ("succeeded", "ok", 0),
+                         job)
+
+    def test_a_graceful_stop_ends_at_its_hard_deadline(self):
+        job_id = self.daemon.add("zygjobs:stubborn")
+        self.job_pid(job_id)
+        took = self.assert_stops_within(1 + 1 + 2 + 10)
+        self.assertGreaterEqual(took, 1 + 1, "stopped before the job's grace ended")
+        self.assertIn("given up", self.daemon.read_stderr())
+        # Interrupted by the stop: back to pending, not counted as a failed attempt.
+        self.assertEqual([e["event"] for e in self.daemon.job_events(job_id)],
+                         ["queued", "started", "interrupted"])
 
 
 class BigPreloadErrorTest(ZygoteCase):
