@@ -298,6 +298,11 @@ class NoFreeFdTest(unittest.TestCase):
     def fds(self) -> int:
         return len(os.listdir("/proc/%d/fd" % self.daemon.proc.pid))
 
+    def cpu_seconds(self) -> float:
+        with open("/proc/%d/stat" % self.daemon.proc.pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def test_jobs_added_while_no_fd_is_free_wait_then_run(self):
         d = self.daemon
         self.assertIn("hard limit of %d" % NOFILE, d.read_stderr())
@@ -320,6 +325,12 @@ class NoFreeFdTest(unittest.TestCase):
                 job = control.call(op="get", id=job_id)["job"]
                 self.assertEqual((job["state"], job["attempts"], job["pid"]),
                                  ("pending", 0, None), job)
+            # It tries again shortly, but does not spin meanwhile (a measurement, not a wait
+            # for anything: a second of the daemon's CPU time against the wall clock).
+            cpu, wall = self.cpu_seconds(), time.monotonic()
+            time.sleep(1.0)
+            self.assertLess((self.cpu_seconds() - cpu) / (time.monotonic() - wall), 0.25,
+                            "the daemon spins while no fd is free")
         finally:
             for conn in idle:
                 conn.close()
