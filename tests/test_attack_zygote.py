@@ -135,6 +135,25 @@ class PreloadThatBlocksTest(ZygoteCase):
         self.assertEqual(self.daemon.job_events(ids[0], "retrying"), [])
 
 
+class PreloadThatBlocksAfterSighupTest(ZygoteCase):
+    """The same, for the zygote that SIGHUP starts (the preload now blocks)."""
+    config = dict(ZygoteCase.config, preload=["zygpreload"])
+    daemon_env = dict(ZygoteCase.daemon_env, JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT="1.5")
+    preload_source = "LOADED = True\n"
+
+    def test_jobs_run_by_spawn_once_the_new_zygote_missed_its_start_deadline(self):
+        self.assertEqual(self.daemon.wait_job(self.daemon.add("zygjobs:ok"))["state"],
+                         "succeeded")
+        old = self.zygotes()
+        self.write_job_module("zygpreload", BLOCKING_PRELOAD)
+        self.daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: set(self.zygotes()) - set(old), 10, message="the new zygote")
+        job = self.daemon.wait_job(self.daemon.add("zygjobs:ok"), timeout=30)
+        self.assertEqual((job["state"], job["attempts"]), ("succeeded", 1), job)
+        wait_until(lambda: "was not ready (preloaded) within 1.5s" in self.daemon.read_stderr(),
+                   15, message="the new zygote to be given up")
+
+
 class ZygoteNeverReadyTest(ZygoteCase):
     """A zygote stuck in its preload for the whole test: attempts given to it have no process."""
     config = dict(ZygoteCase.config, preload=["zygpreload"], shutdown_grace=1)
