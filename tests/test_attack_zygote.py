@@ -277,6 +277,31 @@ class GarbageFromTheZygoteTest(ZygoteCase):
         self.assertIn("sent a message that is not what it may send", self.daemon.read_stderr())
 
 
+class ZygoteMessageTest(unittest.TestCase):
+    """What the daemon takes from a zygote: only the messages it may send, never an exception."""
+
+    def parse(self, data: bytes, flags: int = 0):
+        import jobrunnerd
+        return jobrunnerd.Zygote._parse(data, flags)
+
+    def test_good_messages(self):
+        for msg in (b'{"started": 3, "pid": 1234, "start": 99}', b'{"started": 3, "error": "x"}',
+                    b'{"exit": 1234, "status": 256}', b'{"pong": 1}', b'{"ready": true}',
+                    b'{"warning": "preload x failed"}'):
+            with self.subTest(msg=msg):
+                self.assertIsInstance(self.parse(msg), dict)
+
+    def test_what_is_not_a_message(self):
+        import socket
+        for msg in (b"", b"\xff", b"[1]", b'{"started": "3", "pid": 5}',
+                    b'{"started": 3, "pid": -1}', b'{"started": 3, "pid": "5"}',
+                    b'{"exit": 0, "status": 0}', b'{"exit": 5, "status": null}',
+                    b'{"warning": 5}', b'{"other": 1}', b"[" * 100000 + b"]" * 100000):
+            with self.subTest(msg=msg[:40]):
+                self.assertIsNone(self.parse(msg))
+        self.assertIsNone(self.parse(b'{"pong": 1}', socket.MSG_TRUNC), "a message cut short")
+
+
 ####################################################################################################
 #  No free file descriptor
 ####################################################################################################
