@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -333,7 +334,7 @@ class NoFreeFdTest(unittest.TestCase):
     START_METHOD = "zygote"
 
     def setUp(self):
-        tmp = self.enterContext(__import__("tempfile").TemporaryDirectory(prefix="jr-test-"))
+        tmp = self.enterContext(tempfile.TemporaryDirectory(prefix="jr-test-"))
         self.daemon = LimitedDaemon(tmp, workers=2, max_connections=200,
                                     start_method=self.START_METHOD)
         self.daemon.start()
