@@ -2252,10 +2252,13 @@ class Runner:
 
     def settle(self, att: Attempt) -> bool:
         """End `att` now if its process has exited but that was not reported yet (its zygote
-        is stopped): the status is in /proc while the zombie waits for its parent."""
+        is stopped): the status is in /proc while the zombie waits for its parent. Once the
+        zombie is gone too (its zygote was killed), an "ok" report and closed pipes say it."""
         if att.pid is None or att.status is not None:
             return False
         status = exit_status(att.pid, att.pid_start)
+        if status is None and att.zygote is not None and self._ended_ok(att):
+            status = 0                      # a wait status: exited with 0
         if status is None:
             return False
         if att.zygote is None:              # our own child: collect it
@@ -2267,6 +2270,16 @@ class Runner:
                 return False
         self.exited(att.pid, status)
         return True
+
+    def _ended_ok(self, att: Attempt) -> bool:
+        """The attempt's process reported "ok", closed its channel (which only it holds), and
+        is gone: it returned, whatever its zygote could not tell any more."""
+        self._read_chan(att)
+        report = att.report() if att.chan is None else None
+        if not report or report.get("status") != "ok":
+            return False
+        start = proc_start_time(att.pid)
+        return start is None or (att.pid_start is not None and start != att.pid_start)
 
     def abandon(self, att: Attempt) -> None:
         """A graceful stop's hard deadline: end `att` whatever its process and zygote do; a

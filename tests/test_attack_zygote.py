@@ -60,6 +60,22 @@ for fd in range(3, 256):
 LOSING_PRELOAD = "import os\nos.waitpid = lambda pid, options: (0, 0)\n"
 
 
+def proc_state(pid: int) -> bytes | None:
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def proc_ppid(pid: int) -> int | None:
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def children_named(parent: int, word: bytes) -> list[int]:
     """Processes whose parent is `parent` and whose command line has `word`."""
     found = []
@@ -203,6 +219,28 @@ class StoppedZygoteTest(ZygoteCase):
                    message="the stopped zygote to be found")
         again = self.daemon.wait_job(self.daemon.add("zygjobs:ok"), timeout=30)
         self.assertEqual(again["state"], "succeeded", again)
+
+    def test_a_job_that_ended_under_a_zygote_then_killed_keeps_its_report(self):
+        # Its zombie goes with the zygote: what is left is its "ok" report and closed pipes.
+        flag = os.path.join(self.root, "flag")
+        job_id = self.daemon.add("zygjobs:hold", args=[flag])
+        job_pid = self.job_pid(job_id)
+        zygote = self.stop_zygote()
+        open(flag, "w").close()
+        wait_until(lambda: proc_state(job_pid) in (None, b"Z"), 10, message="the job to end")
+        # The daemon must not see the zygote's end before the zombie is gone (reaped by init;
+        # a daemon that is a subreaper gets it instead, and reads its status).
+        os.kill(self.daemon.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(zygote, signal.SIGKILL)
+            wait_until(lambda: proc_state(job_pid) is None or
+                       proc_ppid(job_pid) == self.daemon.proc.pid, 15,
+                       message="the job's zombie to be reaped")
+        finally:
+            os.kill(self.daemon.proc.pid, signal.SIGCONT)
+        job = self.daemon.wait_job(job_id, timeout=30)
+        self.assertEqual((job["state"], job["result"], job["attempts"]),
+                         ("succeeded", "released", 1), job)
 
     def test_a_job_added_while_the_zygote_is_stopped_starts_another_way(self):
         self.assertEqual(self.daemon.wait_job(self.daemon.add("zygjobs:ok"))["state"],
