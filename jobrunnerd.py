@@ -121,6 +121,11 @@ SYNC_DELAY = 0.2                      # a journal write that no reply waits for 
                                       # a machine crash may lose it: that attempt then runs again
 MAX_BUG_PLACES = 100                  # internal errors reported with a traceback (once each):
                                       # past this many distinct places it is a flood, not news
+START_RETRY_DELAY = 0.2               # s before the next start after one failed for a reason
+                                      # of the host (no fd, no memory): soon, but no busy loop
+START_WARN_INTERVAL = 60.0            # SPEC: such a failure is logged once a minute at most
+STOP_SLACK = 2.0                      # s past shutdown_grace + kill_grace before a graceful stop
+                                      # gives up on attempts that did not end (SPEC §3)
 JSON_MAX_DEPTH = 64                   # deeper requests are refused: they must encode back out
 MAX_RESULT_DEPTH = JSON_MAX_DEPTH - 2  # a result sits two levels down in a `get` reply and in
                                       # the journal's {"job": {...}} line, which must load back
@@ -2310,6 +2315,19 @@ def live_process_groups() -> set[int]:
     return groups
 
 
+def exit_status(pid: int, start: int | None) -> int | None:
+    """The wait status of `pid` if it is a zombie (it exited; its parent has not collected
+    it), from field 52 of /proc/PID/stat; None if it runs, is gone, or is not that process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] != b"Z" or (start is not None and int(fields[19]) != start):
+            return None
+        return int(fields[49])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def kill_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -2317,15 +2335,26 @@ def kill_group(pid: int, sig: int) -> None:
         pass
 
 
+# The zygote's source and config come in a memfd at fd 4 (any size, and no write that could
+# block the daemon); the SEQPACKET socket at fd 3 then carries only small messages.
 ZYGOTE_BOOTSTRAP = ("import os,json,socket;_ctl=socket.socket(fileno=3);"
-                    "exec(json.loads(_ctl.recv(1<<22)))")
+                    "_f=os.fdopen(4,'rb');_conf=json.loads(_f.read());_f.close();del _f;"
+                    "exec(_conf.pop('source'))")
+ZYGOTE_MAX_MESSAGE = 64 * 1024      # one message from the zygote; a longer one means it is broken
+ZYGOTE_MAX_WARNING = 4000           # the zygote cuts a warning (a preload's error) to this many
+ZYGOTE_START_TIMEOUT = 10.0         # s to preload and say "ready": heavy imports on a busy host
+                                    # take seconds; more is a hang (a connect with no timeout)
+ZYGOTE_REPLY_TIMEOUT = 3.0          # s to answer a fork request or a ping: a fork takes a
+                                    # millisecond, so more means it is stopped or stuck
+ZYGOTE_CHECK_INTERVAL = 0.5         # s between checks of those deadlines (and pings while its
+                                    # attempts run: their exits come only through it)
 
-# The fork server's own code (runs in the zygote process, never in the daemon). It receives a
-# config message, then one message per attempt: {"token", "job", "attempt"} with two fds (the
-# output pipe and the channel). It answers {"started": token, "pid", "start"} after each fork,
-# {"exit": pid, "status"} for each child it reaps, and exits once the daemon closed the socket
-# and no child is left.
-ZYGOTE_SOURCE = r'''
+# The fork server's own code (runs in the zygote process, never in the daemon). It reads its
+# config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
+# "job", "attempt"} with two fds (the output pipe and the channel), or {"ping": n}. It answers
+# {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
+# each child it reaps, and exits once the daemon closed the socket and no child is left.
+ZYGOTE_SOURCE = (("MAX_WARNING = %d\n" % ZYGOTE_MAX_WARNING) + r'''
 import json, os, select, signal, socket, sys
 import ctypes, fnmatch, importlib, resource, traceback     # what every job process imports
 
@@ -2396,7 +2425,7 @@ def _zygote():
         prctl(1, signal.SIGKILL)
     except Exception:
         pass
-    conf = json.loads(_ctl.recv(1 << 22))
+    conf = _conf
     if os.getppid() != conf["parent"]:
         os._exit(1)
     sys.path[:0] = conf["paths"]
@@ -2404,7 +2433,8 @@ def _zygote():
         try:
             importlib.import_module(name)
         except BaseException as exc:
-            _tell({"warning": "preload %s failed: %s: %s" % (name, type(exc).__name__, exc)})
+            _tell({"warning": ("preload %s failed: %s: %s"
+                               % (name, type(exc).__name__, exc))[:MAX_WARNING]})
     code = compile(conf["child"], "<jobrunner-job>", "exec")
     if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
         os.environ.clear()                      # here rather than in every child
@@ -2420,6 +2450,7 @@ def _zygote():
     signal.signal(signal.SIGCHLD, lambda *a: None)
     children = set()
     listening = True
+    _tell({"ready": True})
     while listening or children:
         ready = select.select([wake_r] + ([_ctl] if listening else []), [], [])[0]
         if wake_r in ready:
@@ -2443,6 +2474,9 @@ def _zygote():
                 listening = False
                 continue
             req = json.loads(msg)
+            if "ping" in req:
+                _tell({"pong": req["ping"]})
+                continue
             try:
                 pid = os.fork()
             except OSError as exc:
@@ -2457,7 +2491,7 @@ def _zygote():
                 _tell({"started": req["token"], "pid": pid, "start": _start_time(pid)})
 
 _zygote()
-'''
+''')
 
 
 class Zygote:
@@ -2465,36 +2499,56 @@ class Zygote:
     only what job processes need plus `preload`, and forks each attempt on request (~1 ms
     instead of a new interpreter's tens of ms). It dies with the daemon (PR_SET_PDEATHSIG) and
     its children die with it. SIGHUP retires it: it takes no new work, and exits once the
-    attempts it forked are over, so a new one picks up changed job code."""
+    attempts it forked are over, so a new one picks up changed job code.
+
+    It is never waited for without a deadline: it must say "ready" within ZYGOTE_START_TIMEOUT
+    and answer each request (and, while its attempts run, a ping) within ZYGOTE_REPLY_TIMEOUT;
+    one that misses a deadline or sends what it should not is broken(): killed, and the Runner
+    spawns attempts until a new one is ready."""
 
     def __init__(self, runner: "Runner"):
         self.runner = runner
         self.attempts: set[Attempt] = set()
         self.pending: dict[int, Attempt] = {}   # token -> attempt whose pid is not known yet
+        self.asked: dict[int, float] = {}       # token -> when its fork request was made
         self.outbox: list[tuple] = []           # fork requests the socket could not take yet
         self.retiring = False
         self.dead = False
+        self.ready = False                      # preloaded: it said so
+        self.ready_at = 0.0
+        self.ping_at: float | None = None       # when the unanswered ping went out
+        self.pings = 0
+        self.checking = None                    # the timer of check(), while one is due
         self.watching_write: bool | None = None
+        self.start_deadline = time.monotonic() + runner.start_timeout
         cfg = runner.cfg
-        ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conf = json.dumps({"source": ZYGOTE_SOURCE, "parent": os.getpid(),
+                           "paths": cfg.job_paths, "preload": cfg.preload, "child": CHILD_SOURCE,
+                           "allow": cfg.allow, "env": runner.env}).encode()
+        boot = os.memfd_create("jobrunner-zygote", os.MFD_CLOEXEC)
         try:
-            self.pid = os.posix_spawn(sys.executable, [
-                sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote"], runner.env,
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                              (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)],
-                setpgroup=0, setsigdef=(signal.SIGCHLD,))
-        except BaseException:
-            ctl.close()
-            raise
+            _write_all(boot, conf)
+            os.lseek(boot, 0, os.SEEK_SET)
+            ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self.pid = os.posix_spawn(sys.executable, [
+                    sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote"],
+                    runner.env,
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                  (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
+                                  (os.POSIX_SPAWN_DUP2, boot, 4)],
+                    setpgroup=0, setsigdef=(signal.SIGCHLD,))
+            except BaseException:
+                ctl.close()
+                raise
+            finally:
+                theirs.close()
         finally:
-            theirs.close()
+            os.close(boot)
         self.ctl = ctl
-        ctl.send(json.dumps(ZYGOTE_SOURCE).encode())
-        ctl.send(json.dumps({"parent": os.getpid(), "paths": cfg.job_paths,
-                             "preload": cfg.preload, "child": CHILD_SOURCE, "allow": cfg.allow,
-                             "env": runner.env}).encode())
         ctl.setblocking(False)
         self._watch()
+        self._check_soon()
 
     def _watch(self) -> None:
         """Watch the socket for replies, and for room to write while requests wait."""
@@ -2506,11 +2560,26 @@ class Zygote:
     def fork(self, att: Attempt, out_w: int, chan_child: socket.socket) -> None:
         """Ask for a child for `att`; its pid comes back later (Runner.started)."""
         msg = json.dumps({"token": att.token, "job": att.job.id, "attempt": att.number}).encode()
-        self.outbox.append((msg, os.dup(out_w), os.dup(chan_child.fileno())))
+        out_copy = os.dup(out_w)
+        try:
+            chan_copy = os.dup(chan_child.fileno())
+        except OSError:
+            os.close(out_copy)
+            raise
+        self.outbox.append((msg, out_copy, chan_copy))
         self.pending[att.token] = att
+        self.asked[att.token] = time.monotonic()
         self.attempts.add(att)
         att.zygote = self
         self._flush()
+        self._check_soon()
+
+    def withdraw(self, att: Attempt) -> None:
+        """Forget the fork request of `att` (stopped before its pid came): a child still made
+        for it is killed when its pid comes."""
+        self.pending.pop(att.token, None)
+        self.asked.pop(att.token, None)
+        self.attempts.discard(att)
 
     def _flush(self) -> None:
         while self.outbox:
@@ -2527,34 +2596,130 @@ class Zygote:
                 os.close(fd)
         self._watch()
 
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def _check_soon(self) -> None:
+        if self.checking is None and not self.dead:
+            self.checking = self.runner.loop.call_later(ZYGOTE_CHECK_INTERVAL, self.check)
+
+    def check(self) -> None:
+        """Hold the zygote to its deadlines; ping it while its attempts run (a stopped zygote
+        reports no exit: their jobs would look alive for ever)."""
+        self.checking = None
+        if self.dead:
+            return
+        now = time.monotonic()
+        if not self.ready:
+            if now >= self.start_deadline:
+                return self.broken("was not ready (preloaded) within %gs"
+                                   % self.runner.start_timeout)
+        elif self.asked and now - max(min(self.asked.values()), self.ready_at) \
+                >= ZYGOTE_REPLY_TIMEOUT:
+            return self.broken("did not answer a fork request within %gs"
+                               % ZYGOTE_REPLY_TIMEOUT)
+        elif self.ping_at is not None and now - self.ping_at >= ZYGOTE_REPLY_TIMEOUT:
+            return self.broken("did not answer a ping within %gs" % ZYGOTE_REPLY_TIMEOUT)
+        elif self.ping_at is None and self.attempts and not self.outbox:
+            self.pings += 1
+            try:
+                self.ctl.send(json.dumps({"ping": self.pings}).encode())
+                self.ping_at = now
+            except BlockingIOError:
+                pass                # full of requests: those have their own deadline
+            except OSError:
+                return self.died()
+        if not self.ready or self.asked or self.attempts or self.ping_at is not None:
+            self._check_soon()
+
+    def broken(self, reason: str) -> None:
+        """It stopped answering, or sent nonsense: kill it. A new one replaces it; until that
+        one is ready, attempts are spawned."""
+        if self.dead:
+            return
+        warn("the zygote (pid %d) %s: killed; jobs start by spawn until a new one is ready"
+             % (self.pid, reason))
+        self.runner.zygote_lost(count=True)
+        # A stopped zygote holds its children's exits unreported: take those that ended from
+        # /proc while it still keeps them, before it goes and they are reaped by others.
+        for att in list(self.attempts):
+            if att.pid is not None:
+                self.runner.settle(att)
+        self.retiring = True        # its death is ours: reap() must not count it again
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.died("stopped answering")
+
+    # -- replies -----------------------------------------------------------------------------
+
     def _on_ctl(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush()
         while not self.dead:
             try:
-                data = self.ctl.recv(65536)
+                data, _, flags, _ = self.ctl.recvmsg(ZYGOTE_MAX_MESSAGE)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                data, flags = b"", 0
             if not data:
                 self.died()
                 return
-            msg = json.loads(data)
+            msg = self._parse(data, flags)
+            if msg is None:
+                return self.broken("sent a message that is not what it may send")
             if "started" in msg:
                 att = self.pending.pop(msg["started"], None)
-                if att is None:
+                self.asked.pop(msg["started"], None)
+                if att is None:                 # withdrawn meanwhile: its child must not run
+                    if msg.get("pid"):
+                        kill_group(msg["pid"], signal.SIGKILL)
+                        try:
+                            os.kill(msg["pid"], signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     continue
                 if msg.get("pid"):
                     self.runner.started(att, msg["pid"], msg.get("start"))
                 else:
                     self.attempts.discard(att)
-                    self.runner.start_failed(att, "the fork server could not fork: %s"
+                    self.runner.start_failed(att, "the zygote could not fork: %s"
                                              % msg.get("error"))
             elif "exit" in msg:
                 self.runner.exited(msg["exit"], msg["status"])
+            elif "pong" in msg:
+                self.ping_at = None
+            elif "ready" in msg:
+                self.ready, self.ready_at = True, time.monotonic()
+                self.runner.zygote_ready(self)
             elif "warning" in msg:
-                warn("zygote: %s" % msg["warning"])
+                warn("zygote: %s" % msg["warning"][:ZYGOTE_MAX_WARNING])
+
+    @staticmethod
+    def _parse(data: bytes, flags: int) -> dict | None:
+        """One message from the zygote, or None if it is not one it may send (cut short, not
+        JSON, fields of the wrong type): the daemon never raises on what a zygote sends."""
+        if flags & socket.MSG_TRUNC:
+            return None
+        try:
+            msg = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(msg, dict):
+            return None
+        ints = lambda *names: all(type(msg.get(n)) is int for n in names)
+        optional = lambda name, kind: msg.get(name) is None or type(msg[name]) is kind
+        if "started" in msg:
+            good = ints("started") and optional("pid", int) and optional("start", int) \
+                and (msg.get("pid") or 0) >= 0
+        elif "exit" in msg:
+            good = ints("exit", "status") and msg["exit"] > 0
+        elif "warning" in msg:
+            good = type(msg["warning"]) is str
+        else:
+            good = "pong" in msg or "ready" in msg
+        return msg if good else None
 
     def retire(self) -> None:
         """Take no new work; go away once the attempts it forked are over."""
@@ -2567,11 +2732,17 @@ class Zygote:
             self.ctl.close()
             self.dead = True
 
-    def died(self) -> None:
-        """The zygote is gone (crashed or killed): its children died with it (PDEATHSIG)."""
+    def died(self, how: str = "died") -> None:
+        """The zygote is gone (crashed or killed): its children died with it (PDEATHSIG).
+        Attempts it had not forked yet were no attempts: they go back to the daemon as a
+        start that failed for a reason of the host."""
         if self.dead and not self.attempts:
             return
+        if not self.retiring:
+            self.runner.zygote_lost(count=False)    # reap() counts it
         self.dead = True
+        Loop.cancel(self.checking)
+        self.checking = None
         self.runner.loop.unwatch(self.ctl.fileno())
         self.ctl.close()
         for msg, *fds in self.outbox:
@@ -2580,11 +2751,14 @@ class Zygote:
         self.outbox.clear()
         for att in list(self.pending.values()):
             self.attempts.discard(att)
-            self.runner.start_failed(att, "the fork server died before the job started")
+            self.runner.start_failed(att, "the zygote %s before the job started" % how,
+                                     retry_now=True)
         self.pending.clear()
+        self.asked.clear()
         for att in list(self.attempts):
-            kill_group(att.pid, signal.SIGKILL)
-            self.runner.exited(att.pid, signal.SIGKILL)     # a wait status: killed by SIGKILL
+            if not self.runner.settle(att):
+                kill_group(att.pid, signal.SIGKILL)
+                self.runner.exited(att.pid, signal.SIGKILL)     # a wait status: killed by SIGKILL
         self.attempts.clear()
 
 
@@ -2616,6 +2790,11 @@ class Runner:
         self.zygote: Zygote | None = None
         self.zygotes: list[Zygote] = []         # every zygote not yet reaped
         self.quick_deaths: list[float] = []
+        self.spawn_until_ready = False          # a zygote failed: spawn until a new one is ready
+        self.start_timeout = ZYGOTE_START_TIMEOUT
+        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":     # tests need not wait that long
+            self.start_timeout = float(os.environ.get("JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT",
+                                                      ZYGOTE_START_TIMEOUT))
         self.output_dir = os.path.join(cfg.log_dir, "output")
         self.out_dir_fd: int | None = None      # output/, opened once (output_dir_fd)
         self.output_trouble = WriteTrouble()    # bytes of job output lost
@@ -2659,16 +2838,33 @@ class Runner:
                 raise
             self.zygotes.append(self.zygote)
 
+    def zygote_lost(self, count: bool) -> None:
+        """A zygote died or was killed for not answering: spawn until a new one is ready."""
+        self.spawn_until_ready = True
+        if count:
+            self.quick_deaths.append(time.monotonic())
+
+    def zygote_ready(self, zygote: "Zygote") -> None:
+        if zygote is self.zygote:
+            self.spawn_until_ready = False
+
     def start(self, job: Job, number: int) -> Attempt:
         """Start attempt `number` of `job`. Raises OSError if no process could be started now;
         with a zygote, the pid (or a failure) is reported later through the callbacks."""
         self.tokens += 1
         att = Attempt(job, number, self.tokens)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:                 # no fd free: none may leak, or none ever frees up
+            os.close(out_r)
+            os.close(out_w)
+            raise
         try:
             self.prepare()
             zygote = self.zygote if self.use_zygote() else None
+            if zygote is not None and not zygote.ready and self.spawn_until_ready:
+                zygote = None
             if zygote is not None:
                 zygote.fork(att, out_w, chan_child)
                 parent = zygote.pid
@@ -2693,6 +2889,8 @@ class Runner:
         att.chan_out += self.source_line if zygote is None else b""
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
+        if job.timeout is not None:     # SPEC: from the start, whether or not a process exists
+            att.timers.append(self.loop.call_later(job.timeout, self.stop, att, "timeout"))
         self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
         self._chan_events(att)
         if zygote is None:
@@ -2712,10 +2910,7 @@ class Runner:
 
     def started(self, att: Attempt, pid: int, pid_start: int | None) -> None:
         att.pid, att.pid_start = pid, pid_start
-        att.started = time.monotonic()
         self.by_pid[pid] = att
-        if att.job.timeout is not None:
-            att.timers.append(self.loop.call_later(att.job.timeout, self.stop, att, "timeout"))
         self.on_started(att)
         if att.stop_reason is not None:             # stopped before we knew its pid
             reason, att.stop_reason = att.stop_reason, None
@@ -2733,10 +2928,14 @@ class Runner:
         if att.chan is not None:
             self._chan_events(att)
 
-    def start_failed(self, att: Attempt, error: str) -> None:
+    def start_failed(self, att: Attempt, error: str, retry_now: bool = False) -> None:
+        """No process could be made for `att`, for a reason of the host; `retry_now` when the
+        next try will go another way (spawn instead of a zygote that failed)."""
         self.active.pop(att.token, None)
+        for timer in att.timers:
+            Loop.cancel(timer)
         self._close(att)
-        self.on_start_failed(att, error)
+        self.on_start_failed(att, error, retry_now)
 
     # -- pipes -------------------------------------------------------------------------------
 
@@ -2770,9 +2969,17 @@ class Runner:
                 self.loop.unwatch(att.chan.fileno())
                 att.chan.close()
                 att.chan = None
+                self._pipes_closed(att)
                 return
             if len(att.chan_in) < MAX_REPORT_BYTES:
                 att.chan_in += data
+
+    def _pipes_closed(self, att: Attempt) -> None:
+        """Both pipes of a forked attempt closed: its process has most likely exited. Its
+        zygote should say so soon; if it does not, /proc tells (settle)."""
+        if att.chan is None and att.out_fd is None and att.zygote is not None \
+                and att.status is None:
+            att.timers.append(self.loop.call_later(ZYGOTE_REPLY_TIMEOUT, self.settle, att))
 
     def _read_output(self, att: Attempt) -> None:
         """Copy what the job printed to its output file, up to max_output_bytes. A chunk the
@@ -2788,6 +2995,7 @@ class Runner:
                 self.loop.unwatch(att.out_fd)
                 os.close(att.out_fd)
                 att.out_fd = None
+                self._pipes_closed(att)
                 return
             if att.out_capped:
                 continue
@@ -2839,12 +3047,63 @@ class Runner:
         """SIGTERM the attempt's process group, SIGKILL after kill_grace."""
         if att.status is not None or att.stop_reason is not None:
             return
+        if reason == "timeout" and self.settle(att):
+            return                          # it had ended; only its exit was not told yet
         att.stop_reason = reason
-        if att.pid is None:
-            return                          # started() stops it as soon as the pid is known
+        if att.pid is None:                 # no process yet: the attempt ends here
+            if att.zygote is not None:
+                att.zygote.withdraw(att)
+            self.active.pop(att.token, None)
+            for timer in att.timers:
+                Loop.cancel(timer)
+            self._close(att)
+            self.on_exit(att)
+            return
         kill_group(att.pid, signal.SIGTERM)
         att.timers.append(self.loop.call_later(self.cfg.kill_grace, kill_group, att.pid,
                                                signal.SIGKILL))
+
+    def settle(self, att: Attempt) -> bool:
+        """End `att` now if its process has exited but that was not reported yet (its zygote
+        is stopped): the status is in /proc while the zombie waits for its parent. Once the
+        zombie is gone too (its zygote was killed), an "ok" report and closed pipes say it."""
+        if att.pid is None or att.status is not None:
+            return False
+        status = exit_status(att.pid, att.pid_start)
+        if status is None and att.zygote is not None and self._ended_ok(att):
+            status = 0                      # a wait status: exited with 0
+        if status is None:
+            return False
+        if att.zygote is None:              # our own child: collect it
+            try:
+                done, status = os.waitpid(att.pid, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if not done:
+                return False
+        self.exited(att.pid, status)
+        return True
+
+    def _ended_ok(self, att: Attempt) -> bool:
+        """The attempt's process reported "ok", closed its channel (which only it holds), and
+        is gone: it returned, whatever its zygote could not tell any more."""
+        self._read_chan(att)
+        report = att.report() if att.chan is None else None
+        if not report or report.get("status") != "ok":
+            return False
+        start = proc_start_time(att.pid)
+        return start is None or (att.pid_start is not None and start != att.pid_start)
+
+    def abandon(self, att: Attempt) -> None:
+        """A graceful stop's hard deadline: end `att` whatever its process and zygote do; a
+        process stuck past SIGKILL is left to the next start-up (recover_running)."""
+        if att.pid is None or att.status is not None:
+            self.stop(att, "shutdown")
+            return
+        if att.stop_reason is None:
+            att.stop_reason = "shutdown"
+        kill_group(att.pid, signal.SIGKILL)
+        self.exited(att.pid, signal.SIGKILL)        # a wait status: killed by SIGKILL
 
     def reap(self) -> None:
         """After SIGCHLD: collect our own children (spawned attempts and zygotes)."""
@@ -2864,7 +3123,7 @@ class Runner:
             if done:
                 self.zygotes.remove(zygote)
                 if not zygote.retiring:
-                    self.quick_deaths.append(time.monotonic())
+                    self.zygote_lost(count=True)
                     warn("the zygote (pid %d) died; its attempts are lost" % zygote.pid)
                 zygote.died()
                 if zygote is self.zygote:
@@ -3301,6 +3560,43 @@ def load_config(path: str | None, overrides: dict) -> Config:
 #  Daemon: connections, the loop, signals, systemd
 ####################################################################################################
 
+FDS_PER_WORKER = 8      # an attempt's output pipe, channel, output file, and their copies on
+                        # the way to the zygote
+FDS_OWN = 64            # the daemon's own: store, logs, listener, signal pipe, zygote, imports
+
+
+def fds_needed(cfg: Config) -> int:
+    return cfg.max_connections + FDS_PER_WORKER * cfg.workers + FDS_OWN
+
+
+def fd_limit_problem(cfg: Config) -> str | None:
+    """Why the config's connections and workers cannot all have their file descriptors under
+    the hard RLIMIT_NOFILE, or None when they can."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= fds_needed(cfg):
+        return None
+    return ("max_connections = %d and workers = %d need about %d file descriptors, more than "
+            "the hard limit of %d (ulimit -Hn, LimitNOFILE=): raise it, or lower them"
+            % (cfg.max_connections, cfg.workers, fds_needed(cfg), hard))
+
+
+def raise_fd_limit(cfg: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE (often 1024) to what the config needs, as far as the hard
+    limit allows: a start or an accept that finds no free fd only waits, but it waits."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = fds_needed(cfg) if hard == resource.RLIM_INFINITY else min(fds_needed(cfg), hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            warn("warning: cannot raise the file descriptor limit to %d: %s" % (want, exc))
+    problem = fd_limit_problem(cfg)
+    if problem:
+        warn("warning: " + problem)
+
+
 def make_dirs(path: str, mode: int) -> None:
     """mkdir -p where every directory made (not only the last, as os.makedirs) has `mode`."""
     missing = []
@@ -3449,6 +3745,8 @@ class Daemon:
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
         self.stopping = False
+        self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
+        self.start_warned_at = -START_WARN_INTERVAL
         self.compact_wanted = False
         self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
         self.repair_after = 0.0
@@ -3463,6 +3761,7 @@ class Daemon:
 
     def setup(self) -> None:
         cfg = self.cfg
+        raise_fd_limit(cfg)
         for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
             make_dirs(path, 0o750)
         check_dir("state_dir", cfg.state_dir, os.stat(cfg.state_dir))
@@ -3608,11 +3907,13 @@ class Daemon:
         if not self.stopping and not self.jobs.paused \
                 and len(self.runner.active) < self.cfg.workers:
             now = time.time()
-            if self.jobs.has_due(now):
+            backoff = self.start_retry_at - time.monotonic()
+            if backoff > 0:             # a start failed for a reason of the host
+                timeout = min(timeout, backoff)
+            elif self.jobs.has_due(now):
                 return 0.0
-            due = self.jobs.next_run_at()
-            if due is not None:
-                timeout = min(timeout, max(due - now, 0.0))
+            elif self.jobs.next_run_at() is not None:
+                timeout = min(timeout, max(self.jobs.next_run_at() - now, 0.0))
         for due in (self.loop.next_timer(), self.store.sync_due()):
             if due is not None:
                 timeout = min(timeout, max(due - time.monotonic(), 0.0))
@@ -3843,10 +4144,20 @@ class Daemon:
             self.stop_accepting()
         if self.runner.active:
             self.loop.call_later(self.cfg.shutdown_grace, self.interrupt_all)
+        self.loop.call_later(self.cfg.shutdown_grace + self.cfg.kill_grace + STOP_SLACK,
+                             self.abandon_all)
 
     def interrupt_all(self) -> None:
         for att in list(self.runner.active.values()):
             self.runner.stop(att, "shutdown")
+
+    def abandon_all(self) -> None:
+        """SPEC §3: a graceful stop ends within shutdown_grace + kill_grace + a few seconds,
+        whatever job processes and zygotes do. What is still running now is given up."""
+        for att in list(self.runner.active.values()):
+            warn("job %d: its attempt did not end in time for the stop; given up"
+                 % att.job.id)
+            self.runner.abandon(att)
 
     def reload(self) -> None:
         """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
@@ -3870,7 +4181,7 @@ class Daemon:
 
     def dispatch(self) -> None:
         """Start due jobs while workers are free."""
-        if self.stopping or self.jobs.paused:
+        if self.stopping or self.jobs.paused or time.monotonic() < self.start_retry_at:
             return
         now = time.time()
         while len(self.runner.active) < self.cfg.workers:
@@ -3883,8 +4194,8 @@ class Daemon:
             try:
                 self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
             except OSError as exc:
-                self.not_started(job, job.attempts + 1,
-                                 "could not start the job process: %s" % exc)
+                self.not_started(job, "could not start a job process: %s" % exc)
+                return
 
     def attempt_started(self, att: Attempt) -> None:
         """The runner's report: the process of `att` exists (its pid is known)."""
@@ -3893,25 +4204,47 @@ class Daemon:
         if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
             self.jobs.transition(job, RUNNING, pid=att.pid, changes={
                 "attempts": att.number, "pid": att.pid, "pid_start": att.pid_start,
-                "exit_code": None, "error": None, "result": None})
+                "exit_code": None, "error": None, "result": None,
+                # when the daemon started it (its timeout counts from then), not its fork
+                "started_at": time.time() - (time.monotonic() - att.started)})
             self.starting.append(att)   # runs the job once this pass's commit wrote that
 
-    def attempt_start_failed(self, att: Attempt, error: str) -> None:
+    def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
         """The runner's report: no process could be made for `att` (the zygote failed)."""
-        self.not_started(att.job, att.number, error)
+        self.not_started(att.job, error, retry_now)
 
-    def not_started(self, job: Job, number: int, error: str) -> None:
-        """Attempt `number` got no process: it counts as a failed attempt."""
+    def not_started(self, job: Job, error: str, retry_now: bool = False) -> None:
+        """No process could be made for the job, for a reason of the host (no free fd, no
+        memory to fork, the zygote gone or not answering): SPEC §2, that is no attempt. The job
+        stays pending as it was and is started again shortly (at once when the runner now
+        goes another way); the cause is logged once a minute at most."""
         self.attempts.pop(job.id, None)
+        self.held.pop(job.id, None)
         if job.state == PENDING:        # else it was cancelled meanwhile
-            self.jobs.transition(job, RUNNING, changes={"attempts": number})
-            self.attempt_failed(job, None, error, error, permanent=False)   # error log too
+            self.jobs.requeue(job)
+        now = time.monotonic()
+        if not retry_now:
+            self.start_retry_at = now + START_RETRY_DELAY
+        if now >= self.start_warned_at + START_WARN_INTERVAL:
+            self.start_warned_at = now
+            warn("%s; job %d stays pending and is started again shortly" % (error, job.id))
 
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
         self.fd_freed()                         # its pipes are closed
         job = att.job
         self.attempts.pop(job.id, None)
+        if att.pid is None:                     # stopped before its process existed
+            self.held.pop(job.id, None)
+            if job.state == PENDING and att.stop_reason == "timeout":  # it counts (SPEC §2)
+                self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
+                error = "timed out after %gs (its process had not started)" % job.timeout
+                self.log.event("timed_out", job=job.id, target=job.target,
+                               attempt=job.attempt_label())
+                self.attempt_failed(job, None, error, error, permanent=False)
+            elif job.state == PENDING:          # shutdown, or retried while being cancelled
+                self.jobs.requeue(job)
+            return
         exit_code = os.waitstatus_to_exitcode(att.status)
         duration = time.monotonic() - att.started
         if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
@@ -4600,6 +4933,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_config:
         print("jobrunnerd: config OK")
+        problem = fd_limit_problem(cfg)
+        if problem:
+            print("jobrunnerd: warning: " + problem)
         for key in CONFIG_KEYS:
             print("  %s = %r" % (key, getattr(cfg, key)))
         return 0
