@@ -1,0 +1,179 @@
+"""No process of an attempt outlives it, also one that left the attempt's group or session.
+
+A job starts a process that escapes the way a daemonising tool does, writes its pid to a file,
+and sleeps: `setsid()` in a forked child ("fork"), setsid plus a second fork whose middle process
+exits ("double"), a new session that execs a new interpreter ("exec"), and the same with an
+empty environment ("wiped": no JOBRUNNER_* variables to tell whose it is). The escaped process
+must be gone (a zombie counts as gone) after a timeout, a cancel, a normal return, a graceful
+stop, and a SIGKILL of the daemon plus a restart; and the end of one attempt must never kill what
+another attempt, still running, started. Each scenario runs under both start methods.
+"""
+import os
+import signal
+import unittest
+
+from tests.support import DaemonTestCase, wait_until
+
+JOB_MODULE = r'''
+import os, subprocess, sys, time
+
+SLEEPER = ("import os, sys, time\n"
+           "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+           "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+           "time.sleep(3600)\n")
+
+def _write_pid(pidfile):
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pidfile + ".tmp", pidfile)
+
+def escape(pidfile, mode, then="sleep"):
+    """Leave behind a process that escaped our group and session; then sleep or return."""
+    if mode in ("exec", "wiped"):
+        subprocess.Popen([sys.executable, "-c", SLEEPER, pidfile], start_new_session=True,
+                         env={} if mode == "wiped" else None)
+    else:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                if mode == "double" and os.fork():
+                    os._exit(0)                 # the middle process: its child is orphaned
+                _write_pid(pidfile)
+                time.sleep(3600)                # the escaped process's whole job
+            finally:
+                os._exit(0)
+        if mode == "double":
+            os.waitpid(pid, 0)
+    while not os.path.exists(pidfile):          # returning earlier would race the test
+        time.sleep(0.01)
+    if then == "sleep":
+        time.sleep(3600)
+    return "returned"
+'''
+
+MODES = ("fork", "double", "exec", "wiped")
+FOUND_AFTER_A_CRASH = ("fork", "double", "exec")   # "wiped" carries no mark: see README
+
+
+def read_file(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def process_state(pid: int, start: int) -> str | None:
+    """The state letter of the process `pid` born at `start`, None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0].decode() if int(fields[19]) == start else None
+
+
+def process_alive(pid: int, start: int) -> bool:
+    return process_state(pid, start) not in (None, "Z", "X")
+
+
+class ContainScenarios:
+    """Mixed into a DaemonTestCase with a given start_method."""
+
+    def setUp(self):
+        super().setUp()
+        self.write_job_module("testjobs_contain", JOB_MODULE)
+        self.escaped = []           # (pid, start) of every escaped process, killed at cleanup
+        self.addCleanup(self._kill_escaped)
+
+    def _kill_escaped(self):
+        for pid, start in self.escaped:
+            if process_alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
+
+    def start_escaping(self, mode, then="sleep", **fields):
+        """Add a job that leaves a process of `mode`; returns (job id, (pid, start))."""
+        pidfile = os.path.join(self.root, "escaped-%s-%d" % (mode, len(self.escaped)))
+        job_id = self.daemon.add("testjobs_contain:escape", args=[pidfile, mode, then],
+                                 **fields)
+        pid = int(wait_until(lambda: read_file(pidfile), 20,
+                             message="the %s process of job %d to start" % (mode, job_id)))
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            start = int(f.read().rsplit(b")", 1)[1].split()[19])
+        self.escaped.append((pid, start))
+        self.assertTrue(process_alive(pid, start))
+        self.assertNotEqual(os.getsid(pid), os.getsid(self.daemon.proc.pid),
+                            "the process did leave the attempt's session")
+        return job_id, (pid, start)
+
+    def assert_gone(self, proc, what, timeout=10):
+        wait_until(lambda: not process_alive(*proc), timeout,
+                   message="the escaped process %d (%s) to be gone" % (proc[0], what))
+
+    def test_timeout(self):
+        for mode in MODES:
+            with self.subTest(mode=mode):
+                job_id, proc = self.start_escaping(mode, timeout=1)
+                job = self.daemon.wait_job(job_id)
+                self.assertIn("timed out", job["error"])
+                self.assert_gone(proc, mode)
+
+    def test_cancel(self):
+        for mode in MODES:
+            with self.subTest(mode=mode):
+                job_id, proc = self.start_escaping(mode)
+                self.assertTrue(self.daemon.call(op="cancel", id=job_id)["ok"])
+                self.assert_gone(proc, mode)
+
+    def test_normal_return(self):
+        for mode in MODES:
+            with self.subTest(mode=mode):
+                job_id, proc = self.start_escaping(mode, then="return")
+                job = self.daemon.wait_job(job_id)
+                self.assertEqual((job["state"], job["result"]), ("succeeded", "returned"))
+                self.assert_gone(proc, mode)
+
+    def test_graceful_stop(self):
+        procs = [(mode, self.start_escaping(mode)[1]) for mode in MODES]
+        self.assertEqual(self.daemon.stop(signal.SIGTERM), 0)
+        for mode, proc in procs:
+            self.assert_gone(proc, mode, timeout=0.5)   # the daemon exits after it kills them
+
+    def test_daemon_killed_then_restarted(self):
+        jobs = [(mode, *self.start_escaping(mode)) for mode in FOUND_AFTER_A_CRASH]
+        self.daemon.kill()
+        for mode, _, proc in jobs:
+            self.assertTrue(process_alive(*proc), "%s: the crash alone killed it" % mode)
+        self.daemon.start()
+        for mode, job_id, proc in jobs:
+            self.assert_gone(proc, mode, timeout=0.5)   # killed before the daemon answers
+            job = self.daemon.get(job_id)       # no retries: it does not run again
+            self.assertEqual(job["state"], "failed")
+            self.assertIn("interrupted", job["error"])
+
+    def test_the_end_of_one_attempt_spares_a_running_one(self):
+        for mode in ("fork", "exec"):
+            with self.subTest(mode=mode):
+                running_id, running = self.start_escaping(mode)
+                ending_id, ending = self.start_escaping(mode, then="return")
+                self.assertEqual(self.daemon.wait_job(ending_id)["state"], "succeeded")
+                self.assert_gone(ending, mode)
+                self.assertTrue(process_alive(*running), "killed by another attempt's end")
+                self.assertEqual(self.daemon.get(running_id)["state"], "running")
+                self.assertTrue(self.daemon.call(op="cancel", id=running_id)["ok"])
+                self.assert_gone(running, mode)
+
+
+class ZygoteContainTest(ContainScenarios, DaemonTestCase):
+    config = {"start_method": "zygote", "allow": ["testjobs*:*"], "workers": 4,
+              "kill_grace": 0.5, "shutdown_grace": 0.5}
+
+
+class SpawnContainTest(ContainScenarios, DaemonTestCase):
+    config = {"start_method": "spawn", "allow": ["testjobs*:*"], "workers": 4,
+              "kill_grace": 0.5, "shutdown_grace": 0.5}
+
+
+if __name__ == "__main__":
+    unittest.main()
