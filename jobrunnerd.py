@@ -1595,26 +1595,36 @@ def proc_stat(pid: int) -> tuple[bytes, int, int, int] | None:
         return None
 
 
-def attempt_mark(pid: int) -> tuple[int, int] | None:
-    """(job id, attempt number) a process carries: in its environment, else in its argv."""
-    for name in ("environ", "cmdline"):
-        try:
-            with open("/proc/%d/%s" % (pid, name), "rb") as f:
-                items = f.read().split(b"\0")
-        except OSError:
-            return None
-        if name == "environ":
-            env = dict(item.partition(b"=")[::2] for item in items)
-            job, number = env.get(b"JOBRUNNER_JOB_ID"), env.get(b"JOBRUNNER_ATTEMPT")
-        else:
-            try:
-                at = items.index(ATTEMPT_ARGV.encode())
-            except ValueError:
-                return None
-            job, number = (items[at + 1:at + 3] + [None, None])[:2]
-        if job and number and job.isdigit() and number.isdigit():
-            return int(job), int(number)
+def _mark(job: bytes | None, number: bytes | None) -> tuple[int, int] | None:
+    if job and number and job.isdigit() and number.isdigit():
+        return int(job), int(number)
     return None
+
+
+def argv_mark(pid: int) -> tuple[int, int] | None:
+    """(job id, attempt number) from "jobrunner-job ID N" in the argv of a process."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            items = f.read().split(b"\0")
+        at = items.index(ATTEMPT_ARGV.encode())
+    except (OSError, ValueError):
+        return None
+    return _mark(*(items[at + 1:at + 3] + [None, None])[:2])
+
+
+def attempt_mark(pid: int) -> tuple[int, int] | None:
+    """(job id, attempt number) a process carries: in its argv, else in its environment (the
+    argv first: a zygote's own environment is the daemon's, which may carry marks of its own
+    when the daemon itself runs as a job)."""
+    mark = argv_mark(pid)
+    if mark is not None:
+        return mark
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            env = dict(item.partition(b"=")[::2] for item in f.read().split(b"\0"))
+    except OSError:
+        return None
+    return _mark(env.get(b"JOBRUNNER_JOB_ID"), env.get(b"JOBRUNNER_ATTEMPT"))
 
 
 def kill_process(pid: int, start: int, spare_groups: frozenset = frozenset()) -> bool:
@@ -1712,10 +1722,11 @@ class Containment:
         spare = frozenset(zygotes) | {att.pid for att in runner.active.values() if att.pid}
         own_group = os.getpgrp()
         left = killed = 0
+        deferred = False
         for parent in [os.getpid()] + sorted(zygotes):
             ours = parent == os.getpid()
             # A zygote's child whose pid has not come back yet is an attempt that may not have
-            # marked itself yet: no judging unmarked ones by birth then.
+            # marked its argv yet: a child without that mark is judged in a later sweep.
             forking = not ours and bool(zygotes[parent].pending)
             for pid in child_pids(parent):
                 if pid in runner.by_pid or pid in zygotes:
@@ -1729,16 +1740,19 @@ class Containment:
                     if ours:
                         self.adopted.add(pid)
                     continue
+                if forking and argv_mark(pid) is None:
+                    deferred = True
+                    continue
                 mark = attempt_mark(pid)
                 if mark in running if mark is not None else \
-                        (forking or oldest is not None and (oldest < 0 or oldest <= stat[3])):
+                        (oldest is not None and (oldest < 0 or oldest <= stat[3])):
                     continue                # of an attempt still running, or may be
                 left += 1
                 if ours:
                     self.adopted.add(pid)
                 killed += kill_process(pid, stat[3], spare)
         self.reap()
-        if killed:
+        if killed or deferred:
             self.schedule(self.retry)
             self.retry = min(self.retry * 2, SWEEP_RETRY_MAX)
         else:
@@ -2309,8 +2323,8 @@ class Runner:
                 zygote.died()
                 if zygote is self.zygote:
                     self.zygote = None
-                self.containment.schedule()     # what it had adopted is ours now
         self.containment.reap()
+        self.containment.schedule()     # an orphan of ours may have died; a zygote's are ours now
 
     def exited(self, pid: int, status: int) -> None:
         att = self.by_pid.pop(pid, None)

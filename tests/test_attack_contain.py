@@ -17,15 +17,19 @@ from tests.support import DaemonTestCase, wait_until
 JOB_MODULE = r'''
 import os, subprocess, sys, time
 
-SLEEPER = ("import os, sys, time\n"
-           "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
-           "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
-           "time.sleep(3600)\n")
-
 def _write_pid(pidfile):
+    """pid, start time and session of this process (the test may find it already killed)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
     with open(pidfile + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
+        f.write("%d %d %d" % (os.getpid(), int(fields[19]), os.getsid(0)))
     os.rename(pidfile + ".tmp", pidfile)
+
+SLEEPER = ("import sys, time\n"
+           "sys.path[:0] = [%r]\n"
+           "from testjobs_contain import _write_pid\n"
+           "_write_pid(sys.argv[1])\n"
+           "time.sleep(3600)\n" % os.path.dirname(os.path.abspath(__file__)))
 
 def escape(pidfile, mode, then="sleep"):
     """Leave behind a process that escaped our group and session; then sleep or return."""
@@ -97,14 +101,14 @@ class ContainScenarios:
         pidfile = os.path.join(self.root, "escaped-%s-%d" % (mode, len(self.escaped)))
         job_id = self.daemon.add("testjobs_contain:escape", args=[pidfile, mode, then],
                                  **fields)
-        pid = int(wait_until(lambda: read_file(pidfile), 20,
-                             message="the %s process of job %d to start" % (mode, job_id)))
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            start = int(f.read().rsplit(b")", 1)[1].split()[19])
+        pid, start, sid = map(int, wait_until(
+            lambda: read_file(pidfile), 20,
+            message="the %s process of job %d to start" % (mode, job_id)).split())
         self.escaped.append((pid, start))
-        self.assertTrue(process_alive(pid, start))
-        self.assertNotEqual(os.getsid(pid), os.getsid(self.daemon.proc.pid),
+        self.assertNotEqual(sid, os.getsid(self.daemon.proc.pid),
                             "the process did leave the attempt's session")
+        if then == "sleep":
+            self.assertTrue(process_alive(pid, start))
         return job_id, (pid, start)
 
     def assert_gone(self, proc, what, timeout=10):
