@@ -2,8 +2,10 @@
 
 A job starts a process that escapes the way a daemonising tool does, writes its pid to a file,
 and sleeps: `setsid()` in a forked child ("fork"), setsid plus a second fork whose middle process
-exits ("double"), a new session that execs a new interpreter ("exec"), and the same with an
-empty environment ("wiped": no JOBRUNNER_* variables to tell whose it is). The escaped process
+exits ("double"), setsid twice in a chain whose middle process stays ("chain": the inner one
+comes back to the subreaper only once the middle one is killed), a new session that execs a new
+interpreter ("exec"), and the same with an empty environment ("wiped": no JOBRUNNER_* variables
+to tell whose it is). The escaped process
 must be gone (a zombie counts as gone) after a timeout, a cancel, a normal return, a graceful
 stop, and a SIGKILL of the daemon plus a restart; and the end of one attempt must never kill what
 another attempt, still running, started. Each scenario runs under both start methods.
@@ -43,6 +45,10 @@ def escape(pidfile, mode, then="sleep"):
                 os.setsid()
                 if mode == "double" and os.fork():
                     os._exit(0)                 # the middle process: its child is orphaned
+                if mode == "chain":
+                    if os.fork():
+                        time.sleep(3600)        # the middle process stays, in its session
+                    os.setsid()                 # and its child leaves that one too
                 _write_pid(pidfile)
                 time.sleep(3600)                # the escaped process's whole job
             finally:
@@ -56,8 +62,8 @@ def escape(pidfile, mode, then="sleep"):
     return "returned"
 '''
 
-MODES = ("fork", "double", "exec", "wiped")
-FOUND_AFTER_A_CRASH = ("fork", "double", "exec")   # "wiped" carries no mark: see README
+MODES = ("fork", "double", "chain", "exec", "wiped")
+FOUND_AFTER_A_CRASH = ("fork", "double", "chain", "exec")  # "wiped" has no mark: see README
 
 
 def read_file(path: str) -> str | None:
@@ -157,25 +163,36 @@ class ContainScenarios:
             self.assertIn("interrupted", job["error"])
 
     def test_the_end_of_one_attempt_spares_a_running_one(self):
-        for mode in ("fork", "exec"):
+        # "wiped" is told apart by birth: it started while its own attempt ran, and that one
+        # still runs. (The other way round, a "wiped" process of the ending attempt is killed
+        # only once no attempt that ran at its birth runs any more.)
+        for mode, other in (("fork", "fork"), ("exec", "exec"), ("wiped", "fork")):
             with self.subTest(mode=mode):
                 running_id, running = self.start_escaping(mode)
-                ending_id, ending = self.start_escaping(mode, then="return")
+                ending_id, ending = self.start_escaping(other, then="return")
                 self.assertEqual(self.daemon.wait_job(ending_id)["state"], "succeeded")
-                self.assert_gone(ending, mode)
+                self.assert_gone(ending, other)
                 self.assertTrue(process_alive(*running), "killed by another attempt's end")
                 self.assertEqual(self.daemon.get(running_id)["state"], "running")
                 self.assertTrue(self.daemon.call(op="cancel", id=running_id)["ok"])
                 self.assert_gone(running, mode)
 
+    def test_an_attempt_of_a_retired_zygote(self):
+        # SIGHUP retires the zygote; it exits once its attempt is over, and what it had
+        # adopted goes to the daemon (under "spawn", the daemon had it all along).
+        job_id, proc = self.start_escaping("chain")
+        self.daemon.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(self.daemon.call(op="cancel", id=job_id)["ok"])
+        self.assert_gone(proc, "chain")
+
 
 class ZygoteContainTest(ContainScenarios, DaemonTestCase):
-    config = {"start_method": "zygote", "allow": ["testjobs*:*"], "workers": 4,
+    config = {"start_method": "zygote", "allow": ["testjobs*:*"], "workers": 6,
               "kill_grace": 0.5, "shutdown_grace": 0.5}
 
 
 class SpawnContainTest(ContainScenarios, DaemonTestCase):
-    config = {"start_method": "spawn", "allow": ["testjobs*:*"], "workers": 4,
+    config = {"start_method": "spawn", "allow": ["testjobs*:*"], "workers": 6,
               "kill_grace": 0.5, "shutdown_grace": 0.5}
 
 
