@@ -1551,12 +1551,13 @@ def kill_group(pid: int, sig: int) -> None:
 # not to init, so every process an attempt started is, sooner or later, a descendant of ours. When
 # an attempt ends, Containment sweeps the subreapers' own children that are not attempt processes
 # and kills those of attempts that are over; as each victim is reaped its own children come to us
-# in turn, and the next sweep takes them. Which attempt a process belongs to: JOBRUNNER_JOB_ID /
-# JOBRUNNER_ATTEMPT in /proc/PID/environ (every descendant that exec'd something), else the
-# attempt's argv "jobrunner-job ID N" in /proc/PID/cmdline (a spawned attempt's own argv; a
-# zygote writes it into its child's argv, which every fork without exec shows too), else its
+# in turn, and the next sweep takes them. Which attempt a process belongs to: the attempt's argv
+# "jobrunner-job ID N" in /proc/PID/cmdline (a spawned attempt's own argv; a zygote child writes
+# it into its argv, which every fork without exec shows too), else JOBRUNNER_JOB_ID /
+# JOBRUNNER_ATTEMPT in /proc/PID/environ (every descendant that exec'd something), else its
 # birth time: none of the attempts running when it was born still runs. After a daemon crash
-# the escaped processes went to init: find_leftovers() finds them by the same marks.
+# the escaped processes went to init: find_leftovers() finds them by the same marks. No new
+# environment variable: the job's environment stays the daemon's plus its two (SPEC §2).
 
 PR_SET_CHILD_SUBREAPER = 36         # prctl(2): orphaned descendants come to us instead of init
 ATTEMPT_ARGV = "jobrunner-job"      # argv mark of an attempt's process: "jobrunner-job ID N"
@@ -1838,7 +1839,7 @@ def _mark_argv(req):
 def _child(req, fds, code, wake, prctl):
     status = 1
     try:
-        _mark_argv(req)                 # first: the daemon judges an unmarked child by birth
+        _mark_argv(req)                 # first: until then the daemon cannot tell it is ours
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for s in wake:

@@ -14,7 +14,7 @@ import os
 import signal
 import unittest
 
-from tests.support import DaemonTestCase, wait_until
+from tests.support import ROOT, Daemon, DaemonTestCase, daemon_env, wait_until
 
 JOB_MODULE = r'''
 import os, subprocess, sys, time
@@ -102,11 +102,11 @@ class ContainScenarios:
             if process_alive(pid, start):
                 os.kill(pid, signal.SIGKILL)
 
-    def start_escaping(self, mode, then="sleep", **fields):
+    def start_escaping(self, mode, then="sleep", daemon=None, **fields):
         """Add a job that leaves a process of `mode`; returns (job id, (pid, start))."""
         pidfile = os.path.join(self.root, "escaped-%s-%d" % (mode, len(self.escaped)))
-        job_id = self.daemon.add("testjobs_contain:escape", args=[pidfile, mode, then],
-                                 **fields)
+        job_id = (daemon or self.daemon).add("testjobs_contain:escape",
+                                             args=[pidfile, mode, then], **fields)
         pid, start, sid = map(int, wait_until(
             lambda: read_file(pidfile), 20,
             message="the %s process of job %d to start" % (mode, job_id)).split())
@@ -161,6 +161,23 @@ class ContainScenarios:
             job = self.daemon.get(job_id)       # no retries: it does not run again
             self.assertEqual(job["state"], "failed")
             self.assertIn("interrupted", job["error"])
+
+    def test_a_restart_spares_another_daemons_attempt_with_the_same_numbers(self):
+        # Job 1, attempt 1 of a daemon that runs on: its processes carry the same marks as
+        # ours, and started later, but they are held by a live process tree, not orphaned.
+        other = Daemon(os.path.join(self.root, "other"), **dict(
+            self.config, job_paths=[ROOT, os.path.join(self.root, "jobs")]))
+        os.makedirs(other.root)
+        other.start(env=daemon_env())
+        self.addCleanup(other.stop)
+        ours_id, ours = self.start_escaping("fork")
+        theirs_id, theirs = self.start_escaping("double", daemon=other)
+        self.assertEqual((ours_id, theirs_id), (1, 1))
+        self.daemon.kill()
+        self.daemon.start()
+        self.assert_gone(ours, "fork", timeout=0.5)
+        self.assertTrue(process_alive(*theirs), "another daemon's job process was killed")
+        self.assertEqual(other.get(theirs_id)["state"], "running")
 
     def test_the_end_of_one_attempt_spares_a_running_one(self):
         # "wiped" is told apart by birth: it started while its own attempt ran, and that one
