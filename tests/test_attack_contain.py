@@ -46,6 +46,7 @@ def escape(pidfile, mode, then="sleep"):
                 if mode == "double" and os.fork():
                     os._exit(0)                 # the middle process: its child is orphaned
                 if mode == "chain":
+                    _write_pid(pidfile + ".middle")     # for the test's clean-up only
                     if os.fork():
                         time.sleep(3600)        # the middle process stays, in its session
                     os.setsid()                 # and its child leaves that one too
@@ -98,7 +99,10 @@ class ContainScenarios:
         self.addCleanup(self._kill_escaped)
 
     def _kill_escaped(self):
-        for pid, start in self.escaped:
+        """Whatever a failed test left (the middle processes of "chain" included)."""
+        middles = [read_file(os.path.join(self.root, name)) for name in os.listdir(self.root)
+                   if name.endswith(".middle")]
+        for pid, start in self.escaped + [tuple(map(int, m.split()[:2])) for m in middles if m]:
             if process_alive(pid, start):
                 os.kill(pid, signal.SIGKILL)
 
