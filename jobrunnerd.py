@@ -1785,8 +1785,8 @@ ZYGOTE_BOOTSTRAP = ("import os,json,socket;_ctl=socket.socket(fileno=3);"
 # The fork server's own code (runs in the zygote process, never in the daemon). It receives a
 # config message, then one message per attempt: {"token", "job", "attempt"} with two fds (the
 # output pipe and the channel). It answers {"started": token, "pid", "start"} after each fork,
-# {"exit": pid, "status"} for each child it reaps, and exits once the daemon closed the socket
-# and no child is left.
+# {"exit": pid, "status"} for each of those children it reaps (not for the orphans it adopts as
+# subreaper: see Containment), and exits once the daemon closed the socket and no child is left.
 ZYGOTE_SOURCE = r'''
 import json, os, select, signal, socket, sys
 import ctypes, fnmatch, importlib, resource, traceback     # what every job process imports
@@ -1928,8 +1928,9 @@ def _zygote():
                     break
                 if pid == 0:
                     break
-                children.discard(pid)
-                _tell({"exit": pid, "status": status})
+                if pid in children:             # an adopted orphan is none of the daemon's
+                    children.discard(pid)       # business: it sweeps again after each kill
+                    _tell({"exit": pid, "status": status})
         if listening and _ctl in ready:
             msg, fds, _, _ = socket.recv_fds(_ctl, 65536, 4)
             if not msg:
@@ -2330,7 +2331,6 @@ class Runner:
     def exited(self, pid: int, status: int) -> None:
         att = self.by_pid.pop(pid, None)
         if att is None or att.status is not None:
-            self.containment.schedule()         # a zygote reaped an orphan: its children next
             return
         att.status = status
         self.active.pop(att.token, None)
