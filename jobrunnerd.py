@@ -1707,6 +1707,14 @@ class Containment:
         self.timer: list | None = None
         self.retry = SWEEP_RETRY
         self.adopted: set[int] = set()      # the daemon's own children that are no attempt
+        # Birth of the first attempt's process: an unmarked process born before it is of no
+        # attempt (e.g. a child of the program that embeds a Daemon, in a session of its own).
+        self.first_birth: int | None = None
+
+    def attempt_started(self, att: Attempt) -> None:
+        if att.pid_start is not None and (self.first_birth is None
+                                          or att.pid_start < self.first_birth):
+            self.first_birth = att.pid_start
 
     def schedule(self, delay: float = 0.0) -> None:
         if self.timer is None or self.timer[2] is None:
@@ -1746,8 +1754,9 @@ class Containment:
                     continue
                 mark = attempt_mark(pid)
                 if mark in running if mark is not None else \
-                        (oldest is not None and (oldest < 0 or oldest <= stat[3])):
-                    continue                # of an attempt still running, or may be
+                        (self.first_birth is None or stat[3] < self.first_birth
+                         or oldest is not None and (oldest < 0 or oldest <= stat[3])):
+                    continue                # of an attempt still running (or may be), or of none
                 left += 1
                 if ours:
                     self.adopted.add(pid)
@@ -2194,6 +2203,7 @@ class Runner:
         att.pid, att.pid_start = pid, pid_start
         att.started = time.monotonic()
         self.by_pid[pid] = att
+        self.containment.attempt_started(att)
         if att.job.timeout is not None:
             att.timers.append(self.loop.call_later(att.job.timeout, self.stop, att, "timeout"))
         self.on_started(att)

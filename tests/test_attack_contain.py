@@ -12,7 +12,12 @@ another attempt, still running, started. Each scenario runs under both start met
 """
 import os
 import signal
+import subprocess
+import sys
 import unittest
+from unittest import mock
+
+import jobrunnerd as jr
 
 from tests.support import ROOT, Daemon, DaemonTestCase, daemon_env, wait_until
 
@@ -205,6 +210,32 @@ class ContainScenarios:
         self.daemon.proc.send_signal(signal.SIGHUP)
         self.assertTrue(self.daemon.call(op="cancel", id=job_id)["ok"])
         self.assert_gone(proc, "chain")
+
+
+class BirthRuleTest(unittest.TestCase):
+    """Containment.sweep() on this process's own children: a process without a mark is judged
+    by its birth, and one born before any attempt is of none (a program embedding a Daemon may
+    have children of its own, in sessions of their own)."""
+
+    def test_an_unmarked_child_is_killed_only_if_born_after_an_attempt_that_is_over(self):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 start_new_session=True, env={})
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        start = jr.proc_start_time(child.pid)
+        runner = mock.Mock(active={}, by_pid={}, zygotes=[])
+        containment = jr.Containment(runner)
+        self.assertEqual(containment.sweep(), 0)
+        self.assertIsNone(child.poll(), "killed, though born before any attempt")
+        running = mock.Mock(job=mock.Mock(id=7), number=1, pid=1, pid_start=start)
+        runner.active = {1: running}            # an attempt that ran at its birth still runs
+        containment.attempt_started(running)
+        self.assertEqual(containment.sweep(), 0)
+        self.assertIsNone(child.poll(), "killed while an attempt that ran at its birth runs")
+        runner.active = {}                      # that attempt is over
+        self.assertEqual(containment.sweep(), 1)
+        # Gone (the sweep may have reaped it itself: it had adopted it as an orphan).
+        wait_until(lambda: not process_alive(child.pid, start), 10, message="the kill")
 
 
 class ZygoteContainTest(ContainScenarios, DaemonTestCase):
