@@ -1582,8 +1582,23 @@ def child_pids(pid: int) -> list[int]:
     try:
         with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
             return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        if os.path.exists("/proc/%d" % pid):
+            return children_by_scan(pid)    # a kernel without CONFIG_PROC_CHILDREN
+        return []
     except OSError:
         return []
+
+
+def children_by_scan(pid: int) -> list[int]:
+    """The children of process `pid`, from the parent field of every process (slow)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = proc_stat(int(name))
+            if stat is not None and stat[1] == pid:
+                found.append(int(name))
+    return found
 
 
 def proc_stat(pid: int) -> tuple[bytes, int, int, int] | None:

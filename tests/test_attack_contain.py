@@ -238,6 +238,16 @@ class BirthRuleTest(unittest.TestCase):
         wait_until(lambda: not process_alive(child.pid, start), 10, message="the kill")
 
 
+    def test_children_without_the_children_file(self):
+        # Kernels without CONFIG_PROC_CHILDREN: the parent field of every process says it.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        self.assertIn(child.pid, jr.child_pids(os.getpid()))
+        self.assertEqual(sorted(jr.children_by_scan(os.getpid())),
+                         sorted(jr.child_pids(os.getpid())))
+
+
 class ZygoteContainTest(ContainScenarios, DaemonTestCase):
     config = {"start_method": "zygote", "allow": ["testjobs*:*"], "workers": 6,
               "kill_grace": 0.5, "shutdown_grace": 0.5}
