@@ -2335,6 +2335,265 @@ def kill_group(pid: int, sig: int) -> None:
         pass
 
 
+# -- containment: what an attempt leaves behind ---------------------------------------------------
+# Killing the attempt's process group misses whatever left it (setsid, a daemonising tool). The
+# process that forks attempts (the zygote; the daemon itself for spawned attempts and for a
+# zygote's orphans) is made a child subreaper: a descendant whose parent dies is re-parented to it,
+# not to init, so every process an attempt started is, sooner or later, a descendant of ours. When
+# an attempt ends, Containment sweeps the subreapers' own children that are not attempt processes
+# and kills those of attempts that are over; as each victim is reaped its own children come to us
+# in turn, and the next sweep takes them. Which attempt a process belongs to: the attempt's argv
+# "jobrunner-job ID N" in /proc/PID/cmdline (a spawned attempt's own argv; a zygote child writes
+# it into its argv, which every fork without exec shows too), else JOBRUNNER_JOB_ID /
+# JOBRUNNER_ATTEMPT in /proc/PID/environ (every descendant that exec'd something), else its
+# birth time: none of the attempts running when it was born still runs. After a daemon crash
+# the escaped processes went to init: find_leftovers() finds them by the same marks. No new
+# environment variable: the job's environment stays the daemon's plus its two (SPEC §2).
+
+PR_SET_CHILD_SUBREAPER = 36         # prctl(2): orphaned descendants come to us instead of init
+ATTEMPT_ARGV = "jobrunner-job"      # argv mark of an attempt's process: "jobrunner-job ID N"
+ATTEMPT_ARGV_ROOM = 64              # bytes a zygote keeps at the end of its argv for that mark
+SWEEP_RETRY = 0.05                  # after a kill: the victims' own children come to us as they die
+SWEEP_RETRY_MAX = 1.0               # backoff cap for one that survives SIGKILL a while (D state)
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of everything it starts (Linux 3.4+)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of process `pid` (its main thread's; ours have no other thread that
+    forks), from one small /proc read."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        if os.path.exists("/proc/%d" % pid):
+            return children_by_scan(pid)    # a kernel without CONFIG_PROC_CHILDREN
+        return []
+    except OSError:
+        return []
+
+
+def children_by_scan(pid: int) -> list[int]:
+    """The children of process `pid`, from the parent field of every process (slow)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = proc_stat(int(name))
+            if stat is not None and stat[1] == pid:
+                found.append(int(name))
+    return found
+
+
+def proc_stat(pid: int) -> tuple[bytes, int, int, int] | None:
+    """(state, ppid, pgid, start time in clock ticks) of a process, from /proc/PID/stat."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _mark(job: bytes | None, number: bytes | None) -> tuple[int, int] | None:
+    if job and number and job.isdigit() and number.isdigit():
+        return int(job), int(number)
+    return None
+
+
+def argv_mark(pid: int) -> tuple[int, int] | None:
+    """(job id, attempt number) from "jobrunner-job ID N" in the argv of a process."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            items = f.read().split(b"\0")
+        at = items.index(ATTEMPT_ARGV.encode())
+    except (OSError, ValueError):
+        return None
+    return _mark(*(items[at + 1:at + 3] + [None, None])[:2])
+
+
+def attempt_mark(pid: int) -> tuple[int, int] | None:
+    """(job id, attempt number) a process carries: in its argv, else in its environment (the
+    argv first: a zygote's own environment is the daemon's, which may carry marks of its own
+    when the daemon itself runs as a job)."""
+    mark = argv_mark(pid)
+    if mark is not None:
+        return mark
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            env = dict(item.partition(b"=")[::2] for item in f.read().split(b"\0"))
+    except OSError:
+        return None
+    return _mark(env.get(b"JOBRUNNER_JOB_ID"), env.get(b"JOBRUNNER_ATTEMPT"))
+
+
+def kill_process(pid: int, start: int, spare_groups: frozenset = frozenset()) -> bool:
+    """SIGKILL process `pid` if it still is the one born at `start` (through a pidfd, so a
+    recycled pid is never hit), and its process group (unless ours or one of `spare_groups`).
+    False if it was gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        stat = proc_stat(pid)
+        if stat is None or stat[3] != start:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if stat[2] > 1 and stat[2] != os.getpgrp() and stat[2] not in spare_groups:
+        kill_group(stat[2], signal.SIGKILL)
+    return True
+
+
+def ancestors() -> set[int]:
+    """This process's ancestors, init included: where the orphans of a crashed daemon went."""
+    found, pid = set(), os.getppid()
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        stat = proc_stat(pid)
+        pid = stat[1] if stat else 0
+    return found | {1}
+
+
+def find_leftovers(attempts: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
+    """Live processes, (pid, start), of the attempts (job id, number) -> process start time
+    that a crashed daemon left running: marked with one of them, born at or after its start,
+    of our uid (any, if root), and orphaned (re-parented to one of our ancestors, init or a
+    subreaper above us), not held by a live process tree such as another daemon's attempt
+    that happens to carry the same numbers."""
+    uid = os.getuid()
+    above = ancestors()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        pid = int(name)
+        try:
+            if uid != 0 and os.stat("/proc/%d" % pid).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        mark = attempt_mark(pid)
+        stat = proc_stat(pid)
+        if mark not in attempts or stat is None or stat[0] in (b"Z", b"X") \
+                or stat[3] < attempts[mark]:
+            continue
+        parent, seen = stat[1], set()
+        while parent not in above and parent not in seen and attempt_mark(parent) == mark:
+            seen.add(parent)
+            parent_stat = proc_stat(parent)
+            parent = parent_stat[1] if parent_stat else 1
+        if parent in above:
+            found.append((pid, stat[3]))
+    return found
+
+
+class Containment:
+    """Kills the processes of attempts that are over, in whatever group or session they went.
+
+    For the Runner: schedule() after an attempt ended or an orphan was reaped (sweeps are
+    coalesced into one per loop pass), reap() after SIGCHLD (the daemon's own adopted orphans,
+    each by pid: never waitpid(-1), which could take a status someone else waits for), and
+    finish() before the daemon exits. A sweep costs one small /proc read per subreaper when
+    nothing is left over."""
+
+    def __init__(self, runner: "Runner"):
+        self.runner = runner
+        self.timer: list | None = None
+        self.retry = SWEEP_RETRY
+        self.adopted: set[int] = set()      # the daemon's own children that are no attempt
+        # Birth of the first attempt's process: an unmarked process born before it is of no
+        # attempt (e.g. a child of the program that embeds a Daemon, in a session of its own).
+        self.first_birth: int | None = None
+
+    def attempt_started(self, att: Attempt) -> None:
+        if att.pid_start is not None and (self.first_birth is None
+                                          or att.pid_start < self.first_birth):
+            self.first_birth = att.pid_start
+
+    def schedule(self, delay: float = 0.0) -> None:
+        if self.timer is None or self.timer[2] is None:
+            self.timer = self.runner.loop.call_later(delay, self.sweep)
+
+    def sweep(self) -> int:
+        """Kill the leftovers among the subreapers' children; returns how many are alive."""
+        self.timer = None
+        runner = self.runner
+        running = {(att.job.id, att.number) for att in runner.active.values()}
+        births = [att.pid_start for att in runner.active.values() if att.pid is not None]
+        oldest = min(births, default=None) if None not in births else -1
+        zygotes = {z.pid: z for z in runner.zygotes}
+        spare = frozenset(zygotes) | {att.pid for att in runner.active.values() if att.pid}
+        own_group = os.getpgrp()
+        left = killed = 0
+        deferred = False
+        for parent in [os.getpid()] + sorted(zygotes):
+            ours = parent == os.getpid()
+            # A zygote's child whose pid has not come back yet is an attempt that may not have
+            # marked its argv yet: a child without that mark is judged in a later sweep.
+            forking = not ours and bool(zygotes[parent].pending)
+            for pid in child_pids(parent):
+                if pid in runner.by_pid or pid in zygotes:
+                    continue
+                stat = proc_stat(pid)
+                # A child of ours in our own group is none of an attempt's (those start in
+                # their own group): e.g. a subprocess of the program that embeds a Daemon.
+                if stat is None or (ours and stat[2] == own_group):
+                    continue
+                if stat[0] in (b"Z", b"X"):
+                    if ours:
+                        self.adopted.add(pid)
+                    continue
+                if forking and argv_mark(pid) is None:
+                    deferred = True
+                    continue
+                mark = attempt_mark(pid)
+                if mark in running if mark is not None else \
+                        (self.first_birth is None or stat[3] < self.first_birth
+                         or oldest is not None and (oldest < 0 or oldest <= stat[3])):
+                    continue                # of an attempt still running (or may be), or of none
+                left += 1
+                if ours:
+                    self.adopted.add(pid)
+                killed += kill_process(pid, stat[3], spare)
+        self.reap()
+        if killed or deferred:
+            self.schedule(self.retry)
+            self.retry = min(self.retry * 2, SWEEP_RETRY_MAX)
+        else:
+            self.retry = SWEEP_RETRY
+        return left
+
+    def reap(self) -> None:
+        for pid in list(self.adopted):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.adopted.discard(pid)
+                self.schedule()             # its children were re-parented to us: next sweep
+
+    def finish(self, timeout: float) -> None:
+        """Before the daemon exits: sweep until nothing of an ended attempt is left."""
+        deadline = time.monotonic() + timeout
+        while self.sweep() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        Loop.cancel(self.timer)
+        self.timer = None
+
+
 # The zygote's source and config come in a memfd at fd 4 (any size, and no write that could
 # block the daemon); the SEQPACKET socket at fd 3 then carries only small messages.
 ZYGOTE_BOOTSTRAP = ("import os,json,socket;_ctl=socket.socket(fileno=3);"
@@ -2353,7 +2612,8 @@ ZYGOTE_CHECK_INTERVAL = 0.5         # s between checks of those deadlines (and p
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
 # "job", "attempt"} with two fds (the output pipe and the channel), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
-# each child it reaps, and exits once the daemon closed the socket and no child is left.
+# each attempt process it reaps (not for the orphans it adopts as subreaper: see Containment),
+# and exits once the daemon closed the socket and no child is left.
 ZYGOTE_SOURCE = (("MAX_WARNING = %d\n" % ZYGOTE_MAX_WARNING) + r'''
 import json, os, select, signal, socket, sys
 import ctypes, fnmatch, importlib, resource, traceback     # what every job process imports
@@ -2375,9 +2635,38 @@ def _start_time(pid):
     except (OSError, ValueError, IndexError):
         return None
 
+_argv_room = None       # (address, size) of the blank last argument the daemon gave us
+
+def _find_argv_room():
+    """Where that blank argument lies in our memory (arg_end in /proc/self/stat): a child
+    writes its attempt's mark there, and ps and /proc/PID/cmdline show it for the child and
+    for every process it forks without exec (the daemon's Containment reads it)."""
+    global _argv_room
+    try:
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        arg_end = int(data[data.rindex(b")") + 2:].split()[46])
+        size = len(sys.argv[-1])
+        if size and sys.argv[-1] == " " * size and \
+                ctypes.string_at(arg_end - size - 1, size + 1) == b" " * size + b"\0":
+            _argv_room = (arg_end - size - 1, size)
+    except (OSError, ValueError, IndexError):
+        pass
+
+def _mark_argv(req):
+    if _argv_room is not None:
+        at, size = _argv_room
+        mark = ("jobrunner-job\0%d\0%d" % (req["job"], req["attempt"])).encode()
+        if len(mark) <= size:
+            ctypes.memmove(at, mark.ljust(size, b"\0"), size)
+
 def _child(req, fds, code, wake, prctl):
     status = 1
     try:
+        _mark_argv(req)                 # first: until then the daemon cannot tell it is ours
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for s in wake:
@@ -2423,8 +2712,10 @@ def _zygote():
     try:                                        # die with the daemon
         prctl = ctypes.CDLL(None, use_errno=True).prctl
         prctl(1, signal.SIGKILL)
+        prctl(36, 1)    # PR_SET_CHILD_SUBREAPER: what leaves an attempt's group comes to us
     except Exception:
         pass
+    _find_argv_room()
     conf = _conf
     if os.getppid() != conf["parent"]:
         os._exit(1)
@@ -2458,7 +2749,7 @@ def _zygote():
                 wake_r.recv(4096)
             except BlockingIOError:
                 pass
-            while children:
+            while True:                 # our attempts, and the orphans adopted as subreaper
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
@@ -2466,8 +2757,9 @@ def _zygote():
                     break
                 if pid == 0:
                     break
-                children.discard(pid)
-                _tell({"exit": pid, "status": status})
+                if pid in children:             # an adopted orphan is none of the daemon's
+                    children.discard(pid)       # business: it sweeps again after each kill
+                    _tell({"exit": pid, "status": status})
         if listening and _ctl in ready:
             msg, fds, _, _ = socket.recv_fds(_ctl, 65536, 4)
             if not msg:
@@ -2532,8 +2824,8 @@ class Zygote:
             ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 self.pid = os.posix_spawn(sys.executable, [
-                    sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote"],
-                    runner.env,
+                    sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote",
+                    " " * (ATTEMPT_ARGV_ROOM - 1)], runner.env,   # room for _mark_argv()
                     file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                   (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
                                   (os.POSIX_SPAWN_DUP2, boot, 4)],
@@ -2801,6 +3093,7 @@ class Runner:
         self.env = {k: v for k, v in os.environ.items()
                     if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_"))}
         self.source_line = (json.dumps(CHILD_SOURCE) + "\n").encode()
+        self.containment = Containment(self)
 
     def output_path(self, job_id: int) -> str:
         return os.path.join(self.output_dir, "%d.log" % job_id)
@@ -2911,6 +3204,7 @@ class Runner:
     def started(self, att: Attempt, pid: int, pid_start: int | None) -> None:
         att.pid, att.pid_start = pid, pid_start
         self.by_pid[pid] = att
+        self.containment.attempt_started(att)
         self.on_started(att)
         if att.stop_reason is not None:             # stopped before we knew its pid
             reason, att.stop_reason = att.stop_reason, None
@@ -3128,6 +3422,8 @@ class Runner:
                 zygote.died()
                 if zygote is self.zygote:
                     self.zygote = None
+        self.containment.reap()
+        self.containment.schedule()     # an orphan of ours may have died; a zygote's are ours now
 
     def exited(self, pid: int, status: int) -> None:
         att = self.by_pid.pop(pid, None)
@@ -3140,6 +3436,7 @@ class Runner:
         self._read_output(att)
         self._read_chan(att)
         kill_group(pid, signal.SIGKILL)          # nothing of the attempt outlives it
+        self.containment.schedule()             # nor what left its group
         self._close(att)
         self.on_exit(att)
 
@@ -3167,6 +3464,7 @@ class Runner:
         self.prepare()
 
     def close(self) -> None:
+        self.containment.finish(self.cfg.kill_grace)
         for zygote in self.zygotes:
             zygote.retire()
 
@@ -3768,6 +4066,9 @@ class Daemon:
         check_dir("log_dir", cfg.log_dir, os.stat(cfg.log_dir))
         check_dir("log_dir/output", self.runner.output_dir, os.fstat(self.runner.output_dir_fd()))
         self.store.lock()
+        if not become_subreaper():
+            warn("warning: cannot become a child subreaper: processes that leave an attempt's"
+                 " group may outlive it")
         try:
             self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
         except OSError as exc:          # each attempt tries again (and spawns if it must)
@@ -3823,6 +4124,8 @@ class Daemon:
         for pgid in groups:
             warn("warning: process group %d survived SIGKILL for %gs"
                  % (pgid, self.cfg.kill_grace))
+        self.kill_leftovers({(job.id, job.attempts): job.pid_start for job in running
+                             if job.pid_start is not None})
         for job in running:
             error = "interrupted: the daemon stopped while the attempt ran"
             changes = {"pid": None, "pid_start": None, "error": error}
@@ -3835,6 +4138,23 @@ class Daemon:
                 changes["run_at"] = run_at
                 self.jobs.transition(job, PENDING, event="interrupted", changes=changes,
                                      pid=job.pid)
+
+    def kill_leftovers(self, attempts: dict[tuple[int, int], int]) -> None:
+        """What those attempts started and the crash let go (re-parented to init: setsid, a
+        daemonising tool): killed before the jobs can run again. A victim's own children go to
+        init as it dies, so look again until nothing is found."""
+        deadline = time.monotonic() + self.cfg.kill_grace
+        while attempts:
+            left = find_leftovers(attempts)
+            for pid, start in left:
+                kill_process(pid, start)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                warn("warning: %d processes of interrupted jobs survived SIGKILL for %gs"
+                     % (len(left), self.cfg.kill_grace))
+                return
+            time.sleep(0.01)
 
     def open_listener(self) -> socket.socket:
         if os.environ.get("LISTEN_PID") == str(os.getpid()) and \

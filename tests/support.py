@@ -45,6 +45,12 @@ def in_process_daemon(test: unittest.TestCase, cfg):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     test.addCleanup(restore)
+    # setup() makes this process a child subreaper (jobrunnerd.Containment): undone at cleanup,
+    # or the orphans of every daemon the later tests kill would come to the test process.
+    import ctypes
+    prctl, was = ctypes.CDLL(None, use_errno=True).prctl, ctypes.c_int(0)
+    prctl(37, ctypes.byref(was), 0, 0, 0)           # PR_GET_CHILD_SUBREAPER
+    test.addCleanup(prctl, jobrunnerd.PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
     daemon = jobrunnerd.Daemon(cfg)
 
     def drop():
