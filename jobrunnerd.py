@@ -73,6 +73,9 @@ import time
 
 VERSION = "0.1.0"
 PROTOCOL = 1
+wall_clock = time.time                # the one reading of the wall clock (epoch seconds: job
+                                      # times, log lines); each part takes a `clock` argument
+                                      # defaulting to it, so tests step time instead of sleeping
 
 MAX_RESULT_BYTES = 64 * 1024          # SPEC: a larger return value is not kept as `result`
 MAX_LOG_VALUE = 2000                  # one log field; a traceback goes to the errors log instead
@@ -407,9 +410,9 @@ class EventLog:
     (logrotate). A file that refuses writes (full disk) loses those lines and is said to fail
     once on stderr, and once more when it takes lines again (SPEC §3)."""
 
-    def __init__(self, log_dir: str, clock=time.time):
+    def __init__(self, log_dir: str, clock=None):
         self.dir = log_dir
-        self.clock = clock
+        self.clock = clock or wall_clock
         self.fds: dict[str, int] = {}
         self.buffers: dict[str, list[str]] = {"events": [], "errors": []}
         self.trouble = {kind: WriteTrouble() for kind in self.NAMES}
@@ -1485,10 +1488,10 @@ class JobTable:
 
     IN_PLACE_RUNS = 16     # more runs of removed ids than this: one copying pass is cheaper
 
-    def __init__(self, store: Store, log: EventLog, clock=time.time):
+    def __init__(self, store: Store, log: EventLog, clock=None):
         self.store = store
         self.log = log
-        self.clock = clock
+        self.clock = clock or wall_clock
         self.jobs: dict[int, Job] = {}
         self.ids: list[int] = []
         self.ready: list[tuple] = []
@@ -4008,8 +4011,9 @@ class Daemon:
     the reply's fields, or a reply slot to fill later (wait), or raises ProtocolError.
     handle_line() is the one place that turns any exception into an error reply."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, clock=None):
         self.cfg = cfg
+        self.clock = clock or wall_clock    # the wall clock, read nowhere else: tests step it
         self.loop = Loop()
         self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
         self.log: EventLog | None = None
@@ -4048,7 +4052,7 @@ class Daemon:
         self.compact_wanted = False
         self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
         self.repair_after = 0.0
-        self.started = time.time()
+        self.started = self.clock()
         self.uid = os.getuid()
         self.group_cache: dict[int, set[int]] = {}
         self.wake_r = self.wake_w = None
@@ -4073,14 +4077,14 @@ class Daemon:
             self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
         except OSError as exc:          # each attempt tries again (and spawns if it must)
             warn("warning: cannot start the zygote: %s" % exc)
-        self.log = EventLog(cfg.log_dir)
+        self.log = EventLog(cfg.log_dir, self.clock)
         # Loading a million jobs makes a million objects the cycle collector would walk again
         # and again (40% of the load time): off while loading, then what was loaded is frozen
         # out of later collections. Jobs never form cycles; their memory goes by refcount.
         gc.disable()
         try:
             meta, records = self.store.load(Job.from_stored)
-            self.jobs = JobTable(self.store, self.log)
+            self.jobs = JobTable(self.store, self.log, self.clock)
             self.jobs.load(meta, records)
             del records
         finally:
@@ -4105,7 +4109,7 @@ class Daemon:
         attempt as failed (pending again, or failed when no retries are left)."""
         if not self.jobs.counts[RUNNING]:
             return
-        now = time.time()
+        now = self.clock()
         running = [j for j in self.jobs.jobs.values() if j.state == RUNNING]
         groups = set()
         for job in running:
@@ -4226,7 +4230,7 @@ class Daemon:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
         if not self.stopping and not self.jobs.paused \
                 and len(self.runner.active) < self.cfg.workers:
-            now = time.time()
+            now = self.clock()
             backoff = self.start_retry_at - time.monotonic()
             if backoff > 0:             # a start failed for a reason of the host
                 timeout = min(timeout, backoff)
@@ -4412,7 +4416,7 @@ class Daemon:
                 os.unlink(self.cfg.socket)
             except OSError:
                 pass
-        self.log.event("shutdown", pid=os.getpid(), uptime=time.time() - self.started)
+        self.log.event("shutdown", pid=os.getpid(), uptime=self.clock() - self.started)
         self.log.close()
         self.store.close()
         return 0
@@ -4503,7 +4507,7 @@ class Daemon:
         """Start due jobs while workers are free."""
         if self.stopping or self.jobs.paused or time.monotonic() < self.start_retry_at:
             return
-        now = time.time()
+        now = self.clock()
         while len(self.runner.active) < self.cfg.workers:
             job = self.jobs.pop_due(now)
             if job is None:
@@ -4526,7 +4530,7 @@ class Daemon:
                 "attempts": att.number, "pid": att.pid, "pid_start": att.pid_start,
                 "exit_code": None, "error": None, "result": None,
                 # when the daemon started it (its timeout counts from then), not its fork
-                "started_at": time.time() - (time.monotonic() - att.started)})
+                "started_at": self.clock() - (time.monotonic() - att.started)})
             self.starting.append(att)   # runs the job once this pass's commit wrote that
 
     def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
@@ -4577,7 +4581,7 @@ class Daemon:
         if att.stop_reason == "shutdown":
             self.jobs.transition(job, PENDING, event="interrupted", duration=duration,
                                  pid=att.pid, attempt=job.attempt_label(), changes={
-                                     "attempts": job.attempts - 1, "run_at": time.time(),
+                                     "attempts": job.attempts - 1, "run_at": self.clock(),
                                      "pid": None, "pid_start": None, "exit_code": exit_code})
             return
         status = report.get("status") if report else None
@@ -4605,7 +4609,7 @@ class Daemon:
         """A failed attempt: retry later (the retry policy says when) or fail for good."""
         error = " ".join(error.split())[:MAX_ERROR_CHARS]
         changes = {"exit_code": exit_code, "error": error, "pid": None, "pid_start": None}
-        run_at = None if permanent else next_run_at(job, time.time(), self.cfg.max_retry_delay)
+        run_at = None if permanent else next_run_at(job, self.clock(), self.cfg.max_retry_delay)
         if run_at is None:
             self.jobs.transition(job, FAILED, detail=detail, changes=changes, exit_code=exit_code,
                                  error=error, **log_fields)
@@ -4617,7 +4621,7 @@ class Daemon:
     def auto_prune(self) -> None:
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
         if not any(task.slot is None for task in self.prunes):
-            self.prunes.append(PruneTask(time.time() - self.cfg.keep_finished))
+            self.prunes.append(PruneTask(self.clock() - self.cfg.keep_finished))
 
     def prune(self, cutoff: float, limit: int | None = None) -> list[Job]:
         """Remove (at most `limit` of) the jobs finished at or before `cutoff` whose processes
@@ -5020,7 +5024,7 @@ class Daemon:
         return {"protocol": PROTOCOL, "version": VERSION}
 
     def op_add(self, req: dict, conn: Connection) -> dict:
-        now = time.time()
+        now = self.clock()
         fields = validate_add(req, self.cfg, now)
         existing = self.jobs.keys.get(fields["key"])     # keys holds no None: no key, no match
         if existing is not None:
@@ -5034,7 +5038,7 @@ class Daemon:
         jobs = req.get("jobs")
         if not isinstance(jobs, list):
             raise ProtocolError("bad_request", "jobs must be a list of add objects")
-        now = time.time()
+        now = self.clock()
         batch = []
         for i, item in enumerate(jobs):
             if not isinstance(item, dict):
@@ -5122,7 +5126,7 @@ class Daemon:
                                 % (self.jobs.keys[job.key], job.key))
         self.check_room(1)
         self.jobs.transition(job, PENDING, uid=conn.uid, changes={
-            "attempts": 0, "run_at": time.time(), "started_at": None, "finished_at": None,
+            "attempts": 0, "run_at": self.clock(), "started_at": None, "finished_at": None,
             "exit_code": None, "error": None, "result": None, "pid": None})
         return {"job": job.record()}
 
@@ -5192,7 +5196,7 @@ class Daemon:
 
     def op_stats(self, req: dict, conn: Connection) -> dict:
         return {"counts": dict(self.jobs.counts), "workers": self.cfg.workers,
-                "paused": self.jobs.paused, "uptime": time.time() - self.started,
+                "paused": self.jobs.paused, "uptime": self.clock() - self.started,
                 "protocol": PROTOCOL}
 
     def op_pause(self, req: dict, conn: Connection) -> dict:
@@ -5207,7 +5211,7 @@ class Daemon:
 
     def op_prune(self, req: dict, conn: Connection) -> list:
         older = get_seconds(req, "older_than", 0.0, 0.0, MAX_DELAY)
-        task = PruneTask(time.time() - older, [None], conn)
+        task = PruneTask(self.clock() - older, [None], conn)
         self.prunes.append(task)            # done in steps by prune_some(), from this pass on
         return task.slot
 
