@@ -2178,8 +2178,8 @@ class Loop:
 
     @staticmethod
     def cancel(timer: list | None) -> None:
-        if timer is not None:
-            timer[2] = None
+        if timer is not None:       # its arguments go too: a cancelled timer stays in the heap
+            timer[2:4] = [None, ()]  # until it is due, and must not keep an attempt alive
 
     def next_timer(self) -> float | None:
         while self.timers and self.timers[0][2] is None:
@@ -2521,9 +2521,15 @@ class Containment:
         self.first_birth: int | None = None
 
     def attempt_started(self, att: Attempt) -> None:
-        if att.pid_start is not None and (self.first_birth is None
-                                          or att.pid_start < self.first_birth):
-            self.first_birth = att.pid_start
+        """Note the birth of the first attempt, of all (for the daemon's adopted orphans) and
+        of its zygote (for that zygote's children: a replacement's preload may start helpers
+        long after the first attempt of all, and they belong to no attempt)."""
+        if att.pid_start is None:
+            return
+        for owner in (self, att.zygote):
+            if owner is not None and (owner.first_birth is None
+                                      or att.pid_start < owner.first_birth):
+                owner.first_birth = att.pid_start
 
     def schedule(self, delay: float = 0.0) -> None:
         if self.timer is None or self.timer[2] is None:
@@ -2546,6 +2552,7 @@ class Containment:
             # A zygote's child whose pid has not come back yet is an attempt that may not have
             # marked its argv yet: a child without that mark is judged in a later sweep.
             forking = not ours and bool(zygotes[parent].pending)
+            first_birth = self.first_birth if ours else zygotes[parent].first_birth
             for pid in child_pids(parent):
                 if pid in runner.by_pid or pid in zygotes:
                     continue
@@ -2563,7 +2570,7 @@ class Containment:
                     continue
                 mark = attempt_mark(pid)
                 if mark in running if mark is not None else \
-                        (self.first_birth is None or stat[3] < self.first_birth
+                        (first_birth is None or stat[3] <= first_birth
                          or oldest is not None and (oldest < 0 or oldest <= stat[3])):
                     continue                # of an attempt still running (or may be), or of none
                 left += 1
@@ -2810,6 +2817,7 @@ class Zygote:
         self.retiring = False
         self.dead = False
         self.ready = False                      # preloaded: it said so
+        self.first_birth: int | None = None     # of its first attempt (Containment)
         self.ready_at = 0.0
         self.ping_at: float | None = None       # when the unanswered ping went out
         self.pings = 0
@@ -3157,6 +3165,14 @@ class Runner:
             os.close(out_w)
             raise
         try:
+            # Watched before a process exists: a watch that fails (epoll ENOMEM) then leaves
+            # nothing running behind an attempt the caller takes for not started.
+            att.out_fd, att.chan = out_r, chan
+            os.set_blocking(out_r, False)
+            chan.setblocking(False)
+            self.loop.watch(out_r, selectors.EVENT_READ, "internal",
+                            lambda m: self._read_output(att))
+            self._chan_events(att)
             self.prepare()
             zygote = self.zygote if self.use_zygote() else None
             if zygote is not None and not zygote.ready and self.spawn_until_ready:
@@ -3168,6 +3184,9 @@ class Runner:
                 pid = self._spawn(att, out_w, chan_child)
                 parent = os.getpid()
         except BaseException:
+            self.loop.unwatch(out_r)
+            self.loop.unwatch(chan.fileno())
+            att.out_fd = att.chan = None
             os.close(out_r)
             if att.out_file is not None:
                 os.close(att.out_file)
@@ -3176,9 +3195,6 @@ class Runner:
         finally:
             os.close(out_w)
             chan_child.close()
-        att.out_fd, att.chan = out_r, chan
-        os.set_blocking(out_r, False)
-        chan.setblocking(False)
         spec = {"target": job.target, "method": job.method, "args": job.args,
                 "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
                 "limits": self.cfg.limits, "parent": parent}
@@ -3187,8 +3203,6 @@ class Runner:
         self.active[att.token] = att
         if job.timeout is not None:     # SPEC: from the start, whether or not a process exists
             att.timers.append(self.loop.call_later(job.timeout, self.stop, att, "timeout"))
-        self.loop.watch(out_r, selectors.EVENT_READ, "internal", lambda m: self._read_output(att))
-        self._chan_events(att)
         if zygote is None:
             self.started(att, pid, proc_start_time(pid))
         return att
@@ -3392,8 +3406,9 @@ class Runner:
         return start is None or (att.pid_start is not None and start != att.pid_start)
 
     def abandon(self, att: Attempt) -> None:
-        """A graceful stop's hard deadline: end `att` whatever its process and zygote do; a
-        process stuck past SIGKILL is left to the next start-up (recover_running)."""
+        """A graceful stop's hard deadline: end `att` whatever its process and zygote do. Its
+        group has had SIGKILL; a process stuck past that (uninterruptible sleep) is not waited
+        for, and the job is recorded pending like any attempt a stop interrupted."""
         if att.pid is None or att.status is not None:
             self.stop(att, "shutdown")
             return
@@ -3436,6 +3451,7 @@ class Runner:
         self.active.pop(att.token, None)
         for timer in att.timers:
             Loop.cancel(timer)
+        att.timers.clear()
         self._read_output(att)
         self._read_chan(att)
         kill_group(pid, signal.SIGKILL)          # nothing of the attempt outlives it
@@ -4491,7 +4507,10 @@ class Daemon:
             self.log.reopen()
         except OSError as exc:
             warn("reload: cannot reopen the logs (%s); writing on to the open ones" % exc)
-        self.runner.restart()
+        try:
+            self.runner.restart()
+        except OSError as exc:          # no fd or memory now: the next start tries again
+            warn("reload: cannot start a new zygote (%s); attempts start as before" % exc)
         if self.cfg.path:
             try:
                 fresh = load_config(self.cfg.path, {})

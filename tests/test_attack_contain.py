@@ -225,7 +225,10 @@ class BirthRuleTest(unittest.TestCase):
         containment = jr.Containment(runner)
         self.assertEqual(containment.sweep(), 0)
         self.assertIsNone(child.poll(), "killed, though born before any attempt")
-        running = mock.Mock(job=mock.Mock(id=7), number=1, pid=1, pid_start=start)
+        # A spawned attempt born a tick before it (one born in the same tick as the first
+        # attempt counts as born before it: /proc's start times are 10 ms ticks).
+        running = mock.Mock(job=mock.Mock(id=7), number=1, pid=1, pid_start=start - 1,
+                            zygote=None)
         runner.active = {1: running}            # an attempt that ran at its birth still runs
         containment.attempt_started(running)
         self.assertEqual(containment.sweep(), 0)
@@ -254,6 +257,69 @@ class ZygoteContainTest(ContainScenarios, DaemonTestCase):
 class SpawnContainTest(ContainScenarios, DaemonTestCase):
     config = {"start_method": "spawn", "allow": ["testjobs*:*"], "workers": 6,
               "kill_grace": 0.5, "shutdown_grace": 0.5}
+
+
+POOL_MODULE = r'''
+import os, subprocess, sys
+# A preloaded module that starts a helper of its own (a connection pool's process, say): the
+# helper is a child of the zygote, born before any of that zygote's attempts, and no attempt's.
+_helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers.txt"), "a") as f:
+    f.write("%d\n" % _helper.pid)
+
+def noop():
+    return 1
+'''
+
+
+class PreloadHelperTest(DaemonTestCase):
+    """A replacement zygote's preload may start helpers long after the first attempt of all;
+    they belong to no attempt, and the sweeps after later attempts must spare them."""
+
+    config = {"preload": ["testjobs_pool"], "allow": ["testjobs_pool:*"],
+              "start_method": "zygote"}
+
+    def prepare(self):
+        self.write_job_module("testjobs_pool", POOL_MODULE)
+
+    def helpers(self) -> list[int]:
+        path = os.path.join(self.root, "jobs", "helpers.txt")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [int(pid) for pid in f.read().split()]
+
+    def run_one(self) -> None:
+        job_id = self.daemon.call(op="add", target="testjobs_pool:noop")["id"]
+        self.assertEqual(self.daemon.wait_job(job_id)["state"], "succeeded")
+        self.daemon.call(op="hello")        # a later pass: the sweep after that end has run
+
+    def test_the_helpers_of_a_replacement_zygote_are_spared(self):
+        self.addCleanup(lambda: [kill_quietly(pid) for pid in self.helpers()])
+        wait_until(lambda: len(self.helpers()) >= 1, 15, message="the first zygote's helper")
+        self.run_one()
+        self.daemon.proc.send_signal(signal.SIGHUP)     # a new zygote, a new helper
+        wait_until(lambda: len(self.helpers()) >= 2, 15, message="the second zygote's helper")
+        for _ in range(3):                              # attempts of the new zygote end
+            self.run_one()
+        for pid in self.helpers():
+            self.assertTrue(helper_alive(pid), "helper %d was killed" % pid)
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def helper_alive(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
