@@ -66,6 +66,7 @@ import stat
 import struct
 import sys
 import time
+from typing import NamedTuple
 
 ####################################################################################################
 #  Constants
@@ -327,6 +328,64 @@ def next_run_at(job: Job, now: float, max_retry_delay: float) -> float | None:
     else:
         delay = job.retry_delay * 2.0 ** min(k - 1, 64)   # 2**64 s is already past any cap
     return now + min(delay, max_retry_delay)
+
+
+# How an attempt ended, as attempt_outcome() takes it.
+ENDED_OK = "ok"                         # its code returned
+ENDED_ERROR = "error"                   # it failed: retried while retries are left
+ENDED_PERMANENT = "permanent"           # it failed and said not to retry
+ENDED_SHUTDOWN = "shutdown"             # the daemon's own stop ended it: it does not count
+ENDED_INTERRUPTED = "interrupted"       # the daemon died while it ran (found at start-up)
+
+
+class Ending(NamedTuple):
+    how: str                            # one of the ENDED_* above
+    exit_code: int | None = None
+    error: str | None = None            # its one-line summary (ENDED_ERROR, ENDED_PERMANENT)
+    detail: str | None = None           # for the errors log (a traceback)
+    result: object = None               # its return value (ENDED_OK)
+
+
+class Outcome(NamedTuple):
+    """What an ended attempt makes of its job: the arguments of JobTable.transition()."""
+    state: str
+    event: str | None                   # None: the move's usual event
+    changes: dict
+    detail: str | None = None
+    fields: dict = {}                   # log fields, before those of the caller
+    announce: str | None = None         # an event logged before the move's own
+
+
+def no_process(**changes) -> dict:
+    """The changes of a job whose attempt's process is gone, plus `changes`."""
+    return {"pid": None, "pid_start": None, **changes}
+
+
+def attempt_outcome(job: Job, ending: Ending, now: float, max_retry_delay: float) -> Outcome:
+    """What the attempt of `job` (running) that ended as `ending` at `now` makes of it: the
+    one place that decides between success, a retry and failure (next_run_at says when)."""
+    how = ending.how
+    if how == ENDED_OK:
+        return Outcome(SUCCEEDED, None, no_process(result=ending.result, exit_code=0, error=None))
+    if how == ENDED_SHUTDOWN:
+        return Outcome(PENDING, "interrupted", no_process(
+            attempts=job.attempts - 1, run_at=now, exit_code=ending.exit_code),
+            fields={"attempt": job.attempt_label()})
+    if how == ENDED_INTERRUPTED:
+        changes = no_process(error="interrupted: the daemon stopped while the attempt ran")
+        run_at = next_run_at(job, now, max_retry_delay)
+        if run_at is None:
+            return Outcome(FAILED, None, changes, announce="interrupted")
+        changes["run_at"] = run_at
+        return Outcome(PENDING, "interrupted", changes)
+    error = " ".join(ending.error.split())[:MAX_ERROR_CHARS]
+    changes = no_process(exit_code=ending.exit_code, error=error)
+    fields = {"exit_code": ending.exit_code, "error": error}
+    run_at = None if how == ENDED_PERMANENT else next_run_at(job, now, max_retry_delay)
+    if run_at is None:
+        return Outcome(FAILED, None, changes, ending.detail, fields)
+    changes["run_at"] = fields["run_at"] = run_at
+    return Outcome(PENDING, "retrying", changes, ending.detail, fields)
 
 
 ####################################################################################################
@@ -1362,9 +1421,6 @@ class Fold:
             status = 1
             try:
                 self._detach((w, go_r))
-                if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1" and \
-                        os.environ.get("JOBRUNNER_TEST_FOLD_STOP") == "1":
-                    os.kill(os.getpid(), signal.SIGSTOP)    # tests: a fold that takes its time
                 path = self.temp[:-len(".tmp")]
                 _, size = self.store._write_snapshot(path, self.gen, meta, jobs, self.touched,
                                                      self.covers, True, keep_temp=True)
@@ -1399,8 +1455,7 @@ class Fold:
             os._exit(1)                         # the parent died before prctl took effect
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                        signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
         except (ValueError, OSError):
             pass
@@ -1464,12 +1519,123 @@ class Fold:
 #  Queue: JobTable, the one writer of job state
 ####################################################################################################
 
-class JobTable:
-    """Every job in memory, with the indexes that keep each question cheap:
+DEFAULT_QUEUE = "default"       # the one queue today; named queues will add others
+
+
+class Queue:
+    """One queue: its name, its worker slots, whether it is paused, and its pending jobs:
 
         ready     heap of (-priority, id, token): due pending jobs, best first; equal
                   priorities in enqueue order (FIFO: ids grow with every add)
         delayed   heap of (run_at, id, token): pending jobs not yet due
+
+    Heap entries are never removed in place: a job that leaves a heap bumps its `token` (the
+    JobTable does), and entries with an old token are skipped when they surface. `jobs` is the
+    table's id -> Job dict, to tell live entries from stale ones."""
+
+    def __init__(self, name: str, workers: int):
+        self.name = name
+        self.workers = workers
+        self.paused = False
+        self.ready: list[tuple] = []
+        self.delayed: list[tuple] = []
+
+    def add(self, job: Job, now: float, push=heapq.heappush) -> None:
+        """A pending job onto the heap it belongs on at `now`."""
+        if job.run_at <= now:
+            push(self.ready, (-job.priority, job.id, job.token))
+        else:
+            push(self.delayed, (job.run_at, job.id, job.token))
+
+    def heapify(self) -> None:
+        for heap in (self.ready, self.delayed):
+            heapq.heapify(heap)         # O(n) once, not a push per job
+
+    def pop_due(self, now: float, jobs: dict) -> Job | None:
+        """The pending job that should start next, taken off the heap; None if none is due."""
+        delayed, ready = self.delayed, self.ready
+        while delayed and delayed[0][0] <= now:
+            run_at, job_id, token = heapq.heappop(delayed)
+            job = jobs.get(job_id)
+            if job is not None and job.token == token:
+                heapq.heappush(ready, (-job.priority, job_id, token))
+        while ready:
+            _, job_id, token = heapq.heappop(ready)
+            job = jobs.get(job_id)
+            if job is not None and job.token == token:
+                job.token += 1          # it is off the heap now
+                return job
+        return None
+
+    def has_due(self, now: float, jobs: dict) -> bool:
+        self._drop_stale(jobs)
+        return bool(self.ready) or bool(self.delayed and self.delayed[0][0] <= now)
+
+    def next_run_at(self, jobs: dict) -> float | None:
+        self._drop_stale(jobs)
+        return self.delayed[0][0] if self.delayed else None
+
+    def _drop_stale(self, jobs: dict) -> None:
+        for heap in (self.ready, self.delayed):
+            while heap:
+                job = jobs.get(heap[0][-2])
+                if job is not None and job.token == heap[0][-1]:
+                    break
+                heapq.heappop(heap)
+
+
+class Scheduler:
+    """Which pending job starts next, and when the next one is due: the queues (one today,
+    `default`), each with its slots and its paused flag. It holds no sockets and no processes:
+    tests step it with `now`. The JobTable tells it of every job that becomes pending (add)
+    and keeps `jobs` pointing at its id -> Job dict."""
+
+    def __init__(self, workers: int = 1):
+        self.jobs: dict[int, Job] = {}
+        self.default = Queue(DEFAULT_QUEUE, workers)
+        self.queues = {DEFAULT_QUEUE: self.default}
+
+    def add(self, job: Job, now: float, push=heapq.heappush) -> None:
+        self.default.add(job, now, push)    # every job is in the default queue today
+
+    def heapify(self) -> None:
+        for queue in self.queues.values():
+            queue.heapify()
+
+    def may_start(self, running: int) -> bool:
+        """May an attempt start now, `running` attempts being under way (a slot free)?"""
+        queue = self.default
+        return not queue.paused and running < queue.workers
+
+    def next_job(self, now: float, running: int) -> Job | None:
+        """The job to start now (off its heap), or None: nothing due, no slot, paused."""
+        if not self.may_start(running):
+            return None
+        return self.default.pop_due(now, self.jobs)
+
+    def pop_due(self, now: float) -> Job | None:
+        """The due job that should start next, whatever the slots and the pause say."""
+        return self.default.pop_due(now, self.jobs)
+
+    def has_due(self, now: float) -> bool:
+        return self.default.has_due(now, self.jobs)
+
+    def next_run_at(self) -> float | None:
+        """When the earliest job that is not due yet becomes due (None: there is none)."""
+        return self.default.next_run_at(self.jobs)
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until a pending job is due: 0.0 if one is, None if none is pending."""
+        if self.has_due(now):
+            return 0.0
+        run_at = self.next_run_at()
+        return None if run_at is None else max(run_at - now, 0.0)
+
+
+class JobTable:
+    """Every job in memory, with the indexes that keep each question cheap:
+
+        scheduler the pending jobs, in their queue's heaps (Scheduler, Queue)
         finished  heap of (finished_at, id): for pruning old finished jobs
         counts    jobs per state;  keys  unique key -> id of the live job holding it
         ids       every id, ascending (for `list ... after_id`)
@@ -1479,7 +1645,8 @@ class JobTable:
                   per loop pass (index_targets()), kept up to date from its start
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
-    entries with an old token are skipped when they surface.
+    entries with an old token are skipped when they surface. _index() and _unindex() are
+    the only code that changes these indexes; every change to a job goes through them.
 
     transition() is the only code that assigns job.state: it checks TRANSITIONS, stamps the
     times, writes the log line and journals the job. update() journals other changes. While
@@ -1488,14 +1655,14 @@ class JobTable:
 
     IN_PLACE_RUNS = 16     # more runs of removed ids than this: one copying pass is cheaper
 
-    def __init__(self, store: Store, log: EventLog, clock=None):
+    def __init__(self, store: Store, log: EventLog, clock=None, scheduler: Scheduler | None = None):
         self.store = store
         self.log = log
         self.clock = clock or wall_clock
         self.jobs: dict[int, Job] = {}
+        self.scheduler = scheduler or Scheduler()
+        self.scheduler.jobs = self.jobs
         self.ids: list[int] = []
-        self.ready: list[tuple] = []
-        self.delayed: list[tuple] = []
         self.finished: list[tuple] = []
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
@@ -1504,7 +1671,6 @@ class JobTable:
         self._targets_upto = 0                  # and create() adds those above this one
         self.keys: dict[str, int] = {}
         self.next_id = 1
-        self.paused = False
         self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
         self._undo: dict[int, tuple] | None = None
         self._undo_paused: bool | None = None
@@ -1513,7 +1679,7 @@ class JobTable:
 
     def load(self, meta: dict, records: dict[int, dict]) -> None:
         self.next_id = meta["next_id"]
-        self.paused = meta["paused"]
+        self.scheduler.default.paused = meta["paused"]
         now = self.clock()
         for job_id, job in records.items():
             if not isinstance(job, Job):
@@ -1522,12 +1688,18 @@ class JobTable:
                 except (ValueError, TypeError, AttributeError) as exc:
                     raise StateError("job %d in %s: %s" % (job_id, self.store.dir, exc)) from None
         self.jobs = records             # taken over, not copied: a million entries
+        self.scheduler.jobs = records
         self.ids = sorted(records)
         index = self._index
         for job in records.values():
             index(job, now, list.append)
-        for heap in (self.ready, self.delayed, self.finished):
-            heapq.heapify(heap)         # O(n) once, not a push per job
+        self.scheduler.heapify()
+        heapq.heapify(self.finished)    # O(n) once, not a push per job
+
+    @property
+    def paused(self) -> bool:
+        """The default queue's pause (stats, the journal's `paused` entry)."""
+        return self.scheduler.default.paused
 
     # -- indexes -----------------------------------------------------------------------------
 
@@ -1535,10 +1707,7 @@ class JobTable:
         self.counts[job.state] += 1
         self.by_state[job.state].add(job.id)
         if job.state == PENDING:
-            if job.run_at <= (self.clock() if now is None else now):
-                push(self.ready, (-job.priority, job.id, job.token))
-            else:
-                push(self.delayed, (job.run_at, job.id, job.token))
+            self.scheduler.add(job, self.clock() if now is None else now, push)
         elif job.state in FINISHED:
             push(self.finished, (job.finished_at or 0.0, job.id))
         if job.key is not None and job.state in LIVE:
@@ -1627,7 +1796,7 @@ class JobTable:
     def set_paused(self, paused: bool) -> None:
         if self._undo is not None and self._undo_paused is None:
             self._undo_paused = self.paused
-        self.paused = paused
+        self.scheduler.default.paused = paused
         self.store.append({"paused": paused})
 
     def remove(self, jobs: list[Job]) -> None:
@@ -1690,7 +1859,7 @@ class JobTable:
                     bisect.insort(self.by_target.setdefault(job.target, []), job_id)
             self._index(job)
         if self._undo_paused is not None:
-            self.paused = self._undo_paused
+            self.scheduler.default.paused = self._undo_paused
         self.untrack()
 
     @staticmethod
@@ -1759,37 +1928,16 @@ class JobTable:
         self._targets_done = upto
         return True
 
+    # The scheduler's questions, asked of the table by tests that step a table alone.
+
     def pop_due(self, now: float) -> Job | None:
-        """The pending job that should start next, taken off the heap; None if none is due."""
-        delayed, ready, jobs = self.delayed, self.ready, self.jobs
-        while delayed and delayed[0][0] <= now:
-            run_at, job_id, token = heapq.heappop(delayed)
-            job = jobs.get(job_id)
-            if job is not None and job.token == token:
-                heapq.heappush(ready, (-job.priority, job_id, token))
-        while ready:
-            _, job_id, token = heapq.heappop(ready)
-            job = jobs.get(job_id)
-            if job is not None and job.token == token:
-                job.token += 1          # it is off the heap now
-                return job
-        return None
+        return self.scheduler.pop_due(now)
 
     def has_due(self, now: float) -> bool:
-        self._drop_stale()
-        return bool(self.ready) or bool(self.delayed and self.delayed[0][0] <= now)
+        return self.scheduler.has_due(now)
 
     def next_run_at(self) -> float | None:
-        self._drop_stale()
-        return self.delayed[0][0] if self.delayed else None
-
-    def _drop_stale(self) -> None:
-        for heap in (self.ready, self.delayed):
-            while heap:
-                job = self.jobs.get(heap[0][-2])
-                if job is not None and job.token == heap[0][-1]:
-                    break
-                heapq.heappop(heap)
+        return self.scheduler.next_run_at()
 
     def finished_before(self, cutoff: float, busy=(), limit: int | None = None) -> list[Job]:
         """Finished jobs whose finished_at <= cutoff (for prune), oldest first, at most `limit`,
@@ -3087,9 +3235,6 @@ class Runner:
         self.quick_deaths: list[float] = []
         self.spawn_until_ready = False          # a zygote failed: spawn until a new one is ready
         self.start_timeout = ZYGOTE_START_TIMEOUT
-        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":     # tests need not wait that long
-            self.start_timeout = float(os.environ.get("JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT",
-                                                      ZYGOTE_START_TIMEOUT))
         self.output_dir = os.path.join(cfg.log_dir, "output")
         self.out_dir_fd: int | None = None      # output/, opened once (output_dir_fd)
         self.output_trouble = WriteTrouble()    # bytes of job output lost
@@ -4018,6 +4163,7 @@ class Daemon:
         self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
         self.log: EventLog | None = None
         self.jobs: JobTable | None = None
+        self.scheduler = Scheduler(cfg.workers)
         self.runner = Runner(cfg, self.loop, self.attempt_started, self.attempt_ended,
                              self.attempt_start_failed)
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
@@ -4084,7 +4230,7 @@ class Daemon:
         gc.disable()
         try:
             meta, records = self.store.load(Job.from_stored)
-            self.jobs = JobTable(self.store, self.log, self.clock)
+            self.jobs = JobTable(self.store, self.log, self.clock, self.scheduler)
             self.jobs.load(meta, records)
             del records
         finally:
@@ -4131,17 +4277,7 @@ class Daemon:
         self.kill_leftovers({(job.id, job.attempts): job.pid_start for job in running
                              if job.pid_start is not None})
         for job in running:
-            error = "interrupted: the daemon stopped while the attempt ran"
-            changes = {"pid": None, "pid_start": None, "error": error}
-            run_at = next_run_at(job, now, self.cfg.max_retry_delay)
-            if run_at is None:
-                self.log.event("interrupted", job=job.id, target=job.target,
-                               attempt=job.attempt_label(), pid=job.pid)
-                self.jobs.transition(job, FAILED, changes=changes, pid=job.pid)
-            else:
-                changes["run_at"] = run_at
-                self.jobs.transition(job, PENDING, event="interrupted", changes=changes,
-                                     pid=job.pid)
+            self.settle(job, Ending(ENDED_INTERRUPTED), now, pid=job.pid)
 
     def kill_leftovers(self, attempts: dict[tuple[int, int], int]) -> None:
         """What those attempts started and the crash let go (re-parented to init: setsid, a
@@ -4202,8 +4338,6 @@ class Daemon:
         self.wake_w.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         handled = [signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":
-            handled.append(signal.SIGUSR1)      # test hook: a stuck loop (see on_signal)
         for sig in handled:
             signal.signal(sig, lambda signum, frame: None)    # the wakeup fd does the work
         self.loop.watch(self.wake_r.fileno(), selectors.EVENT_READ, "internal", self.on_signal)
@@ -4228,16 +4362,15 @@ class Daemon:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
-        if not self.stopping and not self.jobs.paused \
-                and len(self.runner.active) < self.cfg.workers:
-            now = self.clock()
+        if not self.stopping and self.scheduler.may_start(len(self.runner.active)):
             backoff = self.start_retry_at - time.monotonic()
+            due = None if backoff > 0 else self.scheduler.due_in(self.clock())
             if backoff > 0:             # a start failed for a reason of the host
                 timeout = min(timeout, backoff)
-            elif self.jobs.has_due(now):
+            elif due == 0.0:
                 return 0.0
-            elif self.jobs.next_run_at() is not None:
-                timeout = min(timeout, max(self.jobs.next_run_at() - now, 0.0))
+            elif due is not None:
+                timeout = min(timeout, due)
         for due in (self.loop.next_timer(), self.store.sync_due()):
             if due is not None:
                 timeout = min(timeout, max(due - time.monotonic(), 0.0))
@@ -4454,8 +4587,6 @@ class Daemon:
                 self.loop.call(self.begin_stop)
             elif signum == signal.SIGHUP:
                 self.loop.call(self.reload)
-            elif signum == signal.SIGUSR1:      # only with JOBRUNNER_TEST_HOOKS=1
-                time.sleep(float(os.environ.get("JOBRUNNER_TEST_STALL", "2")))
 
     def begin_stop(self) -> None:
         """Stop starting attempts; give running ones shutdown_grace, then stop them."""
@@ -4505,11 +4636,11 @@ class Daemon:
 
     def dispatch(self) -> None:
         """Start due jobs while workers are free."""
-        if self.stopping or self.jobs.paused or time.monotonic() < self.start_retry_at:
+        if self.stopping or time.monotonic() < self.start_retry_at:
             return
         now = self.clock()
-        while len(self.runner.active) < self.cfg.workers:
-            job = self.jobs.pop_due(now)
+        while True:
+            job = self.scheduler.next_job(now, len(self.runner.active))
             if job is None:
                 return
             if job.id in self.attempts:     # retried while its cancelled attempt was stopping
@@ -4579,16 +4710,13 @@ class Daemon:
             return
         report = att.report()
         if att.stop_reason == "shutdown":
-            self.jobs.transition(job, PENDING, event="interrupted", duration=duration,
-                                 pid=att.pid, attempt=job.attempt_label(), changes={
-                                     "attempts": job.attempts - 1, "run_at": self.clock(),
-                                     "pid": None, "pid_start": None, "exit_code": exit_code})
+            self.settle(job, Ending(ENDED_SHUTDOWN, exit_code), self.clock(), duration=duration,
+                        pid=att.pid)
             return
         status = report.get("status") if report else None
         if exit_code == 0 and att.stop_reason is None and status in ("ok", None):
-            self.jobs.transition(job, SUCCEEDED, duration=duration, pid=att.pid, changes={
-                "result": report.get("result") if report else None, "exit_code": 0,
-                "error": None, "pid": None, "pid_start": None})
+            self.settle(job, Ending(ENDED_OK, result=report.get("result") if report else None),
+                        self.clock(), duration=duration, pid=att.pid)
             return
         if att.stop_reason == "timeout":
             error = "timed out after %gs" % job.timeout
@@ -4607,16 +4735,17 @@ class Daemon:
     def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
                        permanent: bool, **log_fields) -> None:
         """A failed attempt: retry later (the retry policy says when) or fail for good."""
-        error = " ".join(error.split())[:MAX_ERROR_CHARS]
-        changes = {"exit_code": exit_code, "error": error, "pid": None, "pid_start": None}
-        run_at = None if permanent else next_run_at(job, self.clock(), self.cfg.max_retry_delay)
-        if run_at is None:
-            self.jobs.transition(job, FAILED, detail=detail, changes=changes, exit_code=exit_code,
-                                 error=error, **log_fields)
-        else:
-            changes["run_at"] = run_at
-            self.jobs.transition(job, PENDING, event="retrying", detail=detail, changes=changes,
-                                 exit_code=exit_code, error=error, run_at=run_at, **log_fields)
+        self.settle(job, Ending(ENDED_PERMANENT if permanent else ENDED_ERROR, exit_code, error,
+                                detail), self.clock(), **log_fields)
+
+    def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
+        """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
+        out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
+        if out.announce is not None:
+            self.log.event(out.announce, job=job.id, target=job.target,
+                           attempt=job.attempt_label(), **log_fields)
+        self.jobs.transition(job, out.state, event=out.event, detail=out.detail,
+                             changes=out.changes, **{**out.fields, **log_fields})
 
     def auto_prune(self) -> None:
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
