@@ -11,16 +11,21 @@ Sections, in file order
     errors ........... ProtocolError (code + message), ConfigError, StateError
     states ........... the job state machine: TRANSITIONS and its diagram
     Job .............. one job, as __slots__, to and from its JSON record
-    retry policy ..... next_run_at(): the one place that decides retries
+    retry policy ..... next_run_at(): the one place that decides retries;
+                       attempt_outcome(): what an ended attempt makes of its job
     event log ........ background_jobs.log / background_jobs_errors.log lines
-    store ............ queue.json snapshot + journal.jsonl, group commit, lock
-    queue ............ JobTable: every job, the heaps, and the one state writer
+    store ............ queue.json snapshot + journal.jsonl, group commit, lock:
+                       StoreLoading (start-up) and Store (writing, folding), Fold
+    queue ............ Queue (slots, pause, heaps) and Scheduler (which job starts
+                       next, when one is due); JobTable: every job, its indexes, and
+                       the one state writer
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server) and Runner: start attempts, capture
                        output, kill process groups
     protocol ......... request decoding, validation, the HANDLERS table
     config ........... keys, defaults, TOML loading
     daemon ........... the selectors loop, connections, signals, systemd
+                       Dispatcher: starts attempts, settles ended ones, recovery
     main ............. command line
 
 One pass of the loop
@@ -359,6 +364,12 @@ class Outcome(NamedTuple):
 def no_process(**changes) -> dict:
     """The changes of a job whose attempt's process is gone, plus `changes`."""
     return {"pid": None, "pid_start": None, **changes}
+
+
+def attempt_running(number: int, pid: int, pid_start: int | None, started_at: float) -> dict:
+    """The changes of a job whose attempt `number` has a process now: no outcome yet."""
+    return {"attempts": number, "pid": pid, "pid_start": pid_start, "exit_code": None,
+            "error": None, "result": None, "started_at": started_at}
 
 
 def attempt_outcome(job: Job, ending: Ending, now: float, max_retry_delay: float) -> Outcome:
@@ -732,84 +743,10 @@ def _record_id(rec: bytes) -> int:
     raise _NotCopyable
 
 
-class Store:
-    """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
-
-    Callers append() changes during a loop pass and commit() once: one write for the whole pass
-    (group commit), fsynced at once when a reply waits for it, else within SYNC_DELAY. A failed
-    write or fsync truncates the journal back to its last
-    durable length, closes it (a failed fsync is never retried on the same descriptor as if it had
-    worked) and marks the store broken; only a full snapshot() repairs it.
-
-    Compaction is crash-safe by generations. The snapshot records the generation G of the journal
-    that continues it; the journal's first line is {"gen": G}. snapshot() writes (1) a new
-    queue.json with G+1 (temp file, fsync, rename, fsync of the directory), then (2) a new journal
-    whose header is G+1 the same way. A crash between (1) and (2) leaves a journal of generation
-    G, whose changes are all in the new snapshot: load() ignores it.
-
-    fold() does the same without holding the loop: it renames the journal (generation G) to
-    journal.G.jsonl, starts journal.jsonl with G+1, and forks a child that writes the snapshot
-    G+1 (what memory held at the fork: everything up to the end of journal G) to a temp file and
-    says so; the parent goes on journaling into G+1 meanwhile. Then the parent renames that file
-    into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
-    replays the snapshot, then every journal of its generation or later in order
-    (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
-    through loads to the same jobs, whatever the step at which a crash stops it. A child that
-    fails (disk full) leaves the old files in force: the next fold (FOLD_RETRY later) rotates
-    again and covers them all."""
-
-    SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
-
-    def __init__(self, state_dir: str, fsync: bool = True):
-        self.dir = state_dir
-        self.do_fsync = fsync
-        self.snapshot_path = os.path.join(state_dir, self.SNAPSHOT)
-        self.journal_path = os.path.join(state_dir, self.JOURNAL)
-        self.gen = 0
-        self.fd: int | None = None        # journal, opened for append
-        self.size = 0                     # journal bytes written
-        self.synced = 0                   # journal bytes known durable
-        self.unsynced_since: float | None = None
-        self.sync_seconds = 0.0           # how long the last fsync took
-        self.snapshot_size = 0
-        self.lines: list[str] = []
-        # id -> how many journal entries changed that job since the snapshot on disk was
-        # written (None: unknown). Every other job's line in that snapshot is still right, and
-        # a job changed once has its current record in the journal: a fold copies both.
-        self.touched: dict[int, int] | None = None
-        self.broken: OSError | None = None
-        self.lock_fd: int | None = None
-        self.warnings: list[str] = []
-        self.older: list[str] = []        # journals before journal.jsonl that the snapshot on
-        self.older_size = 0               # disk does not cover, oldest first; their bytes
-        self.snapshot_jobs = 0            # jobs in the snapshot on disk
-        self.deleted = 0                  # jobs deleted by the journals since that snapshot
-        self.folding: Fold | None = None  # the background fold under way (at most one)
-        self.fold_after = 0.0             # monotonic: no background fold before (one failed)
-        self.fold_error: str | None = None    # why the last background fold failed
-
-    # -- lifetime ----------------------------------------------------------------------------
-
-    def lock(self) -> None:
-        fd = open_nofollow(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StateError("%s is locked: another jobrunnerd is using this state_dir"
-                             % os.path.join(self.dir, self.LOCK)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
-        self.lock_fd = fd
-
-    def close(self) -> None:
-        self.end_fold()
-        for fd in (self.fd, self.lock_fd):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.lock_fd = None
-
-    # -- loading -----------------------------------------------------------------------------
+class StoreLoading:
+    """The loading half of Store (read it there): queue.json, then each journal of its
+    generation or later, replayed in order, into (meta, records) at start-up; the journal is
+    then opened for appending. Store's own code writes, syncs and folds."""
 
     def load(self, make=None) -> tuple[dict, dict]:
         """Return (meta, records by id) from snapshot + journal and open the journal for
@@ -1012,6 +949,84 @@ class Store:
             meta["next_id"] = max(meta["next_id"], int(obj["next_id"]))
         else:
             raise ValueError("unknown entry %r" % next(iter(obj)))
+
+
+class Store(StoreLoading):
+    """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
+
+    Callers append() changes during a loop pass and commit() once: one write for the whole pass
+    (group commit), fsynced at once when a reply waits for it, else within SYNC_DELAY. A failed
+    write or fsync truncates the journal back to its last
+    durable length, closes it (a failed fsync is never retried on the same descriptor as if it had
+    worked) and marks the store broken; only a full snapshot() repairs it.
+
+    Compaction is crash-safe by generations. The snapshot records the generation G of the journal
+    that continues it; the journal's first line is {"gen": G}. snapshot() writes (1) a new
+    queue.json with G+1 (temp file, fsync, rename, fsync of the directory), then (2) a new journal
+    whose header is G+1 the same way. A crash between (1) and (2) leaves a journal of generation
+    G, whose changes are all in the new snapshot: load() ignores it.
+
+    fold() does the same without holding the loop: it renames the journal (generation G) to
+    journal.G.jsonl, starts journal.jsonl with G+1, and forks a child that writes the snapshot
+    G+1 (what memory held at the fork: everything up to the end of journal G) to a temp file and
+    says so; the parent goes on journaling into G+1 meanwhile. Then the parent renames that file
+    into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
+    replays the snapshot, then every journal of its generation or later in order
+    (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
+    through loads to the same jobs, whatever the step at which a crash stops it. A child that
+    fails (disk full) leaves the old files in force: the next fold (FOLD_RETRY later) rotates
+    again and covers them all."""
+
+    SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
+
+    def __init__(self, state_dir: str, fsync: bool = True):
+        self.dir = state_dir
+        self.do_fsync = fsync
+        self.snapshot_path = os.path.join(state_dir, self.SNAPSHOT)
+        self.journal_path = os.path.join(state_dir, self.JOURNAL)
+        self.gen = 0
+        self.fd: int | None = None        # journal, opened for append
+        self.size = 0                     # journal bytes written
+        self.synced = 0                   # journal bytes known durable
+        self.unsynced_since: float | None = None
+        self.sync_seconds = 0.0           # how long the last fsync took
+        self.snapshot_size = 0
+        self.lines: list[str] = []
+        # id -> how many journal entries changed that job since the snapshot on disk was
+        # written (None: unknown). Every other job's line in that snapshot is still right, and
+        # a job changed once has its current record in the journal: a fold copies both.
+        self.touched: dict[int, int] | None = None
+        self.broken: OSError | None = None
+        self.lock_fd: int | None = None
+        self.warnings: list[str] = []
+        self.older: list[str] = []        # journals before journal.jsonl that the snapshot on
+        self.older_size = 0               # disk does not cover, oldest first; their bytes
+        self.snapshot_jobs = 0            # jobs in the snapshot on disk
+        self.deleted = 0                  # jobs deleted by the journals since that snapshot
+        self.folding: Fold | None = None  # the background fold under way (at most one)
+        self.fold_after = 0.0             # monotonic: no background fold before (one failed)
+        self.fold_error: str | None = None    # why the last background fold failed
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        fd = open_nofollow(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError("%s is locked: another jobrunnerd is using this state_dir"
+                             % os.path.join(self.dir, self.LOCK)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.lock_fd = fd
+
+    def close(self) -> None:
+        self.end_fold()
+        for fd in (self.fd, self.lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.lock_fd = None
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -1516,7 +1531,7 @@ class Fold:
 
 
 ####################################################################################################
-#  Queue: JobTable, the one writer of job state
+#  Queue: Queue and Scheduler, JobTable (the one writer of job state)
 ####################################################################################################
 
 DEFAULT_QUEUE = "default"       # the one queue today; named queues will add others
@@ -4149,106 +4164,38 @@ class PruneTask:
         daemon.resume.add(self.conn)
 
 
-class Daemon:
-    """The daemon: owns the loop, the job table, the store, the runner and the clients.
+class Dispatcher:
+    """The attempts of jobs: starts due jobs while a slot is free (the Scheduler says which),
+    hears from the Runner when an attempt's process exists, could not be made, or has ended,
+    and makes of each ended attempt what attempt_outcome() says; at start-up, the attempts a
+    dead daemon left running. `jobs` and `log` are set once the state is loaded; `started`
+    hands an attempt whose start is written to the pass (its job spec goes once that is
+    durable), `fd_freed` says that an attempt let go of its fds."""
 
-    Handlers (op_*) are listed in HANDLERS below; each takes the validated request and returns
-    the reply's fields, or a reply slot to fill later (wait), or raises ProtocolError.
-    handle_line() is the one place that turns any exception into an error reply."""
-
-    def __init__(self, cfg: Config, clock=None):
+    def __init__(self, cfg: Config, scheduler: Scheduler, clock, started, fd_freed):
         self.cfg = cfg
-        self.clock = clock or wall_clock    # the wall clock, read nowhere else: tests step it
-        self.loop = Loop()
-        self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
-        self.log: EventLog | None = None
+        self.scheduler = scheduler
+        self.clock = clock
+        self.started = started
+        self.fd_freed = fd_freed
         self.jobs: JobTable | None = None
-        self.scheduler = Scheduler(cfg.workers)
-        self.runner = Runner(cfg, self.loop, self.attempt_started, self.attempt_ended,
-                             self.attempt_start_failed)
+        self.log: EventLog | None = None
+        self.runner: Runner | None = None
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
         self.held: dict[int, Job] = {}             # due, but their last attempt is still dying
-        self.conns: set[Connection] = set()
-        self.dirty: set[Connection] = set()        # connections with replies to send
-        self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
-        self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
-        self.reply_bytes = 0                       # unsent replies over all connections (outbufs)
-        self.pass_replies = 0                      # replies made this pass, not yet in an outbuf
-        self.reply_share = min(MAX_PENDING_OUTPUT,  # one connection's part of max_reply_buffer
-                               max(1, cfg.max_reply_buffer // cfg.max_connections))
-        self.accepting = False                     # the listener is watched
-        self.accept_timer: list | None = None      # accept again, after EMFILE
-        self.accept_warned = False                 # said once that no fd was free
-        self.hangup_timer: list | None = None      # look for half-closed waiters that left
-        self.requests_until = math.inf             # this pass's requests stop at (monotonic)
-        self.read_buf = bytearray(READ_CHUNK)      # every recv() from a client goes here first
-        self.read_view = memoryview(self.read_buf)
-        self.after_commit: list = []               # side effects of this pass's client requests
-        self.batch_slots: list[list] = []          # replies of this pass's changing requests
-        self.report_slots: list[list] = []         # replies that report an end not yet durable
-        self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
-        self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
-        self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
-        self.starting: list[Attempt] = []          # started this pass: released after the write
-        self.listener: socket.socket | None = None
-        self.own_socket = True                     # False under socket activation
-        self.stopping = False
+        self.stopping = False                      # the daemon is stopping: start nothing
         self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
         self.start_warned_at = -START_WARN_INTERVAL
-        self.compact_wanted = False
-        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
-        self.repair_after = 0.0
-        self.started = self.clock()
-        self.uid = os.getuid()
-        self.group_cache: dict[int, set[int]] = {}
-        self.wake_r = self.wake_w = None
-        self.bugs: set[tuple] = set()              # places whose internal error was reported
-        self.loop.on_error = self.internal_error
 
-    # -- start-up ----------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        cfg = self.cfg
-        raise_fd_limit(cfg)
-        for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
-            make_dirs(path, 0o750)
-        check_dir("state_dir", cfg.state_dir, os.stat(cfg.state_dir))
-        check_dir("log_dir", cfg.log_dir, os.stat(cfg.log_dir))
-        check_dir("log_dir/output", self.runner.output_dir, os.fstat(self.runner.output_dir_fd()))
-        self.store.lock()
-        if not become_subreaper():
-            warn("warning: cannot become a child subreaper: processes that leave an attempt's"
-                 " group may outlive it")
-        try:
-            self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
-        except OSError as exc:          # each attempt tries again (and spawns if it must)
-            warn("warning: cannot start the zygote: %s" % exc)
-        self.log = EventLog(cfg.log_dir, self.clock)
-        # Loading a million jobs makes a million objects the cycle collector would walk again
-        # and again (40% of the load time): off while loading, then what was loaded is frozen
-        # out of later collections. Jobs never form cycles; their memory goes by refcount.
-        gc.disable()
-        try:
-            meta, records = self.store.load(Job.from_stored)
-            self.jobs = JobTable(self.store, self.log, self.clock, self.scheduler)
-            self.jobs.load(meta, records)
-            del records
-        finally:
-            gc.freeze()
-            gc.enable()
-        for warning in self.store.warnings:
-            warn("warning: " + warning)
-        self.recover_running()
-        self.store.commit()
-        self.listener = self.open_listener()
-        self.start_accepting()
-        self.install_signals()
-        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
-        if cfg.idle_timeout > 0:
-            self.loop.call_later(cfg.idle_timeout / 4, self.drop_idle)
-        self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
-                       jobs=len(self.jobs.jobs), workers=cfg.workers)
-        self.log.flush()
+    def next_start_in(self) -> float | None:
+        """Seconds until an attempt may start (0.0: now), or None: no slot, paused, nothing
+        pending. A start that failed for a reason of the host waits for its backoff."""
+        if not self.scheduler.may_start(len(self.runner.active)):
+            return None
+        backoff = self.start_retry_at - time.monotonic()
+        if backoff > 0:                 # a start failed for a reason of the host
+            return backoff
+        return self.scheduler.due_in(self.clock())
 
     def recover_running(self) -> None:
         """Jobs left `running` by a daemon that died: kill what is left of them, then count the
@@ -4295,6 +4242,221 @@ class Daemon:
                      % (len(left), self.cfg.kill_grace))
                 return
             time.sleep(0.01)
+
+    def dispatch(self) -> None:
+        """Start due jobs while workers are free."""
+        if self.stopping or time.monotonic() < self.start_retry_at:
+            return
+        now = self.clock()
+        while True:
+            job = self.scheduler.next_job(now, len(self.runner.active))
+            if job is None:
+                return
+            if job.id in self.attempts:     # retried while its cancelled attempt was stopping
+                self.held[job.id] = job
+                continue
+            try:
+                self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
+            except OSError as exc:
+                self.not_started(job, "could not start a job process: %s" % exc)
+                return
+
+    def attempt_started(self, att: Attempt) -> None:
+        """The runner's report: the process of `att` exists (its pid is known)."""
+        job = att.job
+        self.attempts[job.id] = att
+        if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
+            self.jobs.transition(job, RUNNING, pid=att.pid, changes=attempt_running(
+                att.number, att.pid, att.pid_start,
+                # when the daemon started it (its timeout counts from then), not its fork
+                self.clock() - (time.monotonic() - att.started)))
+            self.started(att)           # runs the job once this pass's commit wrote that
+
+    def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
+        """The runner's report: no process could be made for `att` (the zygote failed)."""
+        self.not_started(att.job, error, retry_now)
+
+    def not_started(self, job: Job, error: str, retry_now: bool = False) -> None:
+        """No process could be made for the job, for a reason of the host (no free fd, no
+        memory to fork, the zygote gone or not answering): SPEC §2, that is no attempt. The job
+        stays pending as it was and is started again shortly (at once when the runner now
+        goes another way); the cause is logged once a minute at most."""
+        self.attempts.pop(job.id, None)
+        self.held.pop(job.id, None)
+        if job.state == PENDING:        # else it was cancelled meanwhile
+            self.jobs.requeue(job)
+        now = time.monotonic()
+        if not retry_now:
+            self.start_retry_at = now + START_RETRY_DELAY
+        if now >= self.start_warned_at + START_WARN_INTERVAL:
+            self.start_warned_at = now
+            warn("%s; job %d stays pending and is started again shortly" % (error, job.id))
+
+    def attempt_ended(self, att: Attempt) -> None:
+        """The runner's report: the process of `att` has exited."""
+        self.fd_freed()                         # its pipes are closed
+        job = att.job
+        self.attempts.pop(job.id, None)
+        if att.pid is None:                     # stopped before its process existed
+            self.held.pop(job.id, None)
+            if job.state == PENDING and att.stop_reason == "timeout":  # it counts (SPEC §2)
+                self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
+                error = "timed out after %gs (its process had not started)" % job.timeout
+                self.log.event("timed_out", job=job.id, target=job.target,
+                               attempt=job.attempt_label())
+                self.attempt_failed(job, None, error, error, permanent=False)
+            elif job.state == PENDING:          # shutdown, or retried while being cancelled
+                self.jobs.requeue(job)
+            return
+        exit_code = os.waitstatus_to_exitcode(att.status)
+        duration = time.monotonic() - att.started
+        if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
+            if job.state == CANCELLED:
+                self.jobs.update(job, **no_process(exit_code=exit_code))
+            if self.held.pop(job.id, None) is not None and job.state == PENDING:
+                self.jobs.requeue(job)
+            return
+        report = att.report()
+        if att.stop_reason == "shutdown":
+            self.settle(job, Ending(ENDED_SHUTDOWN, exit_code), self.clock(), duration=duration,
+                        pid=att.pid)
+            return
+        status = report.get("status") if report else None
+        if exit_code == 0 and att.stop_reason is None and status in ("ok", None):
+            self.settle(job, Ending(ENDED_OK, result=report.get("result") if report else None),
+                        self.clock(), duration=duration, pid=att.pid)
+            return
+        if att.stop_reason == "timeout":
+            error = "timed out after %gs" % job.timeout
+            self.log.event("timed_out", job=job.id, target=job.target,
+                           attempt=job.attempt_label(), duration=duration, pid=att.pid)
+        elif status in ("error", "permanent", "invalid") and report.get("error"):
+            error = str(report["error"])
+        elif exit_code < 0:
+            error = "killed by signal %s" % _signal_name(-exit_code)
+        else:
+            error = "exited with code %d" % exit_code
+        detail = report.get("traceback") if report else None
+        self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
+                            duration=duration, pid=att.pid)
+
+    def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
+                       permanent: bool, **log_fields) -> None:
+        """A failed attempt: retry later (the retry policy says when) or fail for good."""
+        self.settle(job, Ending(ENDED_PERMANENT if permanent else ENDED_ERROR, exit_code, error,
+                                detail), self.clock(), **log_fields)
+
+    def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
+        """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
+        out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
+        if out.announce is not None:
+            self.log.event(out.announce, job=job.id, target=job.target,
+                           attempt=job.attempt_label(), **log_fields)
+        self.jobs.transition(job, out.state, event=out.event, detail=out.detail,
+                             changes=out.changes, **{**out.fields, **log_fields})
+
+
+class Daemon:
+    """The daemon: owns the loop, the job table, the store, the runner and the clients.
+
+    Handlers (op_*) are listed in HANDLERS below; each takes the validated request and returns
+    the reply's fields, or a reply slot to fill later (wait), or raises ProtocolError.
+    handle_line() is the one place that turns any exception into an error reply."""
+
+    def __init__(self, cfg: Config, clock=None):
+        self.cfg = cfg
+        self.clock = clock or wall_clock    # the wall clock, read nowhere else: tests step it
+        self.loop = Loop()
+        self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
+        self.log: EventLog | None = None
+        self.jobs: JobTable | None = None
+        self.scheduler = Scheduler(cfg.workers)
+        self.dispatcher = Dispatcher(cfg, self.scheduler, self.clock,
+                                     lambda att: self.starting.append(att), lambda: self.fd_freed())
+        self.runner = Runner(cfg, self.loop, self.dispatcher.attempt_started,
+                             self.dispatcher.attempt_ended, self.dispatcher.attempt_start_failed)
+        self.dispatcher.runner = self.runner
+        self.attempts = self.dispatcher.attempts   # job id -> its running attempt
+        self.conns: set[Connection] = set()
+        self.dirty: set[Connection] = set()        # connections with replies to send
+        self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
+        self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
+        self.reply_bytes = 0                       # unsent replies over all connections (outbufs)
+        self.pass_replies = 0                      # replies made this pass, not yet in an outbuf
+        self.reply_share = min(MAX_PENDING_OUTPUT,  # one connection's part of max_reply_buffer
+                               max(1, cfg.max_reply_buffer // cfg.max_connections))
+        self.accepting = False                     # the listener is watched
+        self.accept_timer: list | None = None      # accept again, after EMFILE
+        self.accept_warned = False                 # said once that no fd was free
+        self.hangup_timer: list | None = None      # look for half-closed waiters that left
+        self.requests_until = math.inf             # this pass's requests stop at (monotonic)
+        self.read_buf = bytearray(READ_CHUNK)      # every recv() from a client goes here first
+        self.read_view = memoryview(self.read_buf)
+        self.after_commit: list = []               # side effects of this pass's client requests
+        self.batch_slots: list[list] = []          # replies of this pass's changing requests
+        self.report_slots: list[list] = []         # replies that report an end not yet durable
+        self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
+        self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
+        self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
+        self.starting: list[Attempt] = []          # started this pass: released after the write
+        self.listener: socket.socket | None = None
+        self.own_socket = True                     # False under socket activation
+        self.stopping = False
+        self.compact_wanted = False
+        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
+        self.repair_after = 0.0
+        self.started = self.clock()
+        self.uid = os.getuid()
+        self.group_cache: dict[int, set[int]] = {}
+        self.wake_r = self.wake_w = None
+        self.bugs: set[tuple] = set()              # places whose internal error was reported
+        self.loop.on_error = self.internal_error
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        raise_fd_limit(cfg)
+        for path in (cfg.state_dir, cfg.log_dir, os.path.join(cfg.log_dir, "output")):
+            make_dirs(path, 0o750)
+        check_dir("state_dir", cfg.state_dir, os.stat(cfg.state_dir))
+        check_dir("log_dir", cfg.log_dir, os.stat(cfg.log_dir))
+        check_dir("log_dir/output", self.runner.output_dir, os.fstat(self.runner.output_dir_fd()))
+        self.store.lock()
+        if not become_subreaper():
+            warn("warning: cannot become a child subreaper: processes that leave an attempt's"
+                 " group may outlive it")
+        try:
+            self.runner.prepare()       # before the queue is loaded: the zygote warms up meanwhile
+        except OSError as exc:          # each attempt tries again (and spawns if it must)
+            warn("warning: cannot start the zygote: %s" % exc)
+        self.log = EventLog(cfg.log_dir, self.clock)
+        # Loading a million jobs makes a million objects the cycle collector would walk again
+        # and again (40% of the load time): off while loading, then what was loaded is frozen
+        # out of later collections. Jobs never form cycles; their memory goes by refcount.
+        gc.disable()
+        try:
+            meta, records = self.store.load(Job.from_stored)
+            self.jobs = JobTable(self.store, self.log, self.clock, self.scheduler)
+            self.jobs.load(meta, records)
+            del records
+        finally:
+            gc.freeze()
+            gc.enable()
+        for warning in self.store.warnings:
+            warn("warning: " + warning)
+        self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
+        self.dispatcher.recover_running()
+        self.store.commit()
+        self.listener = self.open_listener()
+        self.start_accepting()
+        self.install_signals()
+        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        if cfg.idle_timeout > 0:
+            self.loop.call_later(cfg.idle_timeout / 4, self.drop_idle)
+        self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
+                       jobs=len(self.jobs.jobs), workers=cfg.workers)
+        self.log.flush()
 
     def open_listener(self) -> socket.socket:
         if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
@@ -4362,15 +4524,11 @@ class Daemon:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
-        if not self.stopping and self.scheduler.may_start(len(self.runner.active)):
-            backoff = self.start_retry_at - time.monotonic()
-            due = None if backoff > 0 else self.scheduler.due_in(self.clock())
-            if backoff > 0:             # a start failed for a reason of the host
-                timeout = min(timeout, backoff)
-            elif due == 0.0:
-                return 0.0
-            elif due is not None:
-                timeout = min(timeout, due)
+        due = None if self.stopping else self.dispatcher.next_start_in()
+        if due == 0.0:
+            return 0.0
+        if due is not None:
+            timeout = min(timeout, due)
         for due in (self.loop.next_timer(), self.store.sync_due()):
             if due is not None:
                 timeout = min(timeout, max(due - time.monotonic(), 0.0))
@@ -4386,7 +4544,7 @@ class Daemon:
             else:
                 self.loop.call(callback, mask)
         self.loop.run_timers()
-        self.dispatch()
+        self.dispatcher.dispatch()
         self.jobs.track()
         mark = self.log.mark()
         # Two budgets: clients held over from earlier passes go on, and a new request (a
@@ -4593,7 +4751,7 @@ class Daemon:
         if self.stopping:                       # a second signal: do not wait any longer
             self.interrupt_all()
             return
-        self.stopping = True
+        self.stopping = self.dispatcher.stopping = True
         sd_notify("STOPPING=1")
         if not self.own_socket:     # systemd holds new clients for the next daemon meanwhile
             self.stop_accepting()
@@ -4633,119 +4791,6 @@ class Daemon:
         sd_notify("READY=1")
 
     # -- jobs --------------------------------------------------------------------------------
-
-    def dispatch(self) -> None:
-        """Start due jobs while workers are free."""
-        if self.stopping or time.monotonic() < self.start_retry_at:
-            return
-        now = self.clock()
-        while True:
-            job = self.scheduler.next_job(now, len(self.runner.active))
-            if job is None:
-                return
-            if job.id in self.attempts:     # retried while its cancelled attempt was stopping
-                self.held[job.id] = job
-                continue
-            try:
-                self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
-            except OSError as exc:
-                self.not_started(job, "could not start a job process: %s" % exc)
-                return
-
-    def attempt_started(self, att: Attempt) -> None:
-        """The runner's report: the process of `att` exists (its pid is known)."""
-        job = att.job
-        self.attempts[job.id] = att
-        if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
-            self.jobs.transition(job, RUNNING, pid=att.pid, changes={
-                "attempts": att.number, "pid": att.pid, "pid_start": att.pid_start,
-                "exit_code": None, "error": None, "result": None,
-                # when the daemon started it (its timeout counts from then), not its fork
-                "started_at": self.clock() - (time.monotonic() - att.started)})
-            self.starting.append(att)   # runs the job once this pass's commit wrote that
-
-    def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
-        """The runner's report: no process could be made for `att` (the zygote failed)."""
-        self.not_started(att.job, error, retry_now)
-
-    def not_started(self, job: Job, error: str, retry_now: bool = False) -> None:
-        """No process could be made for the job, for a reason of the host (no free fd, no
-        memory to fork, the zygote gone or not answering): SPEC §2, that is no attempt. The job
-        stays pending as it was and is started again shortly (at once when the runner now
-        goes another way); the cause is logged once a minute at most."""
-        self.attempts.pop(job.id, None)
-        self.held.pop(job.id, None)
-        if job.state == PENDING:        # else it was cancelled meanwhile
-            self.jobs.requeue(job)
-        now = time.monotonic()
-        if not retry_now:
-            self.start_retry_at = now + START_RETRY_DELAY
-        if now >= self.start_warned_at + START_WARN_INTERVAL:
-            self.start_warned_at = now
-            warn("%s; job %d stays pending and is started again shortly" % (error, job.id))
-
-    def attempt_ended(self, att: Attempt) -> None:
-        """The runner's report: the process of `att` has exited."""
-        self.fd_freed()                         # its pipes are closed
-        job = att.job
-        self.attempts.pop(job.id, None)
-        if att.pid is None:                     # stopped before its process existed
-            self.held.pop(job.id, None)
-            if job.state == PENDING and att.stop_reason == "timeout":  # it counts (SPEC §2)
-                self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
-                error = "timed out after %gs (its process had not started)" % job.timeout
-                self.log.event("timed_out", job=job.id, target=job.target,
-                               attempt=job.attempt_label())
-                self.attempt_failed(job, None, error, error, permanent=False)
-            elif job.state == PENDING:          # shutdown, or retried while being cancelled
-                self.jobs.requeue(job)
-            return
-        exit_code = os.waitstatus_to_exitcode(att.status)
-        duration = time.monotonic() - att.started
-        if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
-            if job.state == CANCELLED:
-                self.jobs.update(job, pid=None, pid_start=None, exit_code=exit_code)
-            if self.held.pop(job.id, None) is not None and job.state == PENDING:
-                self.jobs.requeue(job)
-            return
-        report = att.report()
-        if att.stop_reason == "shutdown":
-            self.settle(job, Ending(ENDED_SHUTDOWN, exit_code), self.clock(), duration=duration,
-                        pid=att.pid)
-            return
-        status = report.get("status") if report else None
-        if exit_code == 0 and att.stop_reason is None and status in ("ok", None):
-            self.settle(job, Ending(ENDED_OK, result=report.get("result") if report else None),
-                        self.clock(), duration=duration, pid=att.pid)
-            return
-        if att.stop_reason == "timeout":
-            error = "timed out after %gs" % job.timeout
-            self.log.event("timed_out", job=job.id, target=job.target,
-                           attempt=job.attempt_label(), duration=duration, pid=att.pid)
-        elif status in ("error", "permanent", "invalid") and report.get("error"):
-            error = str(report["error"])
-        elif exit_code < 0:
-            error = "killed by signal %s" % _signal_name(-exit_code)
-        else:
-            error = "exited with code %d" % exit_code
-        detail = report.get("traceback") if report else None
-        self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
-                            duration=duration, pid=att.pid)
-
-    def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
-                       permanent: bool, **log_fields) -> None:
-        """A failed attempt: retry later (the retry policy says when) or fail for good."""
-        self.settle(job, Ending(ENDED_PERMANENT if permanent else ENDED_ERROR, exit_code, error,
-                                detail), self.clock(), **log_fields)
-
-    def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
-        """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
-        out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
-        if out.announce is not None:
-            self.log.event(out.announce, job=job.id, target=job.target,
-                           attempt=job.attempt_label(), **log_fields)
-        self.jobs.transition(job, out.state, event=out.event, detail=out.detail,
-                             changes=out.changes, **{**out.fields, **log_fields})
 
     def auto_prune(self) -> None:
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
