@@ -11,16 +11,21 @@ Sections, in file order
     errors ........... ProtocolError (code + message), ConfigError, StateError
     states ........... the job state machine: TRANSITIONS and its diagram
     Job .............. one job, as __slots__, to and from its JSON record
-    retry policy ..... next_run_at(): the one place that decides retries
+    retry policy ..... next_run_at(): the one place that decides retries;
+                       attempt_outcome(): what an ended attempt makes of its job
     event log ........ background_jobs.log / background_jobs_errors.log lines
-    store ............ queue.json snapshot + journal.jsonl, group commit, lock
-    queue ............ JobTable: every job, the heaps, and the one state writer
+    store ............ queue.json snapshot + journal.jsonl, group commit, lock:
+                       StoreLoading (start-up) and Store (writing, folding), Fold
+    queue ............ Queue (slots, pause, heaps) and Scheduler (which job starts
+                       next, when one is due); JobTable: every job, its indexes, and
+                       the one state writer
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server) and Runner: start attempts, capture
                        output, kill process groups
     protocol ......... request decoding, validation, the HANDLERS table
     config ........... keys, defaults, TOML loading
     daemon ........... the selectors loop, connections, signals, systemd
+                       Dispatcher: starts attempts, settles ended ones, recovery
     main ............. command line
 
 One pass of the loop
@@ -66,6 +71,7 @@ import stat
 import struct
 import sys
 import time
+from typing import NamedTuple
 
 ####################################################################################################
 #  Constants
@@ -327,6 +333,70 @@ def next_run_at(job: Job, now: float, max_retry_delay: float) -> float | None:
     else:
         delay = job.retry_delay * 2.0 ** min(k - 1, 64)   # 2**64 s is already past any cap
     return now + min(delay, max_retry_delay)
+
+
+# How an attempt ended, as attempt_outcome() takes it.
+ENDED_OK = "ok"                         # its code returned
+ENDED_ERROR = "error"                   # it failed: retried while retries are left
+ENDED_PERMANENT = "permanent"           # it failed and said not to retry
+ENDED_SHUTDOWN = "shutdown"             # the daemon's own stop ended it: it does not count
+ENDED_INTERRUPTED = "interrupted"       # the daemon died while it ran (found at start-up)
+
+
+class Ending(NamedTuple):
+    how: str                            # one of the ENDED_* above
+    exit_code: int | None = None
+    error: str | None = None            # its one-line summary (ENDED_ERROR, ENDED_PERMANENT)
+    detail: str | None = None           # for the errors log (a traceback)
+    result: object = None               # its return value (ENDED_OK)
+
+
+class Outcome(NamedTuple):
+    """What an ended attempt makes of its job: the arguments of JobTable.transition()."""
+    state: str
+    event: str | None                   # None: the move's usual event
+    changes: dict
+    detail: str | None = None
+    fields: dict = {}                   # log fields, before those of the caller
+    announce: str | None = None         # an event logged before the move's own
+
+
+def no_process(**changes) -> dict:
+    """The changes of a job whose attempt's process is gone, plus `changes`."""
+    return {"pid": None, "pid_start": None, **changes}
+
+
+def attempt_running(number: int, pid: int, pid_start: int | None, started_at: float) -> dict:
+    """The changes of a job whose attempt `number` has a process now: no outcome yet."""
+    return {"attempts": number, "pid": pid, "pid_start": pid_start, "exit_code": None,
+            "error": None, "result": None, "started_at": started_at}
+
+
+def attempt_outcome(job: Job, ending: Ending, now: float, max_retry_delay: float) -> Outcome:
+    """What the attempt of `job` (running) that ended as `ending` at `now` makes of it: the
+    one place that decides between success, a retry and failure (next_run_at says when)."""
+    how = ending.how
+    if how == ENDED_OK:
+        return Outcome(SUCCEEDED, None, no_process(result=ending.result, exit_code=0, error=None))
+    if how == ENDED_SHUTDOWN:
+        return Outcome(PENDING, "interrupted", no_process(
+            attempts=job.attempts - 1, run_at=now, exit_code=ending.exit_code),
+            fields={"attempt": job.attempt_label()})
+    if how == ENDED_INTERRUPTED:
+        changes = no_process(error="interrupted: the daemon stopped while the attempt ran")
+        run_at = next_run_at(job, now, max_retry_delay)
+        if run_at is None:
+            return Outcome(FAILED, None, changes, announce="interrupted")
+        changes["run_at"] = run_at
+        return Outcome(PENDING, "interrupted", changes)
+    error = " ".join(ending.error.split())[:MAX_ERROR_CHARS]
+    changes = no_process(exit_code=ending.exit_code, error=error)
+    fields = {"exit_code": ending.exit_code, "error": error}
+    run_at = None if how == ENDED_PERMANENT else next_run_at(job, now, max_retry_delay)
+    if run_at is None:
+        return Outcome(FAILED, None, changes, ending.detail, fields)
+    changes["run_at"] = fields["run_at"] = run_at
+    return Outcome(PENDING, "retrying", changes, ending.detail, fields)
 
 
 ####################################################################################################
@@ -673,84 +743,10 @@ def _record_id(rec: bytes) -> int:
     raise _NotCopyable
 
 
-class Store:
-    """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
-
-    Callers append() changes during a loop pass and commit() once: one write for the whole pass
-    (group commit), fsynced at once when a reply waits for it, else within SYNC_DELAY. A failed
-    write or fsync truncates the journal back to its last
-    durable length, closes it (a failed fsync is never retried on the same descriptor as if it had
-    worked) and marks the store broken; only a full snapshot() repairs it.
-
-    Compaction is crash-safe by generations. The snapshot records the generation G of the journal
-    that continues it; the journal's first line is {"gen": G}. snapshot() writes (1) a new
-    queue.json with G+1 (temp file, fsync, rename, fsync of the directory), then (2) a new journal
-    whose header is G+1 the same way. A crash between (1) and (2) leaves a journal of generation
-    G, whose changes are all in the new snapshot: load() ignores it.
-
-    fold() does the same without holding the loop: it renames the journal (generation G) to
-    journal.G.jsonl, starts journal.jsonl with G+1, and forks a child that writes the snapshot
-    G+1 (what memory held at the fork: everything up to the end of journal G) to a temp file and
-    says so; the parent goes on journaling into G+1 meanwhile. Then the parent renames that file
-    into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
-    replays the snapshot, then every journal of its generation or later in order
-    (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
-    through loads to the same jobs, whatever the step at which a crash stops it. A child that
-    fails (disk full) leaves the old files in force: the next fold (FOLD_RETRY later) rotates
-    again and covers them all."""
-
-    SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
-
-    def __init__(self, state_dir: str, fsync: bool = True):
-        self.dir = state_dir
-        self.do_fsync = fsync
-        self.snapshot_path = os.path.join(state_dir, self.SNAPSHOT)
-        self.journal_path = os.path.join(state_dir, self.JOURNAL)
-        self.gen = 0
-        self.fd: int | None = None        # journal, opened for append
-        self.size = 0                     # journal bytes written
-        self.synced = 0                   # journal bytes known durable
-        self.unsynced_since: float | None = None
-        self.sync_seconds = 0.0           # how long the last fsync took
-        self.snapshot_size = 0
-        self.lines: list[str] = []
-        # id -> how many journal entries changed that job since the snapshot on disk was
-        # written (None: unknown). Every other job's line in that snapshot is still right, and
-        # a job changed once has its current record in the journal: a fold copies both.
-        self.touched: dict[int, int] | None = None
-        self.broken: OSError | None = None
-        self.lock_fd: int | None = None
-        self.warnings: list[str] = []
-        self.older: list[str] = []        # journals before journal.jsonl that the snapshot on
-        self.older_size = 0               # disk does not cover, oldest first; their bytes
-        self.snapshot_jobs = 0            # jobs in the snapshot on disk
-        self.deleted = 0                  # jobs deleted by the journals since that snapshot
-        self.folding: Fold | None = None  # the background fold under way (at most one)
-        self.fold_after = 0.0             # monotonic: no background fold before (one failed)
-        self.fold_error: str | None = None    # why the last background fold failed
-
-    # -- lifetime ----------------------------------------------------------------------------
-
-    def lock(self) -> None:
-        fd = open_nofollow(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StateError("%s is locked: another jobrunnerd is using this state_dir"
-                             % os.path.join(self.dir, self.LOCK)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
-        self.lock_fd = fd
-
-    def close(self) -> None:
-        self.end_fold()
-        for fd in (self.fd, self.lock_fd):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.lock_fd = None
-
-    # -- loading -----------------------------------------------------------------------------
+class StoreLoading:
+    """The loading half of Store (read it there): queue.json, then each journal of its
+    generation or later, replayed in order, into (meta, records) at start-up; the journal is
+    then opened for appending. Store's own code writes, syncs and folds."""
 
     def load(self, make=None) -> tuple[dict, dict]:
         """Return (meta, records by id) from snapshot + journal and open the journal for
@@ -953,6 +949,84 @@ class Store:
             meta["next_id"] = max(meta["next_id"], int(obj["next_id"]))
         else:
             raise ValueError("unknown entry %r" % next(iter(obj)))
+
+
+class Store(StoreLoading):
+    """The only code that reads or writes state_dir: queue.json, journal.jsonl and lock.
+
+    Callers append() changes during a loop pass and commit() once: one write for the whole pass
+    (group commit), fsynced at once when a reply waits for it, else within SYNC_DELAY. A failed
+    write or fsync truncates the journal back to its last
+    durable length, closes it (a failed fsync is never retried on the same descriptor as if it had
+    worked) and marks the store broken; only a full snapshot() repairs it.
+
+    Compaction is crash-safe by generations. The snapshot records the generation G of the journal
+    that continues it; the journal's first line is {"gen": G}. snapshot() writes (1) a new
+    queue.json with G+1 (temp file, fsync, rename, fsync of the directory), then (2) a new journal
+    whose header is G+1 the same way. A crash between (1) and (2) leaves a journal of generation
+    G, whose changes are all in the new snapshot: load() ignores it.
+
+    fold() does the same without holding the loop: it renames the journal (generation G) to
+    journal.G.jsonl, starts journal.jsonl with G+1, and forks a child that writes the snapshot
+    G+1 (what memory held at the fork: everything up to the end of journal G) to a temp file and
+    says so; the parent goes on journaling into G+1 meanwhile. Then the parent renames that file
+    into place (reap_fold) and the child deletes the journals it covers (class Fold). load()
+    replays the snapshot, then every journal of its generation or later in order
+    (journal.S.jsonl ... journal.jsonl), and ignores older ones: every state the files pass
+    through loads to the same jobs, whatever the step at which a crash stops it. A child that
+    fails (disk full) leaves the old files in force: the next fold (FOLD_RETRY later) rotates
+    again and covers them all."""
+
+    SNAPSHOT, JOURNAL, LOCK = "queue.json", "journal.jsonl", "lock"
+
+    def __init__(self, state_dir: str, fsync: bool = True):
+        self.dir = state_dir
+        self.do_fsync = fsync
+        self.snapshot_path = os.path.join(state_dir, self.SNAPSHOT)
+        self.journal_path = os.path.join(state_dir, self.JOURNAL)
+        self.gen = 0
+        self.fd: int | None = None        # journal, opened for append
+        self.size = 0                     # journal bytes written
+        self.synced = 0                   # journal bytes known durable
+        self.unsynced_since: float | None = None
+        self.sync_seconds = 0.0           # how long the last fsync took
+        self.snapshot_size = 0
+        self.lines: list[str] = []
+        # id -> how many journal entries changed that job since the snapshot on disk was
+        # written (None: unknown). Every other job's line in that snapshot is still right, and
+        # a job changed once has its current record in the journal: a fold copies both.
+        self.touched: dict[int, int] | None = None
+        self.broken: OSError | None = None
+        self.lock_fd: int | None = None
+        self.warnings: list[str] = []
+        self.older: list[str] = []        # journals before journal.jsonl that the snapshot on
+        self.older_size = 0               # disk does not cover, oldest first; their bytes
+        self.snapshot_jobs = 0            # jobs in the snapshot on disk
+        self.deleted = 0                  # jobs deleted by the journals since that snapshot
+        self.folding: Fold | None = None  # the background fold under way (at most one)
+        self.fold_after = 0.0             # monotonic: no background fold before (one failed)
+        self.fold_error: str | None = None    # why the last background fold failed
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        fd = open_nofollow(os.path.join(self.dir, self.LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError("%s is locked: another jobrunnerd is using this state_dir"
+                             % os.path.join(self.dir, self.LOCK)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.lock_fd = fd
+
+    def close(self) -> None:
+        self.end_fold()
+        for fd in (self.fd, self.lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.lock_fd = None
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -1362,9 +1436,6 @@ class Fold:
             status = 1
             try:
                 self._detach((w, go_r))
-                if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1" and \
-                        os.environ.get("JOBRUNNER_TEST_FOLD_STOP") == "1":
-                    os.kill(os.getpid(), signal.SIGSTOP)    # tests: a fold that takes its time
                 path = self.temp[:-len(".tmp")]
                 _, size = self.store._write_snapshot(path, self.gen, meta, jobs, self.touched,
                                                      self.covers, True, keep_temp=True)
@@ -1399,8 +1470,7 @@ class Fold:
             os._exit(1)                         # the parent died before prctl took effect
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                        signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
         except (ValueError, OSError):
             pass
@@ -1461,15 +1531,126 @@ class Fold:
 
 
 ####################################################################################################
-#  Queue: JobTable, the one writer of job state
+#  Queue: Queue and Scheduler, JobTable (the one writer of job state)
 ####################################################################################################
 
-class JobTable:
-    """Every job in memory, with the indexes that keep each question cheap:
+DEFAULT_QUEUE = "default"       # the one queue today; named queues will add others
+
+
+class Queue:
+    """One queue: its name, its worker slots, whether it is paused, and its pending jobs:
 
         ready     heap of (-priority, id, token): due pending jobs, best first; equal
                   priorities in enqueue order (FIFO: ids grow with every add)
         delayed   heap of (run_at, id, token): pending jobs not yet due
+
+    Heap entries are never removed in place: a job that leaves a heap bumps its `token` (the
+    JobTable does), and entries with an old token are skipped when they surface. `jobs` is the
+    table's id -> Job dict, to tell live entries from stale ones."""
+
+    def __init__(self, name: str, workers: int):
+        self.name = name
+        self.workers = workers
+        self.paused = False
+        self.ready: list[tuple] = []
+        self.delayed: list[tuple] = []
+
+    def add(self, job: Job, now: float, push=heapq.heappush) -> None:
+        """A pending job onto the heap it belongs on at `now`."""
+        if job.run_at <= now:
+            push(self.ready, (-job.priority, job.id, job.token))
+        else:
+            push(self.delayed, (job.run_at, job.id, job.token))
+
+    def heapify(self) -> None:
+        for heap in (self.ready, self.delayed):
+            heapq.heapify(heap)         # O(n) once, not a push per job
+
+    def pop_due(self, now: float, jobs: dict) -> Job | None:
+        """The pending job that should start next, taken off the heap; None if none is due."""
+        delayed, ready = self.delayed, self.ready
+        while delayed and delayed[0][0] <= now:
+            run_at, job_id, token = heapq.heappop(delayed)
+            job = jobs.get(job_id)
+            if job is not None and job.token == token:
+                heapq.heappush(ready, (-job.priority, job_id, token))
+        while ready:
+            _, job_id, token = heapq.heappop(ready)
+            job = jobs.get(job_id)
+            if job is not None and job.token == token:
+                job.token += 1          # it is off the heap now
+                return job
+        return None
+
+    def has_due(self, now: float, jobs: dict) -> bool:
+        self._drop_stale(jobs)
+        return bool(self.ready) or bool(self.delayed and self.delayed[0][0] <= now)
+
+    def next_run_at(self, jobs: dict) -> float | None:
+        self._drop_stale(jobs)
+        return self.delayed[0][0] if self.delayed else None
+
+    def _drop_stale(self, jobs: dict) -> None:
+        for heap in (self.ready, self.delayed):
+            while heap:
+                job = jobs.get(heap[0][-2])
+                if job is not None and job.token == heap[0][-1]:
+                    break
+                heapq.heappop(heap)
+
+
+class Scheduler:
+    """Which pending job starts next, and when the next one is due: the queues (one today,
+    `default`), each with its slots and its paused flag. It holds no sockets and no processes:
+    tests step it with `now`. The JobTable tells it of every job that becomes pending (add)
+    and keeps `jobs` pointing at its id -> Job dict."""
+
+    def __init__(self, workers: int = 1):
+        self.jobs: dict[int, Job] = {}
+        self.default = Queue(DEFAULT_QUEUE, workers)
+        self.queues = {DEFAULT_QUEUE: self.default}
+
+    def add(self, job: Job, now: float, push=heapq.heappush) -> None:
+        self.default.add(job, now, push)    # every job is in the default queue today
+
+    def heapify(self) -> None:
+        for queue in self.queues.values():
+            queue.heapify()
+
+    def may_start(self, running: int) -> bool:
+        """May an attempt start now, `running` attempts being under way (a slot free)?"""
+        queue = self.default
+        return not queue.paused and running < queue.workers
+
+    def next_job(self, now: float, running: int) -> Job | None:
+        """The job to start now (off its heap), or None: nothing due, no slot, paused."""
+        if not self.may_start(running):
+            return None
+        return self.default.pop_due(now, self.jobs)
+
+    def pop_due(self, now: float) -> Job | None:
+        """The due job that should start next, whatever the slots and the pause say."""
+        return self.default.pop_due(now, self.jobs)
+
+    def has_due(self, now: float) -> bool:
+        return self.default.has_due(now, self.jobs)
+
+    def next_run_at(self) -> float | None:
+        """When the earliest job that is not due yet becomes due (None: there is none)."""
+        return self.default.next_run_at(self.jobs)
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until a pending job is due: 0.0 if one is, None if none is pending."""
+        if self.has_due(now):
+            return 0.0
+        run_at = self.next_run_at()
+        return None if run_at is None else max(run_at - now, 0.0)
+
+
+class JobTable:
+    """Every job in memory, with the indexes that keep each question cheap:
+
+        scheduler the pending jobs, in their queue's heaps (Scheduler, Queue)
         finished  heap of (finished_at, id): for pruning old finished jobs
         counts    jobs per state;  keys  unique key -> id of the live job holding it
         ids       every id, ascending (for `list ... after_id`)
@@ -1479,7 +1660,8 @@ class JobTable:
                   per loop pass (index_targets()), kept up to date from its start
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
-    entries with an old token are skipped when they surface.
+    entries with an old token are skipped when they surface. _index() and _unindex() are
+    the only code that changes these indexes; every change to a job goes through them.
 
     transition() is the only code that assigns job.state: it checks TRANSITIONS, stamps the
     times, writes the log line and journals the job. update() journals other changes. While
@@ -1488,14 +1670,14 @@ class JobTable:
 
     IN_PLACE_RUNS = 16     # more runs of removed ids than this: one copying pass is cheaper
 
-    def __init__(self, store: Store, log: EventLog, clock=None):
+    def __init__(self, store: Store, log: EventLog, clock=None, scheduler: Scheduler | None = None):
         self.store = store
         self.log = log
         self.clock = clock or wall_clock
         self.jobs: dict[int, Job] = {}
+        self.scheduler = scheduler or Scheduler()
+        self.scheduler.jobs = self.jobs
         self.ids: list[int] = []
-        self.ready: list[tuple] = []
-        self.delayed: list[tuple] = []
         self.finished: list[tuple] = []
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
@@ -1504,7 +1686,6 @@ class JobTable:
         self._targets_upto = 0                  # and create() adds those above this one
         self.keys: dict[str, int] = {}
         self.next_id = 1
-        self.paused = False
         self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
         self._undo: dict[int, tuple] | None = None
         self._undo_paused: bool | None = None
@@ -1513,7 +1694,7 @@ class JobTable:
 
     def load(self, meta: dict, records: dict[int, dict]) -> None:
         self.next_id = meta["next_id"]
-        self.paused = meta["paused"]
+        self.scheduler.default.paused = meta["paused"]
         now = self.clock()
         for job_id, job in records.items():
             if not isinstance(job, Job):
@@ -1522,12 +1703,18 @@ class JobTable:
                 except (ValueError, TypeError, AttributeError) as exc:
                     raise StateError("job %d in %s: %s" % (job_id, self.store.dir, exc)) from None
         self.jobs = records             # taken over, not copied: a million entries
+        self.scheduler.jobs = records
         self.ids = sorted(records)
         index = self._index
         for job in records.values():
             index(job, now, list.append)
-        for heap in (self.ready, self.delayed, self.finished):
-            heapq.heapify(heap)         # O(n) once, not a push per job
+        self.scheduler.heapify()
+        heapq.heapify(self.finished)    # O(n) once, not a push per job
+
+    @property
+    def paused(self) -> bool:
+        """The default queue's pause (stats, the journal's `paused` entry)."""
+        return self.scheduler.default.paused
 
     # -- indexes -----------------------------------------------------------------------------
 
@@ -1535,10 +1722,7 @@ class JobTable:
         self.counts[job.state] += 1
         self.by_state[job.state].add(job.id)
         if job.state == PENDING:
-            if job.run_at <= (self.clock() if now is None else now):
-                push(self.ready, (-job.priority, job.id, job.token))
-            else:
-                push(self.delayed, (job.run_at, job.id, job.token))
+            self.scheduler.add(job, self.clock() if now is None else now, push)
         elif job.state in FINISHED:
             push(self.finished, (job.finished_at or 0.0, job.id))
         if job.key is not None and job.state in LIVE:
@@ -1627,7 +1811,7 @@ class JobTable:
     def set_paused(self, paused: bool) -> None:
         if self._undo is not None and self._undo_paused is None:
             self._undo_paused = self.paused
-        self.paused = paused
+        self.scheduler.default.paused = paused
         self.store.append({"paused": paused})
 
     def remove(self, jobs: list[Job]) -> None:
@@ -1690,7 +1874,7 @@ class JobTable:
                     bisect.insort(self.by_target.setdefault(job.target, []), job_id)
             self._index(job)
         if self._undo_paused is not None:
-            self.paused = self._undo_paused
+            self.scheduler.default.paused = self._undo_paused
         self.untrack()
 
     @staticmethod
@@ -1759,37 +1943,16 @@ class JobTable:
         self._targets_done = upto
         return True
 
+    # The scheduler's questions, asked of the table by tests that step a table alone.
+
     def pop_due(self, now: float) -> Job | None:
-        """The pending job that should start next, taken off the heap; None if none is due."""
-        delayed, ready, jobs = self.delayed, self.ready, self.jobs
-        while delayed and delayed[0][0] <= now:
-            run_at, job_id, token = heapq.heappop(delayed)
-            job = jobs.get(job_id)
-            if job is not None and job.token == token:
-                heapq.heappush(ready, (-job.priority, job_id, token))
-        while ready:
-            _, job_id, token = heapq.heappop(ready)
-            job = jobs.get(job_id)
-            if job is not None and job.token == token:
-                job.token += 1          # it is off the heap now
-                return job
-        return None
+        return self.scheduler.pop_due(now)
 
     def has_due(self, now: float) -> bool:
-        self._drop_stale()
-        return bool(self.ready) or bool(self.delayed and self.delayed[0][0] <= now)
+        return self.scheduler.has_due(now)
 
     def next_run_at(self) -> float | None:
-        self._drop_stale()
-        return self.delayed[0][0] if self.delayed else None
-
-    def _drop_stale(self) -> None:
-        for heap in (self.ready, self.delayed):
-            while heap:
-                job = self.jobs.get(heap[0][-2])
-                if job is not None and job.token == heap[0][-1]:
-                    break
-                heapq.heappop(heap)
+        return self.scheduler.next_run_at()
 
     def finished_before(self, cutoff: float, busy=(), limit: int | None = None) -> list[Job]:
         """Finished jobs whose finished_at <= cutoff (for prune), oldest first, at most `limit`,
@@ -3095,9 +3258,6 @@ class Runner:
         self.quick_deaths: list[float] = []
         self.spawn_until_ready = False          # a zygote failed: spawn until a new one is ready
         self.start_timeout = ZYGOTE_START_TIMEOUT
-        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":     # tests need not wait that long
-            self.start_timeout = float(os.environ.get("JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT",
-                                                      ZYGOTE_START_TIMEOUT))
         self.output_dir = os.path.join(cfg.log_dir, "output")
         self.out_dir_fd: int | None = None      # output/, opened once (output_dir_fd)
         self.output_trouble = WriteTrouble()    # bytes of job output lost
@@ -4020,6 +4180,198 @@ class PruneTask:
         daemon.resume.add(self.conn)
 
 
+class Dispatcher:
+    """The attempts of jobs: starts due jobs while a slot is free (the Scheduler says which),
+    hears from the Runner when an attempt's process exists, could not be made, or has ended,
+    and makes of each ended attempt what attempt_outcome() says; at start-up, the attempts a
+    dead daemon left running. `jobs` and `log` are set once the state is loaded; `started`
+    hands an attempt whose start is written to the pass (its job spec goes once that is
+    durable), `fd_freed` says that an attempt let go of its fds."""
+
+    def __init__(self, cfg: Config, scheduler: Scheduler, clock, started, fd_freed):
+        self.cfg = cfg
+        self.scheduler = scheduler
+        self.clock = clock
+        self.started = started
+        self.fd_freed = fd_freed
+        self.jobs: JobTable | None = None
+        self.log: EventLog | None = None
+        self.runner: Runner | None = None
+        self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
+        self.held: dict[int, Job] = {}             # due, but their last attempt is still dying
+        self.stopping = False                      # the daemon is stopping: start nothing
+        self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
+        self.start_warned_at = -START_WARN_INTERVAL
+
+    def next_start_in(self) -> float | None:
+        """Seconds until an attempt may start (0.0: now), or None: no slot, paused, nothing
+        pending. A start that failed for a reason of the host waits for its backoff."""
+        if not self.scheduler.may_start(len(self.runner.active)):
+            return None
+        backoff = self.start_retry_at - time.monotonic()
+        if backoff > 0:                 # a start failed for a reason of the host
+            return backoff
+        return self.scheduler.due_in(self.clock())
+
+    def recover_running(self) -> None:
+        """Jobs left `running` by a daemon that died: kill what is left of them, then count the
+        attempt as failed (pending again, or failed when no retries are left)."""
+        if not self.jobs.counts[RUNNING]:
+            return
+        now = self.clock()
+        running = [j for j in self.jobs.jobs.values() if j.state == RUNNING]
+        groups = set()
+        for job in running:
+            if job.pid:
+                start = proc_start_time(job.pid)
+                if start is None or start == job.pid_start:   # gone, or still ours: kill
+                    kill_group(job.pid, signal.SIGKILL)
+                    groups.add(job.pid)
+        # SIGKILL is not instant for a process in uninterruptible sleep: the next attempt must
+        # not overlap the old one, so wait (bounded) until no live member of a group is left.
+        deadline = time.monotonic() + self.cfg.kill_grace
+        while groups and time.monotonic() < deadline:
+            groups &= live_process_groups()
+            if groups:
+                time.sleep(0.01)
+        for pgid in groups:
+            warn("warning: process group %d survived SIGKILL for %gs"
+                 % (pgid, self.cfg.kill_grace))
+        self.kill_leftovers({(job.id, job.attempts): job.pid_start for job in running
+                             if job.pid_start is not None})
+        for job in running:
+            self.settle(job, Ending(ENDED_INTERRUPTED), now, pid=job.pid)
+
+    def kill_leftovers(self, attempts: dict[tuple[int, int], int]) -> None:
+        """What those attempts started and the crash let go (re-parented to init: setsid, a
+        daemonising tool): killed before the jobs can run again. A victim's own children go to
+        init as it dies, so look again until nothing is found."""
+        deadline = time.monotonic() + self.cfg.kill_grace
+        while attempts:
+            left = find_leftovers(attempts)
+            for pid, start in left:
+                kill_process(pid, start)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                warn("warning: %d processes of interrupted jobs survived SIGKILL for %gs"
+                     % (len(left), self.cfg.kill_grace))
+                return
+            time.sleep(0.01)
+
+    def dispatch(self) -> None:
+        """Start due jobs while workers are free."""
+        if self.stopping or time.monotonic() < self.start_retry_at:
+            return
+        now = self.clock()
+        while True:
+            job = self.scheduler.next_job(now, len(self.runner.active))
+            if job is None:
+                return
+            if job.id in self.attempts:     # retried while its cancelled attempt was stopping
+                self.held[job.id] = job
+                continue
+            try:
+                self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
+            except OSError as exc:
+                self.not_started(job, "could not start a job process: %s" % exc)
+                return
+
+    def attempt_started(self, att: Attempt) -> None:
+        """The runner's report: the process of `att` exists (its pid is known)."""
+        job = att.job
+        self.attempts[job.id] = att
+        if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
+            self.jobs.transition(job, RUNNING, pid=att.pid, changes=attempt_running(
+                att.number, att.pid, att.pid_start,
+                # when the daemon started it (its timeout counts from then), not its fork
+                self.clock() - (time.monotonic() - att.started)))
+            self.started(att)           # runs the job once this pass's commit wrote that
+
+    def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
+        """The runner's report: no process could be made for `att` (the zygote failed)."""
+        self.not_started(att.job, error, retry_now)
+
+    def not_started(self, job: Job, error: str, retry_now: bool = False) -> None:
+        """No process could be made for the job, for a reason of the host (no free fd, no
+        memory to fork, the zygote gone or not answering): SPEC §2, that is no attempt. The job
+        stays pending as it was and is started again shortly (at once when the runner now
+        goes another way); the cause is logged once a minute at most."""
+        self.attempts.pop(job.id, None)
+        self.held.pop(job.id, None)
+        if job.state == PENDING:        # else it was cancelled meanwhile
+            self.jobs.requeue(job)
+        now = time.monotonic()
+        if not retry_now:
+            self.start_retry_at = now + START_RETRY_DELAY
+        if now >= self.start_warned_at + START_WARN_INTERVAL:
+            self.start_warned_at = now
+            warn("%s; job %d stays pending and is started again shortly" % (error, job.id))
+
+    def attempt_ended(self, att: Attempt) -> None:
+        """The runner's report: the process of `att` has exited."""
+        self.fd_freed()                         # its pipes are closed
+        job = att.job
+        self.attempts.pop(job.id, None)
+        if att.pid is None:                     # stopped before its process existed
+            self.held.pop(job.id, None)
+            if job.state == PENDING and att.stop_reason == "timeout":  # it counts (SPEC §2)
+                self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
+                error = "timed out after %gs (its process had not started)" % job.timeout
+                self.log.event("timed_out", job=job.id, target=job.target,
+                               attempt=job.attempt_label())
+                self.attempt_failed(job, None, error, error, permanent=False)
+            elif job.state == PENDING:          # shutdown, or retried while being cancelled
+                self.jobs.requeue(job)
+            return
+        exit_code = os.waitstatus_to_exitcode(att.status)
+        duration = time.monotonic() - att.started
+        if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
+            if job.state == CANCELLED:
+                self.jobs.update(job, **no_process(exit_code=exit_code))
+            if self.held.pop(job.id, None) is not None and job.state == PENDING:
+                self.jobs.requeue(job)
+            return
+        report = att.report()
+        if att.stop_reason == "shutdown":
+            self.settle(job, Ending(ENDED_SHUTDOWN, exit_code), self.clock(), duration=duration,
+                        pid=att.pid)
+            return
+        status = report.get("status") if report else None
+        if exit_code == 0 and att.stop_reason is None and status in ("ok", None):
+            self.settle(job, Ending(ENDED_OK, result=report.get("result") if report else None),
+                        self.clock(), duration=duration, pid=att.pid)
+            return
+        if att.stop_reason == "timeout":
+            error = "timed out after %gs" % job.timeout
+            self.log.event("timed_out", job=job.id, target=job.target,
+                           attempt=job.attempt_label(), duration=duration, pid=att.pid)
+        elif status in ("error", "permanent", "invalid") and report.get("error"):
+            error = str(report["error"])
+        elif exit_code < 0:
+            error = "killed by signal %s" % _signal_name(-exit_code)
+        else:
+            error = "exited with code %d" % exit_code
+        detail = report.get("traceback") if report else None
+        self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
+                            duration=duration, pid=att.pid)
+
+    def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
+                       permanent: bool, **log_fields) -> None:
+        """A failed attempt: retry later (the retry policy says when) or fail for good."""
+        self.settle(job, Ending(ENDED_PERMANENT if permanent else ENDED_ERROR, exit_code, error,
+                                detail), self.clock(), **log_fields)
+
+    def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
+        """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
+        out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
+        if out.announce is not None:
+            self.log.event(out.announce, job=job.id, target=job.target,
+                           attempt=job.attempt_label(), **log_fields)
+        self.jobs.transition(job, out.state, event=out.event, detail=out.detail,
+                             changes=out.changes, **{**out.fields, **log_fields})
+
+
 class Daemon:
     """The daemon: owns the loop, the job table, the store, the runner and the clients.
 
@@ -4034,10 +4386,13 @@ class Daemon:
         self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
         self.log: EventLog | None = None
         self.jobs: JobTable | None = None
-        self.runner = Runner(cfg, self.loop, self.attempt_started, self.attempt_ended,
-                             self.attempt_start_failed)
-        self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
-        self.held: dict[int, Job] = {}             # due, but their last attempt is still dying
+        self.scheduler = Scheduler(cfg.workers)
+        self.dispatcher = Dispatcher(cfg, self.scheduler, self.clock,
+                                     lambda att: self.starting.append(att), lambda: self.fd_freed())
+        self.runner = Runner(cfg, self.loop, self.dispatcher.attempt_started,
+                             self.dispatcher.attempt_ended, self.dispatcher.attempt_start_failed)
+        self.dispatcher.runner = self.runner
+        self.attempts = self.dispatcher.attempts   # job id -> its running attempt
         self.conns: set[Connection] = set()
         self.dirty: set[Connection] = set()        # connections with replies to send
         self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
@@ -4063,8 +4418,6 @@ class Daemon:
         self.listener: socket.socket | None = None
         self.own_socket = True                     # False under socket activation
         self.stopping = False
-        self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
-        self.start_warned_at = -START_WARN_INTERVAL
         self.compact_wanted = False
         self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
         self.repair_after = 0.0
@@ -4100,7 +4453,7 @@ class Daemon:
         gc.disable()
         try:
             meta, records = self.store.load(Job.from_stored)
-            self.jobs = JobTable(self.store, self.log, self.clock)
+            self.jobs = JobTable(self.store, self.log, self.clock, self.scheduler)
             self.jobs.load(meta, records)
             del records
         finally:
@@ -4108,7 +4461,8 @@ class Daemon:
             gc.enable()
         for warning in self.store.warnings:
             warn("warning: " + warning)
-        self.recover_running()
+        self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
+        self.dispatcher.recover_running()
         self.store.commit()
         self.listener = self.open_listener()
         self.start_accepting()
@@ -4119,62 +4473,6 @@ class Daemon:
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
                        jobs=len(self.jobs.jobs), workers=cfg.workers)
         self.log.flush()
-
-    def recover_running(self) -> None:
-        """Jobs left `running` by a daemon that died: kill what is left of them, then count the
-        attempt as failed (pending again, or failed when no retries are left)."""
-        if not self.jobs.counts[RUNNING]:
-            return
-        now = self.clock()
-        running = [j for j in self.jobs.jobs.values() if j.state == RUNNING]
-        groups = set()
-        for job in running:
-            if job.pid:
-                start = proc_start_time(job.pid)
-                if start is None or start == job.pid_start:   # gone, or still ours: kill
-                    kill_group(job.pid, signal.SIGKILL)
-                    groups.add(job.pid)
-        # SIGKILL is not instant for a process in uninterruptible sleep: the next attempt must
-        # not overlap the old one, so wait (bounded) until no live member of a group is left.
-        deadline = time.monotonic() + self.cfg.kill_grace
-        while groups and time.monotonic() < deadline:
-            groups &= live_process_groups()
-            if groups:
-                time.sleep(0.01)
-        for pgid in groups:
-            warn("warning: process group %d survived SIGKILL for %gs"
-                 % (pgid, self.cfg.kill_grace))
-        self.kill_leftovers({(job.id, job.attempts): job.pid_start for job in running
-                             if job.pid_start is not None})
-        for job in running:
-            error = "interrupted: the daemon stopped while the attempt ran"
-            changes = {"pid": None, "pid_start": None, "error": error}
-            run_at = next_run_at(job, now, self.cfg.max_retry_delay)
-            if run_at is None:
-                self.log.event("interrupted", job=job.id, target=job.target,
-                               attempt=job.attempt_label(), pid=job.pid)
-                self.jobs.transition(job, FAILED, changes=changes, pid=job.pid)
-            else:
-                changes["run_at"] = run_at
-                self.jobs.transition(job, PENDING, event="interrupted", changes=changes,
-                                     pid=job.pid)
-
-    def kill_leftovers(self, attempts: dict[tuple[int, int], int]) -> None:
-        """What those attempts started and the crash let go (re-parented to init: setsid, a
-        daemonising tool): killed before the jobs can run again. A victim's own children go to
-        init as it dies, so look again until nothing is found."""
-        deadline = time.monotonic() + self.cfg.kill_grace
-        while attempts:
-            left = find_leftovers(attempts)
-            for pid, start in left:
-                kill_process(pid, start)
-            if not left:
-                return
-            if time.monotonic() >= deadline:
-                warn("warning: %d processes of interrupted jobs survived SIGKILL for %gs"
-                     % (len(left), self.cfg.kill_grace))
-                return
-            time.sleep(0.01)
 
     def open_listener(self) -> socket.socket:
         if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
@@ -4218,8 +4516,6 @@ class Daemon:
         self.wake_w.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         handled = [signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-        if os.environ.get("JOBRUNNER_TEST_HOOKS") == "1":
-            handled.append(signal.SIGUSR1)      # test hook: a stuck loop (see on_signal)
         for sig in handled:
             signal.signal(sig, lambda signum, frame: None)    # the wakeup fd does the work
         self.loop.watch(self.wake_r.fileno(), selectors.EVENT_READ, "internal", self.on_signal)
@@ -4244,16 +4540,11 @@ class Daemon:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
-        if not self.stopping and not self.jobs.paused \
-                and len(self.runner.active) < self.cfg.workers:
-            now = self.clock()
-            backoff = self.start_retry_at - time.monotonic()
-            if backoff > 0:             # a start failed for a reason of the host
-                timeout = min(timeout, backoff)
-            elif self.jobs.has_due(now):
-                return 0.0
-            elif self.jobs.next_run_at() is not None:
-                timeout = min(timeout, max(self.jobs.next_run_at() - now, 0.0))
+        due = None if self.stopping else self.dispatcher.next_start_in()
+        if due == 0.0:
+            return 0.0
+        if due is not None:
+            timeout = min(timeout, due)
         for due in (self.loop.next_timer(), self.store.sync_due()):
             if due is not None:
                 timeout = min(timeout, max(due - time.monotonic(), 0.0))
@@ -4269,7 +4560,7 @@ class Daemon:
             else:
                 self.loop.call(callback, mask)
         self.loop.run_timers()
-        self.dispatch()
+        self.dispatcher.dispatch()
         self.jobs.track()
         mark = self.log.mark()
         # Two budgets: clients held over from earlier passes go on, and a new request (a
@@ -4470,15 +4761,13 @@ class Daemon:
                 self.loop.call(self.begin_stop)
             elif signum == signal.SIGHUP:
                 self.loop.call(self.reload)
-            elif signum == signal.SIGUSR1:      # only with JOBRUNNER_TEST_HOOKS=1
-                time.sleep(float(os.environ.get("JOBRUNNER_TEST_STALL", "2")))
 
     def begin_stop(self) -> None:
         """Stop starting attempts; give running ones shutdown_grace, then stop them."""
         if self.stopping:                       # a second signal: do not wait any longer
             self.interrupt_all()
             return
-        self.stopping = True
+        self.stopping = self.dispatcher.stopping = True
         sd_notify("STOPPING=1")
         if not self.own_socket:     # systemd holds new clients for the next daemon meanwhile
             self.stop_accepting()
@@ -4521,121 +4810,6 @@ class Daemon:
         sd_notify("READY=1")
 
     # -- jobs --------------------------------------------------------------------------------
-
-    def dispatch(self) -> None:
-        """Start due jobs while workers are free."""
-        if self.stopping or self.jobs.paused or time.monotonic() < self.start_retry_at:
-            return
-        now = self.clock()
-        while len(self.runner.active) < self.cfg.workers:
-            job = self.jobs.pop_due(now)
-            if job is None:
-                return
-            if job.id in self.attempts:     # retried while its cancelled attempt was stopping
-                self.held[job.id] = job
-                continue
-            try:
-                self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
-            except OSError as exc:
-                self.not_started(job, "could not start a job process: %s" % exc)
-                return
-
-    def attempt_started(self, att: Attempt) -> None:
-        """The runner's report: the process of `att` exists (its pid is known)."""
-        job = att.job
-        self.attempts[job.id] = att
-        if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
-            self.jobs.transition(job, RUNNING, pid=att.pid, changes={
-                "attempts": att.number, "pid": att.pid, "pid_start": att.pid_start,
-                "exit_code": None, "error": None, "result": None,
-                # when the daemon started it (its timeout counts from then), not its fork
-                "started_at": self.clock() - (time.monotonic() - att.started)})
-            self.starting.append(att)   # runs the job once this pass's commit wrote that
-
-    def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
-        """The runner's report: no process could be made for `att` (the zygote failed)."""
-        self.not_started(att.job, error, retry_now)
-
-    def not_started(self, job: Job, error: str, retry_now: bool = False) -> None:
-        """No process could be made for the job, for a reason of the host (no free fd, no
-        memory to fork, the zygote gone or not answering): SPEC §2, that is no attempt. The job
-        stays pending as it was and is started again shortly (at once when the runner now
-        goes another way); the cause is logged once a minute at most."""
-        self.attempts.pop(job.id, None)
-        self.held.pop(job.id, None)
-        if job.state == PENDING:        # else it was cancelled meanwhile
-            self.jobs.requeue(job)
-        now = time.monotonic()
-        if not retry_now:
-            self.start_retry_at = now + START_RETRY_DELAY
-        if now >= self.start_warned_at + START_WARN_INTERVAL:
-            self.start_warned_at = now
-            warn("%s; job %d stays pending and is started again shortly" % (error, job.id))
-
-    def attempt_ended(self, att: Attempt) -> None:
-        """The runner's report: the process of `att` has exited."""
-        self.fd_freed()                         # its pipes are closed
-        job = att.job
-        self.attempts.pop(job.id, None)
-        if att.pid is None:                     # stopped before its process existed
-            self.held.pop(job.id, None)
-            if job.state == PENDING and att.stop_reason == "timeout":  # it counts (SPEC §2)
-                self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
-                error = "timed out after %gs (its process had not started)" % job.timeout
-                self.log.event("timed_out", job=job.id, target=job.target,
-                               attempt=job.attempt_label())
-                self.attempt_failed(job, None, error, error, permanent=False)
-            elif job.state == PENDING:          # shutdown, or retried while being cancelled
-                self.jobs.requeue(job)
-            return
-        exit_code = os.waitstatus_to_exitcode(att.status)
-        duration = time.monotonic() - att.started
-        if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
-            if job.state == CANCELLED:
-                self.jobs.update(job, pid=None, pid_start=None, exit_code=exit_code)
-            if self.held.pop(job.id, None) is not None and job.state == PENDING:
-                self.jobs.requeue(job)
-            return
-        report = att.report()
-        if att.stop_reason == "shutdown":
-            self.jobs.transition(job, PENDING, event="interrupted", duration=duration,
-                                 pid=att.pid, attempt=job.attempt_label(), changes={
-                                     "attempts": job.attempts - 1, "run_at": self.clock(),
-                                     "pid": None, "pid_start": None, "exit_code": exit_code})
-            return
-        status = report.get("status") if report else None
-        if exit_code == 0 and att.stop_reason is None and status in ("ok", None):
-            self.jobs.transition(job, SUCCEEDED, duration=duration, pid=att.pid, changes={
-                "result": report.get("result") if report else None, "exit_code": 0,
-                "error": None, "pid": None, "pid_start": None})
-            return
-        if att.stop_reason == "timeout":
-            error = "timed out after %gs" % job.timeout
-            self.log.event("timed_out", job=job.id, target=job.target,
-                           attempt=job.attempt_label(), duration=duration, pid=att.pid)
-        elif status in ("error", "permanent", "invalid") and report.get("error"):
-            error = str(report["error"])
-        elif exit_code < 0:
-            error = "killed by signal %s" % _signal_name(-exit_code)
-        else:
-            error = "exited with code %d" % exit_code
-        detail = report.get("traceback") if report else None
-        self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
-                            duration=duration, pid=att.pid)
-
-    def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
-                       permanent: bool, **log_fields) -> None:
-        """A failed attempt: retry later (the retry policy says when) or fail for good."""
-        error = " ".join(error.split())[:MAX_ERROR_CHARS]
-        changes = {"exit_code": exit_code, "error": error, "pid": None, "pid_start": None}
-        run_at = None if permanent else next_run_at(job, self.clock(), self.cfg.max_retry_delay)
-        if run_at is None:
-            self.jobs.transition(job, FAILED, detail=detail, changes=changes, exit_code=exit_code,
-                                 error=error, **log_fields)
-        else:
-            changes["run_at"] = run_at
-            self.jobs.transition(job, PENDING, event="retrying", detail=detail, changes=changes,
-                                 exit_code=exit_code, error=error, run_at=run_at, **log_fields)
 
     def auto_prune(self) -> None:
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)

@@ -21,6 +21,14 @@ JOBCTL = os.path.join(ROOT, "jobctl.py")
 sys.path.insert(0, ROOT)
 
 
+# Runs the daemon as `python jobrunnerd.py` does, after a test's `preamble` (Python, with the
+# module as `jr`) changed a constant or wrapped a method: how a test reaches a state that would
+# take long or be a race (a zygote's start deadline, a fold's child caught mid-way), with no
+# switch for tests in the product.
+LAUNCHER = ("import sys; sys.path.insert(0, %r); import jobrunnerd as jr; exec(sys.argv[1]);"
+            " sys.exit(jr.main(sys.argv[2:]))" % ROOT)
+
+
 def daemon_env(**extra):
     """The test's environment without anything systemd may have given the test run itself
     (a CI runner under systemd has NOTIFY_SOCKET, maybe WATCHDOG_USEC), plus `extra`."""
@@ -138,6 +146,7 @@ class Daemon:
                        "start_method": os.environ.get("JOBRUNNER_TEST_START_METHOD", "zygote")}
         self.config.update(config)
         self.proc = None
+        self.preamble: str | None = None    # see LAUNCHER
         self.stderr_path = os.path.join(root, "daemon.stderr")
 
     def write_config(self):
@@ -150,7 +159,9 @@ class Daemon:
         self.write_config()
         self.stderr = open(self.stderr_path, "ab")
         env = daemon_env() if env is None else env
-        self.proc = subprocess.Popen([sys.executable, DAEMON, "--config", self.config_path,
+        command = [sys.executable, DAEMON] if self.preamble is None else \
+            [sys.executable, "-c", LAUNCHER, self.preamble]
+        self.proc = subprocess.Popen([*command, "--config", self.config_path,
                                       *args], stdin=subprocess.DEVNULL, stdout=self.stderr,
                                      stderr=self.stderr, env=env)
         if wait:
@@ -290,12 +301,14 @@ class DaemonTestCase(unittest.TestCase):
 
     config: dict = {}
     daemon_env: dict = {}       # added to the daemon's environment
+    daemon_preamble: str | None = None      # run before the daemon's main(): see LAUNCHER
 
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory(prefix="jr-test-")
         self.root = self._tmp.name
         os.makedirs(os.path.join(self.root, "jobs"))
         self.daemon = Daemon(self.root, **self.config)
+        self.daemon.preamble = self.daemon_preamble
         self.addCleanup(self._tmp.cleanup)
         self.addCleanup(self._stop_daemon)
         self.prepare()

@@ -432,7 +432,7 @@ class FoldFailureTest(InProcessDaemonCase):
 
 
 ####################################################################################################
-#  A real daemon, its fold's child held by the test hook
+#  A real daemon, its fold's child held (stopped) by the test's preamble
 ####################################################################################################
 
 def fold_child(daemon_pid):
@@ -458,7 +458,15 @@ def gone(pid):
 
 
 class FoldDaemonTest(DaemonTestCase):
-    daemon_env = {"JOBRUNNER_TEST_HOOKS": "1", "JOBRUNNER_TEST_FOLD_STOP": "1"}
+    # A fold that takes its time: its child stops itself once it holds none of the daemon's
+    # files, before it writes anything (the test sends SIGCONT, or kills the daemon).
+    daemon_preamble = """
+import os, signal
+def _detach(keep, detach=jr.Fold._detach):
+    detach(keep)
+    os.kill(os.getpid(), signal.SIGSTOP)
+jr.Fold._detach = staticmethod(_detach)
+"""
     PAD = "p" * 2048                    # ~600 of these pass the 1 MiB journal threshold
 
     def add_many(self, c, n, tag):
@@ -481,6 +489,7 @@ class FoldDaemonTest(DaemonTestCase):
                 break
         child = wait_until(lambda: fold_child(self.daemon.proc.pid), 10,
                            message="a fold's child (none: the fold ran in the loop?)")
+        self.daemon.preamble = None     # a daemon started again folds on its own
         return acked, child
 
     def assert_all_there(self, acked):

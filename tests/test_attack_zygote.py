@@ -95,7 +95,6 @@ def children_named(parent: int, word: bytes) -> list[int]:
 class ZygoteCase(DaemonTestCase):
     config = {"start_method": "zygote", "allow": ["examples.*:*", "zygjobs:*"], "workers": 1,
               "kill_grace": 1, "shutdown_grace": 30}
-    daemon_env = {"JOBRUNNER_TEST_HOOKS": "1"}
     preload_source = None
 
     def prepare(self):
@@ -139,7 +138,7 @@ class PreloadThatBlocksTest(ZygoteCase):
     """The zygote never says "ready": after its start-up deadline it is killed, and jobs run
     by spawn (the jobs waiting on it go back to pending without counting)."""
     config = dict(ZygoteCase.config, preload=["zygpreload"])
-    daemon_env = dict(ZygoteCase.daemon_env, JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT="1.5")
+    daemon_preamble = "jr.ZYGOTE_START_TIMEOUT = 1.5"     # not 10 s: tests need not wait that long
     preload_source = BLOCKING_PRELOAD
 
     def test_jobs_run_by_spawn_once_the_zygote_missed_its_start_deadline(self):
@@ -155,7 +154,7 @@ class PreloadThatBlocksTest(ZygoteCase):
 class PreloadThatBlocksAfterSighupTest(ZygoteCase):
     """The same, for the zygote that SIGHUP starts (the preload now blocks)."""
     config = dict(ZygoteCase.config, preload=["zygpreload"])
-    daemon_env = dict(ZygoteCase.daemon_env, JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT="1.5")
+    daemon_preamble = "jr.ZYGOTE_START_TIMEOUT = 1.5"
     preload_source = "LOADED = True\n"
 
     def test_jobs_run_by_spawn_once_the_new_zygote_missed_its_start_deadline(self):
@@ -174,7 +173,7 @@ class PreloadThatBlocksAfterSighupTest(ZygoteCase):
 class ZygoteNeverReadyTest(ZygoteCase):
     """A zygote stuck in its preload for the whole test: attempts given to it have no process."""
     config = dict(ZygoteCase.config, preload=["zygpreload"], shutdown_grace=1)
-    daemon_env = dict(ZygoteCase.daemon_env, JOBRUNNER_TEST_ZYGOTE_START_TIMEOUT="120")
+    daemon_preamble = "jr.ZYGOTE_START_TIMEOUT = 120.0"
     preload_source = BLOCKING_PRELOAD
 
     def test_the_timeout_counts_before_the_process_exists(self):

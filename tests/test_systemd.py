@@ -7,8 +7,8 @@ systemd, checked without a running systemd.
   $NOTIFY_SOCKET. READY=1 comes once the state is loaded and the socket answers; STATUS=
   follows changes at a modest rate; RELOADING=1 ... READY=1 frame SIGHUP; STOPPING=1 comes on
   SIGTERM.
-- The watchdog: WATCHDOG=1 every WATCHDOG_USEC/2 from the main loop (a stalled loop, via the
-  JOBRUNNER_TEST_HOOKS SIGUSR1 hook, stops it), and only when WATCHDOG_PID is unset or ours.
+- The watchdog: WATCHDOG=1 every WATCHDOG_USEC/2 from the main loop (a stalled loop, the daemon
+  held by SIGSTOP for 1.5 s, stops it), and only when WATCHDOG_PID is unset or ours.
 - Socket activation through `systemd-socket-activate`, and through a bare fd 3 handed over by a
   tiny launcher; LISTEN_* (and NOTIFY_SOCKET, WATCHDOG_*) never reach a job.
 - SIGHUP after logrotate moved the logs: new lines go to new files; `allow` and `limits` are
@@ -523,12 +523,14 @@ class WatchdogTests(SystemdCase):
 
     def test_a_stalled_loop_stops_the_pings_and_they_resume(self):
         note = self.notifications()
-        self.start(note, WATCHDOG_USEC=WATCHDOG_USEC, JOBRUNNER_TEST_HOOKS="1",
-                   JOBRUNNER_TEST_STALL="1.5")
+        self.start(note, WATCHDOG_USEC=WATCHDOG_USEC)
         self.expect(note, "READY", "1")
         before = [self.expect(note, "WATCHDOG", "1")[0] for _ in range(2)]
         sent = time.monotonic()
-        self.daemon.proc.send_signal(signal.SIGUSR1)      # the loop sleeps 1.5 s in its handler
+        self.daemon.proc.send_signal(signal.SIGSTOP)      # the loop stands still for 1.5 s
+        resume = threading.Timer(1.5, self.daemon.proc.send_signal, (signal.SIGCONT,))
+        resume.start()
+        self.addCleanup(resume.join)
         times = before[-1:]
         deadline = sent + 6.0
         while time.monotonic() < deadline:
