@@ -18,9 +18,13 @@ Sections, in file order
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server) and Runner: start attempts, capture
                        output, kill process groups
-    protocol ......... request decoding, validation, the HANDLERS table
+    protocol ......... request decoding, validation (the handlers: Protocol, below)
     config ........... keys, defaults, TOML loading
-    daemon ........... the selectors loop, connections, signals, systemd
+    daemon ........... Pruner (finished jobs removed in durable steps), Pass (what one
+                       loop pass commits, and answers after its fsync), Waiters (pending
+                       waits), Daemon (the selectors loop, start-up, signals, systemd),
+                       Connections (accept, framing, pipelining, replies, limits),
+                       Protocol (the op_* handlers of the HANDLERS table)
     main ............. command line
 
 One pass of the loop
@@ -3985,7 +3989,7 @@ class Connection:
 
 
 class PruneTask:
-    """A prune under way: removes finished jobs up to `cutoff` in steps (Daemon.prune_some);
+    """A prune under way: removes finished jobs up to `cutoff` in steps (Pruner.prune_some);
     `slot` is the reply of the request that asked for it (None: the automatic prune)."""
 
     __slots__ = ("cutoff", "slot", "conn", "removed", "exhausted", "outputs")
@@ -3998,10 +4002,95 @@ class PruneTask:
         self.exhausted = False              # every job it is to remove is removed
         self.outputs: collections.deque[int] = collections.deque()  # ids: their files go
 
-    def answer(self, daemon: "Daemon", reply: bytes) -> None:
+    def answer(self, this_pass: "Pass", reply: bytes) -> None:
         self.slot[0] = reply
-        daemon.this_pass.answered(self.conn)
+        this_pass.answered(self.conn)
 
+
+class Pruner:
+    """Removing finished jobs whose processes are gone: the automatic prune (keep_finished, every
+    PRUNE_INTERVAL) and `prune` requests, each a PruneTask done in durable steps, oldest first
+    (prune_some, once per pass); the output files of removed jobs go once that is durable."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon                       # the table, loaded by Daemon.setup()
+        self.cfg = daemon.cfg
+        self.clock = daemon.clock
+        self.loop = daemon.loop
+        self.runner = daemon.runner
+        self.attempts = daemon.attempts            # job id -> its running attempt
+        self.this_pass = daemon.this_pass
+        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
+
+    @property
+    def jobs(self) -> JobTable:
+        return self.daemon.jobs
+
+    def auto_prune(self) -> None:
+        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        if not any(task.slot is None for task in self.prunes):
+            self.prunes.append(PruneTask(self.clock() - self.cfg.keep_finished))
+
+    def prune(self, cutoff: float, limit: int | None = None) -> list[Job]:
+        """Remove (at most `limit` of) the jobs finished at or before `cutoff` whose processes
+        are gone. One `del` entry in the journal; a fold follows when prunes have deleted
+        enough of the snapshot (Store.wants_compaction)."""
+        old = self.jobs.finished_before(cutoff, busy=self.attempts, limit=limit)
+        if old:
+            self.jobs.remove(old)
+        return old
+
+    def prune_some(self, budget: int | None) -> None:
+        """The next step of the prunes under way, oldest first: at most `budget` jobs removed
+        this pass (None: all), and for at most PRUNE_OUTPUT_SECONDS the output files of jobs
+        whose removal is durable (an unlink costs up to ~0.1 ms: 100k of them are seconds).
+        A request is answered after its last step, its files gone (a crash before leaves a
+        prefix done, as `cancel` with `where`)."""
+        deadline = None if budget is None else time.monotonic() + PRUNE_OUTPUT_SECONDS
+        while self.prunes and (budget is None or budget > 0):
+            task = self.prunes[0]
+            if task.slot is not None and task.slot[0] is not None:
+                self.prunes.popleft()           # answered already: a step's write failed
+                continue
+            while task.outputs and (deadline is None or time.monotonic() < deadline):
+                self.remove_output(task.outputs.popleft())
+            if task.outputs:
+                return                          # more next pass
+            if not task.exhausted:
+                old = self.prune(task.cutoff, budget)
+                task.removed += len(old)
+                if task.slot is not None:
+                    self.this_pass.batch_slots.append(task.slot)  # this step's reply waits
+                if old:                         # their files go once this step is durable
+                    self.this_pass.after_commit.append(
+                        lambda task=task, ids=[j.id for j in old]: task.outputs.extend(ids))
+                if budget is not None and len(old) >= budget:
+                    return                      # more next pass
+                task.exhausted = True
+                if old:
+                    return
+            if task.slot is not None:
+                task.answer(self.this_pass, encode_reply({"removed": task.removed}))
+            self.prunes.popleft()
+
+    def remove_output(self, job_id: int) -> None:
+        try:
+            os.unlink("%d.log" % job_id, dir_fd=self.runner.output_dir_fd())
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            warn("cannot remove output of job %d: %s" % (job_id, exc))
+
+    def write_failed(self, exc: OSError) -> None:
+        """This pass's commit failed: a prune under way stops here (its steps so far are done):
+        an auto-prune tries again in a minute, a request is answered (its slot may be this
+        pass's too, with its io_error already)."""
+        for task in self.prunes:
+            if task.slot is not None:
+                task.answer(self.this_pass, task.slot[0] or encode_error(
+                    "io_error", "the prune could not be made durable (%s) after %d jobs "
+                    "were removed" % (exc.strerror or exc, task.removed)))
+        self.prunes.clear()
 
 
 class Pass:
@@ -4123,12 +4212,12 @@ class Daemon:
         self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
         self.start_warned_at = -START_WARN_INTERVAL
         self.compact_wanted = False
-        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
         self.repair_after = 0.0
         self.started = self.clock()
         self.wake_r = self.wake_w = None
         self.bugs: set[tuple] = set()              # places whose internal error was reported
         self.loop.on_error = self.internal_error
+        self.pruner = Pruner(self)
         self.protocol = Protocol(self)
         self.connections = Connections(cfg, self.loop, self.store, self.this_pass, self.waits,
                                        self.protocol)
@@ -4148,6 +4237,7 @@ class Daemon:
     resume = property(lambda self: self.this_pass.resume)
     batch_slots = property(lambda self: self.this_pass.batch_slots)
     starting = property(lambda self: self.this_pass.starting)
+    prunes = property(lambda self: self.pruner.prunes)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -4187,7 +4277,7 @@ class Daemon:
         self.connections.listener = self.connections.open_listener()
         self.connections.start_accepting()
         self.install_signals()
-        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        self.loop.call_later(PRUNE_INTERVAL, self.pruner.auto_prune)
         if cfg.idle_timeout > 0:
             self.loop.call_later(cfg.idle_timeout / 4, self.connections.drop_idle)
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
@@ -4311,7 +4401,7 @@ class Daemon:
         self.jobs.track()
         mark = self.log.mark()
         self.connections.serve(clients)
-        self.prune_some(PRUNE_SLICE)
+        self.pruner.prune_some(PRUNE_SLICE)
         if self.this_pass.batch_slots and self.store.do_fsync:
             self.connections.gather()
         self.commit(mark)
@@ -4353,14 +4443,7 @@ class Daemon:
                 job = self.jobs.jobs.get(job_id)
                 if job is None or job.state in FINISHED:
                     self.waits.answer(job_id, entry, undone)
-            # A prune under way stops here (its steps so far are done): an auto-prune tries
-            # again in a minute, a request is answered (its slot may be this pass's too).
-            for task in self.prunes:
-                if task.slot is not None:       # (its slot may have its io_error already)
-                    task.answer(self, task.slot[0] or encode_error(
-                        "io_error", "the prune could not be made durable (%s) after %d jobs "
-                        "were removed" % (exc.strerror or exc, task.removed)))
-            self.prunes.clear()
+            self.pruner.write_failed(exc)
         else:
             self.jobs.untrack()
             for action in this_pass.after_commit:
@@ -4410,9 +4493,9 @@ class Daemon:
         stopping = encode_error("shutting_down", "the daemon is stopping")
         self.waits.end_all(stopping)
         self.protocol.end_queries(stopping)
-        self.prune_some(None)       # the loop is over: a prune under way ends at once
+        self.pruner.prune_some(None)    # the loop is over: a prune under way ends at once
         self.commit(self.log.mark())
-        self.prune_some(None)       # (its last output files, now that it is durable)
+        self.pruner.prune_some(None)    # (its last output files, now that it is durable)
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:
@@ -4621,61 +4704,6 @@ class Daemon:
             changes["run_at"] = run_at
             self.jobs.transition(job, PENDING, event="retrying", detail=detail, changes=changes,
                                  exit_code=exit_code, error=error, run_at=run_at, **log_fields)
-
-    def auto_prune(self) -> None:
-        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
-        if not any(task.slot is None for task in self.prunes):
-            self.prunes.append(PruneTask(self.clock() - self.cfg.keep_finished))
-
-    def prune(self, cutoff: float, limit: int | None = None) -> list[Job]:
-        """Remove (at most `limit` of) the jobs finished at or before `cutoff` whose processes
-        are gone. One `del` entry in the journal; a fold follows when prunes have deleted
-        enough of the snapshot (Store.wants_compaction)."""
-        old = self.jobs.finished_before(cutoff, busy=self.attempts, limit=limit)
-        if old:
-            self.jobs.remove(old)
-        return old
-
-    def prune_some(self, budget: int | None) -> None:
-        """The next step of the prunes under way, oldest first: at most `budget` jobs removed
-        this pass (None: all), and for at most PRUNE_OUTPUT_SECONDS the output files of jobs
-        whose removal is durable (an unlink costs up to ~0.1 ms: 100k of them are seconds).
-        A request is answered after its last step, its files gone (a crash before leaves a
-        prefix done, as `cancel` with `where`)."""
-        deadline = None if budget is None else time.monotonic() + PRUNE_OUTPUT_SECONDS
-        while self.prunes and (budget is None or budget > 0):
-            task = self.prunes[0]
-            if task.slot is not None and task.slot[0] is not None:
-                self.prunes.popleft()           # answered already: a step's write failed
-                continue
-            while task.outputs and (deadline is None or time.monotonic() < deadline):
-                self.remove_output(task.outputs.popleft())
-            if task.outputs:
-                return                          # more next pass
-            if not task.exhausted:
-                old = self.prune(task.cutoff, budget)
-                task.removed += len(old)
-                if task.slot is not None:
-                    self.this_pass.batch_slots.append(task.slot)  # this step's reply waits
-                if old:                         # their files go once this step is durable
-                    self.this_pass.after_commit.append(
-                        lambda task=task, ids=[j.id for j in old]: task.outputs.extend(ids))
-                if budget is not None and len(old) >= budget:
-                    return                      # more next pass
-                task.exhausted = True
-                if old:
-                    return
-            if task.slot is not None:
-                task.answer(self, encode_reply({"removed": task.removed}))
-            self.prunes.popleft()
-
-    def remove_output(self, job_id: int) -> None:
-        try:
-            os.unlink("%d.log" % job_id, dir_fd=self.runner.output_dir_fd())
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            warn("cannot remove output of job %d: %s" % (job_id, exc))
 
     def watchdog(self, interval: float) -> None:
         """WATCHDOG=1 every WATCHDOG_USEC/2, from the loop itself: a stuck loop stops pinging."""
@@ -5095,7 +5123,6 @@ class Connections:
         self.fd_freed()
 
 
-
 class Protocol:
     """The protocol handlers: one method per op (op_*), listed in HANDLERS below; each takes the
     validated request and its connection and returns the reply's fields, or a reply slot to
@@ -5110,7 +5137,7 @@ class Protocol:
         self.loop = daemon.loop
         self.runner = daemon.runner
         self.attempts = daemon.attempts            # job id -> its running attempt
-        self.prunes = daemon.prunes                # prunes under way (Daemon.prune_some)
+        self.prunes = daemon.pruner.prunes         # prunes under way (Pruner.prune_some)
         self.started = daemon.started
         self.this_pass = daemon.this_pass
         self.waits = daemon.waits
