@@ -4122,6 +4122,42 @@ class Pass:
         self.dirty.add(conn)
         self.resume.add(conn)
 
+    def written(self, ended: list[Job], waits: "Waiters") -> None:
+        """The commit is durable: its side effects run and the waits for jobs that ended in
+        it are answered."""
+        for action in self.after_commit:
+            action()
+        self.after_commit.clear()
+        for job in ended:
+            if job.state in FINISHED:
+                waits.resolve(job)
+
+    def write_failed(self, exc: OSError, ended: list[Job], jobs: JobTable,
+                     waits: "Waiters") -> None:
+        """The commit's write failed and its changes are undone: no side effect of them runs,
+        and every reply that would report a change (or wait on one) says io_error."""
+        self.after_commit.clear()
+        for slot in self.batch_slots:
+            slot[0] = encode_error("io_error", "the change could not be made durable (%s); "
+                                   "nothing was changed" % (exc.strerror or exc))
+        # A job that ended (its process is gone: that is not undone) but whose end is not
+        # on disk: a reply that it ended would be an acknowledgement without the fsync.
+        not_durable = encode_error("io_error", "the job ended, but that could not be made "
+                                   "durable yet (%s); ask again" % (exc.strerror or exc))
+        for slot in self.report_slots:
+            slot[0] = not_durable
+        for job in ended:
+            if job.state in FINISHED:
+                waits.resolve(job, not_durable)
+        # A wait that came after a change now undone (an add, a retry) would wait forever
+        # for a job that is gone or finished again.
+        undone = encode_error("io_error", "the change before this wait could not be made "
+                              "durable (%s); nothing was changed" % (exc.strerror or exc))
+        for job_id, entry in self.new_waiters:
+            job = jobs.jobs.get(job_id)
+            if job is None or job.state in FINISHED:
+                waits.answer(job_id, entry, undone)
+
     def committed(self) -> None:
         """The commit is written (or undone): what it answered is answered."""
         self.batch_slots.clear()
@@ -4408,6 +4444,8 @@ class Daemon:
         self.connections.flush()
 
     def commit(self, mark) -> None:
+        """The pass's one journal write, of what this_pass (Pass) gathered: then its side
+        effects run and its replies may go, or it is undone and they say io_error."""
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
         finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
@@ -4422,36 +4460,11 @@ class Daemon:
             warn("journal write failed: %s" % exc)
             self.jobs.undo()
             self.log.rewind(mark)
-            this_pass.after_commit.clear()
-            for slot in this_pass.batch_slots:
-                slot[0] = encode_error("io_error", "the change could not be made durable (%s); "
-                                       "nothing was changed" % (exc.strerror or exc))
-            # A job that ended (its process is gone: that is not undone) but whose end is not
-            # on disk: a reply that it ended would be an acknowledgement without the fsync.
-            not_durable = encode_error("io_error", "the job ended, but that could not be made "
-                                       "durable yet (%s); ask again" % (exc.strerror or exc))
-            for slot in this_pass.report_slots:
-                slot[0] = not_durable
-            for job in ended:
-                if job.state in FINISHED:
-                    self.waits.resolve(job, not_durable)
-            # A wait that came after a change now undone (an add, a retry) would wait forever
-            # for a job that is gone or finished again.
-            undone = encode_error("io_error", "the change before this wait could not be made "
-                                  "durable (%s); nothing was changed" % (exc.strerror or exc))
-            for job_id, entry in this_pass.new_waiters:
-                job = self.jobs.jobs.get(job_id)
-                if job is None or job.state in FINISHED:
-                    self.waits.answer(job_id, entry, undone)
+            this_pass.write_failed(exc, ended, self.jobs, self.waits)
             self.pruner.write_failed(exc)
         else:
             self.jobs.untrack()
-            for action in this_pass.after_commit:
-                action()
-            this_pass.after_commit.clear()
-            for job in ended:
-                if job.state in FINISHED:
-                    self.waits.resolve(job)
+            this_pass.written(ended, self.waits)
         this_pass.committed()
         this_pass.unsynced_ends.update(job.id for job in finished if job.state in FINISHED)
         if self.store.settled():
