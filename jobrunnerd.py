@@ -1860,7 +1860,7 @@ class PatternQuery:
     returns True once `jobs` holds the answer. Translating a pattern, compiling it, building
     the by_target index and matching it against 200k distinct targets each can take longer
     than the loop may be held (SPEC §3: 100 ms), so the daemon runs each query a slice per
-    loop pass (Daemon.advance_queries) and answers it when it is done.
+    loop pass (Protocol.advance_queries) and answers it when it is done.
 
     The pattern is translated once and compiled by `re` (whose cache is bounded), never
     through fnmatch's own cache (32,768 compiled patterns of up to 1,024 characters each).
@@ -3981,7 +3981,7 @@ class Connection:
         self.closed = False
         self.last_input = time.monotonic()
         self.last_active = self.last_input  # a request or a reply moved: idle_timeout counts on
-        self.counted = 0            # len(outbuf) as counted in Daemon.reply_bytes
+        self.counted = 0            # len(outbuf) as counted in Connections.reply_bytes
 
     def waiting(self) -> bool:
         """A `wait` is pending: later requests wait for it, as if the server were sequential."""
@@ -4013,7 +4013,7 @@ class Pruner:
     (prune_some, once per pass); the output files of removed jobs go once that is durable."""
 
     def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon                       # the table, loaded by Daemon.setup()
+        self.jobs: JobTable | None = None          # the table, once Daemon.setup() loaded it
         self.cfg = daemon.cfg
         self.clock = daemon.clock
         self.loop = daemon.loop
@@ -4021,10 +4021,6 @@ class Pruner:
         self.attempts = daemon.attempts            # job id -> its running attempt
         self.this_pass = daemon.this_pass
         self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
-
-    @property
-    def jobs(self) -> JobTable:
-        return self.daemon.jobs
 
     def auto_prune(self) -> None:
         self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
@@ -4310,6 +4306,7 @@ class Daemon:
             warn("warning: " + warning)
         self.recover_running()
         self.store.commit()
+        self.protocol.jobs = self.pruner.jobs = self.jobs     # loaded: requests may come
         self.connections.listener = self.connections.open_listener()
         self.connections.start_accepting()
         self.install_signals()
@@ -5144,7 +5141,8 @@ class Protocol:
     (Pass): their replies wait for its commit."""
 
     def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon                       # stopping, internal_error, and the table
+        self.daemon = daemon                       # stopping, internal_error
+        self.jobs: JobTable | None = None          # the table, once Daemon.setup() loaded it
         self.cfg = daemon.cfg
         self.clock = daemon.clock
         self.loop = daemon.loop
@@ -5155,10 +5153,6 @@ class Protocol:
         self.this_pass = daemon.this_pass
         self.waits = daemon.waits
         self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
-
-    @property
-    def jobs(self) -> JobTable:
-        return self.daemon.jobs                    # loaded by Daemon.setup()
 
     def end_queries(self, reply: bytes) -> None:
         """The daemon stops: every pattern query under way is answered with `reply`."""
