@@ -4012,14 +4012,15 @@ class Pruner:
     PRUNE_INTERVAL) and `prune` requests, each a PruneTask done in durable steps, oldest first
     (prune_some, once per pass); the output files of removed jobs go once that is durable."""
 
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, cfg: "Config", clock, loop: Loop, runner: "Runner",
+                 attempts: dict[int, Attempt], this_pass: "Pass"):
         self.jobs: JobTable | None = None          # the table, once Daemon.setup() loaded it
-        self.cfg = daemon.cfg
-        self.clock = daemon.clock
-        self.loop = daemon.loop
-        self.runner = daemon.runner
-        self.attempts = daemon.attempts            # job id -> its running attempt
-        self.this_pass = daemon.this_pass
+        self.cfg = cfg                             # keep_finished
+        self.clock = clock
+        self.loop = loop
+        self.runner = runner                       # where the output files are
+        self.attempts = attempts                   # job id -> its running attempt (not pruned)
+        self.this_pass = this_pass
         self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
 
     def auto_prune(self) -> None:
@@ -4249,7 +4250,8 @@ class Daemon:
         self.wake_r = self.wake_w = None
         self.bugs: set[tuple] = set()              # places whose internal error was reported
         self.loop.on_error = self.internal_error
-        self.pruner = Pruner(self)
+        self.pruner = Pruner(cfg, self.clock, self.loop, self.runner, self.attempts,
+                             self.this_pass)
         self.protocol = Protocol(self)
         self.connections = Connections(cfg, self.loop, self.store, self.this_pass, self.waits,
                                        self.protocol)
