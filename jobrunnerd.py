@@ -22,10 +22,14 @@ Sections, in file order
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server) and Runner: start attempts, capture
                        output, kill process groups
-    protocol ......... request decoding, validation, the HANDLERS table
+    protocol ......... request decoding, validation (the handlers: Protocol, below)
     config ........... keys, defaults, TOML loading
-    daemon ........... the selectors loop, connections, signals, systemd
-                       Dispatcher: starts attempts, settles ended ones, recovery
+    daemon ........... Dispatcher (starts attempts, settles ended ones, recovery at
+                       start-up), Pruner (finished jobs removed in durable steps), Pass (what one
+                       loop pass commits, and answers after its fsync), Waiters (pending
+                       waits), Daemon (the selectors loop, start-up, signals, systemd),
+                       Connections (accept, framing, pipelining, replies, limits),
+                       Protocol (the op_* handlers of the HANDLERS table)
     main ............. command line
 
 One pass of the loop
@@ -2019,7 +2023,7 @@ class PatternQuery:
     returns True once `jobs` holds the answer. Translating a pattern, compiling it, building
     the by_target index and matching it against 200k distinct targets each can take longer
     than the loop may be held (SPEC §3: 100 ms), so the daemon runs each query a slice per
-    loop pass (Daemon.advance_queries) and answers it when it is done.
+    loop pass (Protocol.advance_queries) and answers it when it is done.
 
     The pattern is translated once and compiled by `re` (whose cache is bounded), never
     through fnmatch's own cache (32,768 compiled patterns of up to 1,024 characters each).
@@ -4153,7 +4157,7 @@ class Connection:
         self.closed = False
         self.last_input = time.monotonic()
         self.last_active = self.last_input  # a request or a reply moved: idle_timeout counts on
-        self.counted = 0            # len(outbuf) as counted in Daemon.reply_bytes
+        self.counted = 0            # len(outbuf) as counted in Connections.reply_bytes
 
     def waiting(self) -> bool:
         """A `wait` is pending: later requests wait for it, as if the server were sequential."""
@@ -4161,7 +4165,7 @@ class Connection:
 
 
 class PruneTask:
-    """A prune under way: removes finished jobs up to `cutoff` in steps (Daemon.prune_some);
+    """A prune under way: removes finished jobs up to `cutoff` in steps (Pruner.prune_some);
     `slot` is the reply of the request that asked for it (None: the automatic prune)."""
 
     __slots__ = ("cutoff", "slot", "conn", "removed", "exhausted", "outputs")
@@ -4174,10 +4178,226 @@ class PruneTask:
         self.exhausted = False              # every job it is to remove is removed
         self.outputs: collections.deque[int] = collections.deque()  # ids: their files go
 
-    def answer(self, daemon: "Daemon", reply: bytes) -> None:
+    def answer(self, this_pass: "Pass", reply: bytes) -> None:
         self.slot[0] = reply
-        daemon.dirty.add(self.conn)
-        daemon.resume.add(self.conn)
+        this_pass.answered(self.conn)
+
+
+class Pruner:
+    """Removing finished jobs whose processes are gone: the automatic prune (keep_finished, every
+    PRUNE_INTERVAL) and `prune` requests, each a PruneTask done in durable steps, oldest first
+    (prune_some, once per pass); the output files of removed jobs go once that is durable."""
+
+    def __init__(self, cfg: "Config", clock, loop: Loop, runner: "Runner",
+                 attempts: dict[int, Attempt], this_pass: "Pass"):
+        self.jobs: JobTable | None = None          # the table, once Daemon.setup() loaded it
+        self.cfg = cfg                             # keep_finished
+        self.clock = clock
+        self.loop = loop
+        self.runner = runner                       # where the output files are
+        self.attempts = attempts                   # job id -> its running attempt (not pruned)
+        self.this_pass = this_pass
+        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
+
+    def auto_prune(self) -> None:
+        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        if not any(task.slot is None for task in self.prunes):
+            self.prunes.append(PruneTask(self.clock() - self.cfg.keep_finished))
+
+    def prune(self, cutoff: float, limit: int | None = None) -> list[Job]:
+        """Remove (at most `limit` of) the jobs finished at or before `cutoff` whose processes
+        are gone. One `del` entry in the journal; a fold follows when prunes have deleted
+        enough of the snapshot (Store.wants_compaction)."""
+        old = self.jobs.finished_before(cutoff, busy=self.attempts, limit=limit)
+        if old:
+            self.jobs.remove(old)
+        return old
+
+    def prune_some(self, budget: int | None) -> None:
+        """The next step of the prunes under way, oldest first: at most `budget` jobs removed
+        this pass (None: all), and for at most PRUNE_OUTPUT_SECONDS the output files of jobs
+        whose removal is durable (an unlink costs up to ~0.1 ms: 100k of them are seconds).
+        A request is answered after its last step, its files gone (a crash before leaves a
+        prefix done, as `cancel` with `where`)."""
+        deadline = None if budget is None else time.monotonic() + PRUNE_OUTPUT_SECONDS
+        while self.prunes and (budget is None or budget > 0):
+            task = self.prunes[0]
+            if task.slot is not None and task.slot[0] is not None:
+                self.prunes.popleft()           # answered already: a step's write failed
+                continue
+            while task.outputs and (deadline is None or time.monotonic() < deadline):
+                self.remove_output(task.outputs.popleft())
+            if task.outputs:
+                return                          # more next pass
+            if not task.exhausted:
+                old = self.prune(task.cutoff, budget)
+                task.removed += len(old)
+                if task.slot is not None:
+                    self.this_pass.batch_slots.append(task.slot)  # this step's reply waits
+                if old:                         # their files go once this step is durable
+                    self.this_pass.after_commit.append(
+                        lambda task=task, ids=[j.id for j in old]: task.outputs.extend(ids))
+                if budget is not None and len(old) >= budget:
+                    return                      # more next pass
+                task.exhausted = True
+                if old:
+                    return
+            if task.slot is not None:
+                task.answer(self.this_pass, encode_reply({"removed": task.removed}))
+            self.prunes.popleft()
+
+    def remove_output(self, job_id: int) -> None:
+        try:
+            os.unlink("%d.log" % job_id, dir_fd=self.runner.output_dir_fd())
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            warn("cannot remove output of job %d: %s" % (job_id, exc))
+
+    def write_failed(self, exc: OSError) -> None:
+        """This pass's commit failed: a prune under way stops here (its steps so far are done):
+        an auto-prune tries again in a minute, a request is answered (its slot may be this
+        pass's too, with its io_error already)."""
+        for task in self.prunes:
+            if task.slot is not None:
+                task.answer(self.this_pass, task.slot[0] or encode_error(
+                    "io_error", "the prune could not be made durable (%s) after %d jobs "
+                    "were removed" % (exc.strerror or exc, task.removed)))
+        self.prunes.clear()
+
+
+class Pass:
+    """What one loop pass gathers for its commit (Daemon.commit reads it): the changes of this
+    pass's requests are written together, and the replies that report them go out only after
+    the fsync. The lists are emptied by each commit; `unsynced_ends` lasts until the store has
+    synced; `dirty` until flush() and `resume` until the next pass serves those clients."""
+
+    __slots__ = ("batch_slots", "report_slots", "new_waiters", "after_commit", "starting",
+                 "unsynced_ends", "dirty", "resume")
+
+    def __init__(self):
+        self.batch_slots: list[list] = []          # replies of this pass's changing requests
+        self.report_slots: list[list] = []         # replies that report an end not yet durable
+        self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
+        self.after_commit: list = []               # side effects of this pass's client requests
+        self.starting: list[Attempt] = []          # started this pass: released after the write
+        self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
+        self.dirty: set[Connection] = set()        # connections with replies to send
+        self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
+
+    def needs_sync(self, ended: list) -> bool:
+        """Does a reply wait for this commit's fsync? (Other changes may wait SYNC_DELAY.)"""
+        return bool(self.batch_slots or self.report_slots or ended)
+
+    def answered(self, conn: Connection) -> None:
+        """A reply held back (a wait, a pattern query, a prune) is filled: send it, and serve
+        the requests conn sent after it."""
+        self.dirty.add(conn)
+        self.resume.add(conn)
+
+    def written(self, ended: list[Job], waits: "Waiters") -> None:
+        """The commit is durable: its side effects run and the waits for jobs that ended in
+        it are answered."""
+        for action in self.after_commit:
+            action()
+        self.after_commit.clear()
+        for job in ended:
+            if job.state in FINISHED:
+                waits.resolve(job)
+
+    def write_failed(self, exc: OSError, ended: list[Job], jobs: JobTable,
+                     waits: "Waiters") -> None:
+        """The commit's write failed and its changes are undone: no side effect of them runs,
+        and every reply that would report a change (or wait on one) says io_error."""
+        self.after_commit.clear()
+        for slot in self.batch_slots:
+            slot[0] = encode_error("io_error", "the change could not be made durable (%s); "
+                                   "nothing was changed" % (exc.strerror or exc))
+        # A job that ended (its process is gone: that is not undone) but whose end is not
+        # on disk: a reply that it ended would be an acknowledgement without the fsync.
+        not_durable = encode_error("io_error", "the job ended, but that could not be made "
+                                   "durable yet (%s); ask again" % (exc.strerror or exc))
+        for slot in self.report_slots:
+            slot[0] = not_durable
+        for job in ended:
+            if job.state in FINISHED:
+                waits.resolve(job, not_durable)
+        # A wait that came after a change now undone (an add, a retry) would wait forever
+        # for a job that is gone or finished again.
+        undone = encode_error("io_error", "the change before this wait could not be made "
+                              "durable (%s); nothing was changed" % (exc.strerror or exc))
+        for job_id, entry in self.new_waiters:
+            job = jobs.jobs.get(job_id)
+            if job is None or job.state in FINISHED:
+                waits.answer(job_id, entry, undone)
+
+    def committed(self) -> None:
+        """The commit is written (or undone): what it answered is answered."""
+        self.batch_slots.clear()
+        self.report_slots.clear()
+        self.new_waiters.clear()
+
+
+class Waiters:
+    """The pending `wait` requests: job id -> [[conn, slot, timer]]. A wait is answered when its
+    job ends (by the commit that made the end durable), at its timeout (Protocol.wait_expired),
+    or when the daemon stops; a client that hangs up takes its waits with it."""
+
+    def __init__(self, loop: Loop, this_pass: Pass):
+        self.loop = loop
+        self.this_pass = this_pass
+        self.by_job: dict[int, list] = {}
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self.by_job
+
+    def add(self, job_id: int, conn: Connection, slot: list, timeout: float | None,
+            on_timeout) -> None:
+        entry = [conn, slot, None]
+        if timeout is not None:
+            entry[2] = self.loop.call_later(timeout, on_timeout, job_id, entry)
+        self.by_job.setdefault(job_id, []).append(entry)
+        self.this_pass.new_waiters.append((job_id, entry))
+
+    def resolve(self, job: Job, reply: bytes | None = None) -> None:
+        """Answer the waits for `job`, which has ended: with its record, or with `reply`."""
+        for conn, slot, timer in self.by_job.pop(job.id, ()):
+            Loop.cancel(timer)
+            slot[0] = reply or encode_reply({"job": job.record(), "done": True})
+            self.this_pass.answered(conn)
+
+    def answer(self, job_id: int, entry: list, reply: bytes) -> None:
+        """Answer one wait for `job_id` with `reply`, before its job ends."""
+        entries = self.by_job.get(job_id, [])
+        if entry in entries:
+            entries.remove(entry)
+            if not entries:
+                del self.by_job[job_id]
+            Loop.cancel(entry[2])
+            entry[1][0] = reply
+            self.this_pass.answered(entry[0])
+
+    def drop(self, conn: Connection) -> None:
+        """conn is closed: nobody to answer, its waits end here, timers and all."""
+        for job_id, entries in list(self.by_job.items()):
+            kept = [entry for entry in entries if entry[0] is not conn]
+            if len(kept) < len(entries):
+                for entry in entries:
+                    if entry[0] is conn:
+                        Loop.cancel(entry[2])
+                if kept:
+                    self.by_job[job_id] = kept
+                else:
+                    del self.by_job[job_id]
+
+    def end_all(self, reply: bytes) -> None:
+        """The daemon stops: every wait is answered with `reply`."""
+        for job_id, entries in list(self.by_job.items()):
+            for conn, slot, timer in entries:
+                Loop.cancel(timer)
+                slot[0] = reply
+                self.this_pass.dirty.add(conn)
+        self.by_job.clear()
 
 
 class Dispatcher:
@@ -4373,11 +4593,8 @@ class Dispatcher:
 
 
 class Daemon:
-    """The daemon: owns the loop, the job table, the store, the runner and the clients.
-
-    Handlers (op_*) are listed in HANDLERS below; each takes the validated request and returns
-    the reply's fields, or a reply slot to fill later (wait), or raises ProtocolError.
-    handle_line() is the one place that turns any exception into an error reply."""
+    """The daemon: owns the loop, the job table, the store and the runner, and wires them to
+    the clients (Connections), the protocol (Protocol) and each pass's commit (Pass)."""
 
     def __init__(self, cfg: Config, clock=None):
         self.cfg = cfg
@@ -4387,46 +4604,43 @@ class Daemon:
         self.log: EventLog | None = None
         self.jobs: JobTable | None = None
         self.scheduler = Scheduler(cfg.workers)
+        self.this_pass = Pass()                    # what this loop pass commits and answers
+        self.waits = Waiters(self.loop, self.this_pass)
         self.dispatcher = Dispatcher(cfg, self.scheduler, self.clock,
-                                     lambda att: self.starting.append(att), lambda: self.fd_freed())
+                                     self.this_pass.starting.append, lambda: self.fd_freed())
         self.runner = Runner(cfg, self.loop, self.dispatcher.attempt_started,
                              self.dispatcher.attempt_ended, self.dispatcher.attempt_start_failed)
         self.dispatcher.runner = self.runner
         self.attempts = self.dispatcher.attempts   # job id -> its running attempt
-        self.conns: set[Connection] = set()
-        self.dirty: set[Connection] = set()        # connections with replies to send
-        self.resume: set[Connection] = set()       # a wait ended: serve what they sent after it
-        self.waiters: dict[int, list] = {}         # job id -> [(conn, slot, timer)]
-        self.reply_bytes = 0                       # unsent replies over all connections (outbufs)
-        self.pass_replies = 0                      # replies made this pass, not yet in an outbuf
-        self.reply_share = min(MAX_PENDING_OUTPUT,  # one connection's part of max_reply_buffer
-                               max(1, cfg.max_reply_buffer // cfg.max_connections))
-        self.accepting = False                     # the listener is watched
-        self.accept_timer: list | None = None      # accept again, after EMFILE
-        self.accept_warned = False                 # said once that no fd was free
-        self.hangup_timer: list | None = None      # look for half-closed waiters that left
-        self.requests_until = math.inf             # this pass's requests stop at (monotonic)
-        self.read_buf = bytearray(READ_CHUNK)      # every recv() from a client goes here first
-        self.read_view = memoryview(self.read_buf)
-        self.after_commit: list = []               # side effects of this pass's client requests
-        self.batch_slots: list[list] = []          # replies of this pass's changing requests
-        self.report_slots: list[list] = []         # replies that report an end not yet durable
-        self.unsynced_ends: set[int] = set()       # jobs whose end is written, not yet durable
-        self.new_waiters: list[tuple] = []         # (job id, entry) of waits begun this pass
-        self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
-        self.starting: list[Attempt] = []          # started this pass: released after the write
-        self.listener: socket.socket | None = None
-        self.own_socket = True                     # False under socket activation
         self.stopping = False
         self.compact_wanted = False
-        self.prunes: collections.deque[PruneTask] = collections.deque()   # under way, oldest first
         self.repair_after = 0.0
         self.started = self.clock()
-        self.uid = os.getuid()
-        self.group_cache: dict[int, set[int]] = {}
         self.wake_r = self.wake_w = None
         self.bugs: set[tuple] = set()              # places whose internal error was reported
         self.loop.on_error = self.internal_error
+        self.pruner = Pruner(cfg, self.clock, self.loop, self.runner, self.attempts,
+                             self.this_pass)
+        self.protocol = Protocol(self)
+        self.connections = Connections(cfg, self.loop, self.store, self.this_pass, self.waits,
+                                       self.protocol)
+
+    # The parts under the names they had when they were the daemon's own (the attempt code,
+    # select_timeout and the in-process tests reach them so).
+    conns = property(lambda self: self.connections.conns)
+    listener = property(lambda self: self.connections.listener)
+    on_client = property(lambda self: self.connections.on_client)
+    gather = property(lambda self: self.connections.gather)
+    flush = property(lambda self: self.connections.flush)
+    close = property(lambda self: self.connections.close)
+    fd_freed = property(lambda self: self.connections.fd_freed)
+    handle_line = property(lambda self: self.protocol.handle_line)
+    waiters = property(lambda self: self.waits.by_job)
+    dirty = property(lambda self: self.this_pass.dirty)
+    resume = property(lambda self: self.this_pass.resume)
+    batch_slots = property(lambda self: self.this_pass.batch_slots)
+    starting = property(lambda self: self.this_pass.starting)
+    prunes = property(lambda self: self.pruner.prunes)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -4464,51 +4678,16 @@ class Daemon:
         self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
         self.dispatcher.recover_running()
         self.store.commit()
-        self.listener = self.open_listener()
-        self.start_accepting()
+        self.protocol.jobs = self.pruner.jobs = self.jobs     # loaded: requests may come
+        self.connections.listener = self.connections.open_listener()
+        self.connections.start_accepting()
         self.install_signals()
-        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
+        self.loop.call_later(PRUNE_INTERVAL, self.pruner.auto_prune)
         if cfg.idle_timeout > 0:
-            self.loop.call_later(cfg.idle_timeout / 4, self.drop_idle)
+            self.loop.call_later(cfg.idle_timeout / 4, self.connections.drop_idle)
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
                        jobs=len(self.jobs.jobs), workers=cfg.workers)
         self.log.flush()
-
-    def open_listener(self) -> socket.socket:
-        if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-                int(os.environ.get("LISTEN_FDS", "0") or 0) >= 1:
-            sock = socket.socket(fileno=3)          # systemd socket activation (SD_LISTEN_FDS_START)
-            sock.setblocking(False)
-            self.own_socket = False
-            return sock
-        path = self.cfg.socket
-        make_dirs(os.path.dirname(path), 0o750)
-        if os.path.lexists(path):
-            import stat
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise StateError("%s exists and is not a socket; not replacing it" % path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(2.0)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)                     # stale: nobody answers on it
-            except OSError as exc:
-                raise StateError("cannot probe existing socket %s: %s" % (path, exc)) from None
-            else:
-                raise StateError("%s is live: another jobrunnerd is listening on it" % path)
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 & ~self.cfg.socket_mode)   # never more open than asked
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, self.cfg.socket_mode)
-        sock.listen(min(socket.SOMAXCONN, 4096))
-        sock.setblocking(False)
-        return sock
 
     def install_signals(self) -> None:
         self.wake_r, self.wake_w = socket.socketpair()
@@ -4563,52 +4742,22 @@ class Daemon:
         self.dispatcher.dispatch()
         self.jobs.track()
         mark = self.log.mark()
-        # Two budgets: clients held over from earlier passes go on, and a new request (a
-        # `stats` while 250 clients each wait for a big `list`) is not queued behind them all.
-        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
-        for conn in self.resume:
-            if not conn.closed:
-                self.handle_input(conn)
-                self.dirty.add(conn)
-        self.resume.clear()
-        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
-        for callback, mask in clients:
-            self.loop.call(callback, mask)
-        self.prune_some(PRUNE_SLICE)
-        if self.batch_slots and self.store.do_fsync:
-            self.gather()
+        self.connections.serve(clients)
+        self.pruner.prune_some(PRUNE_SLICE)
+        if self.this_pass.batch_slots and self.store.do_fsync:
+            self.connections.gather()
         self.commit(mark)
-        self.flush()
-        self.requests_until = math.inf
-
-    def gather(self) -> None:
-        """Group commit across clients: before paying an fsync for this pass's changes, wait
-        (at most as long as the last fsync took, and GATHER_MAX) for the next request of each
-        client that was busy a moment ago but has sent nothing this pass. Sixteen clients that
-        each wait for their reply then share one fsync instead of splitting into two halves
-        that take turns. A lone client is never kept waiting."""
-        now = time.monotonic()
-        expected = {conn.fd: conn for conn in self.conns      # dirty: served this pass
-                    if conn not in self.dirty and not conn.eof and not conn.waiting()
-                    and now - conn.last_input < GATHER_ACTIVE}
-        deadline = now + min(self.store.sync_seconds, GATHER_MAX)
-        while expected and now < deadline:
-            ready = self.loop.sel.select(deadline - now)
-            if not ready:
-                break
-            for key, mask in ready:
-                conn = expected.pop(key.fd, None)
-                if conn is None:
-                    return              # something else needs the loop: commit now
-                self.loop.call(conn.on_event, mask)
-            now = time.monotonic()
+        self.connections.flush()
 
     def commit(self, mark) -> None:
+        """The pass's one journal write, of what this_pass (Pass) gathered: then its side
+        effects run and its replies may go, or it is undone and they say io_error."""
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
         finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
-        ended = [job for job in finished if job.id in self.waiters]
-        sync = bool(self.batch_slots or self.report_slots or ended)
+        ended = [job for job in finished if job.id in self.waits]
+        this_pass = self.this_pass
+        sync = this_pass.needs_sync(ended)
         try:
             if self.store.broken is not None:
                 self.repair()
@@ -4617,55 +4766,21 @@ class Daemon:
             warn("journal write failed: %s" % exc)
             self.jobs.undo()
             self.log.rewind(mark)
-            self.after_commit.clear()
-            for slot in self.batch_slots:
-                slot[0] = encode_error("io_error", "the change could not be made durable (%s); "
-                                       "nothing was changed" % (exc.strerror or exc))
-            # A job that ended (its process is gone: that is not undone) but whose end is not
-            # on disk: a reply that it ended would be an acknowledgement without the fsync.
-            not_durable = encode_error("io_error", "the job ended, but that could not be made "
-                                       "durable yet (%s); ask again" % (exc.strerror or exc))
-            for slot in self.report_slots:
-                slot[0] = not_durable
-            for job in ended:
-                if job.state in FINISHED:
-                    self.resolve_waiters(job, not_durable)
-            # A wait that came after a change now undone (an add, a retry) would wait forever
-            # for a job that is gone or finished again.
-            undone = encode_error("io_error", "the change before this wait could not be made "
-                                  "durable (%s); nothing was changed" % (exc.strerror or exc))
-            for job_id, entry in self.new_waiters:
-                job = self.jobs.jobs.get(job_id)
-                if job is None or job.state in FINISHED:
-                    self.answer_waiter(job_id, entry, undone)
-            # A prune under way stops here (its steps so far are done): an auto-prune tries
-            # again in a minute, a request is answered (its slot may be this pass's too).
-            for task in self.prunes:
-                if task.slot is not None:       # (its slot may have its io_error already)
-                    task.answer(self, task.slot[0] or encode_error(
-                        "io_error", "the prune could not be made durable (%s) after %d jobs "
-                        "were removed" % (exc.strerror or exc, task.removed)))
-            self.prunes.clear()
+            this_pass.write_failed(exc, ended, self.jobs, self.waits)
+            self.pruner.write_failed(exc)
         else:
             self.jobs.untrack()
-            for action in self.after_commit:
-                action()
-            self.after_commit.clear()
-            for job in ended:
-                if job.state in FINISHED:
-                    self.resolve_waiters(job)
-        self.batch_slots.clear()
-        self.report_slots.clear()
-        self.new_waiters.clear()
-        self.unsynced_ends.update(job.id for job in finished if job.state in FINISHED)
+            this_pass.written(ended, self.waits)
+        this_pass.committed()
+        this_pass.unsynced_ends.update(job.id for job in finished if job.state in FINISHED)
         if self.store.settled():
-            self.unsynced_ends.clear()
+            this_pass.unsynced_ends.clear()
         # Written (a crash of the daemon keeps it; its fsync may follow, since a crash of the
         # machine leaves no process behind), or the disk failed: then the job runs anyway,
         # and the full snapshot that repairs the store records it.
-        for att in self.starting:
+        for att in this_pass.starting:
             self.runner.release(att)
-        self.starting.clear()
+        this_pass.starting.clear()
         if self.store.folding is not None and self.store.reap_fold() is False:
             warn("background snapshot failed (the journal has everything; trying again in "
                  "%gs): %s" % (FOLD_RETRY, self.store.fold_error))
@@ -4694,35 +4809,19 @@ class Daemon:
 
     def finish(self) -> int:
         """The graceful stop's last steps: every attempt has ended."""
-        for job_id, entries in list(self.waiters.items()):
-            for conn, slot, timer in entries:
-                Loop.cancel(timer)
-                slot[0] = encode_error("shutting_down", "the daemon is stopping")
-                self.dirty.add(conn)
-        self.waiters.clear()
-        for conn, slot, query in self.queries:
-            slot[0] = encode_error("shutting_down", "the daemon is stopping")
-            self.dirty.add(conn)
-        self.queries.clear()
-        self.prune_some(None)       # the loop is over: a prune under way ends at once
+        stopping = encode_error("shutting_down", "the daemon is stopping")
+        self.waits.end_all(stopping)
+        self.protocol.end_queries(stopping)
+        self.pruner.prune_some(None)    # the loop is over: a prune under way ends at once
         self.commit(self.log.mark())
-        self.prune_some(None)       # (its last output files, now that it is durable)
+        self.pruner.prune_some(None)    # (its last output files, now that it is durable)
         try:
             self.store.snapshot(self.meta(), self.jobs.jobs)
         except OSError as exc:
             warn("final snapshot failed (the journal has everything): %s" % exc)
-        self.flush()
-        for conn in list(self.conns):
-            self.send_some(conn)
-            self.close(conn)
+        self.connections.close_all()
         self.runner.close()
-        self.loop.unwatch(self.listener.fileno())
-        self.listener.close()
-        if self.own_socket:
-            try:
-                os.unlink(self.cfg.socket)
-            except OSError:
-                pass
+        self.connections.close_listener()
         self.log.event("shutdown", pid=os.getpid(), uptime=self.clock() - self.started)
         self.log.close()
         self.store.close()
@@ -4767,10 +4866,10 @@ class Daemon:
         if self.stopping:                       # a second signal: do not wait any longer
             self.interrupt_all()
             return
-        self.stopping = self.dispatcher.stopping = True
+        self.stopping = self.dispatcher.stopping = self.connections.stopping = True
         sd_notify("STOPPING=1")
-        if not self.own_socket:     # systemd holds new clients for the next daemon meanwhile
-            self.stop_accepting()
+        if not self.connections.own_socket:     # systemd holds new clients for the next daemon
+            self.connections.stop_accepting()   # meanwhile
         if self.runner.active:
             self.loop.call_later(self.cfg.shutdown_grace, self.interrupt_all)
         self.loop.call_later(self.cfg.shutdown_grace + self.cfg.kill_grace + STOP_SLACK,
@@ -4791,7 +4890,7 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
         sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
-        self.group_cache.clear()
+        self.connections.group_cache.clear()
         try:
             self.log.reopen()
         except OSError as exc:
@@ -4811,69 +4910,6 @@ class Daemon:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def auto_prune(self) -> None:
-        self.loop.call_later(PRUNE_INTERVAL, self.auto_prune)
-        if not any(task.slot is None for task in self.prunes):
-            self.prunes.append(PruneTask(self.clock() - self.cfg.keep_finished))
-
-    def prune(self, cutoff: float, limit: int | None = None) -> list[Job]:
-        """Remove (at most `limit` of) the jobs finished at or before `cutoff` whose processes
-        are gone. One `del` entry in the journal; a fold follows when prunes have deleted
-        enough of the snapshot (Store.wants_compaction)."""
-        old = self.jobs.finished_before(cutoff, busy=self.attempts, limit=limit)
-        if old:
-            self.jobs.remove(old)
-        return old
-
-    def prune_some(self, budget: int | None) -> None:
-        """The next step of the prunes under way, oldest first: at most `budget` jobs removed
-        this pass (None: all), and for at most PRUNE_OUTPUT_SECONDS the output files of jobs
-        whose removal is durable (an unlink costs up to ~0.1 ms: 100k of them are seconds).
-        A request is answered after its last step, its files gone (a crash before leaves a
-        prefix done, as `cancel` with `where`)."""
-        deadline = None if budget is None else time.monotonic() + PRUNE_OUTPUT_SECONDS
-        while self.prunes and (budget is None or budget > 0):
-            task = self.prunes[0]
-            if task.slot is not None and task.slot[0] is not None:
-                self.prunes.popleft()           # answered already: a step's write failed
-                continue
-            while task.outputs and (deadline is None or time.monotonic() < deadline):
-                self.remove_output(task.outputs.popleft())
-            if task.outputs:
-                return                          # more next pass
-            if not task.exhausted:
-                old = self.prune(task.cutoff, budget)
-                task.removed += len(old)
-                if task.slot is not None:
-                    self.batch_slots.append(task.slot)  # this step's reply waits for it
-                if old:                         # their files go once this step is durable
-                    self.after_commit.append(
-                        lambda task=task, ids=[j.id for j in old]: task.outputs.extend(ids))
-                if budget is not None and len(old) >= budget:
-                    return                      # more next pass
-                task.exhausted = True
-                if old:
-                    return
-            if task.slot is not None:
-                task.answer(self, encode_reply({"removed": task.removed}))
-            self.prunes.popleft()
-
-    def remove_output(self, job_id: int) -> None:
-        try:
-            os.unlink("%d.log" % job_id, dir_fd=self.runner.output_dir_fd())
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            warn("cannot remove output of job %d: %s" % (job_id, exc))
-
-    def resolve_waiters(self, job: Job, reply: bytes | None = None) -> None:
-        """Answer the waits for `job`, which has ended: with its record, or with `reply`."""
-        for conn, slot, timer in self.waiters.pop(job.id, ()):
-            Loop.cancel(timer)
-            slot[0] = reply or encode_reply({"job": job.record(), "done": True})
-            self.dirty.add(conn)
-            self.resume.add(conn)
-
     def watchdog(self, interval: float) -> None:
         """WATCHDOG=1 every WATCHDOG_USEC/2, from the loop itself: a stuck loop stops pinging."""
         sd_notify("WATCHDOG=1")
@@ -4890,7 +4926,106 @@ class Daemon:
         return "%d running, %d pending, %d failed%s" % (
             c[RUNNING], c[PENDING], c[FAILED], ", paused" if self.jobs.paused else "")
 
-    # -- clients -----------------------------------------------------------------------------
+
+class Connections:
+    """The clients: accepting them (peer credentials, max_connections, no spinning when no fd is
+    free), framing their request lines and pipelining them fairly (per-pass budgets), and their
+    replies (in request order, after the pass's commit, within max_reply_buffer), idle and
+    hang-up checks. Each request line goes to the protocol; the loop calls serve(), gather() and
+    flush() once per pass, and the callbacks it watches for (on_accept, on_client)."""
+
+    def __init__(self, cfg: Config, loop: Loop, store: Store, this_pass: Pass, waits: Waiters,
+                 protocol: "Protocol"):
+        self.cfg = cfg
+        self.loop = loop
+        self.store = store                         # gather() waits no longer than its fsyncs take
+        self.this_pass = this_pass
+        self.waits = waits
+        self.protocol = protocol
+        self.conns: set[Connection] = set()
+        self.reply_bytes = 0                       # unsent replies over all connections (outbufs)
+        self.pass_replies = 0                      # replies made this pass, not yet in an outbuf
+        self.reply_share = min(MAX_PENDING_OUTPUT,  # one connection's part of max_reply_buffer
+                               max(1, cfg.max_reply_buffer // cfg.max_connections))
+        self.accepting = False                     # the listener is watched
+        self.accept_timer: list | None = None      # accept again, after EMFILE
+        self.accept_warned = False                 # said once that no fd was free
+        self.hangup_timer: list | None = None      # look for half-closed waiters that left
+        self.requests_until = math.inf             # this pass's requests stop at (monotonic)
+        self.read_buf = bytearray(READ_CHUNK)      # every recv() from a client goes here first
+        self.read_view = memoryview(self.read_buf)
+        self.listener: socket.socket | None = None
+        self.own_socket = True                     # False under socket activation
+        self.stopping = False                      # the daemon stops: see start_accepting()
+        self.uid = os.getuid()
+        self.group_cache: dict[int, set[int]] = {}  # uid -> its groups; cleared on SIGHUP
+
+    def serve(self, clients: list) -> None:
+        """This pass's requests: clients held over from earlier passes go on, then the ones
+        select() found ready. Two budgets: a new request (a `stats` while 250 clients each wait
+        for a big `list`) is not queued behind all those held over."""
+        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
+        for conn in self.this_pass.resume:
+            if not conn.closed:
+                self.handle_input(conn)
+                self.this_pass.dirty.add(conn)
+        self.this_pass.resume.clear()
+        self.requests_until = time.monotonic() + PASS_REQUEST_TIME
+        for callback, mask in clients:
+            self.loop.call(callback, mask)
+
+    def close_all(self) -> None:
+        """The stop's last replies: what can be sent without waiting goes, then every client
+        is closed."""
+        self.flush()
+        for conn in list(self.conns):
+            self.send_some(conn)
+            self.close(conn)
+
+    def close_listener(self) -> None:
+        self.loop.unwatch(self.listener.fileno())
+        self.listener.close()
+        if self.own_socket:
+            try:
+                os.unlink(self.cfg.socket)
+            except OSError:
+                pass
+
+    def open_listener(self) -> socket.socket:
+        if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+                int(os.environ.get("LISTEN_FDS", "0") or 0) >= 1:
+            sock = socket.socket(fileno=3)          # systemd socket activation (SD_LISTEN_FDS_START)
+            sock.setblocking(False)
+            self.own_socket = False
+            return sock
+        path = self.cfg.socket
+        make_dirs(os.path.dirname(path), 0o750)
+        if os.path.lexists(path):
+            import stat
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise StateError("%s exists and is not a socket; not replacing it" % path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(2.0)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)                     # stale: nobody answers on it
+            except OSError as exc:
+                raise StateError("cannot probe existing socket %s: %s" % (path, exc)) from None
+            else:
+                raise StateError("%s is live: another jobrunnerd is listening on it" % path)
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~self.cfg.socket_mode)   # never more open than asked
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.cfg.socket_mode)
+        sock.listen(min(socket.SOMAXCONN, 4096))
+        sock.setblocking(False)
+        return sock
 
     def start_accepting(self) -> None:
         """Watch the listener (again); not once a stop under socket activation has begun."""
@@ -4991,9 +5126,31 @@ class Daemon:
                 conn.eof = True
                 conn.inbuf.clear()
                 conn.last_active = now      # the time to read that reply
-                self.dirty.add(conn)
+                self.this_pass.dirty.add(conn)
             else:
                 self.close(conn)
+
+    def gather(self) -> None:
+        """Group commit across clients: before paying an fsync for this pass's changes, wait
+        (at most as long as the last fsync took, and GATHER_MAX) for the next request of each
+        client that was busy a moment ago but has sent nothing this pass. Sixteen clients that
+        each wait for their reply then share one fsync instead of splitting into two halves
+        that take turns. A lone client is never kept waiting."""
+        now = time.monotonic()
+        expected = {conn.fd: conn for conn in self.conns      # dirty: served this pass
+                    if conn not in self.this_pass.dirty and not conn.eof and not conn.waiting()
+                    and now - conn.last_input < GATHER_ACTIVE}
+        deadline = now + min(self.store.sync_seconds, GATHER_MAX)
+        while expected and now < deadline:
+            ready = self.loop.sel.select(deadline - now)
+            if not ready:
+                break
+            for key, mask in ready:
+                conn = expected.pop(key.fd, None)
+                if conn is None:
+                    return              # something else needs the loop: commit now
+                self.loop.call(conn.on_event, mask)
+            now = time.monotonic()
 
     def on_client(self, conn: Connection, mask: int) -> None:
         if conn.closed:
@@ -5023,7 +5180,7 @@ class Daemon:
                 self.handle_input(conn)
         # Writable or not, replies go out in flush(), after this pass's commit: a reply made
         # just now may report a change that is not yet durable.
-        self.dirty.add(conn)
+        self.this_pass.dirty.add(conn)
 
     def handle_input(self, conn: Connection) -> None:
         """Serve the complete request lines in conn.inbuf, as many as is fair this pass."""
@@ -5052,7 +5209,7 @@ class Daemon:
             if end - start > limit:
                 self.too_large(conn)
                 break
-            slot = self.handle_line(conn, bytes(buf[start:end]))
+            slot = self.protocol.handle_line(conn, bytes(buf[start:end]))
             conn.slots.append(slot)
             made = len(slot[0] or b"")
             produced += made
@@ -5060,7 +5217,7 @@ class Daemon:
             start = end + 1
         del buf[:start]
         if budget == 0 and not throttled:
-            self.resume.add(conn)       # more lines may be waiting: next pass
+            self.this_pass.resume.add(conn)       # more lines may be waiting: next pass
 
     def backlogged(self, produced: int) -> bool:
         """Replies to a connection are made while the kernel took all those made before (its
@@ -5100,37 +5257,11 @@ class Daemon:
         conn.eof = True
         conn.inbuf.clear()
 
-    def handle_line(self, conn: Connection, line: bytes) -> list:
-        """One request -> its reply slot. Every exception becomes an error reply here."""
-        op = None
-        try:
-            req = decode_request(line)
-            op = req.get("op")
-            if not isinstance(op, str):
-                raise ProtocolError("bad_request", "missing field 'op'")
-            handler = HANDLERS.get(op)
-            if handler is None:
-                raise ProtocolError("unknown_op", "unknown op %r" % op[:50])
-            check_fields(req, OP_FIELDS[op])
-            if op in MUTATING and self.stopping:
-                raise ProtocolError("shutting_down", "the daemon is stopping")
-            result = handler(self, req, conn)
-            slot = result if isinstance(result, list) else [encode_reply(result)]
-            if op in MUTATING:
-                self.batch_slots.append(slot)
-            return slot
-        except ProtocolError as exc:
-            return [encode_error(exc.code, exc.message)]
-        except Exception as exc:            # a bug here must not take the daemon down
-            self.internal_error("op %s" % op if op in HANDLERS else "handle_line", exc)
-            return [encode_error("bad_request", "internal error in %s: %s: %s"
-                                 % (op, type(exc).__name__, exc))]
-
     def flush(self) -> None:
-        for conn in self.dirty:
+        for conn in self.this_pass.dirty:
             if not conn.closed:
                 self.send_some(conn)
-        self.dirty.clear()
+        self.this_pass.dirty.clear()
         self.pass_replies = 0           # all in outbufs now, and counted there
 
     def send_some(self, conn: Connection) -> None:
@@ -5158,7 +5289,7 @@ class Daemon:
             return
         whole = b"\n" in conn.inbuf
         if not conn.outbuf and not conn.waiting() and (whole or (conn.eof and conn.inbuf)):
-            self.resume.add(conn)       # requests held back while its replies were unread
+            self.this_pass.resume.add(conn)       # requests held back while its replies were unread
         reading = self.reading(conn)
         if conn.waiting() and not reading and self.hangup_timer is None:
             self.hangup_timer = self.loop.call_later(HANGUP_CHECK, self.check_hangups)
@@ -5185,16 +5316,7 @@ class Daemon:
             return
         conn.closed = True
         if conn.waiting():              # nobody to answer: its wait ends here, timer and all
-            for job_id, entries in list(self.waiters.items()):
-                kept = [entry for entry in entries if entry[0] is not conn]
-                if len(kept) < len(entries):
-                    for entry in entries:
-                        if entry[0] is conn:
-                            Loop.cancel(entry[2])
-                    if kept:
-                        self.waiters[job_id] = kept
-                    else:
-                        del self.waiters[job_id]
+            self.waits.drop(conn)
         self.loop.unwatch(conn.fd)
         conn.on_event = None            # it refers back to conn: no cycle left for the collector
         conn.sock.close()
@@ -5205,7 +5327,60 @@ class Daemon:
         conn.slots = []                     # last reference to conn (a timer, a set) goes
         self.fd_freed()
 
-    # -- handlers ----------------------------------------------------------------------------
+
+class Protocol:
+    """The protocol handlers: one method per op (op_*), listed in HANDLERS below; each takes the
+    validated request and its connection and returns the reply's fields, or a reply slot to
+    fill later (wait, a pattern list, prune), or raises ProtocolError. handle_line() is the one
+    place that turns any exception into an error reply. Changing requests add to the pass
+    (Pass): their replies wait for its commit."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon                       # stopping, internal_error
+        self.jobs: JobTable | None = None          # the table, once Daemon.setup() loaded it
+        self.cfg = daemon.cfg
+        self.clock = daemon.clock
+        self.loop = daemon.loop
+        self.runner = daemon.runner
+        self.attempts = daemon.attempts            # job id -> its running attempt
+        self.prunes = daemon.pruner.prunes         # prunes under way (Pruner.prune_some)
+        self.started = daemon.started
+        self.this_pass = daemon.this_pass
+        self.waits = daemon.waits
+        self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
+
+    def end_queries(self, reply: bytes) -> None:
+        """The daemon stops: every pattern query under way is answered with `reply`."""
+        for conn, slot, query in self.queries:
+            slot[0] = reply
+            self.this_pass.dirty.add(conn)
+        self.queries.clear()
+
+    def handle_line(self, conn: Connection, line: bytes) -> list:
+        """One request -> its reply slot. Every exception becomes an error reply here."""
+        op = None
+        try:
+            req = decode_request(line)
+            op = req.get("op")
+            if not isinstance(op, str):
+                raise ProtocolError("bad_request", "missing field 'op'")
+            handler = HANDLERS.get(op)
+            if handler is None:
+                raise ProtocolError("unknown_op", "unknown op %r" % op[:50])
+            check_fields(req, OP_FIELDS[op])
+            if op in MUTATING and self.daemon.stopping:
+                raise ProtocolError("shutting_down", "the daemon is stopping")
+            result = handler(self, req, conn)
+            slot = result if isinstance(result, list) else [encode_reply(result)]
+            if op in MUTATING:
+                self.this_pass.batch_slots.append(slot)
+            return slot
+        except ProtocolError as exc:
+            return [encode_error(exc.code, exc.message)]
+        except Exception as exc:            # a bug here must not take the daemon down
+            self.daemon.internal_error("op %s" % op if op in HANDLERS else "handle_line", exc)
+            return [encode_error("bad_request", "internal error in %s: %s: %s"
+                                 % (op, type(exc).__name__, exc))]
 
     def find(self, req: dict) -> Job:
         job = self.jobs.jobs.get(get_id(req))
@@ -5294,8 +5469,7 @@ class Daemon:
                 self.queries.append((conn, slot, query))    # the others' turn first
                 continue
             slot[0] = encode_reply({"jobs": [j.record() for j in query.jobs]})
-            self.dirty.add(conn)
-            self.resume.add(conn)
+            self.this_pass.answered(conn)
         if self.queries:
             self.loop.call_later(0, self.advance_queries)
 
@@ -5306,7 +5480,7 @@ class Daemon:
         att = self.attempts.get(job.id)
         self.jobs.transition(job, CANCELLED, uid=conn.uid)
         if att is not None:
-            self.after_commit.append(lambda: self.runner.stop(att, "cancel"))
+            self.this_pass.after_commit.append(lambda: self.runner.stop(att, "cancel"))
         return {"job": job.record()}
 
     def op_retry(self, req: dict, conn: Connection) -> dict:
@@ -5328,37 +5502,21 @@ class Daemon:
         timeout = get_seconds(req, "timeout", None, 0.0, MAX_DELAY, nullable=True)
         if job.state in FINISHED:
             slot = [encode_reply({"job": job.record(), "done": True})]
-            if job.id in self.unsynced_ends or job in self.jobs.changed:
-                self.report_slots.append(slot)  # its end is not durable yet: this pass's
+            if job.id in self.this_pass.unsynced_ends or job in self.jobs.changed:
+                self.this_pass.report_slots.append(slot)  # its end is not durable yet: this pass's
             return slot                         # commit makes it so first (or says it failed)
         if timeout == 0:
             return {"job": job.record(), "done": False}
         slot = [None]
-        entry = [conn, slot, None]
-        if timeout is not None:
-            entry[2] = self.loop.call_later(timeout, self.wait_expired, job.id, entry)
-        self.waiters.setdefault(job.id, []).append(entry)
-        self.new_waiters.append((job.id, entry))
+        self.waits.add(job.id, conn, slot, timeout, self.wait_expired)
         return slot
 
     def wait_expired(self, job_id: int, entry: list) -> None:
         job = self.jobs.jobs.get(job_id)
         if job is not None and job.state in FINISHED:
             return          # it ended in this pass: the commit answers, once that is durable
-        self.answer_waiter(job_id, entry, encode_reply(
+        self.waits.answer(job_id, entry, encode_reply(
             {"job": job.record() if job else None, "done": False}))
-
-    def answer_waiter(self, job_id: int, entry: list, reply: bytes) -> None:
-        """Answer one wait for `job_id` with `reply`, before its job ends."""
-        entries = self.waiters.get(job_id, [])
-        if entry in entries:
-            entries.remove(entry)
-            if not entries:
-                del self.waiters[job_id]
-            Loop.cancel(entry[2])
-            entry[1][0] = reply
-            self.dirty.add(entry[0])
-            self.resume.add(entry[0])
 
     def op_output(self, req: dict, conn: Connection) -> dict:
         job = self.find(req)
@@ -5410,11 +5568,11 @@ class Daemon:
 
 
 HANDLERS = {
-    "hello": Daemon.op_hello, "add": Daemon.op_add, "add_batch": Daemon.op_add_batch,
-    "get": Daemon.op_get, "list": Daemon.op_list, "cancel": Daemon.op_cancel,
-    "retry": Daemon.op_retry, "wait": Daemon.op_wait, "output": Daemon.op_output,
-    "stats": Daemon.op_stats, "pause": Daemon.op_pause, "resume": Daemon.op_resume,
-    "prune": Daemon.op_prune,
+    "hello": Protocol.op_hello, "add": Protocol.op_add, "add_batch": Protocol.op_add_batch,
+    "get": Protocol.op_get, "list": Protocol.op_list, "cancel": Protocol.op_cancel,
+    "retry": Protocol.op_retry, "wait": Protocol.op_wait, "output": Protocol.op_output,
+    "stats": Protocol.op_stats, "pause": Protocol.op_pause, "resume": Protocol.op_resume,
+    "prune": Protocol.op_prune,
 }
 assert set(HANDLERS) == set(OP_FIELDS)
 
