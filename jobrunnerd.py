@@ -20,14 +20,16 @@ Sections, in file order
                        next, when one is due); JobTable: every job, its indexes, and
                        the one state writer
     job process ...... the code a child runs (sent to it, never imported here)
-    runner ........... Zygote (fork server) and Runner: start attempts, capture
-                       output, kill process groups
+    runner ........... Zygote (fork server), Runner (start attempts, capture
+                       output, kill process groups), Containment (what an ended
+                       attempt left behind, in any group or session)
     protocol ......... request decoding, validation (the handlers: Protocol, below)
     config ........... keys, defaults, TOML loading
-    daemon ........... Dispatcher (starts attempts, settles ended ones, recovery at
-                       start-up), Pruner (finished jobs removed in durable steps), Pass (what one
-                       loop pass commits, and answers after its fsync), Waiters (pending
-                       waits), Daemon (the selectors loop, start-up, signals, systemd),
+    daemon ........... Pruner (finished jobs removed in durable steps), Pass (what one
+                       loop pass commits, and answers after its fsync), Waiters
+                       (pending waits), Dispatcher (starts attempts, settles ended
+                       ones, recovery at start-up), Daemon (the selectors loop,
+                       start-up, signals, systemd: wires the parts together),
                        Connections (accept, framing, pipelining, replies, limits),
                        Protocol (the op_* handlers of the HANDLERS table)
     main ............. command line
@@ -2120,6 +2122,11 @@ class PatternQuery:
 # CHILD_SOURCE (as a JSON string) and the attempt's spec (JSON). The child writes one JSON line
 # back before it exits: {"status": "ok", "result": ...}, {"status": "error", ...} (the job raised:
 # retryable) or {"status": "permanent", ...} (the target cannot run here: not retried).
+#
+# Why a string and not a function of this module: the child must never import jobrunnerd (the
+# daemon's module would run its imports and constants in every job process, and a job could
+# reach the daemon's code), and a spawned child is a bare `python -I` that has only what it is
+# sent. A string sent over fd 3 is the whole of what runs before the job's own code.
 
 CHILD_BOOTSTRAP = ("import os,json;_chan=os.fdopen(3,'rb',closefd=False);"
                    "exec(json.loads(_chan.readline()))")
@@ -2785,7 +2792,9 @@ ZYGOTE_REPLY_TIMEOUT = 3.0          # s to answer a fork request or a ping: a fo
 ZYGOTE_CHECK_INTERVAL = 0.5         # s between checks of those deadlines (and pings while its
                                     # attempts run: their exits come only through it)
 
-# The fork server's own code (runs in the zygote process, never in the daemon). It reads its
+# The fork server's own code (runs in the zygote process, never in the daemon; a string for the
+# same reason as CHILD_SOURCE: the zygote is a bare `python -I` that must not import jobrunnerd,
+# or every job process forked from it would hold the daemon's module). It reads its
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
 # "job", "attempt"} with two fds (the output pipe and the channel), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
@@ -4618,6 +4627,7 @@ class Daemon:
         self.started = self.clock()
         self.wake_r = self.wake_w = None
         self.bugs: set[tuple] = set()              # places whose internal error was reported
+        self.journal_trouble = WriteTrouble()      # failed journal writes: said once, not each
         self.loop.on_error = self.internal_error
         self.pruner = Pruner(cfg, self.clock, self.loop, self.runner, self.attempts,
                              self.this_pass)
@@ -4763,7 +4773,9 @@ class Daemon:
                 self.repair()
             self.store.commit(sync)
         except OSError as exc:
-            warn("journal write failed: %s" % exc)
+            if self.journal_trouble.failed(1):
+                warn("journal write failed: %s; changes get io_error until it works again"
+                     % exc)
             self.jobs.undo()
             self.log.rewind(mark)
             this_pass.write_failed(exc, ended, self.jobs, self.waits)
@@ -4794,7 +4806,9 @@ class Daemon:
             raise self.store.broken
         self.repair_after = time.monotonic() + 1.0
         self.store.snapshot(self.meta(), self.jobs.jobs)
-        warn("state written again in full; the store is healthy")
+        refused, self.journal_trouble = self.journal_trouble.lost, WriteTrouble()
+        warn("state written again in full; the store is healthy (%d passes were refused)"
+             % refused)
 
     def compact(self) -> None:
         """Fold the journal into a snapshot in the background (Store.fold)."""

@@ -89,6 +89,23 @@ def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def children_named(parent: int, word: bytes) -> list[int]:
+    """Processes whose parent is `parent` and whose command line has `word` (pgrep -P -f, by
+    hand: pgrep may not be installed)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue                # not a process, or gone meanwhile
+        if ppid == parent and word in cmdline:
+            found.append(int(name))
+    return found
+
+
 class Raw:
     """One connection speaking the line protocol directly."""
 

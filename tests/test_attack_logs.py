@@ -25,7 +25,7 @@ import unittest
 from unittest import mock
 
 from tests import support
-from tests.support import ROOT, in_process_daemon, wait_until
+from tests.support import ROOT, children_named, in_process_daemon, wait_until
 
 import jobrunnerd as jr
 
@@ -56,18 +56,7 @@ def talk_twice(n, printed, go):
 
 def zygote_pids(daemon_pid):
     """The daemon's children whose command line names the zygote."""
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == daemon_pid and b"jobrunner-zygote" in cmdline:
-            found.append(int(name))
-    return found
+    return children_named(daemon_pid, b"jobrunner-zygote")
 
 
 def kill_zygote(daemon_pid):

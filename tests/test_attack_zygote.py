@@ -15,7 +15,7 @@ import time
 import unittest
 
 from tests import support
-from tests.support import DaemonTestCase, wait_until
+from tests.support import DaemonTestCase, children_named, wait_until
 
 JOBS = '''
 import os, signal, time
@@ -74,22 +74,6 @@ def proc_ppid(pid: int) -> int | None:
             return int(f.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def children_named(parent: int, word: bytes) -> list[int]:
-    """Processes whose parent is `parent` and whose command line has `word`."""
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and word in cmdline:
-            found.append(int(name))
-    return found
 
 
 class ZygoteCase(DaemonTestCase):

@@ -9,7 +9,7 @@ import signal
 import sys
 import unittest
 
-from tests.support import DaemonTestCase, wait_until
+from tests.support import DaemonTestCase, children_named, wait_until
 
 JOB_MODULE = '''
 import os, sys, time
@@ -120,20 +120,8 @@ class ZygoteTest(DaemonTestCase):
         self.write_job_module("testjobs_sm", "VERSION = 1\n" + JOB_MODULE)
 
     def zygote_pids(self):
-        """The daemon's children whose command line names the zygote (pgrep -P -f, by hand:
-        pgrep may not be installed)."""
-        found = []
-        for name in os.listdir("/proc"):
-            try:
-                with open("/proc/%s/stat" % name, "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-                with open("/proc/%s/cmdline" % name, "rb") as f:
-                    cmdline = f.read()
-            except (OSError, ValueError, IndexError):
-                continue                # not a process, or gone meanwhile
-            if ppid == self.daemon.proc.pid and b"jobrunner-zygote" in cmdline:
-                found.append(int(name))
-        return found
+        """The daemon's children whose command line names the zygote."""
+        return children_named(self.daemon.proc.pid, b"jobrunner-zygote")
 
     def test_preloaded_code_changes_on_sighup_only(self):
         self.assertEqual(self.daemon.wait_job(self.daemon.add("testjobs_sm:version"))["result"], 1)
