@@ -4807,7 +4807,7 @@ class Daemon:
         self.repair_after = time.monotonic() + 1.0
         self.store.snapshot(self.meta(), self.jobs.jobs)
         refused, self.journal_trouble = self.journal_trouble.lost, WriteTrouble()
-        warn("state written again in full; the store is healthy (%d passes were refused)"
+        warn("state written again in full; the store is healthy (%d failed tries meanwhile)"
              % refused)
 
     def compact(self) -> None:
@@ -5277,6 +5277,7 @@ class Connections:
                 self.send_some(conn)
         self.this_pass.dirty.clear()
         self.pass_replies = 0           # all in outbufs now, and counted there
+        self.requests_until = math.inf  # outside serve(), a request is never held back
 
     def send_some(self, conn: Connection) -> None:
         slots = conn.slots
