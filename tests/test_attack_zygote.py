@@ -338,6 +338,8 @@ def low_nofile():
 class LimitedDaemon(support.Daemon):
     """The fixture's daemon, started under soft = hard RLIMIT_NOFILE (it cannot raise it)."""
 
+    limit = staticmethod(low_nofile)
+
     def start(self, wait=True, env=None, args=()):
         self.write_config()
         self.stderr = open(self.stderr_path, "ab")
@@ -345,7 +347,7 @@ class LimitedDaemon(support.Daemon):
                                       self.config_path, *args], stdin=subprocess.DEVNULL,
                                      stdout=self.stderr, stderr=self.stderr,
                                      env=support.daemon_env() if env is None else env,
-                                     preexec_fn=low_nofile)
+                                     preexec_fn=self.limit)
         if wait:
             self.wait_ready()
         return self
@@ -419,6 +421,30 @@ class NoFreeFdTest(unittest.TestCase):
 
 class NoFreeFdSpawnTest(NoFreeFdTest):
     START_METHOD = "spawn"
+
+
+class SoftFdLimitTest(unittest.TestCase):
+    """A soft RLIMIT_NOFILE below what max_connections and workers need is raised at start-up,
+    as far as the hard limit allows."""
+
+    def test_the_soft_limit_is_raised_to_what_the_config_needs(self):
+        tmp = self.enterContext(tempfile.TemporaryDirectory(prefix="jr-test-"))
+        daemon = SoftLimitedDaemon(tmp, workers=2, max_connections=200)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        soft, hard = resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE)
+        self.assertEqual(hard, 4096)
+        self.assertGreaterEqual(soft, 200 + 8 * 2 + 64)     # max_connections + 8/worker + 64
+
+
+def soft_nofile_only():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, 4096))
+
+
+class SoftLimitedDaemon(LimitedDaemon):
+    """The fixture's daemon under a soft RLIMIT_NOFILE of NOFILE, with room up to 4096."""
+
+    limit = staticmethod(soft_nofile_only)
 
 
 if __name__ == "__main__":
