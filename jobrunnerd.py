@@ -2532,6 +2532,9 @@ ATTEMPT_ARGV = "jobrunner-job"      # argv mark of an attempt's process: "jobrun
 ATTEMPT_ARGV_ROOM = 64              # bytes a zygote keeps at the end of its argv for that mark
 SWEEP_RETRY = 0.05                  # after a kill: the victims' own children come to us as they die
 SWEEP_RETRY_MAX = 1.0               # backoff cap for one that survives SIGKILL a while (D state)
+SWEEP_SPACING = 0.02                # s between sweeps at least: at hundreds of attempt ends a
+                                    # second one sweep serves many (each costs ~50 us), and an
+                                    # orphan outlives its attempt by this much at most
 
 
 def become_subreaper() -> bool:
@@ -2689,6 +2692,7 @@ class Containment:
         self.runner = runner
         self.timer: list | None = None
         self.retry = SWEEP_RETRY
+        self.last_sweep = -math.inf         # monotonic
         self.adopted: set[int] = set()      # the daemon's own children that are no attempt
         # Birth of the first attempt's process: an unmarked process born before it is of no
         # attempt (e.g. a child of the program that embeds a Daemon, in a session of its own).
@@ -2707,11 +2711,13 @@ class Containment:
 
     def schedule(self, delay: float = 0.0) -> None:
         if self.timer is None or self.timer[2] is None:
+            delay = max(delay, self.last_sweep + SWEEP_SPACING - time.monotonic())
             self.timer = self.runner.loop.call_later(delay, self.sweep)
 
     def sweep(self) -> int:
         """Kill the leftovers among the subreapers' children; returns how many are alive."""
         self.timer = None
+        self.last_sweep = time.monotonic()
         runner = self.runner
         running = {(att.job.id, att.number) for att in runner.active.values()}
         births = [att.pid_start for att in runner.active.values() if att.pid is not None]
