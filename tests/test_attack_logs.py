@@ -160,10 +160,9 @@ class FailingStderrTest(Fixture):
         [line] = self.write_failed_lines(d)                       # said once, not per line
         self.assertIn("No space left on device", line)
 
-    def test_stderr_a_pipe_whose_reader_is_gone(self):
-        d = self.daemon()
-        r, w = os.pipe()
-        os.close(r)                                               # every write: EPIPE
+    def warn_into(self, d, w):
+        """Start `d` with stderr on the pipe end `w` (closed here), provoke a warning, and wait
+        until the errors log says that stderr failed; the daemon serves and runs jobs on."""
         try:
             self.start_with_stderr(d, w)
         finally:
@@ -171,6 +170,12 @@ class FailingStderrTest(Fixture):
         kill_zygote(d.proc.pid)
         self.check_serves_and_runs(d)
         wait_until(lambda: self.write_failed_lines(d), 10, message="write_failed in errors log")
+
+    def test_stderr_a_pipe_whose_reader_is_gone(self):
+        d = self.daemon()
+        r, w = os.pipe()
+        os.close(r)                                               # every write: EPIPE
+        self.warn_into(d, w)
         [line] = self.write_failed_lines(d)
         self.assertIn("Broken pipe", line)
 
@@ -185,13 +190,7 @@ class FailingStderrTest(Fixture):
         except BlockingIOError:
             pass                                                  # full: a write would wait
         os.set_blocking(w, True)                                  # as a shell would pass it
-        try:
-            self.start_with_stderr(d, w)
-        finally:
-            os.close(w)
-        kill_zygote(d.proc.pid)
-        self.check_serves_and_runs(d)
-        wait_until(lambda: self.write_failed_lines(d), 10, message="write_failed in errors log")
+        self.warn_into(d, w)
         # Someone reads again: the next warning gets through, and the errors log says so.
         os.set_blocking(r, False)
         try:
