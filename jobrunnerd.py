@@ -4622,7 +4622,8 @@ class Daemon:
         self.this_pass = Pass()                    # what this loop pass commits and answers
         self.waits = Waiters(self.loop, self.this_pass)
         self.dispatcher = Dispatcher(cfg, self.scheduler, self.clock,
-                                     self.this_pass.starting.append, lambda: self.fd_freed())
+                                     self.this_pass.starting.append,
+                                     lambda: self.connections.fd_freed())
         self.runner = Runner(cfg, self.loop, self.dispatcher.attempt_started,
                              self.dispatcher.attempt_ended, self.dispatcher.attempt_start_failed)
         self.dispatcher.runner = self.runner
@@ -4641,22 +4642,18 @@ class Daemon:
         self.connections = Connections(cfg, self.loop, self.store, self.this_pass, self.waits,
                                        self.protocol)
 
-    # The parts under the names they had when they were the daemon's own (the attempt code,
-    # select_timeout and the in-process tests reach them so).
+    # The parts under the names they had when they were the daemon's own: the in-process
+    # tests reach them so.
     conns = property(lambda self: self.connections.conns)
     listener = property(lambda self: self.connections.listener)
     on_client = property(lambda self: self.connections.on_client)
     gather = property(lambda self: self.connections.gather)
     flush = property(lambda self: self.connections.flush)
     close = property(lambda self: self.connections.close)
-    fd_freed = property(lambda self: self.connections.fd_freed)
     handle_line = property(lambda self: self.protocol.handle_line)
     waiters = property(lambda self: self.waits.by_job)
     dirty = property(lambda self: self.this_pass.dirty)
-    resume = property(lambda self: self.this_pass.resume)
     batch_slots = property(lambda self: self.this_pass.batch_slots)
-    starting = property(lambda self: self.this_pass.starting)
-    prunes = property(lambda self: self.pruner.prunes)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -4731,7 +4728,7 @@ class Daemon:
 
     def select_timeout(self) -> float:
         timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
-        if self.resume or self.prunes:
+        if self.this_pass.resume or self.pruner.prunes:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
