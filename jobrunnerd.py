@@ -51,7 +51,7 @@ Protocol (version 1), in brief
     -> {"op": "nope"}
     <- {"ok": false, "error": {"code": "unknown_op", "message": "..."}}
     Ops: hello add add_batch get list cancel retry wait output stats pause
-    resume prune. Replies come in request order, so clients may pipeline.
+    resume prune queues set_workers. Replies come in request order, so clients may pipeline.
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ QUERY_SLICE = 0.015                   # pattern queries work this long per loop 
                                       # them together: the loop is never held much longer
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
+STORE_FORMAT = 2                      # of queue.json and journal.jsonl: 2 adds queue pauses
+                                      # (format 1, without them, loads as it is)
 JOURNAL_MIN_COMPACT = 1024 * 1024     # SPEC: fold the journal once past max(this, snapshot size)
 PRUNE_FOLD_SHARE = 8                  # a fold follows prunes once they deleted 1/8 of the jobs
                                       # in the snapshot (disk use stays proportional to live jobs;
@@ -216,7 +218,7 @@ TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
 
 PUBLIC_FIELDS = (
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
-    "retry_delay", "backoff", "timeout", "key", "created_at", "run_at", "started_at",
+    "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at", "started_at",
     "finished_at", "pid", "exit_code", "error", "result",
 )
 # Kept on disk, never shown: the start time of `pid` (/proc/PID/stat field 22), so that after a
@@ -230,12 +232,12 @@ class Job:
     __slots__ = PUBLIC_FIELDS + PRIVATE_FIELDS + ("token",)
 
     def __init__(self, _record: dict | None = None, /, **fields):
-        # Missing fields are None: one C-level merge and one C-level lookup of all 23, then
+        # Missing fields are None: one C-level merge and one C-level lookup of all 24, then
         # one unpacking into the slots, written out (a million restarts seconds faster than
         # with a get() or setattr() per field).
         (self.id, self.target, self.method, self.args, self.kwargs, self.priority, self.state,
          self.attempts, self.retries, self.retry_delay, self.backoff, self.timeout, self.key,
-         self.created_at, self.run_at, self.started_at, self.finished_at, self.pid,
+         self.queue, self.created_at, self.run_at, self.started_at, self.finished_at, self.pid,
          self.exit_code, self.error, self.result, self.pid_start, self.uid) = \
             _stored_items(_BLANK | (fields if _record is None else _record))
         self.token = 0      # bumped whenever the job leaves a heap; stale heap entries are skipped
@@ -285,6 +287,7 @@ class Job:
             job.attempts = 0
         if job.priority is None:
             job.priority = 0
+        job.queue = DEFAULT_QUEUE if job.queue is None else sys.intern(job.queue)
         job.retry_delay = _shared_seconds(job.retry_delay)
         job.timeout = _shared_seconds(job.timeout)
         return job
@@ -304,9 +307,11 @@ _stored_values = operator.attrgetter(*_STORED_FIELDS)
 _stored_items = operator.itemgetter(*_STORED_FIELDS)
 _all_values = operator.attrgetter(*Job.__slots__)        # what undo() puts back, in one C call
 _BLANK = dict.fromkeys(_STORED_FIELDS)
+_BLANK["queue"] = "default"          # DEFAULT_QUEUE: a job names a queue, always
 # Left out of stored records when they have these values, which from_stored() restores: fewer
 # bytes to parse for each of a million jobs at start-up.
-_STORED_DEFAULTS = (("priority", 0), ("attempts", 0), ("backoff", "exponential"))
+_STORED_DEFAULTS = (("priority", 0), ("attempts", 0), ("backoff", "exponential"),
+                    ("queue", "default"))        # DEFAULT_QUEUE, defined further down
 # Durations kept as integers on disk when they are whole (they parse faster than floats).
 _WHOLE_SECONDS = ("retry_delay", "timeout")
 _SECONDS: dict = {}         # one float object per distinct duration: most jobs share a few
@@ -446,6 +451,11 @@ def log_time(t: float, _cache=[None, ""]) -> str:
     return _cache[1] + ".%03dZ" % ms
 
 
+def queue_field(job) -> dict:
+    """`queue=NAME` for the log lines of a job in a queue other than `default` (SPEC §6)."""
+    return {} if job.queue == "default" or job.queue is None else {"queue": job.queue}
+
+
 def format_event(t: float, event: str, fields: dict) -> str:
     parts = [log_time(t), "event=" + event]
     for key, value in fields.items():
@@ -530,6 +540,8 @@ class EventLog:
             if target is None:
                 target = targets[job.target] = log_value(job.target)
             uid = "" if job.uid is None else " uid=%d" % job.uid
+            if job.queue != "default":
+                uid = " queue=%s%s" % (log_value(job.queue), uid)
             lines.append("%s%d target=%s%s priority=%d run_at=%.3f\n"
                          % (head, job.id, target, uid, job.priority, job.run_at))
 
@@ -759,7 +771,7 @@ class StoreLoading:
         appending. `make` turns each stored record into what is kept (Job.from_stored), as it
         is read, so a million dicts never exist at once. Raises StateError, naming file and
         offset, on any damage but a torn tail."""
-        meta = {"next_id": 1, "paused": False}
+        meta = {"next_id": 1, "paused": False}     # and "queues", once a queue was paused
         records: dict = {}
         snap_gen = 0
         make = make or (lambda rec: rec)
@@ -813,7 +825,11 @@ class StoreLoading:
             raise StateError("%s: empty snapshot (offset 0); refusing to start" % path)
         head_end = data.find(b"\n")
         tail = data.rfind(b"\n]}")
-        ours = data.startswith(b'{"format":1') and data[:head_end].endswith(b'"jobs":[') \
+        declared = re.match(rb'\s*\{\s*"format"\s*:\s*(\d{1,9})\b', data)
+        if declared:                    # before any job: a newer record may not parse here
+            self._check_format(path, int(declared.group(1)))
+        ours = data.startswith((b'{"format":1,', b'{"format":2,')) \
+            and data[:head_end].endswith(b'"jobs":[') \
             and 0 < head_end <= tail and not data[tail + 3:].strip()
         if ours:
             # Our own layout (one job a line): parse a few MB at a time.
@@ -824,8 +840,16 @@ class StoreLoading:
             jobs = [(0, doc.get("jobs") if isinstance(doc, dict) else None)]
         if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
             raise StateError("%s: not a jobrunner snapshot (offset 0)" % path)
+        self._check_format(path, doc.get("format", 1))
         meta["next_id"] = max(meta["next_id"], int(doc.get("next_id", 1)))
         meta["paused"] = bool(doc.get("paused", False))
+        queues = doc.get("queues", {})
+        if not isinstance(queues, dict) or not all(
+                isinstance(kept, dict) for kept in queues.values()):
+            raise StateError("%s: queues is not an object of objects (offset 0)" % path)
+        if queues:
+            meta["queues"] = {name: {"paused": bool(kept.get("paused", False))}
+                              for name, kept in queues.items()}
         highest = 0
         for offset, chunk in jobs:
             if not isinstance(chunk, list):
@@ -848,6 +872,16 @@ class StoreLoading:
         return int(doc.get("gen", 0)), ours
 
     SNAPSHOT_CHUNK = 4 * 1024 * 1024    # parse this much at once: C speed, bounded memory
+
+    @staticmethod
+    def _check_format(path: str, found) -> None:
+        """A file a newer jobrunner wrote stops start-up (and is left as it is): its records
+        may mean what this version cannot know."""
+        if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+            raise StateError("%s: format %r is not a jobrunner format" % (path, found))
+        if found > STORE_FORMAT:
+            raise StateError("%s: written by a newer jobrunner (format %d; this one reads 1 to "
+                             "%d)" % (path, found, STORE_FORMAT))
 
     def _jobs_in_chunks(self, data: bytes, start: int, end: int):
         """Yield (offset, list of records) for the job lines in data[start:end]."""
@@ -901,7 +935,8 @@ class StoreLoading:
             last = i == len(pieces) - 1 and not tail.strip(b"\0")
             try:
                 obj = json.loads(line)
-                if not isinstance(obj, dict) or len(obj) != 1:
+                if not isinstance(obj, dict) or len(obj) != 1 and (
+                        gen is not None or set(obj) != {"gen", "format"}):
                     raise ValueError("not a journal entry")
             except ValueError as exc:
                 if last:
@@ -912,6 +947,7 @@ class StoreLoading:
             if gen is None:
                 if "gen" not in obj:
                     raise StateError("%s: no generation header at offset 0" % path)
+                self._check_format(path, obj.get("format", 1))
                 gen = int(obj["gen"])
                 if gen >= snap_gen and gen != want:
                     raise StateError("%s: generation %d at offset 0 is newer than %s (%d): the "
@@ -951,6 +987,11 @@ class StoreLoading:
                 records.pop(job_id, None)
         elif "paused" in obj:
             meta["paused"] = bool(obj["paused"])
+        elif "queue" in obj:            # {"queue": {"name": N, "paused": P}}: one queue's pause
+            name, paused = obj["queue"]["name"], obj["queue"]["paused"]
+            if not isinstance(name, str):
+                raise ValueError("queue entry without a name")
+            meta.setdefault("queues", {})[name] = {"paused": bool(paused)}
         elif "next_id" in obj:
             meta["next_id"] = max(meta["next_id"], int(obj["next_id"]))
         else:
@@ -1179,8 +1220,9 @@ class Store(StoreLoading):
         """Write the snapshot `gen` of `jobs` (a dict by id: the lines of untouched jobs are
         copied from the snapshot on disk, and of jobs `journals` change once from there; or
         a list) to PATH.tmp, fsynced; (temp path, size)."""
-        head = (_json_line({"format": 1, "gen": gen, "next_id": meta["next_id"],
-                            "paused": meta["paused"]})[:-2] + ',"jobs":[\n').encode()
+        head = (_json_line({"format": STORE_FORMAT, "gen": gen, "next_id": meta["next_id"],
+                            "paused": meta["paused"], "queues": meta.get("queues", {})})[:-2]
+                + ',"jobs":[\n').encode()
         by_id = jobs if isinstance(jobs, dict) else None
         try:
             if by_id is None or touched is None:     # touched is kept only for ours
@@ -1356,7 +1398,7 @@ class Store(StoreLoading):
             raise _NotCopyable                      # never a job left out of the snapshot
 
     def _new_journal(self, gen: int) -> None:
-        header = _json_line({"gen": gen}).encode()
+        header = _json_line({"gen": gen, "format": STORE_FORMAT}).encode()
         self._replace(self.journal_path, header)
         self.fd = open_nofollow(self.journal_path, os.O_WRONLY | os.O_APPEND)
         self.size = self.synced = len(header)
@@ -1540,7 +1582,8 @@ class Fold:
 #  Queue: Queue and Scheduler, JobTable (the one writer of job state)
 ####################################################################################################
 
-DEFAULT_QUEUE = "default"       # the one queue today; named queues will add others
+DEFAULT_QUEUE = "default"       # every job's queue unless its `add` names another (SPEC §2a)
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")     # SPEC §2a: 1-64 of A-Z a-z 0-9 _ . -
 
 
 class Queue:
@@ -1552,14 +1595,35 @@ class Queue:
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token` (the
     JobTable does), and entries with an old token are skipped when they surface. `jobs` is the
-    table's id -> Job dict, to tell live entries from stale ones."""
+    table's id -> Job dict, to tell live entries from stale ones.
 
-    def __init__(self, name: str, workers: int):
+    `running` counts the attempts that hold one of its slots: from the dispatcher's start
+    until the runner says the process has exited (a cancelled attempt being killed still holds
+    its slot). `counts` is its jobs per state, kept by JobTable._index()/_unindex(). A queue
+    the config no longer declares (after SIGHUP) keeps its jobs but starts none."""
+
+    def __init__(self, name: str, workers: int, declared: bool = True,
+                 isolation: str = "fresh"):
         self.name = name
         self.workers = workers
         self.paused = False
+        self.declared = declared
+        self.isolation = isolation
+        self.running = 0
+        self.counts = dict.fromkeys(STATES, 0)
         self.ready: list[tuple] = []
         self.delayed: list[tuple] = []
+
+    def may_start(self, running: int | None = None) -> bool:
+        """Is one of its slots free, and may it start attempts at all?"""
+        used = self.running if running is None else running
+        return self.declared and not self.paused and used < self.workers
+
+    def describe(self) -> dict:
+        """What the `queues` op says of it."""
+        return {"name": self.name, "workers": self.workers, "running": self.running,
+                "paused": self.paused, "declared": self.declared, "isolation": self.isolation,
+                "counts": dict(self.counts)}
 
     def add(self, job: Job, now: float, push=heapq.heappush) -> None:
         """A pending job onto the heap it belongs on at `now`."""
@@ -1606,51 +1670,101 @@ class Queue:
 
 
 class Scheduler:
-    """Which pending job starts next, and when the next one is due: the queues (one today,
-    `default`), each with its slots and its paused flag. It holds no sockets and no processes:
-    tests step it with `now`. The JobTable tells it of every job that becomes pending (add)
-    and keeps `jobs` pointing at its id -> Job dict."""
+    """Which pending job starts next, and when the next one is due: the queues, each with its
+    slots, its running attempts and its paused flag, plus the whole-daemon pause (`paused`).
+    A free slot in queue Q starts Q's best due job whatever the other queues hold; a loop over
+    the queues (a handful) per start, a heap pop within one. It holds no sockets and no
+    processes: tests step it with `now`. The JobTable tells it of every job that becomes
+    pending (add) and keeps `jobs` pointing at its id -> Job dict."""
 
     def __init__(self, workers: int = 1):
         self.jobs: dict[int, Job] = {}
+        self.paused = False             # the whole daemon's pause: no queue starts anything
         self.default = Queue(DEFAULT_QUEUE, workers)
         self.queues = {DEFAULT_QUEUE: self.default}
 
+    def queue(self, name: str | None) -> Queue:
+        """The queue of that name; one the config does not declare (jobs of a queue removed
+        from it, a pause kept on disk) is made undeclared, with no slots."""
+        queue = self.queues.get(DEFAULT_QUEUE if name is None else name)
+        if queue is None:
+            queue = self.queues[name] = Queue(name, 0, declared=False)
+        return queue
+
+    def configure(self, cfg: "Config") -> None:
+        """Apply the config's queues (at start-up and on SIGHUP): slots and isolation of each
+        declared queue as configured (undoing set_workers), the others undeclared. Pauses and
+        running counts stay: they are not the config's."""
+        self.default.workers, self.default.isolation = cfg.workers, cfg.isolation
+        for name, queue in self.queues.items():
+            if name != DEFAULT_QUEUE and name not in cfg.queues:
+                queue.declared = False
+        for name, table in cfg.queues.items():
+            queue = self.queue(name)
+            queue.declared = True
+            queue.workers, queue.isolation = table["workers"], table["isolation"]
+
     def add(self, job: Job, now: float, push=heapq.heappush) -> None:
-        self.default.add(job, now, push)    # every job is in the default queue today
+        (self.queues.get(job.queue) or self.queue(job.queue)).add(job, now, push)
 
     def heapify(self) -> None:
         for queue in self.queues.values():
             queue.heapify()
 
-    def may_start(self, running: int) -> bool:
-        """May an attempt start now, `running` attempts being under way (a slot free)?"""
-        queue = self.default
-        return not queue.paused and running < queue.workers
+    def may_start(self, running: int | None = None) -> bool:
+        """May an attempt start now in some queue (a slot free, not paused)? `running`, if
+        given, counts the default queue's attempts instead of its own count."""
+        if self.paused:
+            return False
+        return any(queue.may_start(running if queue is self.default else None)
+                   for queue in self.queues.values())
 
-    def next_job(self, now: float, running: int) -> Job | None:
-        """The job to start now (off its heap), or None: nothing due, no slot, paused."""
-        if not self.may_start(running):
+    def next_job(self, now: float, running: int | None = None) -> Job | None:
+        """The job to start now (off its heap), or None: nothing due where a slot is free, or
+        paused. `running` as for may_start()."""
+        if self.paused:
             return None
-        return self.default.pop_due(now, self.jobs)
+        jobs = self.jobs
+        for queue in self.queues.values():
+            if queue.may_start(running if queue is self.default else None):
+                job = queue.pop_due(now, jobs)
+                if job is not None:
+                    return job
+        return None
 
     def pop_due(self, now: float) -> Job | None:
-        """The due job that should start next, whatever the slots and the pause say."""
-        return self.default.pop_due(now, self.jobs)
+        """A due job that should start next, whatever the slots and the pauses say (the
+        default queue's first)."""
+        for queue in self.queues.values():
+            job = queue.pop_due(now, self.jobs)
+            if job is not None:
+                return job
+        return None
 
     def has_due(self, now: float) -> bool:
-        return self.default.has_due(now, self.jobs)
+        return any(queue.has_due(now, self.jobs) for queue in self.queues.values())
 
     def next_run_at(self) -> float | None:
         """When the earliest job that is not due yet becomes due (None: there is none)."""
-        return self.default.next_run_at(self.jobs)
+        times = [t for t in (q.next_run_at(self.jobs) for q in self.queues.values())
+                 if t is not None]
+        return min(times) if times else None
 
     def due_in(self, now: float) -> float | None:
-        """Seconds until a pending job is due: 0.0 if one is, None if none is pending."""
-        if self.has_due(now):
-            return 0.0
-        run_at = self.next_run_at()
-        return None if run_at is None else max(run_at - now, 0.0)
+        """Seconds until a job is due in a queue that may start it: 0.0 if one is, None if
+        none is pending there (a paused or full queue's due jobs do not wake the loop)."""
+        if self.paused:
+            return None
+        soonest = None
+        for queue in self.queues.values():
+            if not queue.may_start():
+                continue
+            if queue.has_due(now, self.jobs):
+                return 0.0
+            run_at = queue.next_run_at(self.jobs)
+            if run_at is not None and (soonest is None or run_at < soonest):
+                soonest = run_at
+        return None if soonest is None else max(soonest - now, 0.0)
 
 
 class JobTable:
@@ -1661,6 +1775,8 @@ class JobTable:
         counts    jobs per state;  keys  unique key -> id of the live job holding it
         ids       every id, ascending (for `list ... after_id`)
         by_state  state -> ids in it (so `list --state failed` never scans a million pending)
+        by_queue  queue name -> its ids, ascending (so `list --queue emails` reads that queue's
+                  jobs, not every job); per queue counts per state are Queue.counts
         by_target target -> its ids, ascending (so `list --target 'reports.*'` reads the jobs
                   of the targets that match, not every job); built at its first use, a slice
                   per loop pass (index_targets()), kept up to date from its start
@@ -1687,6 +1803,7 @@ class JobTable:
         self.finished: list[tuple] = []
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
+        self.by_queue: dict[str, list[int]] = {}
         self.by_target: dict[str, list[int]] | None = None
         self._targets_done = 0                  # by_target holds every id up to this one
         self._targets_upto = 0                  # and create() adds those above this one
@@ -1695,12 +1812,15 @@ class JobTable:
         self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
         self._undo: dict[int, tuple] | None = None
         self._undo_paused: bool | None = None
+        self._undo_queues: dict[str, bool] = {}     # queue -> its pause before this pass
 
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, meta: dict, records: dict[int, dict]) -> None:
         self.next_id = meta["next_id"]
-        self.scheduler.default.paused = meta["paused"]
+        self.scheduler.paused = meta["paused"]
+        for name, kept in meta.get("queues", {}).items():
+            self.scheduler.queue(name).paused = kept.get("paused", False)
         now = self.clock()
         for job_id, job in records.items():
             if not isinstance(job, Job):
@@ -1712,23 +1832,38 @@ class JobTable:
         self.scheduler.jobs = records
         self.ids = sorted(records)
         index = self._index
+        by_queue: dict[str, list[int]] = {}
         for job in records.values():
             index(job, now, list.append)
+            ids = by_queue.get(job.queue)
+            if ids is None:
+                ids = by_queue[job.queue] = []
+            ids.append(job.id)
+        for ids in by_queue.values():
+            ids.sort()                  # in id order already, but for jobs the journal re-adds
+        self.by_queue = by_queue
         self.scheduler.heapify()
         heapq.heapify(self.finished)    # O(n) once, not a push per job
 
     @property
     def paused(self) -> bool:
-        """The default queue's pause (stats, the journal's `paused` entry)."""
-        return self.scheduler.default.paused
+        """The whole daemon's pause (stats, the journal's `paused` entry)."""
+        return self.scheduler.paused
+
+    def queue_meta(self) -> dict:
+        """What the snapshot keeps of the queues: the pause of each paused one."""
+        return {name: {"paused": True} for name, queue in self.scheduler.queues.items()
+                if queue.paused}
 
     # -- indexes -----------------------------------------------------------------------------
 
     def _index(self, job: Job, now: float | None = None, push=heapq.heappush) -> None:
         self.counts[job.state] += 1
         self.by_state[job.state].add(job.id)
+        queue = self.scheduler.queues.get(job.queue) or self.scheduler.queue(job.queue)
+        queue.counts[job.state] += 1
         if job.state == PENDING:
-            self.scheduler.add(job, self.clock() if now is None else now, push)
+            queue.add(job, self.clock() if now is None else now, push)
         elif job.state in FINISHED:
             push(self.finished, (job.finished_at or 0.0, job.id))
         if job.key is not None and job.state in LIVE:
@@ -1736,6 +1871,7 @@ class JobTable:
 
     def _unindex(self, job: Job) -> None:
         self.counts[job.state] -= 1
+        self.scheduler.queue(job.queue).counts[job.state] -= 1
         self.by_state[job.state].discard(job.id)
         job.token += 1
         if job.key is not None and self.keys.get(job.key) == job.id:
@@ -1761,6 +1897,7 @@ class JobTable:
                 self._undo[job.id] = (job, None)
             self.jobs[job.id] = job
             self.ids.append(job.id)
+            self.by_queue.setdefault(job.queue, []).append(job.id)
             if self.by_target is not None:
                 self.by_target.setdefault(job.target, []).append(job.id)
             self._index(job, now)
@@ -1791,7 +1928,7 @@ class JobTable:
         for name, value in (changes or {}).items():
             setattr(job, name, value)
         self._index(job)
-        fields = {"job": job.id, "target": job.target}
+        fields = {"job": job.id, "target": job.target, **queue_field(job)}
         if state != PENDING or event != "queued":
             fields["attempt"] = job.attempt_label()
         fields.update(log_fields)
@@ -1814,10 +1951,18 @@ class JobTable:
         self._unindex(job)
         self._index(job)
 
-    def set_paused(self, paused: bool) -> None:
+    def set_paused(self, paused: bool, queue: str | None = None) -> None:
+        """Pause or resume the whole daemon, or with `queue` that queue alone."""
+        if queue is not None:
+            target = self.scheduler.queue(queue)
+            if self._undo is not None and queue not in self._undo_queues:
+                self._undo_queues[queue] = target.paused
+            target.paused = paused
+            self.store.append({"queue": {"name": queue, "paused": paused}})
+            return
         if self._undo is not None and self._undo_paused is None:
             self._undo_paused = self.paused
-        self.scheduler.default.paused = paused
+        self.scheduler.paused = paused
         self.store.append({"paused": paused})
 
     def remove(self, jobs: list[Job]) -> None:
@@ -1829,6 +1974,12 @@ class JobTable:
             del self.jobs[job.id]
         gone = {job.id for job in jobs}
         self.ids = self._without(self.ids, gone)
+        for queue in {job.queue for job in jobs}:
+            kept = self._without(self.by_queue.get(queue, []), gone)
+            if kept:
+                self.by_queue[queue] = kept
+            else:
+                self.by_queue.pop(queue, None)
         if self.by_target is not None:           # maybe still being built: maybe absent
             for target in {job.target for job in jobs}:
                 kept = self._without(self.by_target.get(target, []), gone)
@@ -1843,10 +1994,12 @@ class JobTable:
     def track(self) -> None:
         self._undo = {}
         self._undo_paused = None
+        self._undo_queues = {}
 
     def untrack(self) -> None:
         self._undo = None
         self._undo_paused = None
+        self._undo_queues = {}
 
     def _save(self, job: Job) -> None:
         if self._undo is not None and job.id not in self._undo:
@@ -1864,6 +2017,9 @@ class JobTable:
                 if present:
                     del self.jobs[job_id]
                     self._forget_id(self.ids, job_id)
+                    self._forget_id(self.by_queue[job.queue], job_id)
+                    if not self.by_queue[job.queue]:
+                        del self.by_queue[job.queue]
                     if self.by_target is not None:
                         self._forget_id(self.by_target[job.target], job_id)
                         if not self.by_target[job.target]:
@@ -1876,11 +2032,14 @@ class JobTable:
             if not present:                     # pruned since track(): back in
                 self.jobs[job_id] = job
                 bisect.insort(self.ids, job_id)
+                bisect.insort(self.by_queue.setdefault(job.queue, []), job_id)
                 if self.by_target is not None:
                     bisect.insort(self.by_target.setdefault(job.target, []), job_id)
             self._index(job)
         if self._undo_paused is not None:
-            self.scheduler.default.paused = self._undo_paused
+            self.scheduler.paused = self._undo_paused
+        for queue, paused in self._undo_queues.items():
+            self.scheduler.queue(queue).paused = paused
         self.untrack()
 
     @staticmethod
@@ -1983,13 +2142,13 @@ class JobTable:
         return found
 
     def select(self, state: str | None, pattern: str | None, after_id: int, limit: int,
-               targets: set[str] | None = None) -> list[Job]:
+               targets: set[str] | None = None, queue: str | None = None) -> list[Job]:
         """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`
         (at once: the daemon runs a PatternQuery a slice per pass instead) or of one of
-        `targets` (a few, in the index): read from the smallest of every id, the state's
-        ids and those targets' ids."""
+        `targets` (a few, in the index), in `queue`: read from the smallest of every id (or
+        the queue's), the state's ids and those targets' ids."""
         if pattern is not None:
-            query = PatternQuery(self, state, pattern, after_id, limit)
+            query = PatternQuery(self, state, pattern, after_id, limit, queue)
             query.step(math.inf)
             return query.jobs
         jobs = self.jobs
@@ -1997,23 +2156,25 @@ class JobTable:
             if not targets:
                 return []
             self.index_targets(math.inf)        # a few targets: the index already is complete
-        in_targets = len(self.ids) if targets is None else \
+        base = self.ids if queue is None else self.by_queue.get(queue, [])
+        in_targets = len(base) if targets is None else \
             sum(len(self.by_target[t]) for t in targets)
         if state is not None and self.counts[state] * 8 < in_targets:
             # A rare state: its own ids (unordered), the smallest `limit` of those that match.
             found = heapq.nsmallest(limit, (
                 i for i in self.by_state[state]
-                if i > after_id and (targets is None or jobs[i].target in targets)))
+                if i > after_id and (targets is None or jobs[i].target in targets)
+                and (queue is None or jobs[i].queue == queue)))
             return [jobs[i] for i in found]
         if targets is None:
-            candidates = self._ids_after(self.ids, after_id)
+            candidates = self._ids_after(base, after_id)
         else:
             candidates = heapq.merge(*(self._ids_after(self.by_target[t], after_id)
                                        for t in targets))
         out = []
         for job_id in candidates:
             job = jobs[job_id]
-            if state is None or job.state == state:
+            if (state is None or job.state == state) and (queue is None or job.queue == queue):
                 out.append(job)
                 if len(out) >= limit:
                     break
@@ -2036,8 +2197,8 @@ class PatternQuery:
     FEW_TARGETS = 64        # matched targets that JobTable.select merges in one go
 
     def __init__(self, table: JobTable, state: str | None, pattern: str, after_id: int,
-                 limit: int):
-        self.table, self.state, self.pattern = table, state, pattern
+                 limit: int, queue: str | None = None):
+        self.table, self.state, self.pattern, self.queue = table, state, pattern, queue
         self.after_id, self.limit = after_id, limit
         self.regex: re.Pattern | None = None
         self.targets: list[str] | None = None   # the index's targets when matching started
@@ -2068,7 +2229,7 @@ class PatternQuery:
             if len(self.matched) <= self.FEW_TARGETS:
                 present = {t for t in self.matched if t in table.by_target}   # none pruned?
                 self.jobs = table.select(self.state, None, self.after_id, self.limit,
-                                         targets=present)
+                                         targets=present, queue=self.queue)
                 return True
             self.collect = self._collect(self.matched)
         for _ in self.collect:
@@ -2077,7 +2238,8 @@ class PatternQuery:
         ids = sorted({-i for i in self.found})
         jobs = table.jobs
         self.jobs = [jobs[i] for i in ids if i in jobs and
-                     (self.state is None or jobs[i].state == self.state)]
+                     (self.state is None or jobs[i].state == self.state)
+                     and (self.queue is None or jobs[i].queue == self.queue)]
         return True
 
     def _collect(self, targets: list[str]):
@@ -2085,6 +2247,7 @@ class PatternQuery:
         yields now and then to let step() look at the clock. Between two yields the index
         may change: each list is read again, from the last id seen."""
         table, state, limit, found = self.table, self.state, self.limit, self.found
+        queue = self.queue
         jobs = table.jobs
         for n, target in enumerate(targets):
             last = self.after_id
@@ -2100,7 +2263,8 @@ class PatternQuery:
                         full = True             # the rest of this list is larger still
                         break
                     job = jobs.get(job_id)
-                    if job is not None and (state is None or job.state == state):
+                    if job is not None and (state is None or job.state == state) \
+                            and (queue is None or job.queue == queue):
                         if len(found) < limit:
                             heapq.heappush(found, -job_id)
                         else:
@@ -3740,13 +3904,14 @@ def encode_error(code: str, message: str) -> bytes:
 
 
 ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at", "retries",
-              "retry_delay", "backoff", "timeout", "key")
+              "retry_delay", "backoff", "timeout", "key", "queue")
 # op -> the fields it accepts besides "op"; anything else is a bad_request (typos never pass).
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
-    "list": ("state", "target", "limit", "after_id"), "cancel": ("id",), "retry": ("id",),
-    "wait": ("id", "timeout"), "output": ("id", "offset", "limit"), "stats": (), "pause": (),
-    "resume": (), "prune": ("older_than",),
+    "list": ("state", "target", "queue", "limit", "after_id"), "cancel": ("id",),
+    "retry": ("id",), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
+    "stats": (), "pause": ("queue",), "resume": ("queue",), "prune": ("older_than",),
+    "queues": (), "set_workers": ("queue", "workers"),
 }
 _WITH_OP = {fields: frozenset(fields + ("op",)) for fields in OP_FIELDS.values()}
 # Ops that change state: refused while stopping, answered only after the journal is durable.
@@ -3793,9 +3958,27 @@ def get_id(req: dict) -> int:
     return get_int(req, "id", None, 0, 2 ** 63 - 1)
 
 
+def get_queue_name(req: dict, where: str = "") -> str:
+    """The `queue` field: a queue's name (SPEC §2a), or bad_request."""
+    name = req.get("queue")
+    if not isinstance(name, str) or not QUEUE_NAME.match(name):
+        raise ProtocolError("bad_request", "%squeue must be a name of 1-64 of A-Z a-z 0-9 _ . -"
+                            % where)
+    return sys.intern(name)
+
+
 def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
-    """The fields of a new job from an `add` object, defaults filled in from the config."""
+    """The fields of a new job from an `add` object, defaults filled in from its queue's table
+    in the config, then the config's top level."""
     check_fields(req, ADD_FIELDS, where)
+    if "queue" in req and req["queue"] != DEFAULT_QUEUE:
+        queue = get_queue_name(req, where)
+        table = cfg.queues.get(queue)
+        if table is None:
+            raise ProtocolError("not_found", "%squeue %r is not declared in the config "
+                                "([queues.%s])" % (where, queue, queue))
+    else:
+        queue, table = DEFAULT_QUEUE, NO_KWARGS
     target = req.get("target")
     if not isinstance(target, str):
         raise ProtocolError("bad_request", "%starget must be a string 'module:Attr'" % where)
@@ -3831,7 +4014,7 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
     else:
         delay = get_seconds(req, "delay", 0.0, 0.0, MAX_DELAY, where)
         run_at = now + delay if delay else now      # no delay: share the created_at float
-    backoff = req.get("backoff", cfg.backoff)
+    backoff = req.get("backoff", table.get("backoff", cfg.backoff))
     if backoff not in ("fixed", "exponential"):
         raise ProtocolError("bad_request", "%sbackoff must be 'fixed' or 'exponential'" % where)
     backoff = "fixed" if backoff == "fixed" else "exponential"     # one shared string
@@ -3841,14 +4024,18 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
                             "characters, or null" % (where, MAX_KEY_CHARS))
     return {
         "target": target, "method": method, "args": args, "kwargs": kwargs,
-        "priority": get_int(req, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY, where),
+        "priority": get_int(req, "priority", table.get("priority", 0), -MAX_PRIORITY,
+                            MAX_PRIORITY, where),
         "run_at": run_at,
-        "retries": get_int(req, "retries", cfg.retries, 0, MAX_RETRIES, where),
-        "retry_delay": get_seconds(req, "retry_delay", cfg.retry_delay, 0.0, MAX_DELAY, where),
+        "retries": get_int(req, "retries", table.get("retries", cfg.retries), 0, MAX_RETRIES,
+                           where),
+        "retry_delay": get_seconds(req, "retry_delay", table.get("retry_delay", cfg.retry_delay),
+                                   0.0, MAX_DELAY, where),
         "backoff": backoff,
-        "timeout": get_seconds(req, "timeout", cfg.timeout or None, 0.001, MAX_DELAY, where,
-                               nullable=True),
+        "timeout": get_seconds(req, "timeout", table.get("timeout", cfg.timeout) or None, 0.001,
+                               MAX_DELAY, where, nullable=True),
         "key": key,
+        "queue": queue,
     }
 
 
@@ -3921,6 +4108,9 @@ CONFIG_KEYS: dict[str, tuple] = {
     "state_dir": ("storage/state", "path"),
     "log_dir": ("storage/logs", "path"),
     "workers": (None, "count"),                 # None: the number of CPUs we may run on
+    "isolation": ("fresh", "isolation"),        # the default queue's (SPEC §2d)
+    "max_jobs_per_worker": (1000, "count"),     # the default queue's (used by "reuse")
+    "queues": ({}, "queues"),                   # [queues.NAME] tables (SPEC §2a)
     "job_paths": (["."], "paths"),
     "allow": (["examples.*:*"], "patterns"),
     "retries": (0, "retries"),
@@ -3943,6 +4133,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "preload": ([], "modules"),
 }
 LIMIT_KEYS = ("cpu", "memory", "nofile", "fsize")
+# A [queues.NAME] table: its own keys, then the job defaults it may set (the top level's
+# otherwise). Slots: 1 unless given (a queue is declared to run something; 0 holds it).
+QUEUE_KEYS = ("workers", "isolation", "max_jobs_per_worker", "priority", "retries",
+              "retry_delay", "backoff", "timeout")
+QUEUE_DEFAULTS = {"workers": 1, "isolation": "fresh", "max_jobs_per_worker": 1000}
+MAX_QUEUE_WORKERS = 10000                 # more slots than this is a typo, not a host
 
 
 class Config:
@@ -3958,17 +4154,33 @@ class Config:
             self.workers = _cpu_count()
 
     @staticmethod
-    def check(key: str, value, base_dir: str):
-        kind = CONFIG_KEYS[key][1]
+    def check(key: str, value, base_dir: str, kind=None, label: str | None = None):
+        kind = kind or CONFIG_KEYS[key][1]
 
         def bad(what: str):
-            return ConfigError("config key %s: %s (got %r)" % (key, what, value))
+            return ConfigError("config key %s: %s (got %r)" % (label or key, what, value))
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if value is None and key == "workers":
+        if value is None and key == "workers" and label is None:
             return None
+        if kind == "isolation":
+            if value == "reuse":
+                raise bad('"reuse" (worker reuse, issue #17) is not built yet; use "fresh"')
+            if value != "fresh":
+                raise bad('must be "fresh"')
+            return value
+        if kind == "queues":
+            return Config.check_queues(value, base_dir, bad)
+        if kind == "slots":
+            if not is_int(value) or not 0 <= value <= MAX_QUEUE_WORKERS:
+                raise bad("must be a whole number from 0 to %d" % MAX_QUEUE_WORKERS)
+            return value
+        if kind == "priority":
+            if not is_int(value) or not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+                raise bad("must be a whole number from %d to %d" % (-MAX_PRIORITY, MAX_PRIORITY))
+            return value
         if isinstance(kind, tuple):
             if value not in kind:
                 raise bad("must be one of " + ", ".join(kind))
@@ -4022,6 +4234,34 @@ class Config:
                     raise bad("limit %s must be a whole number >= 1" % name)
             return dict(value)
         raise AssertionError(kind)
+
+
+    @staticmethod
+    def check_queues(value, base_dir: str, bad) -> dict:
+        """The [queues.NAME] tables: name -> {key: value}, each key checked, the queue's own
+        keys filled in (QUEUE_DEFAULTS); job defaults only where given."""
+        if not isinstance(value, dict):
+            raise bad("must be [queues.NAME] tables")
+        queues = {}
+        for name, table in value.items():
+            if not QUEUE_NAME.match(name):
+                raise bad("queue name %r is not 1-64 of A-Z a-z 0-9 _ . -" % name)
+            if name == DEFAULT_QUEUE:
+                raise ConfigError("config [queues.default]: the default queue takes the top-level"
+                                  " keys (workers, isolation, retries, ...); set them there")
+            if not isinstance(table, dict):
+                raise ConfigError("config queues.%s: must be a table of keys" % name)
+            unknown = sorted(set(table) - set(QUEUE_KEYS))
+            if unknown:
+                raise ConfigError("config queues.%s: unknown key(s): %s (known: %s)"
+                                  % (name, ", ".join(unknown), ", ".join(QUEUE_KEYS)))
+            checked = dict(QUEUE_DEFAULTS)
+            for key, item in table.items():
+                kind = {"workers": "slots", "priority": "priority"}.get(key)
+                checked[key] = Config.check(key, item, base_dir, kind,
+                                            label="queues.%s.%s" % (name, key))
+            queues[name] = checked
+        return queues
 
 
 def script_dir() -> str:
@@ -4434,6 +4674,7 @@ class Dispatcher:
         self.runner: Runner | None = None
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
         self.held: dict[int, Job] = {}             # due, but their last attempt is still dying
+        self.slots: dict[int, Queue] = {}          # attempt token -> the queue whose slot it holds
         self.stopping = False                      # the daemon is stopping: start nothing
         self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
         self.start_warned_at = -START_WARN_INTERVAL
@@ -4441,12 +4682,13 @@ class Dispatcher:
     def next_start_in(self) -> float | None:
         """Seconds until an attempt may start (0.0: now), or None: no slot, paused, nothing
         pending. A start that failed for a reason of the host waits for its backoff."""
-        if not self.scheduler.may_start(len(self.runner.active)):
+        due = self.scheduler.due_in(self.clock())
+        if due is None:
             return None
         backoff = self.start_retry_at - time.monotonic()
         if backoff > 0:                 # a start failed for a reason of the host
             return backoff
-        return self.scheduler.due_in(self.clock())
+        return due
 
     def recover_running(self) -> None:
         """Jobs left `running` by a daemon that died: kill what is left of them, then count the
@@ -4495,22 +4737,32 @@ class Dispatcher:
             time.sleep(0.01)
 
     def dispatch(self) -> None:
-        """Start due jobs while workers are free."""
+        """Start due jobs while workers are free, each in a slot of its own queue."""
         if self.stopping or time.monotonic() < self.start_retry_at:
             return
         now = self.clock()
         while True:
-            job = self.scheduler.next_job(now, len(self.runner.active))
+            job = self.scheduler.next_job(now)
             if job is None:
                 return
             if job.id in self.attempts:     # retried while its cancelled attempt was stopping
                 self.held[job.id] = job
                 continue
             try:
-                self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
+                att = self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
             except OSError as exc:
                 self.not_started(job, "could not start a job process: %s" % exc)
                 return
+            if att.token in self.runner.active:     # (not ended already)
+                queue = self.scheduler.queue(job.queue)
+                queue.running += 1
+                self.slots[att.token] = queue
+
+    def free_slot(self, att: Attempt) -> None:
+        """The attempt left the runner (ended, or never started): its queue's slot is free."""
+        queue = self.slots.pop(att.token, None)
+        if queue is not None:
+            queue.running -= 1
 
     def attempt_started(self, att: Attempt) -> None:
         """The runner's report: the process of `att` exists (its pid is known)."""
@@ -4525,6 +4777,7 @@ class Dispatcher:
 
     def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
         """The runner's report: no process could be made for `att` (the zygote failed)."""
+        self.free_slot(att)
         self.not_started(att.job, error, retry_now)
 
     def not_started(self, job: Job, error: str, retry_now: bool = False) -> None:
@@ -4546,6 +4799,7 @@ class Dispatcher:
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
         self.fd_freed()                         # its pipes are closed
+        self.free_slot(att)
         job = att.job
         self.attempts.pop(job.id, None)
         if att.pid is None:                     # stopped before its process existed
@@ -4553,7 +4807,7 @@ class Dispatcher:
             if job.state == PENDING and att.stop_reason == "timeout":  # it counts (SPEC §2)
                 self.jobs.transition(job, RUNNING, changes={"attempts": att.number})
                 error = "timed out after %gs (its process had not started)" % job.timeout
-                self.log.event("timed_out", job=job.id, target=job.target,
+                self.log.event("timed_out", job=job.id, target=job.target, **queue_field(job),
                                attempt=job.attempt_label())
                 self.attempt_failed(job, None, error, error, permanent=False)
             elif job.state == PENDING:          # shutdown, or retried while being cancelled
@@ -4579,7 +4833,7 @@ class Dispatcher:
             return
         if att.stop_reason == "timeout":
             error = "timed out after %gs" % job.timeout
-            self.log.event("timed_out", job=job.id, target=job.target,
+            self.log.event("timed_out", job=job.id, target=job.target, **queue_field(job),
                            attempt=job.attempt_label(), duration=duration, pid=att.pid)
         elif status in ("error", "permanent", "invalid") and report.get("error"):
             error = str(report["error"])
@@ -4601,7 +4855,7 @@ class Dispatcher:
         """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
         out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
         if out.announce is not None:
-            self.log.event(out.announce, job=job.id, target=job.target,
+            self.log.event(out.announce, job=job.id, target=job.target, **queue_field(job),
                            attempt=job.attempt_label(), **log_fields)
         self.jobs.transition(job, out.state, event=out.event, detail=out.detail,
                              changes=out.changes, **{**out.fields, **log_fields})
@@ -4619,6 +4873,7 @@ class Daemon:
         self.log: EventLog | None = None
         self.jobs: JobTable | None = None
         self.scheduler = Scheduler(cfg.workers)
+        self.scheduler.configure(cfg)
         self.this_pass = Pass()                    # what this loop pass commits and answers
         self.waits = Waiters(self.loop, self.this_pass)
         self.dispatcher = Dispatcher(cfg, self.scheduler, self.clock,
@@ -4822,7 +5077,8 @@ class Daemon:
             warn("snapshot failed: %s" % exc)
 
     def meta(self) -> dict:
-        return {"next_id": self.jobs.next_id, "paused": self.jobs.paused}
+        return {"next_id": self.jobs.next_id, "paused": self.jobs.paused,
+                "queues": self.jobs.queue_meta()}
 
     def finish(self) -> int:
         """The graceful stop's last steps: every attempt has ended."""
@@ -4905,7 +5161,8 @@ class Daemon:
             self.runner.abandon(att)
 
     def reload(self) -> None:
-        """SIGHUP: reopen the log files (logrotate), re-read allow and limits from the config."""
+        """SIGHUP: reopen the log files (logrotate), re-read allow, limits and the queues
+        from the config (each queue's slots as configured again, set_workers undone)."""
         sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
         self.connections.group_cache.clear()
         try:
@@ -4923,6 +5180,9 @@ class Daemon:
                 warn("reload: %s; keeping the old config" % exc)
             else:
                 self.cfg.allow, self.cfg.limits = fresh.allow, fresh.limits
+                self.cfg.queues, self.cfg.isolation = fresh.queues, fresh.isolation
+                self.cfg.max_jobs_per_worker = fresh.max_jobs_per_worker
+                self.scheduler.configure(self.cfg)
         sd_notify("READY=1")
 
     # -- jobs --------------------------------------------------------------------------------
@@ -5467,13 +5727,16 @@ class Protocol:
         pattern = get_pattern(req)
         limit = get_int(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
         after = get_int(req, "after_id", 0, 0, 2 ** 63 - 1)
+        queue = get_queue_name(req) if "queue" in req else None
         if pattern is None:
-            return {"jobs": [j.record() for j in self.jobs.select(state, None, after, limit)]}
+            return {"jobs": [j.record() for j in self.jobs.select(state, None, after, limit,
+                                                                   queue=queue)]}
         # Answered in a later pass, as a `wait` is: later requests of conn wait for it.
         slot = [None]
         if not self.queries:
             self.loop.call_later(0, self.advance_queries)
-        self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after, limit)))
+        self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after, limit,
+                                                      queue)))
         return slot
 
     def advance_queries(self) -> None:
@@ -5564,19 +5827,50 @@ class Protocol:
                 "eof": finished and end >= size}
 
     def op_stats(self, req: dict, conn: Connection) -> dict:
-        return {"counts": dict(self.jobs.counts), "workers": self.cfg.workers,
+        return {"counts": dict(self.jobs.counts),
+                "workers": self.jobs.scheduler.default.workers,
                 "paused": self.jobs.paused, "uptime": self.clock() - self.started,
                 "protocol": PROTOCOL}
 
+    def find_queue(self, req: dict) -> Queue:
+        """The queue the request names: one the daemon knows (declared, or holding jobs)."""
+        if "queue" not in req:
+            raise ProtocolError("bad_request", "missing field 'queue'")
+        name = get_queue_name(req)
+        queue = self.jobs.scheduler.queues.get(name)
+        if queue is None:
+            raise ProtocolError("not_found", "no queue %r (not declared in the config)" % name)
+        return queue
+
     def op_pause(self, req: dict, conn: Connection) -> dict:
-        if not self.jobs.paused:
-            self.jobs.set_paused(True)
-        return {"paused": True}
+        return self.switch(req, True)
 
     def op_resume(self, req: dict, conn: Connection) -> dict:
-        if self.jobs.paused:
-            self.jobs.set_paused(False)
-        return {"paused": False}
+        return self.switch(req, False)
+
+    def switch(self, req: dict, paused: bool) -> dict:
+        """pause/resume: the whole daemon, or with `queue` that queue (journaled either way)."""
+        if "queue" in req:
+            queue = self.find_queue(req)
+            if queue.paused != paused:
+                self.jobs.set_paused(paused, queue.name)
+        elif self.jobs.paused != paused:
+            self.jobs.set_paused(paused)
+        return {"paused": paused}
+
+    def op_queues(self, req: dict, conn: Connection) -> dict:
+        queues = self.jobs.scheduler.queues
+        return {"queues": [queues[name].describe() for name in
+                           sorted(queues, key=lambda name: (name != DEFAULT_QUEUE, name))]}
+
+    def op_set_workers(self, req: dict, conn: Connection) -> dict:
+        queue = self.find_queue(req)
+        if "workers" not in req:
+            raise ProtocolError("bad_request", "missing field 'workers'")
+        # Not journaled: a restart or SIGHUP applies the config's value again (SPEC §2a).
+        # Lowered, running attempts go on; fewer start until the queue is below it.
+        queue.workers = get_int(req, "workers", None, 0, MAX_QUEUE_WORKERS)
+        return {"queue": queue.describe()}
 
     def op_prune(self, req: dict, conn: Connection) -> list:
         older = get_seconds(req, "older_than", 0.0, 0.0, MAX_DELAY)
@@ -5590,7 +5884,8 @@ HANDLERS = {
     "get": Protocol.op_get, "list": Protocol.op_list, "cancel": Protocol.op_cancel,
     "retry": Protocol.op_retry, "wait": Protocol.op_wait, "output": Protocol.op_output,
     "stats": Protocol.op_stats, "pause": Protocol.op_pause, "resume": Protocol.op_resume,
-    "prune": Protocol.op_prune,
+    "prune": Protocol.op_prune, "queues": Protocol.op_queues,
+    "set_workers": Protocol.op_set_workers,
 }
 assert set(HANDLERS) == set(OP_FIELDS)
 

@@ -42,7 +42,8 @@ import jobrunnerd as jr  # noqa: E402
 from tests.support import in_process_daemon  # noqa: E402
 
 # SPEC §3: the documented ops. Kept here literally so that a new handler needs a SPEC change.
-SPEC_OPS = "hello add add_batch get list cancel retry wait output stats pause resume prune".split()
+SPEC_OPS = ("hello add add_batch get list cancel retry wait output stats pause resume prune"
+            " queues set_workers").split()
 
 TARGET = "examples.jobs:ExampleJob"
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"     # SPEC §6 time format
@@ -860,7 +861,7 @@ class StoreBasicsTest(StoreCase):
         jobs = [jr.Job.from_stored(record(1, state="succeeded")), jr.Job.from_stored(record(2))]
         store.snapshot({"next_id": 10, "paused": True}, jobs)
         with open(store.journal_path, "rb") as f:
-            self.assertEqual(f.read(), b'{"gen":1}\n')
+            self.assertEqual(f.read(), b'{"gen":1,"format":2}\n')
         with open(store.snapshot_path, "rb") as f:
             self.assertEqual(json.loads(f.read())["gen"], 1)
         expected = {1: record(1, state="succeeded"), 2: record(2)}
@@ -952,7 +953,7 @@ class StoreGenerationTest(StoreCase):
                 store.snapshot(meta, [jr.Job.from_stored(r) for r in newer.values()])
         store.close()                       # the "crash": step 2 never happened
         with open(store.journal_path, "rb") as f:
-            self.assertEqual(json.loads(f.readline()), {"gen": 0})   # the old journal is left
+            self.assertEqual(json.loads(f.readline()), {"gen": 0, "format": 2})   # the old journal is left
 
         restarted = self.open_store()
         got_meta, records = restarted.load()
@@ -1481,7 +1482,7 @@ class ValidateAddTest(TempCase):
         self.assertEqual(jr.validate_add({"target": TARGET}, self.cfg, self.NOW), {
             "target": TARGET, "method": None, "args": [], "kwargs": {}, "priority": 0,
             "run_at": self.NOW, "retries": 0, "retry_delay": 1.0, "backoff": "exponential",
-            "timeout": 3600.0, "key": None})
+            "timeout": 3600.0, "key": None, "queue": "default"})
         cfg = jr.Config({"retries": 3, "retry_delay": 2.5, "backoff": "fixed", "timeout": 10,
                          "allow": ["pkg.*:*"]}, self.tmp)
         got = jr.validate_add({"op": "add", "target": "pkg.mod:F"}, cfg, self.NOW)
@@ -1497,7 +1498,7 @@ class ValidateAddTest(TempCase):
         self.assertEqual(jr.validate_add(req, self.cfg, self.NOW), {
             "target": TARGET, "method": "run", "args": [1, "a"], "kwargs": {"k": [1]},
             "priority": -7, "run_at": self.NOW + 2.5, "retries": 4, "retry_delay": 0.5,
-            "backoff": "fixed", "timeout": 1.5, "key": "uniq"})
+            "backoff": "fixed", "timeout": 1.5, "key": "uniq", "queue": "default"})
         at = jr.validate_add({"target": TARGET, "run_at": self.NOW + 60}, self.cfg, self.NOW)
         self.assertEqual(at["run_at"], self.NOW + 60)
 
