@@ -26,7 +26,7 @@ T = "examples.jobs:ExampleJob"
 
 JOB_FIELDS = {
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
-    "retry_delay", "backoff", "timeout", "key", "created_at", "run_at", "started_at",
+    "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at", "started_at",
     "finished_at", "pid", "exit_code", "error", "result",
 }
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
