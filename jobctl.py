@@ -410,12 +410,14 @@ class Client:
             kwargs: dict | None = None, priority: int | None = None, delay: float | None = None,
             run_at: float | None = None, retries: int | None = None,
             retry_delay: float | None = None, backoff: str | None = None,
-            timeout: float | None | object = _OMIT, key: str | None = None) -> dict:
+            timeout: float | None | object = _OMIT, key: str | None = None,
+            queue: str | None = None) -> dict:
         """Queue a job; return {"id": int, "created": bool}. Fields left None take the
-        daemon's defaults; timeout=None is sent as null (no limit), omit it for the default."""
+        defaults of its queue ("default" unless given), then the daemon's; timeout=None is
+        sent as null (no limit), omit it for the default."""
         fields = add_fields(target, method=method, args=args, kwargs=kwargs, priority=priority,
                             delay=delay, run_at=run_at, retries=retries, retry_delay=retry_delay,
-                            backoff=backoff, timeout=timeout, key=key)
+                            backoff=backoff, timeout=timeout, key=key, queue=queue)
         reply = self.call("add", **fields)
         _field(reply, "id", int)
         return reply
@@ -429,9 +431,10 @@ class Client:
         return _field(self.call("get", id=id), "job", dict)
 
     def list(self, state: str | None = None, target: str | None = None,
-             limit: int | None = None, after_id: int | None = None) -> list[dict]:
+             limit: int | None = None, after_id: int | None = None,
+             queue: str | None = None) -> list[dict]:
         """Job records in ascending id order (the daemon's default limit is 100, at most 1000)."""
-        fields = _given(state=state, target=target, limit=limit, after_id=after_id)
+        fields = _given(state=state, target=target, limit=limit, after_id=after_id, queue=queue)
         return _field(self.call("list", **fields), "jobs", list, dict)
 
     def cancel(self, id: int) -> dict:
@@ -478,13 +481,23 @@ class Client:
         _field(reply, "counts", dict)
         return reply
 
-    def pause(self) -> bool:
-        """Start no new attempts until resume(); return the paused flag (True)."""
-        return _field(self.call("pause"), "paused", bool)
+    def pause(self, queue: str | None = None) -> bool:
+        """Start no new attempts (in `queue` alone, if given) until resume(); return the
+        paused flag (True)."""
+        return _field(self.call("pause", **_given(queue=queue)), "paused", bool)
 
-    def resume(self) -> bool:
-        """Start attempts again; return the paused flag (False)."""
-        return _field(self.call("resume"), "paused", bool)
+    def resume(self, queue: str | None = None) -> bool:
+        """Start attempts again (in `queue` alone, if given); return the paused flag (False)."""
+        return _field(self.call("resume", **_given(queue=queue)), "paused", bool)
+
+    def queues(self) -> list[dict]:
+        """One object per queue: name, workers, running, paused, declared, isolation, counts."""
+        return _field(self.call("queues"), "queues", list, dict)
+
+    def set_workers(self, queue: str, workers: int) -> dict:
+        """Give `queue` that many slots (until the daemon restarts or reloads); return the
+        queue's object as queues() has it."""
+        return _field(self.call("set_workers", queue=queue, workers=workers), "queue", dict)
 
     def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs older than `older_than` seconds (default: all); return how many."""
@@ -676,7 +689,7 @@ def job_table(jobs: list[dict], now: float | None = None) -> str:
 
 
 _JOB_FIELDS = ("id", "target", "method", "args", "kwargs", "priority", "state", "attempts",
-               "retries", "retry_delay", "backoff", "timeout", "key", "created_at", "run_at",
+               "retries", "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at",
                "started_at", "finished_at", "pid", "exit_code", "error", "result")
 _TIME_FIELDS = ("created_at", "run_at", "started_at", "finished_at")
 
@@ -820,7 +833,7 @@ def _add_stdin(client: Client, ns) -> int:
 
 
 def cmd_list(client: Client, ns) -> int:
-    jobs = client.list(state=ns.state, target=ns.target, limit=ns.limit)
+    jobs = client.list(state=ns.state, target=ns.target, limit=ns.limit, queue=ns.queue)
     if ns.json:
         _out_json(jobs)
     elif jobs:
@@ -969,11 +982,47 @@ def _paused(ns, paused: bool) -> int:
 
 
 def cmd_pause(client: Client, ns) -> int:
-    return _paused(ns, client.pause())
+    return _paused(ns, client.pause(ns.queue))
 
 
 def cmd_resume(client: Client, ns) -> int:
-    return _paused(ns, client.resume())
+    return _paused(ns, client.resume(ns.queue))
+
+
+def queue_table(queues: list[dict]) -> str:
+    """An aligned table: QUEUE WORKERS (used/total) PAUSED, then the counts per state."""
+    states = list(STATES) + sorted({s for q in queues for s in q.get("counts", {})} - set(STATES))
+    rows = [("QUEUE", "WORKERS", "PAUSED") + tuple(s.upper() for s in states)]
+    for q in queues:
+        paused = "yes" if q.get("paused") else "no"
+        if q.get("declared") is False:
+            paused += " (undeclared)"
+        counts = q.get("counts", {}) if isinstance(q.get("counts"), dict) else {}
+        rows.append(tuple(escape(str(cell)) for cell in (
+            q.get("name"), f"{q.get('running')}/{q.get('workers')}", paused,
+            *(counts.get(s, 0) for s in states))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in rows)
+
+
+def cmd_queues(client: Client, ns) -> int:
+    queues = client.queues()
+    if ns.json:
+        _out_json({"queues": queues})
+    else:
+        _out(queue_table(queues))
+    return EXIT_OK
+
+
+def cmd_workers(client: Client, ns) -> int:
+    queue = client.set_workers(ns.queue, ns.workers)
+    if ns.json:
+        _out_json({"queue": queue})
+    else:
+        _out(queue_table([queue]))
+    return EXIT_OK
 
 
 def cmd_prune(client: Client, ns) -> int:
@@ -987,7 +1036,8 @@ def cmd_prune(client: Client, ns) -> int:
 
 COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_cancel,
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
-            "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune}
+            "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune,
+            "queues": cmd_queues, "workers": cmd_workers}
 
 
 ###############################################################################
@@ -1002,6 +1052,18 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not (0 <= value < float("inf")):
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """workers N: a whole number >= 0."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
     return value
 
 
@@ -1101,6 +1163,8 @@ def build_parser(only: str | None = None):
                    "running, its id is returned instead")
     p.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
     p.add_argument("--json-args", action="store_true", help="parse each ARG as JSON")
+    p.add_argument("--queue", metavar="Q", help="the queue to run in (declared in the config; "
+                   "default: default)")
     p.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it fails")
     p.add_argument("--stdin", action="store_true", help="read add objects, one JSON line each, "
                    "from stdin and add them in batches; print the ids")
@@ -1108,6 +1172,7 @@ def build_parser(only: str | None = None):
     p = command("list", "list jobs")
     p.add_argument("--state", metavar="S", choices=STATES)
     p.add_argument("--target", metavar="PATTERN", help="fnmatch pattern")
+    p.add_argument("--queue", metavar="Q", help="only the jobs of queue Q")
     p.add_argument("--limit", type=int, metavar="N", help="at most N jobs (daemon default 100, max 1000)")
 
     p = command("show", "show one job")
@@ -1124,8 +1189,14 @@ def build_parser(only: str | None = None):
     p.add_argument("--raw", action="store_true", help="write the output as it is, also to a terminal "
                    "(there control characters are otherwise shown escaped)")
     command("stats", "queue counts and daemon status")
-    command("pause", "start no new attempts")
-    command("resume", "start attempts again")
+    command("pause", "start no new attempts").add_argument(
+        "--queue", metavar="Q", help="in queue Q alone (kept across restarts)")
+    command("resume", "start attempts again").add_argument(
+        "--queue", metavar="Q", help="in queue Q alone")
+    command("queues", "each queue: workers used/total, paused, counts per state")
+    p = command("workers", "set a queue's worker slots (until the daemon restarts or reloads)")
+    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("workers", type=_count, metavar="N")
     p = command("prune", "delete finished jobs and their output")
     p.add_argument("--older-than", type=_seconds, metavar="S", help="only those finished S seconds ago")
     return parser
@@ -1163,7 +1234,7 @@ def parse_args(argv: list[str] | None = None):
         given = [o for o, v in (("TARGET", positional), ("--wait", ns.wait),
                                 ("--json-args", ns.json_args), ("--kwargs", ns.kwargs)) if v]
         given += [f"--{k.replace('_', '-')}" for k in ("method", "priority", "delay", "run_at", "retries",
-                                                        "retry_delay", "backoff", "key")
+                                                        "retry_delay", "backoff", "key", "queue")
                   if getattr(ns, k) is not None]
         if ns.timeout is not _OMIT:
             given.append("--timeout")
@@ -1188,7 +1259,8 @@ def parse_args(argv: list[str] | None = None):
             error("--kwargs: must be a JSON object")
     ns.fields = dict(method=ns.method, args=ns.args, kwargs=kwargs, priority=ns.priority,
                      delay=ns.delay, run_at=ns.run_at, retries=ns.retries,
-                     retry_delay=ns.retry_delay, backoff=ns.backoff, timeout=ns.timeout, key=ns.key)
+                     retry_delay=ns.retry_delay, backoff=ns.backoff, timeout=ns.timeout, key=ns.key,
+                     queue=ns.queue)
     return ns
 
 
