@@ -28,6 +28,9 @@ Figures (name: what / baseline):
                       p99 `stats` reply of a client asking every 10 ms while the journal is folded
                       into a snapshot (adds push it past the snapshot's size), while one job is
                       pruned and while N/10 are / the same client's with nothing else happening
+  queues_10_*         with jobs spread over 10 queues of 1 worker each: no-op jobs/s
+                      (queues_10_noop) and durable pipelined adds/s (queues_10_enqueue) / the
+                      same with one queue of 10 workers and no `queue` field (today's clients)
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -74,7 +77,7 @@ class Daemon:
         self.path = os.path.join(self.root, "c.toml")
         with open(self.path, "w") as f:
             for key, value in self.config.items():
-                f.write("%s = %s\n" % (key, json.dumps(value)))
+                f.write("%s = %s\n" % (key, toml(value)))
         self.proc = None
 
     def start(self) -> float:
@@ -115,6 +118,13 @@ class Daemon:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def toml(value) -> str:
+    """A config value: JSON's spelling, but tables (queues) inline as TOML has them."""
+    if isinstance(value, dict):
+        return "{%s}" % ", ".join("%s = %s" % (k, toml(v)) for k, v in value.items())
+    return json.dumps(value)
 
 
 class Conn:
@@ -162,8 +172,10 @@ def add_line(i: int) -> bytes:
     return b'{"op":"add","target":"%s","args":[%d,1]}\n' % (NOOP.encode(), i)
 
 
-def pipelined_adds(path: str, n: int, window: int = 512) -> float:
-    """n adds on one connection with up to `window` unanswered; returns acks/s."""
+def pipelined_adds(path: str, n: int, window: int = 512, line=None) -> float:
+    """n adds on one connection with up to `window` unanswered (each made by line(i),
+    add_line by default); returns acks/s."""
+    add_line = line or globals()["add_line"]
     with Conn(path) as c:
         t0 = time.perf_counter()
         sent = done = 0
@@ -718,6 +730,59 @@ def bench_pattern(sizes, runs):
                    higher_is_better=False, note="%d distinct targets" % n)]
 
 
+QUEUES = ["q%d" % i for i in range(10)]
+
+
+def queue_line(i: int) -> bytes:
+    return b'{"op":"add","target":"%s","args":[%d,1],"queue":"q%d"}\n' % (NOOP.encode(), i, i % 10)
+
+
+def queues_daemon(spread: bool, **config) -> Daemon:
+    """10 queues of 1 worker (jobs go round them), or the default queue alone with 10."""
+    if spread:
+        return Daemon(workers=1, queues={q: {"workers": 1} for q in QUEUES}, **config)
+    return Daemon(workers=10, **config)
+
+
+def queues_noop_rate(n: int, spread: bool) -> float:
+    with queues_daemon(spread) as d:
+        with Conn(d.socket) as c:
+            c.call({"op": "wait", "id": c.call({"op": "add", "target": NOOP,
+                                                "args": [0, 0]})["id"]})   # zygote warm
+            c.call({"op": "pause"})
+            jobs = [dict({"target": NOOP, "args": [i, 1]}, **({"queue": "q%d" % (i % 10)}
+                                                             if spread else {}))
+                    for i in range(n)]
+            for i in range(0, n, 1000):
+                c.call({"op": "add_batch", "jobs": jobs[i:i + 1000]})
+            t0 = time.perf_counter()
+            c.call({"op": "resume"})
+        wait_all_done(d.socket, n + 1)
+        return n / (time.perf_counter() - t0)
+
+
+def queues_enqueue_rate(n: int, spread: bool) -> float:
+    d = queues_daemon(spread, max_queued=10_000_000)
+    d.start()
+    try:
+        with Conn(d.socket) as c:
+            c.call({"op": "pause"})
+        return pipelined_adds(d.socket, n, line=queue_line if spread else add_line)
+    finally:
+        d.stop()
+
+
+def bench_queues(sizes, runs):
+    noop, base = measure_pair(lambda: queues_noop_rate(sizes["noop"], True),
+                              lambda: queues_noop_rate(sizes["noop"], False), runs)
+    adds, base2 = measure_pair(lambda: queues_enqueue_rate(sizes["pipelined"], True),
+                               lambda: queues_enqueue_rate(sizes["pipelined"], False), runs)
+    return [figure("queues_10_noop", "jobs/s", noop, base, "one queue of 10 workers",
+                   note="10 queues x 1 worker"),
+            figure("queues_10_enqueue", "jobs/s", adds, base2, "one queue, no queue field",
+                   note="durable pipelined adds over 10 queues")]
+
+
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
                  "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
@@ -726,7 +791,8 @@ SIZES = {
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
               "pattern": 2000, "pause": [5000]},
 }
-GROUPS = ("machine", "enqueue", "noop", "latency", "jobctl", "pending", "pattern", "pause")
+GROUPS = ("machine", "enqueue", "noop", "queues", "latency", "jobctl", "pending", "pattern",
+          "pause")
 
 
 def main(argv=None) -> int:
