@@ -454,6 +454,9 @@ class QueuesEndToEndTest(support.DaemonTestCase):
         self.assertFalse(q["default"]["paused"] or q["reports"]["paused"])
         self.assertFalse(self.daemon.call(op="stats")["paused"])
         self.assertEqual(self.daemon.call(op="wait", id=held, timeout=0.3)["done"], False)
+        self.assertEqual(self.daemon.stop(), 0)            # a graceful stop: the snapshot
+        self.daemon.start()
+        self.assertTrue(self.queues()["emails"]["paused"])
         out = self.daemon.jobctl("resume", "--queue", "emails")
         self.assertEqual(out.returncode, 0, out)
         self.assertEqual(self.daemon.wait_job(held)["state"], "succeeded")
@@ -502,6 +505,67 @@ class QueuesEndToEndTest(support.DaemonTestCase):
         self.daemon.write_config()
         self.daemon.proc.send_signal(signal.SIGHUP)
         self.assertEqual(self.daemon.wait_job(left)["state"], "succeeded")
+
+
+STUBBORN = """
+import os, signal, time
+
+def stubborn(marker):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(marker, "w").close()
+    time.sleep(60)
+"""
+
+
+class CancelledAttemptHoldsItsSlotTest(support.DaemonTestCase):
+    """As before queues, an attempt holds its slot until its process is gone: a cancelled one
+    being killed (SIGTERM ignored, SIGKILL after kill_grace) still counts in its queue."""
+    config = {"workers": 1, "kill_grace": 1, "allow": ["examples.*:*", "qjobs:*"],
+              "queues": {"reports": {"workers": 1}}}
+
+    def prepare(self):
+        self.write_job_module("qjobs", STUBBORN)
+
+    def test_the_next_job_of_that_queue_waits_for_the_kill(self):
+        marker = os.path.join(self.root, "ready")
+        slow = self.daemon.add("qjobs:stubborn", args=[marker], queue="reports")
+        support.wait_until(lambda: os.path.exists(marker), 20, message="the job to start")
+        self.assertTrue(self.daemon.call(op="cancel", id=slow)["ok"])
+        after = self.daemon.add(queue="reports")
+        other = self.daemon.add()
+        self.assertEqual(self.daemon.wait_job(other)["state"], "succeeded")
+        reply = self.daemon.call(op="queues")
+        reports = {q["name"]: q for q in reply["queues"]}["reports"]
+        if self.daemon.get(slow)["exit_code"] is None:       # still being killed
+            self.assertEqual(reports["running"], 1)
+            self.assertEqual(self.daemon.get(after)["state"], "pending")
+        self.assertEqual(self.daemon.wait_job(after)["state"], "succeeded")
+        self.assertEqual(self.daemon.get(slow)["exit_code"], -9)
+        started = float(self.daemon.get(after)["started_at"])
+        self.assertGreaterEqual(started, self.daemon.get(slow)["finished_at"] + 0.9)
+
+
+class FoldKeepsQueuePausesTest(support.DaemonTestCase):
+    """The background fold (a forked child writing the snapshot) carries the queue pauses:
+    with the journal folded after every change, a pause is then only in queue.json."""
+    config = {"workers": 1, "queues": {"emails": {"workers": 1}}}
+    daemon_preamble = "jr.JOURNAL_MIN_COMPACT = 1"
+
+    def snapshot_head(self):
+        with open(os.path.join(self.daemon.state_dir, "queue.json")) as f:
+            return json.loads(f.readline()[:-len(',"jobs":[\n')] + "}")
+
+    def test_a_fold_writes_the_queue_pauses_and_a_restart_reads_them(self):
+        self.assertTrue(self.daemon.call(op="pause", queue="emails")["ok"])
+        held = self.daemon.add(queue="emails")
+        support.wait_until(lambda: self.snapshot_head().get("queues")
+                           == {"emails": {"paused": True}}, 10, message="a fold")
+        self.assertEqual(self.snapshot_head()["format"], 2)
+        self.daemon.kill()
+        self.daemon.start()
+        reply = self.daemon.call(op="queues")
+        self.assertTrue({q["name"]: q for q in reply["queues"]}["emails"]["paused"])
+        self.assertEqual(self.daemon.get(held)["state"], "pending")
 
 
 if __name__ == "__main__":
