@@ -10,14 +10,16 @@
 - End to end through the socket and jobctl: unknown queue, `queues`, `workers`, pause --queue
   across a SIGKILL, SIGHUP adding and removing a queue, a slow queue never holding up another.
 """
+import errno
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
+import time
 import unittest
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -25,6 +27,7 @@ if ROOT not in sys.path:
 
 import jobrunnerd as jr  # noqa: E402
 from tests import support  # noqa: E402
+from tests.test_durability import InProcessDaemonCase  # noqa: E402
 
 TARGET = "examples.jobs:ExampleJob"
 NOW = 1_000_000.0
@@ -566,6 +569,43 @@ class FoldKeepsQueuePausesTest(support.DaemonTestCase):
         reply = self.daemon.call(op="queues")
         self.assertTrue({q["name"]: q for q in reply["queues"]}["emails"]["paused"])
         self.assertEqual(self.daemon.get(held)["state"], "pending")
+
+
+class QueuePauseOnAFailedWriteTest(InProcessDaemonCase):
+    """pause/resume --queue is durable: with the disk refusing, the reply is io_error and the
+    queue's pause is as it was, in memory and on disk."""
+
+    def setUp(self):
+        super().setUp()
+        self.d.cfg.queues = {"emails": {"workers": 1, "isolation": "fresh",
+                                        "max_jobs_per_worker": 1000}}
+        self.d.scheduler.configure(self.d.cfg)      # as a SIGHUP applies a config
+
+    def meta_on_disk(self):
+        dup = self.state + "-copy-%d" % time.monotonic_ns()
+        shutil.copytree(self.state, dup, ignore=shutil.ignore_patterns("lock"))
+        store = jr.Store(dup, fsync=False)
+        try:
+            return store.load()[0]
+        finally:
+            store.close()
+
+    def paused(self):
+        return {q["name"]: q["paused"] for q in self.call(op="queues")["queues"]}
+
+    def test_a_refused_pause_is_undone_and_a_later_one_is_kept(self):
+        eio = OSError(errno.EIO, "injected EIO")
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            reply = self.call(op="pause", queue="emails")
+            self.assertEqual(reply["error"]["code"], "io_error", reply)
+            self.assertEqual(self.paused(), {"default": False, "emails": False})
+        self.assertNotIn("emails", self.meta_on_disk().get("queues", {}))
+        support.wait_until(lambda: self.call(op="pause", queue="emails")["ok"], 10,
+                           message="the store to work again")
+        self.assertEqual(self.paused(), {"default": False, "emails": True})
+        self.assertEqual(self.meta_on_disk()["queues"], {"emails": {"paused": True}})
+        self.assertFalse(self.meta_on_disk()["paused"], "the whole daemon is not paused")
 
 
 if __name__ == "__main__":
