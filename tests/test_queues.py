@@ -555,8 +555,11 @@ class FoldKeepsQueuePausesTest(support.DaemonTestCase):
     daemon_preamble = "jr.JOURNAL_MIN_COMPACT = 1"
 
     def snapshot_head(self):
-        with open(os.path.join(self.daemon.state_dir, "queue.json")) as f:
-            return json.loads(f.readline()[:-len(',"jobs":[\n')] + "}")
+        try:
+            with open(os.path.join(self.daemon.state_dir, "queue.json")) as f:
+                return json.loads(f.readline()[:-len(',"jobs":[\n')] + "}")
+        except FileNotFoundError:           # no fold has ended yet
+            return {}
 
     def test_a_fold_writes_the_queue_pauses_and_a_restart_reads_them(self):
         self.assertTrue(self.daemon.call(op="pause", queue="emails")["ok"])
