@@ -424,6 +424,10 @@ class QueuesEndToEndTest(support.DaemonTestCase):
         self.assertEqual(self.daemon.call(op="wait", id=held, timeout=0.3)["done"], False)
         out = self.daemon.jobctl("workers", "reports", "2")
         self.assertEqual(out.returncode, 0, out)
+        self.assertEqual(self.daemon.call(op="stats")["workers"], 1, "stats: the default's")
+        reply = self.daemon.call(op="set_workers", queue="default", workers=3)
+        self.assertEqual((reply["queue"]["name"], reply["queue"]["workers"]), ("default", 3))
+        self.assertEqual(self.daemon.call(op="stats")["workers"], 3)
         self.assertEqual(self.daemon.wait_job(held)["state"], "succeeded")
         for bad in (["workers", "reports", "-1"], ["workers", "nope", "1"]):
             out = self.daemon.jobctl(*bad)
@@ -433,6 +437,7 @@ class QueuesEndToEndTest(support.DaemonTestCase):
         self.daemon.stop()
         self.daemon.start()
         self.assertEqual(self.queues()["reports"]["workers"], 1)
+        self.assertEqual(self.queues()["default"]["workers"], 1)
 
     def test_lowering_lets_running_attempts_finish(self):
         ids = [self.daemon.add("examples.jobs:DelayedJob", args=[0.5], queue="emails")
