@@ -3987,8 +3987,8 @@ def parse_cron_field(index: int, text: str) -> tuple[frozenset, bool]:
 
 class CronExpr:
     """A parsed cron expression: `minute hour day-of-month month day-of-week` or a macro.
-    Callers use next_fire(after, zone) and the `text` it was made from; matches_day() and
-    next_wall() are its steps, public for tests."""
+    Callers use next_fire(after, zone) and the `text` it was made from; next_wall() and
+    instant() are its two steps, public for tests."""
 
     __slots__ = ("text", "minutes", "hours", "days", "months", "weekdays", "day_rule",
                  "_hours_sorted", "_minutes_sorted")
@@ -4032,12 +4032,20 @@ class CronExpr:
     def _key(self) -> tuple:
         return (self.minutes, self.hours, self.days, self.months, self.weekdays, self.day_rule)
 
-    def matches_day(self, day: datetime.date) -> bool:
-        in_month = day.day in self.days
-        on_weekday = day.isoweekday() % 7 in self.weekdays     # isoweekday: Sunday is 7 -> 0
-        if self.day_rule == "either":
-            return in_month or on_weekday
-        return in_month and on_weekday
+    def _first_day(self, year: int, month: int, day: int) -> int | None:
+        """The first matching day of the month from `day` on, or None; whole numbers only."""
+        last = MONTH_DAYS[month - 1]
+        if month == 2 and (year % 4 or (year % 100 == 0 and year % 400)):
+            last = 28
+        weekday = datetime.date(year, month, day).isoweekday() % 7     # Sunday: 7 -> 0
+        either = self.day_rule == "either"
+        days, weekdays = self.days, self.weekdays
+        for d in range(day, last + 1):
+            if ((d in days or weekday in weekdays) if either
+                    else (d in days and weekday in weekdays)):
+                return d
+            weekday = (weekday + 1) % 7
+        return None
 
     def next_wall(self, start: datetime.datetime) -> datetime.datetime:
         """The first wall-clock minute at or after `start` (naive, seconds ignored) that the
@@ -4050,16 +4058,15 @@ class CronExpr:
                 if month > 12:
                     year, month = year + 1, 1
                 continue
-            date = datetime.date(year, month, day)
-            while not self.matches_day(date):
-                date += datetime.timedelta(days=1)
-                if date.month != month:
-                    break
-            if date.month != month or date.year != year:
-                year, month, day, hour, minute = date.year, date.month, 1, 0, 0
+            found = self._first_day(year, month, day)
+            if found is None:
+                month, day, hour, minute = month + 1, 1, 0, 0
+                if month > 12:
+                    year, month = year + 1, 1
                 continue
-            if date.day != day:
-                day, hour, minute = date.day, 0, 0
+            if found != day:
+                day, hour, minute = found, 0, 0
+            date = datetime.date(year, month, day)
             hour_i = bisect.bisect_left(self._hours_sorted, hour)
             if hour_i == len(self._hours_sorted):
                 date += datetime.timedelta(days=1)

@@ -53,8 +53,10 @@ def fires(expr, after, tz, count):
     cron = CronExpr(expr)
     out = []
     for _ in range(count):
-        after = cron.next_fire(after, tz)
-        out.append(after)
+        fire = cron.next_fire(after, tz)
+        assert fire > after, "next_fire(%r) = %r is not after it" % (after, fire)
+        out.append(fire)
+        after = fire
     return out
 
 
@@ -462,7 +464,8 @@ class ScheduleTimesTest(unittest.TestCase):
             until = since + rng.choice((60, 3600, 86400 * 3, 86400 * 40))
             want, t = None, since
             while True:                 # the slow way: every fire in between
-                t = s.next_fire(t)
+                t, before = s.next_fire(t), t
+                self.assertGreater(t, before)
                 if t > until:
                     break
                 want = t
