@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ if ROOT not in sys.path:
 
 import jobrunnerd                                   # noqa: E402
 from jobrunnerd import CronExpr, ConfigError        # noqa: E402
+from tests import support                           # noqa: E402
 from tests.support import DAEMON, toml_value        # noqa: E402
 
 UTC = datetime.timezone.utc
@@ -635,6 +637,31 @@ class ConfigTest(unittest.TestCase):
         self.assertTrue(before + 299 <= poll[0] <= after + 300)     # printed to the second
         nightly = [t.timestamp() for t in times["nightly"]]     # in the host's local time
         self.assertEqual(nightly, fires("30 2 * * *", before, jobrunnerd.local_zone()[1], 3))
+
+
+class ReloadTest(support.DaemonTestCase):
+    """SIGHUP re-reads the config: one with a bad schedule is refused whole (SPEC §5: the running
+    config stays), so the allow list it also changes is not taken either."""
+
+    config = {"schedules": {"nightly": {"target": "examples.jobs:echo", "cron": "0 3 * * *"}}}
+
+    def test_a_bad_schedule_on_sighup_keeps_the_old_config(self):
+        d = self.daemon
+        self.write_job_module("reloaded", "def f():\n    return 1\n")
+        self.assertEqual(d.call(op="add", target="reloaded:f")["error"]["code"], "not_allowed")
+        d.config["allow"] = ["examples.*:*", "reloaded:*"]
+        d.config["schedules"]["broken"] = {"target": "examples.jobs:echo", "cron": "*/0 * * * *"}
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        support.wait_until(lambda: "keeping the old config" in d.read_stderr(), 10,
+                           message="the refusal on stderr")
+        self.assertIn("schedule broken: cron: minute: step 0", d.read_stderr())
+        self.assertEqual(d.call(op="add", target="reloaded:f")["error"]["code"], "not_allowed")
+        del d.config["schedules"]["broken"]            # fixed: the same allow list is taken
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        support.wait_until(lambda: d.call(op="add", target="reloaded:f")["ok"], 10,
+                           message="the new allow list")
 
 
 if __name__ == "__main__":
