@@ -3927,8 +3927,9 @@ CRON_MACROS = {
     "@hourly": "0 * * * *",
 }
 MAX_CRON_CHARS = 1000                 # five fields; longer is a mistake, not an expression
-CRON_SEARCH_YEARS = 9                 # Feb 29 comes back within 8 years (2096 -> 2104): a
-                                      # valid expression always fires within this many
+CRON_SEARCH_YEARS = 400               # dates and weekdays repeat every 400 years: a day the
+                                      # parser let through comes back within that (Feb 29 on a
+                                      # Sunday: 2088, then 2128)
 MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # most a month can have
 SCHEDULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")         # SPEC §2c: as queue names
 SCHEDULE_JOB_KEYS = ("target", "method", "args", "kwargs", "priority", "retries", "retry_delay",

@@ -148,6 +148,7 @@ TABLE = (
     ("0 0 29 2 *", D(2027, 6, 1), D(2028, 2, 29)),
     ("0 0 29 2 *", D(2028, 2, 29), D(2032, 2, 29)),
     ("0 0 29 2 *", D(2096, 3, 1), D(2104, 2, 29)),               # 2100 is not a leap year
+    ("0 0 29 2 *", D(1999, 1, 1), D(2000, 2, 29)),               # 2000 is one
     ("0 0 31 * *", D(2026, 1, 31), D(2026, 3, 31)),
     ("0 0 31 * *", D(2026, 4, 1), D(2026, 5, 31)),
     ("0 0 31 * *", D(2026, 7, 31), D(2026, 8, 31)),
@@ -158,6 +159,10 @@ TABLE = (
     ("0 0 13 * *", D(2026, 1, 1), D(2026, 1, 13)),
     ("0 0 */10 * mon", D(2026, 1, 1), D(2026, 5, 11)),            # both: 1st/11th/21st/31st Mondays
     ("0 0 */10 * mon", D(2026, 5, 11), D(2026, 6, 1)),
+    ("0 0 29 2 */7", D(2026, 1, 1), D(2032, 2, 29)),              # both: Feb 29, a Sunday
+    ("0 0 29 2 */7", D(2032, 2, 29), D(2060, 2, 29)),
+    ("0 0 29 2 */7", D(2088, 3, 1), D(2128, 2, 29)),
+    ("0 0 13 1 */7", D(2019, 1, 14), D(2030, 1, 13)),             # 11 years apart
     ("0 9 * jan-mar mon-fri", D(2026, 3, 31, 9), D(2027, 1, 1, 9)),   # Jan 1 2027 is a Friday
     ("0 9 * JAN-Mar Mon-FRI", D(2026, 1, 2, 9), D(2026, 1, 5, 9)),    # Sat, Sun skipped
     ("0 9 * * SUN", D(2026, 1, 1), D(2026, 1, 4, 9)),
@@ -199,6 +204,12 @@ class TableTest(unittest.TestCase):
     def test_month_ends(self):
         got = fires("0 0 31 * *", ts(2026, 1, 1), UTC, 7)
         self.assertEqual([local(t, UTC).month for t in got], [1, 3, 5, 7, 8, 10, 12])
+
+    def test_the_rarest_is_answered_too(self):
+        started = time.perf_counter()
+        got = CronExpr("0 0 29 2 */7").next_fire(ts(2088, 3, 1), UTC)
+        self.assertEqual(got, ts(2128, 2, 29))
+        self.assertLess(time.perf_counter() - started, 0.05)
 
     def test_a_rare_expression_is_answered_at_once(self):
         cron = CronExpr("0 0 29 2 *")
@@ -346,6 +357,21 @@ def reference_next(expr, after, tz):
     raise AssertionError("reference found nothing for %r" % expr)
 
 
+def offset_changes(tz, start, end):
+    """The instants in [start, end) where tz's offset changes (an hourly scan, then bisection)."""
+    found = []
+    offset = local(start, tz).utcoffset()
+    for t in range(int(start), int(end), 3600):
+        if local(t, tz).utcoffset() != offset:
+            lo, hi = t - 3600, t
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if local(mid, tz).utcoffset() == offset else (lo, mid)
+            found.append(float(hi))
+            offset = local(t, tz).utcoffset()
+    return found
+
+
 def random_field(rng, index):
     _, lo, hi, names = jobrunnerd.CRON_FIELDS[index]
     if index == 4:
@@ -392,8 +418,9 @@ class CrossCheckTest(unittest.TestCase):
         start, end = ts(2020, 1, 1), ts(2035, 1, 1)
         for i in range(count):
             expr = random_expr(rng)
-            if near and i % 2:          # half of them close to a DST change
-                after = rng.choice(near) + rng.uniform(-2 * 86400, 2 * 86400)
+            if near and i % 2:          # half of them close to a DST change, most of those
+                after = rng.choice(near) + (rng.uniform(-3 * 3600, 3600) if rng.random() < 0.7
+                                            else rng.uniform(-2 * 86400, 2 * 86400))
             else:
                 after = rng.uniform(start, end)
             if rng.random() < 0.3:
@@ -415,6 +442,16 @@ class CrossCheckTest(unittest.TestCase):
         for t in changes:                # they are the last Sundays: the offset changes there
             self.assertNotEqual(local(t - 1, tz).utcoffset(), local(t, tz).utcoffset())
         self.check(tz, 1500, seed=16, near=changes)
+
+    def test_odd_zones_near_changes(self):
+        # Havana changes at midnight (the spring gap is 00:00-01:00, a day without midnight);
+        # Lord Howe moves its clocks by 30 minutes.
+        for name, seed in (("America/Havana", 18), ("Australia/Lord_Howe", 19)):
+            with self.subTest(zone=name):
+                tz = zone(name)
+                near = offset_changes(tz, ts(2024, 1, 1), ts(2028, 1, 1))
+                self.assertGreaterEqual(len(near), 6, "the zone still has DST")
+                self.check(tz, 200, seed=seed, near=near)
 
     def test_new_york_near_changes(self):
         tz = zone("America/New_York")
