@@ -4232,6 +4232,8 @@ def parse_schedules(table, cfg: "Config") -> dict[str, Schedule]:
         if "target" not in spec:
             raise bad("target", "missing (the job to queue, 'package.module:Attr')")
         job = {key: spec[key] for key in SCHEDULE_JOB_KEYS if key in spec}
+        if job.get("timeout") == 0 and not isinstance(job["timeout"], bool):
+            job["timeout"] = None       # TOML has no null: 0 is "no limit", as at the top level
         for key in ("args", "kwargs"):
             try:
                 json.dumps(job.get(key), allow_nan=False)

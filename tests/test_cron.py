@@ -535,6 +535,8 @@ class ScheduleTimesTest(unittest.TestCase):
         self.assertEqual(s.add_request(), {"target": "examples.jobs:echo", "args": [1],
                                            "priority": 5, "queue": "emails"})
         self.assertEqual(schedule(every=5).add_request(), {"target": "examples.jobs:echo"})
+        self.assertEqual(schedule(every=5, timeout=0).add_request()["timeout"], None)   # no limit
+        self.assertEqual(schedule(every=5, timeout=2.5).add_request()["timeout"], 2.5)
         self.assertEqual((s.missed, s.overlap), ("once", False))
 
 
@@ -579,7 +581,8 @@ class ConfigTest(unittest.TestCase):
                 ({"retries": -1}, ["retries"]),
                 ({"retry_delay": -1}, ["retry_delay"]),
                 ({"backoff": "linear"}, ["backoff"]),
-                ({"timeout": 0}, ["timeout"]),
+                ({"timeout": -1}, ["timeout"]),
+                ({"timeout": False}, ["timeout"]),
                 ({"queue": "no spaces"}, ["queue"]),
                 ({"every": 60}, ["cron", "exactly one of cron and every"]),
                 ({"cron": None}, ["cron", "exactly one"]),
