@@ -24,6 +24,8 @@ Sections, in file order
                        output, kill process groups), Containment (what an ended
                        attempt left behind, in any group or session)
     protocol ......... request decoding, validation (the handlers: Protocol, below)
+    schedules ........ CronExpr (cron expressions, next fire time, DST rules), Schedule
+                       and parse_schedules(): the [schedules.NAME] tables, pure
     config ........... keys, defaults, TOML loading
     daemon ........... Pruner (finished jobs removed in durable steps), Pass (what one
                        loop pass commits, and answers after its fsync), Waiters
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import datetime
 import errno
 import fcntl
 import fnmatch
@@ -4088,6 +4091,388 @@ def utf8_prefix(data: bytes, complete: bool) -> bytes:
 
 
 ####################################################################################################
+#  Schedules: cron expressions, fire times, [schedules.NAME] tables
+####################################################################################################
+#
+# Pure: nothing here reads the clock or touches the daemon. A CronExpr is parsed once into one set
+# per field (as Vixie cron's entry.c does with bit sets); next_fire() walks the calendar field by
+# field in local wall time (month, then day, hour, minute, carrying over), so a rare expression
+# such as "0 0 29 2 *" costs a handful of steps, never a minute-by-minute scan. Each wall time
+# found is then turned into an instant by the DST rules in CronExpr.instant().
+
+CRON_FIELDS = (                       # name, lowest, highest, names (their index + lowest)
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day-of-month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                      "nov", "dec")),
+    ("day-of-week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+CRON_MACROS = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+MAX_CRON_CHARS = 1000                 # five fields; longer is a mistake, not an expression
+CRON_SEARCH_YEARS = 400               # dates and weekdays repeat every 400 years: a day the
+                                      # parser let through comes back within that (Feb 29 on a
+                                      # Sunday: 2088, then 2128)
+MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # most a month can have
+SCHEDULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")         # SPEC §2c: as queue names
+SCHEDULE_JOB_KEYS = ("target", "method", "args", "kwargs", "priority", "retries", "retry_delay",
+                     "backoff", "timeout")                       # passed on to each job's `add`
+SCHEDULE_KEYS = SCHEDULE_JOB_KEYS + ("queue", "cron", "every", "timezone", "missed", "overlap")
+MIN_EVERY = 0.001                     # SPEC: every > 0; below a millisecond is a busy loop
+
+
+def _cron_value(field: str, text: str, lo: int, names: tuple) -> int:
+    word = text.lower()
+    if word in names:
+        return names.index(word) + lo
+    if not text.isdigit() or not text.isascii():
+        if text.isalpha():
+            raise ValueError("%s: unknown name %r" % (field, text))
+        raise ValueError("%s: %r is not a number%s" % (field, text, " or a name" if names else ""))
+    return int(text)
+
+
+def parse_cron_field(index: int, text: str) -> tuple[frozenset, bool]:
+    """One field of a cron expression -> (the values it allows, whether it starts with "*").
+    Items are `*`, `a`, `a-b`, each optionally `/step`; `a/step` runs from a to the field's end
+    (as in Vixie cron). Raises ValueError naming the field."""
+    field, lo, hi, names = CRON_FIELDS[index]
+    values: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise ValueError("%s: empty item in %r" % (field, text))
+        span, slash, step_text = item.partition("/")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or not step_text.isascii():
+                raise ValueError("%s: step %r is not a whole number" % (field, step_text))
+            step = int(step_text)
+            if step == 0:
+                raise ValueError("%s: step 0 in %r (a step is 1 or more)" % (field, item))
+        if span == "*":
+            first, last = lo, hi
+        else:
+            start, dash, end = span.partition("-")
+            if not start or (dash and not end):
+                raise ValueError("%s: %r is not a value or a range" % (field, item))
+            first = _cron_value(field, start, lo, names)
+            last = _cron_value(field, end, lo, names) if dash else (hi if slash else first)
+            for value in (first, last):
+                if not lo <= value <= hi:
+                    raise ValueError("%s: %d is out of %d-%d" % (field, value, lo, hi))
+            if first > last:
+                raise ValueError("%s: range %r runs backwards" % (field, item))
+        values.update(range(first, last + 1, step))
+    if index == 4 and 7 in values:     # 7 is Sunday too
+        values.discard(7)
+        values.add(0)
+    return frozenset(values), text.startswith("*")
+
+
+class CronExpr:
+    """A parsed cron expression: `minute hour day-of-month month day-of-week` or a macro.
+    Callers use next_fire(after, zone) and the `text` it was made from; next_wall() and
+    instant() are its two steps, public for tests."""
+
+    __slots__ = ("text", "minutes", "hours", "days", "months", "weekdays", "day_rule",
+                 "_hours_sorted", "_minutes_sorted")
+
+    def __init__(self, text: str):
+        if not isinstance(text, str) or len(text) > MAX_CRON_CHARS:
+            raise ValueError("cron: must be a string of five fields or a macro such as @daily")
+        self.text = text
+        expanded = text.strip()
+        if expanded.startswith("@"):
+            if expanded.lower() not in CRON_MACROS:
+                raise ValueError("cron: unknown macro %r (known: %s)"
+                                 % (expanded, ", ".join(CRON_MACROS)))
+            expanded = CRON_MACROS[expanded.lower()]
+        parts = expanded.split()
+        if len(parts) != 5:
+            raise ValueError("cron: %d field(s) in %r; expected 5: minute hour day-of-month month "
+                             "day-of-week" % (len(parts), text))
+        parsed = [parse_cron_field(i, part) for i, part in enumerate(parts)]
+        (self.minutes, _), (self.hours, _), (self.days, dom_star), (self.months, _), \
+            (self.weekdays, dow_star) = parsed
+        # Vixie cron: when both day fields are restricted (neither starts with "*"), a day
+        # matches if either does; otherwise both must.
+        self.day_rule = "either" if not (dom_star or dow_star) else "both"
+        self._hours_sorted = sorted(self.hours)
+        self._minutes_sorted = sorted(self.minutes)
+        if self.day_rule == "both" and not any(day <= MONTH_DAYS[month - 1]
+                                               for month in self.months for day in self.days):
+            raise ValueError("day-of-month: no day in %r exists in the month(s) %r"
+                             % (parts[2], parts[3]))
+
+    def __repr__(self) -> str:
+        return "CronExpr(%r)" % self.text
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CronExpr) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple:
+        return (self.minutes, self.hours, self.days, self.months, self.weekdays, self.day_rule)
+
+    def _first_day(self, year: int, month: int, day: int) -> int | None:
+        """The first matching day of the month from `day` on, or None; whole numbers only."""
+        last = MONTH_DAYS[month - 1]
+        if month == 2 and (year % 4 or (year % 100 == 0 and year % 400)):
+            last = 28
+        weekday = datetime.date(year, month, day).isoweekday() % 7     # Sunday: 7 -> 0
+        either = self.day_rule == "either"
+        days, weekdays = self.days, self.weekdays
+        for d in range(day, last + 1):
+            if ((d in days or weekday in weekdays) if either
+                    else (d in days and weekday in weekdays)):
+                return d
+            weekday = (weekday + 1) % 7
+        return None
+
+    def next_wall(self, start: datetime.datetime) -> datetime.datetime:
+        """The first wall-clock minute at or after `start` (naive, seconds ignored) that the
+        expression matches; field by field, carrying over into the next day, month or year."""
+        year, month, day, hour, minute = start.year, start.month, start.day, start.hour, start.minute
+        limit = year + CRON_SEARCH_YEARS
+        while year <= limit:
+            if month not in self.months:
+                month, day, hour, minute = month + 1, 1, 0, 0
+                if month > 12:
+                    year, month = year + 1, 1
+                continue
+            found = self._first_day(year, month, day)
+            if found is None:
+                month, day, hour, minute = month + 1, 1, 0, 0
+                if month > 12:
+                    year, month = year + 1, 1
+                continue
+            if found != day:
+                day, hour, minute = found, 0, 0
+            date = datetime.date(year, month, day)
+            hour_i = bisect.bisect_left(self._hours_sorted, hour)
+            if hour_i == len(self._hours_sorted):
+                date += datetime.timedelta(days=1)
+                year, month, day, hour, minute = date.year, date.month, date.day, 0, 0
+                continue
+            if self._hours_sorted[hour_i] != hour:
+                hour, minute = self._hours_sorted[hour_i], 0
+            minute_i = bisect.bisect_left(self._minutes_sorted, minute)
+            if minute_i == len(self._minutes_sorted):
+                hour, minute = hour + 1, 0
+                if hour == 24:
+                    date += datetime.timedelta(days=1)
+                    year, month, day, hour = date.year, date.month, date.day, 0
+                continue
+            return datetime.datetime(year, month, day, hour, self._minutes_sorted[minute_i])
+        raise ValueError("cron: %r does not fire within %d years" % (self.text, CRON_SEARCH_YEARS))
+
+    def next_fire(self, after: float, zone: datetime.tzinfo) -> float:
+        """The first fire time (epoch seconds) strictly after `after`, in `zone`'s local time."""
+        wall = datetime.datetime.fromtimestamp(after, zone).replace(tzinfo=None, second=0,
+                                                                  microsecond=0)
+        # Wall times run in order except inside a repeated hour, where the ones already passed
+        # (their first occurrence is before `after`) are skipped: at most an hour of them.
+        while True:
+            wall = self.next_wall(wall)
+            fire = self.instant(wall, zone)
+            if fire > after:
+                return fire
+            wall += datetime.timedelta(minutes=1)
+
+    @staticmethod
+    def instant(wall: datetime.datetime, zone: datetime.tzinfo) -> float:
+        """The moment a local wall time fires. DST (SPEC §2c): a wall time that occurs twice
+        fires at its first occurrence (fold=0); one that does not exist (in a spring-forward
+        gap) fires at the first instant after the gap, the transition itself."""
+        first = wall.replace(tzinfo=zone, fold=0).timestamp()
+        second = wall.replace(tzinfo=zone, fold=1).timestamp()
+        if second >= first:             # unique (equal), or repeated: the earlier one
+            return first
+        # In a gap, PEP 495 maps fold=0 with the offset before the change and fold=1 with the
+        # one after, so the transition lies between `second` and `first`: find its second.
+        before = wall.replace(tzinfo=zone, fold=0).utcoffset()
+        lo, hi = math.floor(second), math.ceil(first)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if datetime.datetime.fromtimestamp(mid, zone).utcoffset() == before:
+                lo = mid
+            else:
+                hi = mid
+        return float(hi)
+
+
+def local_zone() -> tuple[str, datetime.tzinfo]:
+    """The host's local time as a tzinfo, the way the C library finds it: $TZ when it names a
+    zone, else /etc/localtime (read through zoneinfo, so DST follows the tz database), else
+    UTC. The name is the zone's key when it can be told ("Europe/Berlin"), else "localtime"."""
+    import zoneinfo
+    tz = os.environ.get("TZ", "").lstrip(":")
+    if tz:
+        try:
+            if tz.startswith("/"):
+                with open(tz, "rb") as f:
+                    return tz, zoneinfo.ZoneInfo.from_file(f, key=tz)
+            return tz, zoneinfo.ZoneInfo(tz)
+        except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
+            pass                        # a POSIX rule string or a typo: the file, as below
+    path = "/etc/localtime"
+    real = os.path.realpath(path)
+    name = real.split("/zoneinfo/", 1)[1] if "/zoneinfo/" in real else "localtime"
+    try:
+        if name != "localtime":
+            return name, zoneinfo.ZoneInfo(name)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        pass
+    try:
+        with open(path, "rb") as f:
+            return name, zoneinfo.ZoneInfo.from_file(f, key=name)
+    except (OSError, ValueError):
+        return "UTC", datetime.timezone.utc
+
+
+class Schedule(NamedTuple):
+    """One [schedules.NAME] table, checked. The daemon asks next_fire() (and latest_fire() for
+    `missed = "once"`) and queues add_request() for each fire."""
+    name: str
+    cron: CronExpr | None           # exactly one of cron and every
+    every: float | None
+    zone: datetime.tzinfo
+    zone_name: str                  # the IANA name, or the local zone's (see local_zone())
+    local: bool                     # no `timezone` given: the host's local time
+    missed: str                     # "once" or "skip"
+    overlap: bool
+    queue: str
+    job: dict                       # the job keys given (target, args, ...): an `add` request
+
+    def next_fire(self, after: float, anchor: float | None = None) -> float:
+        """The first fire time strictly after `after`. For `every`, fire times are anchor +
+        k*every (k >= 1); the anchor is when the schedule was first seen (or its last_run_at),
+        and defaults to `after`."""
+        if self.cron is not None:
+            return self.cron.next_fire(after, self.zone)
+        anchor = after if anchor is None else anchor
+        k = max(1, math.floor((after - anchor) / self.every) + 1)
+        while anchor + k * self.every <= after:      # float rounding
+            k += 1
+        return anchor + k * self.every
+
+    def latest_fire(self, since: float, until: float, anchor: float | None = None) -> float | None:
+        """The latest fire time in (since, until], or None: what `missed = "once"` queues after
+        the daemon was down. A bisection over next_fire(), which never decreases: about 40
+        calls however many fires were missed."""
+        if self.next_fire(since, anchor) > until:
+            return None
+        lo, hi = since, until           # next_fire(lo) <= until < next_fire(hi)
+        while hi - lo > 0.25:           # fire times are whole seconds (cron) or an anchor grid
+            mid = (lo + hi) / 2
+            if self.next_fire(mid, anchor) <= until:
+                lo = mid
+            else:
+                hi = mid
+        return self.next_fire(lo, anchor)
+
+    def add_request(self) -> dict:
+        """The `add` request one fire makes (defaults come from the config then, as for any
+        add); `queue` only when not the default."""
+        req = dict(self.job)
+        if self.queue != "default":
+            req["queue"] = self.queue
+        return req
+
+    def describe(self) -> str:
+        """'cron "0 3 * * *" in Europe/Berlin' or 'every 300s'; for people."""
+        if self.cron is not None:
+            return "cron %s in %s%s" % (json.dumps(self.cron.text), self.zone_name,
+                                        " (local time)" if self.local else "")
+        return "every %gs" % self.every
+
+
+def parse_schedules(table, cfg: "Config") -> dict[str, Schedule]:
+    """The `schedules` config value (a table of [schedules.NAME] tables) -> {name: Schedule}.
+    The job keys are checked as an `add` of that job would be (cfg: allow list, defaults).
+    Raises ConfigError naming the schedule and the key. That `queue` is declared is not
+    checked here."""
+    import zoneinfo
+    if not isinstance(table, dict):
+        raise ConfigError("config key schedules: must be a table of [schedules.NAME] tables")
+    local = None
+    schedules = {}
+    for name, spec in table.items():
+        where = "schedule %s: " % name
+
+        def bad(key: str, what: str):
+            return ConfigError("%s%s: %s" % (where, key, what))
+
+        if not SCHEDULE_NAME_RE.match(name):
+            raise ConfigError("schedule %r: name must be 1-64 of A-Z a-z 0-9 _ . -" % name)
+        if not isinstance(spec, dict):
+            raise ConfigError("%smust be a table [schedules.%s]" % (where, name))
+        unknown = sorted(set(spec) - set(SCHEDULE_KEYS))
+        if unknown:
+            raise bad(unknown[0], "unknown key (known: %s)" % ", ".join(SCHEDULE_KEYS))
+        if "target" not in spec:
+            raise bad("target", "missing (the job to queue, 'package.module:Attr')")
+        job = {key: spec[key] for key in SCHEDULE_JOB_KEYS if key in spec}
+        if job.get("timeout") == 0 and not isinstance(job["timeout"], bool):
+            job["timeout"] = None       # TOML has no null: 0 is "no limit", as at the top level
+        for key in ("args", "kwargs"):
+            try:
+                json.dumps(job.get(key), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise bad(key, "must hold JSON values only (%s)" % exc) from None
+        try:
+            validate_add(job, cfg, 0.0)
+        except ProtocolError as exc:      # its message starts with the key's name
+            raise ConfigError(where + exc.message) from None
+        queue = spec.get("queue", "default")
+        if not isinstance(queue, str) or not SCHEDULE_NAME_RE.match(queue):
+            raise bad("queue", "must be a queue name, 1-64 of A-Z a-z 0-9 _ . - (got %r)"
+                      % (queue,))
+        if ("cron" in spec) == ("every" in spec):
+            raise bad("cron", "give exactly one of cron and every")
+        cron = every = None
+        if "cron" in spec:
+            try:
+                cron = CronExpr(spec["cron"])
+            except ValueError as exc:
+                raise bad("cron", str(exc)) from None
+        else:
+            every = spec["every"]
+            if not isinstance(every, (int, float)) or isinstance(every, bool) \
+                    or not MIN_EVERY <= every <= MAX_DELAY:
+                raise bad("every", "must be a number of seconds from %g to %g (got %r)"
+                          % (MIN_EVERY, MAX_DELAY, every))
+            every = float(every)
+        if "timezone" in spec:
+            zone_name = spec["timezone"]
+            try:
+                if not isinstance(zone_name, str):
+                    raise ValueError
+                zone = zoneinfo.ZoneInfo(zone_name)
+            except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+                raise bad("timezone", "unknown time zone %r (an IANA name such as "
+                          "\"Europe/Berlin\")" % (zone_name,)) from None
+        else:
+            local = local or local_zone()
+            zone_name, zone = local
+        missed = spec.get("missed", "once")
+        if missed not in ("once", "skip"):
+            raise bad("missed", "must be \"once\" or \"skip\" (got %r)" % (missed,))
+        overlap = spec.get("overlap", False)
+        if not isinstance(overlap, bool):
+            raise bad("overlap", "must be true or false (got %r)" % (overlap,))
+        schedules[name] = Schedule(name, cron, every, zone, zone_name, "timezone" not in spec,
+                                   missed, overlap, queue, job)
+    return schedules
+
+
+####################################################################################################
 #  Config
 ####################################################################################################
 
@@ -4131,6 +4516,7 @@ CONFIG_KEYS: dict[str, tuple] = {
     "limits": ({}, "limits"),
     "start_method": ("zygote", ("zygote", "spawn")),
     "preload": ([], "modules"),
+    "schedules": ({}, "schedules"),             # checked by parse_schedules(): needs the rest
 }
 LIMIT_KEYS = ("cpu", "memory", "nofile", "fsize")
 # A [queues.NAME] table: its own keys, then the job defaults it may set (the top level's
@@ -4152,6 +4538,7 @@ class Config:
             setattr(self, key, self.check(key, value, base_dir))
         if self.workers is None:
             self.workers = _cpu_count()
+        self.schedules = parse_schedules(self.schedules, self)     # {name: Schedule}
 
     @staticmethod
     def check(key: str, value, base_dir: str, kind=None, label: str | None = None):
@@ -4224,6 +4611,10 @@ class Config:
                     or not 0 <= value <= MAX_DELAY:
                 raise bad("must be a number of seconds >= 0")
             return float(value)
+        if kind == "schedules":
+            if not isinstance(value, dict):
+                raise bad("must be a table of [schedules.NAME] tables")
+            return value
         if kind == "limits":
             if not isinstance(value, dict):
                 raise bad("must be a table such as {cpu = 60, memory = 1073741824}")
@@ -5925,7 +6316,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print("jobrunnerd: warning: " + problem)
         for key in CONFIG_KEYS:
-            print("  %s = %r" % (key, getattr(cfg, key)))
+            if key != "schedules":
+                print("  %s = %r" % (key, getattr(cfg, key)))
+        now = wall_clock()
+        for schedule in cfg.schedules.values():
+            print("  schedule %s: %s" % (schedule.name, schedule.describe()))
+            fire = now
+            for _ in range(3):          # for `every`, counted from now, as a new schedule is
+                fire = schedule.next_fire(fire, anchor=now)
+                print("    next %s" % datetime.datetime.fromtimestamp(fire, schedule.zone)
+                      .isoformat(timespec="seconds"))
         return 0
     STDERR.never_block()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a file past RLIMIT_FSIZE: EFBIG, not death
