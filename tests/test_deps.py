@@ -13,7 +13,11 @@ import itertools
 import os
 import unittest
 
+import errno
+from unittest import mock
+
 from tests import support
+from tests.test_durability import InProcessDaemonCase
 from tests.test_units import TableCase, TARGET
 import jobrunnerd as jr
 
@@ -410,6 +414,39 @@ class DepJobctlTest(support.DaemonTestCase):
         self.assertIn("999", bad.stderr)
         listed = d.jobctl("list", "--state", "blocked")
         self.assertEqual(listed.returncode, 0, listed.stderr)
+
+
+class DepDiskErrorTest(InProcessDaemonCase):
+    """A write that fails (EIO) leaves the children index and the counts as they were."""
+
+    def snapshot(self):
+        table = self.d.jobs
+        return (expected_indexes(table), {p: set(c) for p, c in table.children.items()},
+                dict(table.unfinished), dict(table.live_children), dict(table.counts),
+                {j.id: j.stored() for j in table.jobs.values()})
+
+    def test_refused_changes_are_undone_with_their_dependencies(self):
+        self.assertTrue(self.call(op="pause")["ok"])
+        parent = self.call(op="add", target=TARGET)["id"]
+        ids = self.call(op="add_batch", jobs=[
+            {"target": TARGET, "after": [parent]}, {"target": TARGET, "after": [-1]}])["ids"]
+        failed = self.call(op="add", target=TARGET, after=ids)["id"]
+        self.assertTrue(self.call(op="cancel", id=ids[0])["ok"])          # cancels ids[1], failed
+        before = self.snapshot()
+        self.assertEqual(before[0][1:], (before[2], before[3]))
+        eio = OSError(errno.EIO, "injected EIO")
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            for req in ({"op": "cancel", "id": parent},                   # no child to settle
+                        {"op": "retry", "id": ids[0]},                    # puts back two
+                        {"op": "add", "target": TARGET, "after": [parent, ids[1]]},
+                        {"op": "add_batch", "jobs": [{"target": TARGET, "after": [ids[0]]},
+                                                     {"target": TARGET, "after": [-1, parent]}]}):
+                with self.subTest(req=req):
+                    reply = self.call(**req)
+                    self.assertEqual(reply["error"]["code"], "io_error", reply)
+                    self.assertEqual(self.snapshot(), before)
+        self.assertEqual(self.d.jobs.jobs[failed].error, "parent %d cancelled" % ids[0])
 
 
 ETL_MODULE = """
