@@ -550,6 +550,21 @@ class EventLog:
             lines.append("%s%d target=%s%s priority=%d run_at=%.3f\n"
                          % (head, job.id, target, uid, job.priority, job.run_at))
 
+    def moved(self, when: float, event: str, jobs: list, tail: str = "") -> None:
+        """What event(event, job=, target=, attempt=) and then `tail` (" error=...") write for
+        each of `jobs`, without its per-field loop (a parent's end may settle thousands)."""
+        head = log_time(when) + " event=" + event + " job="
+        targets = self.targets
+        if len(targets) >= 4096:
+            targets.clear()
+        lines = self.buffers["events"]
+        for job in jobs:
+            target = targets.get(job.target)
+            if target is None:
+                target = targets[job.target] = log_value(job.target)
+            lines.append("%s%d target=%s attempt=%s%s\n"
+                         % (head, job.id, target, job.attempt_label(), tail))
+
     def error(self, event: str, detail: str, /, when: float | None = None, **fields) -> None:
         """A header line like an event line, then `detail` on lines that start with a space."""
         lines = [format_event(when or self.clock(), event, fields)]
@@ -1932,19 +1947,51 @@ class JobTable:
         """Settle the blocked children of the parents that ended, and theirs in turn."""
         self._settling = True
         try:
-            ended, jobs = self._ended, self.jobs
+            ended, jobs, unfinished = self._ended, self.jobs, self.unfinished
             while ended:
                 parent = ended.popleft()
-                for child_id in list(self.children.get(parent.id, ())):
+                failed = parent.state != SUCCEEDED
+                unblock, cancel = [], []
+                for child_id in self.children.get(parent.id, ()):
                     child = jobs.get(child_id)
                     if child is None or child.state != BLOCKED:
                         continue
-                    if parent.state != SUCCEEDED and child.on_parent_failure == "cancel":
-                        self._cancel_by(child, parent)
-                    elif child_id not in self.unfinished:
-                        self._unblock(child)
+                    if failed and child.on_parent_failure == "cancel":
+                        cancel.append(child)
+                    elif child_id not in unfinished:
+                        unblock.append(child)
+                if unblock:
+                    self._settle_many(unblock, PENDING)
+                if cancel:
+                    self._settle_many(cancel, CANCELLED, parent)
         finally:
             self._settling = False
+
+    def _settle_many(self, moved: list[Job], state: str, parent: Job | None = None) -> None:
+        """What _unblock() (state PENDING) or _cancel_by(job, parent) (CANCELLED) does to each
+        of `moved` (blocked), done for all at once with one journal entry: a parent with
+        10,000 children settles them in one pass, a transition() each would take 3x longer."""
+        event = TRANSITIONS[(BLOCKED, state)][0]
+        now = self.clock()
+        save, unindex, index, changed = self._save, self._unindex, self._index, self.changed
+        error = None if parent is None else "parent %d %s" % (parent.id, parent.state)
+        for job in moved:
+            save(job)
+            unindex(job)
+            job.state = state
+            if state == PENDING:
+                job.run_at = max(job.run_at, now + (job.delay or 0.0))
+                job.delay = None
+            else:
+                job.finished_at = now
+                job.error, job.cancelled_by = error, parent.id
+                changed.append(job)
+            index(job, now)
+        self.log.moved(now, event, moved, "" if error is None else " error=" + log_value(error))
+        self.store.append_records([job.id for job in moved], [_encode(job.stored()) for job in moved])
+        if state in FINISHED:
+            children = self.children
+            self._ended.extend(job for job in moved if job.id in children)
 
     def settle_blocked(self, job: Job) -> None:
         """Settle a blocked job none of whose parents is live (at add time, or at start-up
