@@ -1951,7 +1951,7 @@ class JobTable:
             while ended:
                 parent = ended.popleft()
                 failed = parent.state != SUCCEEDED
-                unblock, cancel = [], []
+                unblock, cancel, late = [], [], []
                 for child_id in self.children.get(parent.id, ()):
                     child = jobs.get(child_id)
                     if child is None or child.state != BLOCKED:
@@ -1959,11 +1959,18 @@ class JobTable:
                     if failed and child.on_parent_failure == "cancel":
                         cancel.append(child)
                     elif child_id not in unfinished:
-                        unblock.append(child)
+                        other = self._failed_parent(child)
+                        if other is None:
+                            unblock.append(child)
+                        else:
+                            late.append((child, other))
                 if unblock:
                     self._settle_many(unblock, PENDING)
                 if cancel:
                     self._settle_many(cancel, CANCELLED, parent)
+                for child, other in late:
+                    if child.state == BLOCKED:
+                        self._cancel_by(child, other)
         finally:
             self._settling = False
 
@@ -1993,6 +2000,19 @@ class JobTable:
             children = self.children
             self._ended.extend(job for job in moved if job.id in children)
 
+    def _failed_parent(self, job: Job) -> Job | None:
+        """A parent of `job` (on_parent_failure "cancel") that ended failed or cancelled: only
+        possible for a job that `retry` put back while another of its parents had failed, so
+        the cost (its parents) is paid only by jobs with several."""
+        if job.on_parent_failure != "cancel" or len(job.after) < 2:
+            return None
+        jobs = self.jobs
+        for parent_id in job.after:
+            parent = jobs.get(parent_id)
+            if parent is not None and parent.state in (FAILED, CANCELLED):
+                return parent
+        return None
+
     def settle_blocked(self, job: Job) -> None:
         """Settle a blocked job none of whose parents is live (at add time, or at start-up
         after a crash between a parent's end and this): cancelled when a parent failed or was
@@ -2002,14 +2022,14 @@ class JobTable:
         assert job.state == BLOCKED and job.id not in self.unfinished
         self._settling, settling = True, self._settling
         try:
-            if job.on_parent_failure == "cancel":
-                for parent_id in job.after:
-                    parent = self.jobs.get(parent_id)
-                    if parent is not None and parent.state in (FAILED, CANCELLED):
-                        self._cancel_by(job, parent)
-                        break
-                else:
-                    self._unblock(job)
+            if len(job.after) > 1:
+                parent = self._failed_parent(job)
+            elif job.after and job.on_parent_failure == "cancel":
+                parent = self.jobs.get(job.after[0])
+            else:
+                parent = None
+            if parent is not None and parent.state in (FAILED, CANCELLED):
+                self._cancel_by(job, parent)
             else:
                 self._unblock(job)
         finally:

@@ -184,6 +184,21 @@ class DepTableTest(TableCase):
         self.succeed(table, p)
         self.assertEqual(c.state, jr.PENDING)
 
+    def test_a_put_back_job_with_another_failed_parent_is_cancelled_when_unblocked(self):
+        table = self.make_table()
+        p, h = self.add(table), self.add(table)
+        g = self.add(table, after=[p.id, h.id])
+        self.drain(table)
+        self.fail(table, p)
+        self.fail(table, h)
+        self.assertEqual(g.cancelled_by, p.id)
+        table.retry(p)
+        self.assertEqual(g.state, jr.BLOCKED)
+        self.assertEqual(self.drain(table), [p.id])
+        self.succeed(table, p)
+        self.assertEqual((g.state, g.error), (jr.CANCELLED, "parent %d failed" % h.id))
+        self.assert_deps_consistent(table)
+
     def test_retry_of_a_child_whose_parent_is_live_blocks_it(self):
         table = self.make_table()
         p = self.add(table)
