@@ -654,6 +654,9 @@ def _when(job: dict, now: float) -> str:
     state = job.get("state")
     if not isinstance(state, str):
         return "-"
+    after = job.get("after")
+    if state == "blocked" and isinstance(after, list) and after:    # what it waits for
+        return "after " + ",".join(str(i) for i in after[:3]) + (",..." if len(after) > 3 else "")
     t = {"pending": job.get("run_at"), "running": job.get("started_at")}.get(state, job.get("finished_at"))
     return relative_time(t, now) if isinstance(t, (int, float)) else "-"
 

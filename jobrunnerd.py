@@ -1878,7 +1878,7 @@ class JobTable:
                 if live or (failed and job.on_parent_failure == "cancel"):
                     job.state = BLOCKED
                     blocked.append(job)
-                    if not live:
+                    if not live or failed:      # (a failed parent cancels it at once)
                         settle.append(job)
                 else:
                     job.delay = None        # every parent has ended: its delay runs from now
@@ -2014,12 +2014,12 @@ class JobTable:
         return None
 
     def settle_blocked(self, job: Job) -> None:
-        """Settle a blocked job none of whose parents is live (at add time, or at start-up
+        """Settle a blocked job whose parents may have ended (at add time, or at start-up
         after a crash between a parent's end and this): cancelled when a parent failed or was
-        cancelled (unless on_parent_failure is "run"), else pending. A parent no longer in the
-        table counts as ended without failing (only a hand-edited state can lose one: the
-        daemon never prunes a parent that a live job lists)."""
-        assert job.state == BLOCKED and job.id not in self.unfinished
+        cancelled (unless on_parent_failure is "run"), else pending once none is live. A parent
+        no longer in the table counts as ended without failing (only a hand-edited state can
+        lose one: the daemon never prunes a parent that a live job lists)."""
+        assert job.state == BLOCKED
         self._settling, settling = True, self._settling
         try:
             if len(job.after) > 1:
@@ -2030,7 +2030,7 @@ class JobTable:
                 parent = None
             if parent is not None and parent.state in (FAILED, CANCELLED):
                 self._cancel_by(job, parent)
-            else:
+            elif job.id not in self.unfinished:
                 self._unblock(job)
         finally:
             self._settling = settling

@@ -154,11 +154,15 @@ class DepTableTest(TableCase):
         self.fail(table, bad)
         after_ok = self.add(table, after=[ok.id])
         after_bad = self.add(table, after=[ok.id, bad.id])
+        live = self.add(table)
+        with_live = self.add(table, after=[live.id, bad.id])     # cancelled now, not later
         runs = self.add(table, after=[bad.id], on_parent_failure="run")
         self.assertEqual(after_ok.state, jr.PENDING)
         self.assertEqual((after_bad.state, after_bad.error), (jr.CANCELLED,
                                                              "parent %d failed" % bad.id))
         self.assertEqual(runs.state, jr.PENDING)
+        self.assertEqual((with_live.state, with_live.error),
+                         (jr.CANCELLED, "parent %d failed" % bad.id))
         self.assert_deps_consistent(table)
 
     def test_retry_puts_back_exactly_the_descendants_cancelled_because_of_it(self):
@@ -427,8 +431,12 @@ class DepJobctlTest(support.DaemonTestCase):
         bad = d.jobctl("add", "examples.jobs:ExampleJob", "--after", "999")
         self.assertEqual(bad.returncode, 2)
         self.assertIn("999", bad.stderr)
+        late, later = d.add(delay=3600), d.add(delay=3600)
+        waiting = d.add(after=[late, other, runs, later])
         listed = d.jobctl("list", "--state", "blocked")
         self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertRegex(listed.stdout, r"\n\s*%d\s+blocked .*after %d,%d,%d,\.\.\."
+                         % (waiting, late, other, runs))
 
 
 class DepDiskErrorTest(InProcessDaemonCase):
