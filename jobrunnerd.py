@@ -224,8 +224,8 @@ TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
 
 PUBLIC_FIELDS = (
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
-    "retry_delay", "backoff", "timeout", "key", "after", "on_parent_failure", "created_at", "run_at", "started_at",
-    "finished_at", "pid", "exit_code", "error", "result",
+    "retry_delay", "backoff", "timeout", "key", "after", "on_parent_failure", "created_at",
+    "run_at", "started_at", "finished_at", "pid", "exit_code", "error", "result",
 )
 # Kept on disk, never shown: the start time of `pid` (/proc/PID/stat field 22), so that after a
 # crash a reused pid is never mistaken for our orphan, and who queued the job. A blocked job's
@@ -1700,7 +1700,7 @@ class JobTable:
                   parent's end settles its blocked children in O(children), never a scan
         unfinished child id -> how many of its parents are live (absent: none); a blocked job
                   whose count falls to 0 is settled
-        live_children parent id -> how many live jobs list it (absent: none): prune keeps it;
+        live_children parent id -> how many live jobs list it (absent: none): prune keeps it
         kept      finished parents prune found listed, off the `finished` heap until their
                   last live child is gone (then pushed back), so no prune looks at them again
 
