@@ -1983,6 +1983,8 @@ class JobTable:
         save, unindex, index, changed = self._save, self._unindex, self._index, self.changed
         error = None if parent is None else "parent %d %s" % (parent.id, parent.state)
         for job in moved:
+            assert job.state == BLOCKED, "illegal transition %s -> %s (job %d)" % (
+                job.state, state, job.id)
             save(job)
             unindex(job)
             job.state = state
