@@ -532,7 +532,10 @@ class DepCrashTest(support.DaemonTestCase):
             os.unlink(started[name])
             open(gate[name], "w").close()
             job = self.daemon.wait_job(ids[i])
-            self.assertEqual((job["state"], job["attempts"]), ("succeeded", 2))
+            # Interrupted once here; maybe once more by the kill right after its parent
+            # ended, if it had started by then. Its work (the line) is done once all the same.
+            self.assertEqual(job["state"], "succeeded")
+            self.assertIn(job["attempts"], (2, 3) if i else (2,))
             self.restart()                              # right after it ended
             self.assertEqual(self.lines(out), list(STEPS[:i + 1]))
         self.assertEqual(self.states(ids), ["succeeded"] * 4)
