@@ -31,7 +31,8 @@ Command line (run "jobctl -h" or "jobctl add -h" for details):
 
     jobctl add TARGET [ARG ...] [--method M] [--priority N] [--delay S | --at ISO8601]
                [--retries N] [--retry-delay S] [--backoff fixed|exponential]
-               [--timeout S|none] [--key K] [--kwargs JSON] [--json-args] [--wait]
+               [--timeout S|none] [--key K] [--kwargs JSON] [--json-args]
+               [--after ID ...] [--on-parent-failure cancel|run] [--wait]
     jobctl add --stdin          (one add object per JSON line, added in batches)
     jobctl list [--state S] [--target PATTERN] [--limit N]
     jobctl show ID
@@ -81,7 +82,7 @@ DEFAULT_SOCKET = "/run/jobrunner/jobrunnerd.sock"   # systemd RuntimeDirectory=j
 LOCAL_SOCKET = os.path.join("storage", "jobrunnerd.sock")  # a checkout's own daemon
 SOCKET_ENV = "JOBRUNNER_SOCKET"
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")  # display order for stats
+STATES = ("blocked", "pending", "running", "succeeded", "failed", "cancelled")  # display order for stats
 FAILED_STATES = ("failed", "cancelled")  # a waited job that ended in one of these exits 1
 
 _RECV_SIZE = 256 * 1024        # list replies can be ~1 MB; fewer syscalls
@@ -411,13 +412,16 @@ class Client:
             run_at: float | None = None, retries: int | None = None,
             retry_delay: float | None = None, backoff: str | None = None,
             timeout: float | None | object = _OMIT, key: str | None = None,
-            queue: str | None = None) -> dict:
+            queue: str | None = None, after: list[int] | None = None,
+            on_parent_failure: str | None = None) -> dict:
         """Queue a job; return {"id": int, "created": bool}. Fields left None take the
         defaults of its queue ("default" unless given), then the daemon's; timeout=None is
-        sent as null (no limit), omit it for the default."""
+        sent as null (no limit), omit it for the default. `after`: ids of jobs this one waits
+        for; `on_parent_failure`: "cancel" or "run"."""
         fields = add_fields(target, method=method, args=args, kwargs=kwargs, priority=priority,
                             delay=delay, run_at=run_at, retries=retries, retry_delay=retry_delay,
-                            backoff=backoff, timeout=timeout, key=key, queue=queue)
+                            backoff=backoff, timeout=timeout, key=key, queue=queue,
+                            after=after or None, on_parent_failure=on_parent_failure)
         reply = self.call("add", **fields)
         _field(reply, "id", int)
         return reply
@@ -663,6 +667,9 @@ def _when(job: dict, now: float) -> str:
     state = job.get("state")
     if not isinstance(state, str):
         return "-"
+    after = job.get("after")
+    if state == "blocked" and isinstance(after, list) and after:    # what it waits for
+        return "after " + ",".join(str(i) for i in after[:3]) + (",..." if len(after) > 3 else "")
     t = {"pending": job.get("run_at"), "running": job.get("started_at")}.get(state, job.get("finished_at"))
     return relative_time(t, now) if isinstance(t, (int, float)) else "-"
 
@@ -689,7 +696,8 @@ def job_table(jobs: list[dict], now: float | None = None) -> str:
 
 
 _JOB_FIELDS = ("id", "target", "method", "args", "kwargs", "priority", "state", "attempts",
-               "retries", "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at",
+               "retries", "retry_delay", "backoff", "timeout", "key", "queue", "after",
+               "on_parent_failure", "created_at", "run_at",
                "started_at", "finished_at", "pid", "exit_code", "error", "result")
 _TIME_FIELDS = ("created_at", "run_at", "started_at", "finished_at")
 
@@ -707,6 +715,8 @@ def job_record(job: dict, now: float | None = None) -> str:
             text = local_time(value, now)
         elif name == "attempts":
             text = attempts_text(job)
+        elif name == "after" and isinstance(value, list):
+            text = ", ".join(str(v) for v in value) or "-"
         elif isinstance(value, str) and name not in ("result", "args", "kwargs"):
             text = value
         else:
@@ -718,8 +728,10 @@ def job_record(job: dict, now: float | None = None) -> str:
 def state_line(job: dict) -> str:
     """One line per job: "12 succeeded", "13 failed: RuntimeError: boom"."""
     line = f"{job.get('id')} {job.get('state')}"
-    if job.get("state") == "failed" and job.get("error"):
-        line += f": {job['error']}"
+    error = job.get("error")
+    if error and (job.get("state") == "failed" or
+                  job.get("state") == "cancelled" and str(error).startswith("parent ")):
+        line += f": {error}"    # a job cancelled by its parent says which (SPEC §2b)
     return escape(line)
 
 
@@ -1165,6 +1177,10 @@ def build_parser(only: str | None = None):
     p.add_argument("--json-args", action="store_true", help="parse each ARG as JSON")
     p.add_argument("--queue", metavar="Q", help="the queue to run in (declared in the config; "
                    "default: default)")
+    p.add_argument("--after", nargs="+", action="extend", metavar="ID", help="wait for these jobs "
+                   "to end first (ARGs go before --after, or after --)")
+    p.add_argument("--on-parent-failure", choices=("cancel", "run"), help="when a parent fails "
+                   "or is cancelled: cancel this job too (default) or run it anyway")
     p.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it fails")
     p.add_argument("--stdin", action="store_true", help="read add objects, one JSON line each, "
                    "from stdin and add them in batches; print the ids")
@@ -1219,6 +1235,17 @@ def parse_args(argv: list[str] | None = None):
     # argparse stops filling TARGET/ARG at the first option, so "add T --priority 3 a b"
     # leaves "a b" over; they are ARGs. Only options (before a "--") are errors.
     positional = ([ns.target] if ns.target is not None else []) + ns.args
+    # --after takes ids up to the first word that is not one: what follows are ARGs again
+    # ("add T --after 3 4 x" is after=[3, 4], args=["x"]); a numeric ARG goes before --after.
+    ids = []
+    for n, word in enumerate(ns.after or ()):
+        if not word.isdigit():
+            if not ids:
+                error(f"--after: {word!r} is not a job id")
+            positional += ns.after[n:]
+            break
+        ids.append(int(word))
+    ns.after = ids
     unknown, after_dashes = [], False
     for arg in extra:
         if arg == "--" and not after_dashes:
@@ -1232,9 +1259,11 @@ def parse_args(argv: list[str] | None = None):
     positional += tail or []
     if ns.stdin:
         given = [o for o, v in (("TARGET", positional), ("--wait", ns.wait),
-                                ("--json-args", ns.json_args), ("--kwargs", ns.kwargs)) if v]
+                                ("--json-args", ns.json_args), ("--kwargs", ns.kwargs),
+                                ("--after", ns.after)) if v]
         given += [f"--{k.replace('_', '-')}" for k in ("method", "priority", "delay", "run_at", "retries",
-                                                        "retry_delay", "backoff", "key", "queue")
+                                                        "retry_delay", "backoff", "key", "queue",
+                                                        "on_parent_failure")
                   if getattr(ns, k) is not None]
         if ns.timeout is not _OMIT:
             given.append("--timeout")
@@ -1260,7 +1289,7 @@ def parse_args(argv: list[str] | None = None):
     ns.fields = dict(method=ns.method, args=ns.args, kwargs=kwargs, priority=ns.priority,
                      delay=ns.delay, run_at=ns.run_at, retries=ns.retries,
                      retry_delay=ns.retry_delay, backoff=ns.backoff, timeout=ns.timeout, key=ns.key,
-                     queue=ns.queue)
+                     queue=ns.queue, after=ns.after, on_parent_failure=ns.on_parent_failure)
     return ns
 
 

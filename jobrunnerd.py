@@ -111,6 +111,7 @@ MAX_DELAY = 10 * 365 * 86400.0        # further out than this is a mistake, not 
 MAX_RETRIES = 1000                    # more is a loop, not a retry policy
 MAX_PRIORITY = 2 ** 31 - 1            # keeps priorities printable and comparable everywhere
 MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
+MAX_AFTER = 1000                      # SPEC §2b: parents of one job, at most
 MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
 LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
 MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
@@ -187,23 +188,28 @@ class StateError(Exception):
 #
 #              add / retry op                 attempt starts
 #   (new) ─────────────────────► PENDING ─────────────────────► RUNNING
-#                                 │   ▲   attempt failed,        │  │  │
-#                          cancel │   └── retries left, or ──────┘  │  │ returned
-#                                 │       interrupted by a stop     │  ▼
-#                                 ▼                           ┌─────┘ SUCCEEDED
-#          FAILED ◄──── no retries left / not runnable ───────┘
-#          CANCELLED ◄── cancel (pending or running)
-#          FAILED, CANCELLED ──(retry op)──► PENDING
+#     │                          ▲│   ▲   attempt failed,        │  │  │
+#     │ add with an    unblocked ││   └── retries left, or ──────┘  │  │ returned
+#     │ unfinished               ││cancel interrupted by a stop     │  ▼
+#     ▼ parent                   │▼                           ┌─────┘ SUCCEEDED
+#   BLOCKED ─────────────────────┘ FAILED ◄── no retries left / not runnable
+#     │  ▲ (retry op, a parent       CANCELLED ◄── cancel (blocked, pending or running), or
+#     │  │  unfinished)                            a parent ended failed/cancelled (§2b)
+#     │  └──────────────── FAILED, CANCELLED ──(retry op)──► PENDING
+#     └─ cancel, or a parent failed ──► CANCELLED
 
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "pending", "running", "succeeded", "failed", "cancelled")
-STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-LIVE = frozenset({PENDING, RUNNING})
+BLOCKED, PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "blocked", "pending", "running", "succeeded", "failed", "cancelled")
+STATES = (BLOCKED, PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+LIVE = frozenset({BLOCKED, PENDING, RUNNING})
 FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # (from, to) -> the log events that may announce that move; the first is the usual one.
 TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
     (None, PENDING): ("queued",),
+    (None, BLOCKED): ("blocked",),
+    (BLOCKED, PENDING): ("unblocked",),
+    (BLOCKED, CANCELLED): ("cancelled",),
     (PENDING, RUNNING): ("started",),
     (RUNNING, SUCCEEDED): ("succeeded",),
     (RUNNING, PENDING): ("retrying", "interrupted"),
@@ -212,6 +218,8 @@ TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
     (RUNNING, CANCELLED): ("cancelled",),
     (FAILED, PENDING): ("queued",),
     (CANCELLED, PENDING): ("queued",),
+    (FAILED, BLOCKED): ("blocked",),         # retried while a parent is unfinished, or put back
+    (CANCELLED, BLOCKED): ("blocked",),      # as the descendant of a retried job (§2b)
 }
 
 
@@ -221,12 +229,14 @@ TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
 
 PUBLIC_FIELDS = (
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
-    "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at", "started_at",
-    "finished_at", "pid", "exit_code", "error", "result",
+    "retry_delay", "backoff", "timeout", "key", "queue", "after", "on_parent_failure",
+    "created_at", "run_at", "started_at", "finished_at", "pid", "exit_code", "error", "result",
 )
 # Kept on disk, never shown: the start time of `pid` (/proc/PID/stat field 22), so that after a
-# crash a reused pid is never mistaken for our orphan, and who queued the job.
-PRIVATE_FIELDS = ("pid_start", "uid")
+# crash a reused pid is never mistaken for our orphan, and who queued the job. A blocked job's
+# `delay` counts from its unblocking (§2b); `cancelled_by` is the parent whose end cancelled it,
+# so that a retry of that parent puts back exactly the jobs it cancelled.
+PRIVATE_FIELDS = ("pid_start", "uid", "delay", "cancelled_by")
 
 
 class Job:
@@ -235,13 +245,14 @@ class Job:
     __slots__ = PUBLIC_FIELDS + PRIVATE_FIELDS + ("token",)
 
     def __init__(self, _record: dict | None = None, /, **fields):
-        # Missing fields are None: one C-level merge and one C-level lookup of all 24, then
+        # Missing fields are None: one C-level merge and one C-level lookup of all 28, then
         # one unpacking into the slots, written out (a million restarts seconds faster than
         # with a get() or setattr() per field).
         (self.id, self.target, self.method, self.args, self.kwargs, self.priority, self.state,
          self.attempts, self.retries, self.retry_delay, self.backoff, self.timeout, self.key,
-         self.queue, self.created_at, self.run_at, self.started_at, self.finished_at, self.pid,
-         self.exit_code, self.error, self.result, self.pid_start, self.uid) = \
+         self.queue, self.after, self.on_parent_failure, self.created_at, self.run_at,
+         self.started_at, self.finished_at, self.pid, self.exit_code, self.error, self.result,
+         self.pid_start, self.uid, self.delay, self.cancelled_by) = \
             _stored_items(_BLANK | (fields if _record is None else _record))
         self.token = 0      # bumped whenever the job leaves a heap; stale heap entries are skipped
 
@@ -259,6 +270,8 @@ class Job:
             rec.pop("args", None)
         if not self.kwargs:
             rec.pop("kwargs", None)
+        if not self.after:
+            rec.pop("after", None)
         if self.run_at == self.created_at:
             rec.pop("run_at", None)
         for name, default in _STORED_DEFAULTS:      # what from_stored() restores
@@ -284,6 +297,8 @@ class Job:
             job.method = sys.intern(job.method)
         job.args = job.args or NO_ARGS
         job.kwargs = job.kwargs or NO_KWARGS
+        job.after = job.after or NO_AFTER
+        job.on_parent_failure = "run" if job.on_parent_failure == "run" else "cancel"
         if job.run_at is None or job.run_at == job.created_at:
             job.run_at = job.created_at
         if job.attempts is None:
@@ -304,17 +319,19 @@ _STORED_FIELDS = PUBLIC_FIELDS + PRIVATE_FIELDS
 # would cost ~120 MB. Nothing ever mutates a job's args or kwargs.
 NO_ARGS: list = []
 NO_KWARGS: dict = {}
+NO_AFTER: list = []         # the same for `after`: never mutated either
 _CANONICAL_STATES = {state: state for state in STATES}
-_public_values = operator.attrgetter(*PUBLIC_FIELDS)     # one C call instead of 21 getattr()s
+_public_values = operator.attrgetter(*PUBLIC_FIELDS)     # one C call instead of 23 getattr()s
 _stored_values = operator.attrgetter(*_STORED_FIELDS)
 _stored_items = operator.itemgetter(*_STORED_FIELDS)
 _all_values = operator.attrgetter(*Job.__slots__)        # what undo() puts back, in one C call
-_BLANK = dict.fromkeys(_STORED_FIELDS)
-_BLANK["queue"] = "default"          # DEFAULT_QUEUE: a job names a queue, always
+_BLANK = dict.fromkeys(_STORED_FIELDS) | {"queue": "default",  # DEFAULT_QUEUE: always a queue
+                                          "after": NO_AFTER, "on_parent_failure": "cancel"}
 # Left out of stored records when they have these values, which from_stored() restores: fewer
 # bytes to parse for each of a million jobs at start-up.
 _STORED_DEFAULTS = (("priority", 0), ("attempts", 0), ("backoff", "exponential"),
-                    ("queue", "default"))        # DEFAULT_QUEUE, defined further down
+                    ("queue", "default"),        # DEFAULT_QUEUE, defined further down
+                    ("on_parent_failure", "cancel"))
 # Durations kept as integers on disk when they are whole (they parse faster than floats).
 _WHOLE_SECONDS = ("retry_delay", "timeout")
 _SECONDS: dict = {}         # one float object per distinct duration: most jobs share a few
@@ -547,6 +564,22 @@ class EventLog:
                 uid = " queue=%s%s" % (log_value(job.queue), uid)
             lines.append("%s%d target=%s%s priority=%d run_at=%.3f\n"
                          % (head, job.id, target, uid, job.priority, job.run_at))
+
+    def moved(self, when: float, event: str, jobs: list, tail: str = "") -> None:
+        """What event(event, job=, target=, attempt=) and then `tail` (" error=...") write for
+        each of `jobs`, without its per-field loop (a parent's end may settle thousands)."""
+        head = log_time(when) + " event=" + event + " job="
+        targets = self.targets
+        if len(targets) >= 4096:
+            targets.clear()
+        lines = self.buffers["events"]
+        for job in jobs:
+            target = targets.get(job.target)
+            if target is None:
+                target = targets[job.target] = log_value(job.target)
+            queue = "" if job.queue == "default" else " queue=" + log_value(job.queue)
+            lines.append("%s%d target=%s%s attempt=%s%s\n"
+                         % (head, job.id, target, queue, job.attempt_label(), tail))
 
     def error(self, event: str, detail: str, /, when: float | None = None, **fields) -> None:
         """A header line like an event line, then `detail` on lines that start with a space."""
@@ -1783,6 +1816,13 @@ class JobTable:
         by_target target -> its ids, ascending (so `list --target 'reports.*'` reads the jobs
                   of the targets that match, not every job); built at its first use, a slice
                   per loop pass (index_targets()), kept up to date from its start
+        children  parent id -> {child id: None} of the jobs that list it in `after` (§2b): a
+                  parent's end settles its blocked children in O(children), never a scan
+        unfinished child id -> how many of its parents are live (absent: none); a blocked job
+                  whose count falls to 0 is settled
+        live_children parent id -> how many live jobs list it (absent: none): prune keeps it
+        kept      finished parents prune found listed, off the `finished` heap until their
+                  last live child is gone (then pushed back), so no prune looks at them again
 
     Heap entries are never removed in place: a job that leaves a heap bumps its `token`, and
     entries with an old token are skipped when they surface. _index() and _unindex() are
@@ -1811,6 +1851,12 @@ class JobTable:
         self._targets_done = 0                  # by_target holds every id up to this one
         self._targets_upto = 0                  # and create() adds those above this one
         self.keys: dict[str, int] = {}
+        self.children: dict[int, dict[int, None]] = {}
+        self.unfinished: dict[int, int] = {}
+        self.live_children: dict[int, int] = {}
+        self.kept: set[int] = set()
+        self._ended: collections.deque[Job] = collections.deque()  # finished parents to settle
+        self._settling = False
         self.next_id = 1
         self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
         self._undo: dict[int, tuple] | None = None
@@ -1834,6 +1880,10 @@ class JobTable:
         self.jobs = records             # taken over, not copied: a million entries
         self.scheduler.jobs = records
         self.ids = sorted(records)
+        link = self._link
+        for job in records.values():        # every edge first: _index() counts along them
+            if job.after:
+                link(job)
         index = self._index
         by_queue: dict[str, list[int]] = {}
         for job in records.values():
@@ -1869,8 +1919,11 @@ class JobTable:
             queue.add(job, self.clock() if now is None else now, push)
         elif job.state in FINISHED:
             push(self.finished, (job.finished_at or 0.0, job.id))
-        if job.key is not None and job.state in LIVE:
-            self.keys[job.key] = job.id
+        if job.state in LIVE:
+            if job.key is not None:
+                self.keys[job.key] = job.id
+            if self.children:
+                self._count_live(job, 1)
 
     def _unindex(self, job: Job) -> None:
         self.counts[job.state] -= 1
@@ -1879,34 +1932,120 @@ class JobTable:
         job.token += 1
         if job.key is not None and self.keys.get(job.key) == job.id:
             del self.keys[job.key]
+        if job.state in LIVE and self.children:
+            self._count_live(job, -1)
+        elif job.state in FINISHED and self.kept:
+            self.kept.discard(job.id)       # it leaves the finished jobs (retry, prune)
+
+    def _count_live(self, job: Job, step: int) -> None:
+        """A live job counts once for each of its children (unfinished) and for each of its
+        parents (live_children); a delta each way, so that undo() stays exact in any order."""
+        children = self.children.get(job.id)
+        if children:
+            unfinished = self.unfinished
+            for child_id in children:
+                left = unfinished.get(child_id, 0) + step
+                if left:
+                    unfinished[child_id] = left
+                else:
+                    del unfinished[child_id]
+        if job.after:
+            live, jobs = self.live_children, self.jobs
+            for parent_id in job.after:
+                left = live.get(parent_id, 0) + step
+                if left:
+                    live[parent_id] = left
+                    continue
+                del live[parent_id]
+                if parent_id in self.kept:          # its last live child is gone: prunable
+                    self.kept.discard(parent_id)
+                    parent = jobs.get(parent_id)
+                    if parent is not None and parent.state in FINISHED:
+                        heapq.heappush(self.finished, (parent.finished_at or 0.0, parent_id))
+
+    def _link(self, job: Job) -> None:
+        """Add the edges of `job` (its `after`) to the children index."""
+        children = self.children
+        for parent_id in job.after:
+            kids = children.get(parent_id)
+            if kids is None:
+                kids = children[parent_id] = {}
+            kids[job.id] = None
+
+    def _unlink(self, job: Job) -> None:
+        children = self.children
+        for parent_id in job.after:
+            kids = children.get(parent_id)
+            if kids is not None:
+                kids.pop(job.id, None)
+                if not kids:
+                    del children[parent_id]
 
     # -- the writer --------------------------------------------------------------------------
 
     def create(self, now: float, batch: list[dict]) -> list[Job]:
-        """New pending jobs from validated fields (an `add`, or a whole `add_batch`): the move
-        from nothing to pending, made for all of them at once, with a `queued` line each and
-        one journal entry for the lot (thousands of transition() calls would cost 3x more)."""
+        """New jobs from validated fields (an `add`, or a whole `add_batch`): the move from
+        nothing to pending, made for all of them at once, with a `queued` line each and one
+        journal entry for the lot (thousands of transition() calls would cost 3x more).
+        `after` holds existing ids (a batch's negative entries resolved by the caller to the
+        ids this call gives: next_id onwards). A job with a live parent is `blocked` instead;
+        one whose parent has already ended failed or cancelled is blocked and settled at once
+        (cancelled, or pending with "run"), in the same journal write."""
         assert TRANSITIONS[(None, PENDING)] == ("queued",)
+        assert TRANSITIONS[(None, BLOCKED)] == ("blocked",)
         jobs: list[Job] = []
         if not batch:
             return jobs
+        blocked, settle, all_jobs = [], [], self.jobs
         for fields in batch:
             job = Job(fields)
             job.id = self.next_id
             self.next_id += 1
             job.state, job.attempts, job.created_at = PENDING, 0, now
             job.target = sys.intern(job.target)
+            job.on_parent_failure = job.on_parent_failure or "cancel"
+            if job.after:
+                self._link(job)
+                live = failed = 0
+                for parent_id in job.after:
+                    state = all_jobs[parent_id].state
+                    if state in LIVE:
+                        live += 1
+                    elif state != SUCCEEDED:
+                        failed += 1
+                if live:
+                    self.unfinished[job.id] = live
+                if live or (failed and job.on_parent_failure == "cancel"):
+                    job.state = BLOCKED
+                    blocked.append(job)
+                    if not live or failed:      # (a failed parent cancels it at once)
+                        settle.append(job)
+                else:
+                    job.delay = None        # every parent has ended: its delay runs from now
+            else:
+                job.after = NO_AFTER
+            if job.state == PENDING:
+                job.delay = None            # counted in run_at already
             if self._undo is not None:
                 self._undo[job.id] = (job, None)
-            self.jobs[job.id] = job
+            all_jobs[job.id] = job
             self.ids.append(job.id)
             self.by_queue.setdefault(job.queue, []).append(job.id)
             if self.by_target is not None:
                 self.by_target.setdefault(job.target, []).append(job.id)
             self._index(job, now)
             jobs.append(job)
-        self.log.queued(now, jobs)
+        if blocked:
+            self.log.queued(now, [job for job in jobs if job.state == PENDING])
+            for job in blocked:
+                self.log.event("blocked", when=now, job=job.id, target=job.target,
+                               **queue_field(job), uid=job.uid,
+                               after=",".join(map(str, job.after)))
+        else:
+            self.log.queued(now, jobs)
         self.store.append_records([job.id for job in jobs], [_encode(job.stored()) for job in jobs])
+        for job in settle:
+            self.settle_blocked(job)
         return jobs
 
     def transition(self, job: Job, state: str, event: str | None = None, detail: str | None = None,
@@ -1939,6 +2078,171 @@ class JobTable:
             self.log.error(event, detail, when=now, **fields)
         self.log.event(event, when=now, **fields)
         self.store.append({"job": job.stored()})
+        if state in FINISHED and job.id in self.children:
+            self._ended.append(job)
+            if not self._settling:          # a cascade is a loop here, never a recursion
+                self._settle_children()
+
+    # -- dependencies (§2b) ------------------------------------------------------------------
+
+    def _settle_children(self) -> None:
+        """Settle the blocked children of the parents that ended, and theirs in turn."""
+        self._settling = True
+        try:
+            ended, jobs, unfinished = self._ended, self.jobs, self.unfinished
+            while ended:
+                parent = ended.popleft()
+                failed = parent.state != SUCCEEDED
+                unblock, cancel, late = [], [], []
+                for child_id in self.children.get(parent.id, ()):
+                    child = jobs.get(child_id)
+                    if child is None or child.state != BLOCKED:
+                        continue
+                    if failed and child.on_parent_failure == "cancel":
+                        cancel.append(child)
+                    elif child_id not in unfinished:
+                        other = self._failed_parent(child)
+                        if other is None:
+                            unblock.append(child)
+                        else:
+                            late.append((child, other))
+                if unblock:
+                    self._settle_many(unblock, PENDING)
+                if cancel:
+                    self._settle_many(cancel, CANCELLED, parent)
+                for child, other in late:
+                    if child.state == BLOCKED:
+                        self._cancel_by(child, other)
+        finally:
+            self._settling = False
+
+    def _settle_many(self, moved: list[Job], state: str, parent: Job | None = None) -> None:
+        """What _unblock() (state PENDING) or _cancel_by(job, parent) (CANCELLED) does to each
+        of `moved` (blocked), done for all at once with one journal entry: a parent with
+        10,000 children settles them in one pass, a transition() each would take 3x longer."""
+        event = TRANSITIONS[(BLOCKED, state)][0]
+        now = self.clock()
+        save, unindex, index, changed = self._save, self._unindex, self._index, self.changed
+        error = None if parent is None else "parent %d %s" % (parent.id, parent.state)
+        for job in moved:
+            assert job.state == BLOCKED, "illegal transition %s -> %s (job %d)" % (
+                job.state, state, job.id)
+            save(job)
+            unindex(job)
+            job.state = state
+            if state == PENDING:
+                job.run_at = max(job.run_at, now + (job.delay or 0.0))
+                job.delay = None
+            else:
+                job.finished_at = now
+                job.error, job.cancelled_by = error, parent.id
+                changed.append(job)
+            index(job, now)
+        self.log.moved(now, event, moved, "" if error is None else " error=" + log_value(error))
+        self.store.append_records([job.id for job in moved], [_encode(job.stored()) for job in moved])
+        if state in FINISHED:
+            children = self.children
+            self._ended.extend(job for job in moved if job.id in children)
+
+    def _failed_parent(self, job: Job) -> Job | None:
+        """A parent of `job` (on_parent_failure "cancel") that ended failed or cancelled: only
+        possible for a job that `retry` put back while another of its parents had failed, so
+        the cost (its parents) is paid only by jobs with several."""
+        if job.on_parent_failure != "cancel" or len(job.after) < 2:
+            return None
+        jobs = self.jobs
+        for parent_id in job.after:
+            parent = jobs.get(parent_id)
+            if parent is not None and parent.state in (FAILED, CANCELLED):
+                return parent
+        return None
+
+    def settle_blocked(self, job: Job) -> None:
+        """Settle a blocked job whose parents may have ended (at add time, or at start-up
+        after a crash between a parent's end and this): cancelled when a parent failed or was
+        cancelled (unless on_parent_failure is "run"), else pending once none is live. A parent
+        no longer in the table counts as ended without failing (only a hand-edited state can
+        lose one: the daemon never prunes a parent that a live job lists)."""
+        assert job.state == BLOCKED
+        self._settling, settling = True, self._settling
+        try:
+            if len(job.after) > 1:
+                parent = self._failed_parent(job)
+            elif job.after and job.on_parent_failure == "cancel":
+                parent = self.jobs.get(job.after[0])
+            else:
+                parent = None
+            if parent is not None and parent.state in (FAILED, CANCELLED):
+                self._cancel_by(job, parent)
+            elif job.id not in self.unfinished:
+                self._unblock(job)
+        finally:
+            self._settling = settling
+        if not settling:
+            self._settle_children()
+
+    def _unblock(self, job: Job) -> None:
+        """BLOCKED -> PENDING: its delay counts from now; an explicit later run_at holds."""
+        now = self.clock()
+        self.transition(job, PENDING, "unblocked", changes={
+            "run_at": max(job.run_at, now + (job.delay or 0.0)), "delay": None})
+
+    def _cancel_by(self, job: Job, parent: Job) -> None:
+        """BLOCKED -> CANCELLED because `parent` ended failed or cancelled (its children
+        follow, through transition())."""
+        error = "parent %d %s" % (parent.id, parent.state)
+        self.transition(job, CANCELLED, changes={"error": error, "cancelled_by": parent.id},
+                        error=error)
+
+    def retry(self, job: Job, **log_fields) -> list[Job]:
+        """A failed or cancelled job back: pending, or blocked while a parent is live; with it
+        every descendant that was cancelled because of it, or of one put back here (blocked
+        again, attempts 0). Returns the descendants put back (the caller checked room and key
+        of `job`; a descendant whose key another live job holds now stays cancelled)."""
+        now = self.clock()
+        fresh = {"attempts": 0, "run_at": now, "started_at": None, "finished_at": None,
+                 "exit_code": None, "error": None, "result": None, "pid": None,
+                 "cancelled_by": None}
+        state = BLOCKED if job.id in self.unfinished else PENDING
+        self.transition(job, state, "blocked" if state == BLOCKED else "queued",
+                        changes=fresh, **log_fields)
+        back, todo, jobs = [], collections.deque([job.id]), self.jobs
+        while todo:
+            parent_id = todo.popleft()
+            for child_id in list(self.children.get(parent_id, ())):
+                child = jobs.get(child_id)
+                if child is None or child.state != CANCELLED or child.cancelled_by != parent_id:
+                    continue
+                if child.key is not None and self.keys.get(child.key, child_id) != child_id:
+                    continue
+                self.transition(child, BLOCKED, changes=fresh, **log_fields)
+                back.append(child)
+                todo.append(child_id)
+        return back
+
+    def descendants_to_retry(self, job: Job) -> int:
+        """How many jobs retry(job) would put back with it (for the max_queued check)."""
+        count, todo, jobs = 0, collections.deque([job.id]), self.jobs
+        while todo:
+            parent_id = todo.popleft()
+            for child_id in self.children.get(parent_id, ()):
+                child = jobs.get(child_id)
+                if child is not None and child.state == CANCELLED \
+                        and child.cancelled_by == parent_id:
+                    count += 1
+                    todo.append(child_id)
+        return count
+
+    def settle_orphans(self) -> int:
+        """At start-up: settle every blocked job none of whose parents is live (a crash came
+        between a parent's end and the write of its children's unblocking: both are in one
+        journal write, so only an older state dir or a lost parent leaves one). Returns how
+        many were settled."""
+        stuck = [self.jobs[i] for i in sorted(self.by_state[BLOCKED]) if i not in self.unfinished]
+        for job in stuck:
+            if job.state == BLOCKED:        # a cascade may have settled it meanwhile
+                self.settle_blocked(job)
+        return len(stuck)
 
     def update(self, job: Job, **changes) -> None:
         """Change fields other than `state` (e.g. the pid of a running attempt) and journal."""
@@ -1975,6 +2279,10 @@ class JobTable:
             self._save(job)
             self._unindex(job)
             del self.jobs[job.id]
+            if job.after:
+                self._unlink(job)
+                self.unfinished.pop(job.id, None)
+            self.kept.discard(job.id)
         gone = {job.id for job in jobs}
         self.ids = self._without(self.ids, gone)
         for queue in {job.queue for job in jobs}:
@@ -2018,6 +2326,9 @@ class JobTable:
                 self._unindex(job)
             if values is None:                  # created since track(): forget it
                 if present:
+                    if job.after:
+                        self._unlink(job)
+                        self.unfinished.pop(job_id, None)
                     del self.jobs[job_id]
                     self._forget_id(self.ids, job_id)
                     self._forget_id(self.by_queue[job.queue], job_id)
@@ -2038,6 +2349,12 @@ class JobTable:
                 bisect.insort(self.by_queue.setdefault(job.queue, []), job_id)
                 if self.by_target is not None:
                     bisect.insort(self.by_target.setdefault(job.target, []), job_id)
+                if job.after:                   # its edges back, and how many parents are live
+                    self._link(job)
+                    live = sum(1 for p in job.after
+                               if p in self.jobs and self.jobs[p].state in LIVE)
+                    if live:
+                        self.unfinished[job_id] = live
             self._index(job)
         if self._undo_paused is not None:
             self.scheduler.paused = self._undo_paused
@@ -2133,9 +2450,12 @@ class JobTable:
             finished_at, job_id = entry
             job = self.jobs.get(job_id)
             if job is None or job.state not in FINISHED or job.finished_at != finished_at \
-                    or job_id in seen:          # stale, or a second entry pushed by undo
-                continue
+                    or job_id in seen or job_id in self.kept:   # stale, or a second entry
+                continue                        # pushed by undo, or held for a live child
             seen.add(job_id)
+            if job_id in self.live_children:    # a live job lists it: pushed back once the
+                self.kept.add(job_id)           # last one ends (_count_live), not before
+                continue
             if job_id in busy:
                 later.append(entry)
             else:
@@ -3907,7 +4227,8 @@ def encode_error(code: str, message: str) -> bytes:
 
 
 ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at", "retries",
-              "retry_delay", "backoff", "timeout", "key", "queue")
+              "retry_delay", "backoff", "timeout", "key", "queue", "after",
+              "on_parent_failure")
 # op -> the fields it accepts besides "op"; anything else is a bad_request (typos never pass).
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
@@ -3970,9 +4291,40 @@ def get_queue_name(req: dict, where: str = "") -> str:
     return sys.intern(name)
 
 
-def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
+def get_after(req: dict, where: str = "", position: int | None = None) -> list[int]:
+    """`after` of an add object: distinct nonzero ints, at most MAX_AFTER, in the order given
+    (a repeated id is kept once). Negative entries only in the job at `position` of an
+    add_batch, and pointing at an earlier job of it; the caller resolves them and checks that
+    the positive ones exist."""
+    after = req.get("after")
+    if after is None:
+        return NO_AFTER
+    if not isinstance(after, list):
+        raise ProtocolError("bad_request", "%safter must be a list of job ids" % where)
+    if len(after) > MAX_AFTER:
+        raise ProtocolError("bad_request", "%safter has %d entries; at most %d"
+                            % (where, len(after), MAX_AFTER))
+    for entry in after:
+        if not isinstance(entry, int) or isinstance(entry, bool) or entry == 0 \
+                or not -2 ** 63 < entry < 2 ** 63:
+            raise ProtocolError("bad_request", "%safter entries must be job ids (nonzero "
+                                "integers), not %s" % (where, json.dumps(entry)[:50]))
+        if entry < 0:
+            if position is None:
+                raise ProtocolError("bad_request", "%safter entry %d: negative entries name an "
+                                    "earlier job of the same add_batch" % (where, entry))
+            if -entry > position:
+                raise ProtocolError("bad_request", "%safter entry %d points before the start "
+                                    "of the batch (this is job %d of it)"
+                                    % (where, entry, position))
+    return list(dict.fromkeys(after)) or NO_AFTER
+
+
+def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
+                 position: int | None = None) -> dict:
     """The fields of a new job from an `add` object, defaults filled in from its queue's table
-    in the config, then the config's top level."""
+    in the config, then the config's top level (`position`: its place in an add_batch, where
+    `after` may name earlier jobs of it)."""
     check_fields(req, ADD_FIELDS, where)
     if "queue" in req and req["queue"] != DEFAULT_QUEUE:
         queue = get_queue_name(req, where)
@@ -4012,11 +4364,15 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
     args, kwargs = args or NO_ARGS, kwargs or NO_KWARGS
     if "delay" in req and "run_at" in req:
         raise ProtocolError("bad_request", "%sgive delay or run_at, not both" % where)
+    delay = None
     if "run_at" in req:
         run_at = get_seconds(req, "run_at", now, 0.0, now + MAX_DELAY, where)
     else:
         delay = get_seconds(req, "delay", 0.0, 0.0, MAX_DELAY, where)
         run_at = now + delay if delay else now      # no delay: share the created_at float
+    on_parent_failure = req.get("on_parent_failure", "cancel")
+    if on_parent_failure not in ("cancel", "run"):
+        raise ProtocolError("bad_request", "%son_parent_failure must be 'cancel' or 'run'" % where)
     backoff = req.get("backoff", table.get("backoff", cfg.backoff))
     if backoff not in ("fixed", "exponential"):
         raise ProtocolError("bad_request", "%sbackoff must be 'fixed' or 'exponential'" % where)
@@ -4039,6 +4395,10 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "") -> dict:
                                MAX_DELAY, where, nullable=True),
         "key": key,
         "queue": queue,
+        "after": get_after(req, where, position),
+        "on_parent_failure": "run" if on_parent_failure == "run" else "cancel",
+        # a blocked job's delay counts from its unblocking (§2b); create() drops it otherwise
+        "delay": delay or None,
     }
 
 
@@ -5336,6 +5696,7 @@ class Daemon:
             warn("warning: " + warning)
         self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
         self.dispatcher.recover_running()
+        self.jobs.settle_orphans()      # blocked on parents that all ended: settled, durably
         self.store.commit()
         self.protocol.jobs = self.pruner.jobs = self.jobs     # loaded: requests may come
         self.connections.listener = self.connections.open_listener()
@@ -6066,6 +6427,7 @@ class Protocol:
         existing = self.jobs.keys.get(fields["key"])     # keys holds no None: no key, no match
         if existing is not None:
             return {"id": existing, "created": False}
+        self.check_parents(fields["after"])
         self.check_room(1)
         fields["uid"] = conn.uid
         job_id = self.jobs.create(now, [fields])[0].id
@@ -6081,7 +6443,7 @@ class Protocol:
             if not isinstance(item, dict):
                 raise ProtocolError("bad_request", "jobs[%d] must be an object" % i)
             item = {k: v for k, v in item.items() if k != "op"} if "op" in item else item
-            batch.append(validate_add(item, self.cfg, now, where="jobs[%d]: " % i))
+            batch.append(validate_add(item, self.cfg, now, "jobs[%d]: " % i, position=i))
         # Each item is an existing job (its key is live: that id) or a new one; a key that
         # comes twice in the batch makes one job. refs[i] is an id or an index into `fresh`.
         refs, fresh, new_keys = [], [], {}
@@ -6098,12 +6460,31 @@ class Protocol:
                 refs.append((len(fresh),))
                 fields["uid"] = conn.uid
                 fresh.append(fields)
+        # `after`: a negative entry -k is the job k places earlier in the batch (an existing
+        # job, or the id create() is about to give: they are consecutive from next_id).
+        base = self.jobs.next_id
+        for i, fields in enumerate(batch):
+            after = fields["after"]
+            if not after or type(refs[i]) is int or refs[i][0] >= len(fresh) \
+                    or fresh[refs[i][0]] is not fields:
+                continue                        # no parents, or not a new job of its own
+            self.check_parents([entry for entry in after if entry > 0], "jobs[%d]: " % i)
+            if any(entry < 0 for entry in after):
+                resolved = (entry if entry > 0 else refs[i + entry] for entry in after)
+                fields["after"] = list(dict.fromkeys(
+                    ref if type(ref) is int else base + ref[0] for ref in resolved))
         self.check_room(len(fresh))
         created = self.jobs.create(now, fresh)
         return {"ids": [ref if type(ref) is int else created[ref[0]].id for ref in refs]}
 
+    def check_parents(self, after: list[int], where: str = "") -> None:
+        jobs = self.jobs.jobs
+        for parent_id in after:
+            if parent_id not in jobs:
+                raise ProtocolError("not_found", "%safter: no job %d" % (where, parent_id))
+
     def check_room(self, n: int) -> None:
-        live = self.jobs.counts[PENDING] + self.jobs.counts[RUNNING]
+        live = self.jobs.counts[BLOCKED] + self.jobs.counts[PENDING] + self.jobs.counts[RUNNING]
         if live + n > self.cfg.max_queued:
             raise ProtocolError("queue_full", "%d live jobs; max_queued=%d"
                                 % (live, self.cfg.max_queued))
@@ -6163,10 +6544,8 @@ class Protocol:
         if job.key is not None and self.jobs.keys.get(job.key, job.id) != job.id:
             raise ProtocolError("invalid_state", "job %d holds key %r now"
                                 % (self.jobs.keys[job.key], job.key))
-        self.check_room(1)
-        self.jobs.transition(job, PENDING, uid=conn.uid, changes={
-            "attempts": 0, "run_at": self.clock(), "started_at": None, "finished_at": None,
-            "exit_code": None, "error": None, "result": None, "pid": None})
+        self.check_room(1 + self.jobs.descendants_to_retry(job))
+        self.jobs.retry(job, uid=conn.uid)
         return {"job": job.record()}
 
     def op_wait(self, req: dict, conn: Connection):

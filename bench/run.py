@@ -31,6 +31,11 @@ Figures (name: what / baseline):
   queues_10_*         with jobs spread over 10 queues of 1 worker each: no-op jobs/s
                       (queues_10_noop) and durable pipelined adds/s (queues_10_enqueue) / the
                       same with one queue of 10 workers and no `queue` field (today's clients)
+  deps_add_1000_parents  one durable `add` with `after` naming 1,000 live parents (paused
+                      daemon) / the same `add` with no parents, alternated on the same daemon
+  deps_unblock_10000  a `cancel` of a parent whose 10,000 blocked children have
+                      on_parent_failure "run" (all unblocked in that one durable change) / the
+                      `cancel` of a parent without children
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -710,6 +715,61 @@ def longest_stats_wait(path: str, during=None, settle: float = 0.1) -> float:
     return worst[0]
 
 
+def add_latencies(path: str, parents: list[int], n: int) -> float:
+    """Median seconds of `n` durable adds (one at a time) whose `after` is `parents`."""
+    times = []
+    line = (json.dumps({"op": "add", "target": NOOP, "args": [1, 1], "after": parents})
+            + "\n").encode()
+    with Conn(path) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.send_raw(line)
+            reply = c.recv_lines(1)[0]
+            times.append(time.perf_counter() - t0)
+            assert b'"ok":true' in reply, reply
+    return statistics.median(times)
+
+
+def cancel_time(path: str, children: int) -> float:
+    """Seconds of the `cancel` of a new parent with `children` blocked children ("run":
+    each one is unblocked by it), all in one durable change."""
+    with Conn(path) as c:
+        parent = c.call({"op": "add", "target": NOOP, "args": [1, 1]})["id"]
+        child = {"target": NOOP, "args": [1, 1], "after": [parent], "delay": 3600,
+                 "on_parent_failure": "run"}
+        for i in range(0, children, 1000):
+            c.call({"op": "add_batch", "jobs": [child] * min(1000, children - i)})
+        blocked = c.call({"op": "stats"})["counts"]["blocked"]
+        t0 = time.perf_counter()
+        c.call({"op": "cancel", "id": parent})
+        elapsed = time.perf_counter() - t0
+        counts = c.call({"op": "stats"})["counts"]
+        assert counts["blocked"] == blocked - children, counts
+        return elapsed
+
+
+def bench_deps(sizes, runs):
+    out = []
+    d = paused_daemon("always")
+    try:
+        with Conn(d.socket) as c:
+            parents = c.call({"op": "add_batch", "jobs": [{"target": NOOP, "args": [1, 1]}]
+                              * 1000})["ids"]
+        n = sizes["deps_adds"]
+        value, base = measure_pair(lambda: add_latencies(d.socket, parents, n),
+                                   lambda: add_latencies(d.socket, [], n), runs)
+        out.append(figure("deps_add_1000_parents", "s", value, base, "an add with no parents",
+                          higher_is_better=False, note="median of %d adds a run" % n))
+        children = sizes["deps_children"]
+        value, base = measure_pair(lambda: cancel_time(d.socket, children),
+                                   lambda: cancel_time(d.socket, 0), runs)
+        out.append(figure("deps_unblock_%d" % children, "s", value, base,
+                          "a parent without children", higher_is_better=False))
+    finally:
+        d.stop()
+    return out
+
+
 def bench_pattern(sizes, runs):
     n = sizes["pattern"]
     d = paused_daemon("never")
@@ -786,13 +846,14 @@ def bench_queues(sizes, runs):
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
                  "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
-                 "pattern": 200_000, "pause": [100_000]},
+                 "pattern": 200_000, "pause": [100_000], "deps_adds": 200,
+                 "deps_children": 10_000},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
-              "pattern": 2000, "pause": [5000]},
+              "pattern": 2000, "pause": [5000], "deps_adds": 5, "deps_children": 100},
 }
 GROUPS = ("machine", "enqueue", "noop", "queues", "latency", "jobctl", "pending", "pattern",
-          "pause")
+          "pause", "deps")
 
 
 def main(argv=None) -> int:

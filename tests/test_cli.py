@@ -311,8 +311,8 @@ class CommandsTest(CliCase):
         self.daemon.wait_job(self.add_id("examples.jobs:ExampleJob"))
         self.assertIn("pending", self.ctl("stats").stdout)
         stats = self.ctl_json("stats")
-        self.assertEqual(stats["counts"], {"pending": 1, "running": 0, "succeeded": 1,
-                                           "failed": 0, "cancelled": 0})
+        self.assertEqual(stats["counts"], {"blocked": 0, "pending": 1, "running": 0,
+                                           "succeeded": 1, "failed": 0, "cancelled": 0})
         self.assertEqual((stats["workers"], stats["paused"], stats["protocol"]), (2, False, 1))
 
     def test_cancel_and_retry(self):

@@ -607,8 +607,8 @@ class PruneTest(LifecycleCase):
         self.assertEqual(self.output_files_with("about to fail"), [])
         self.assertEqual(d.get(pending)["state"], "pending")
         self.assertEqual(d.call(op="stats")["counts"],
-                         {"pending": 1, "running": 0, "succeeded": 0, "failed": 0,
-                          "cancelled": 0})
+                         {"blocked": 0, "pending": 1, "running": 0, "succeeded": 0,
+                          "failed": 0, "cancelled": 0})
 
         self.restart(signal.SIGKILL)            # pruned stays pruned
         for job_id in (ok, bad, cancelled):

@@ -26,13 +26,13 @@ T = "examples.jobs:ExampleJob"
 
 JOB_FIELDS = {
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
-    "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at", "started_at",
-    "finished_at", "pid", "exit_code", "error", "result",
+    "retry_delay", "backoff", "timeout", "key", "queue", "after", "on_parent_failure",
+    "created_at", "run_at", "started_at", "finished_at", "pid", "exit_code", "error", "result",
 }
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+STATES = ("blocked", "pending", "running", "succeeded", "failed", "cancelled")
 LOG_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 LOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z event=[a-z_]+( |\n|\Z)")
-LOG_EVENTS = {"queued", "started", "succeeded", "retrying", "failed", "cancelled", "timed_out",
+LOG_EVENTS = {"queued", "blocked", "unblocked", "started", "succeeded", "retrying", "failed", "cancelled", "timed_out",
               "interrupted", "startup", "shutdown"}
 
 # Written as jobs/testjobs_e2e.py in every test's job path.

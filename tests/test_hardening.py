@@ -60,7 +60,8 @@ SPEC_ERROR_CODES = frozenset({
 # SPEC §3 table: op -> request fields besides "op".
 SPEC_OP_FIELDS = {
     "hello": (), "add": ("target", "method", "args", "kwargs", "priority", "delay", "run_at",
-                         "retries", "retry_delay", "backoff", "timeout", "key", "queue"),
+                         "retries", "retry_delay", "backoff", "timeout", "key", "queue",
+                         "after", "on_parent_failure"),
     "add_batch": ("jobs",), "get": ("id",),
     "list": ("state", "target", "queue", "limit", "after_id"),
     "cancel": ("id",), "retry": ("id",), "wait": ("id", "timeout"),

@@ -172,6 +172,10 @@ class TableCase(TempCase):
         """Take a new pending job to `state` by legal moves."""
         if state == jr.PENDING:
             return
+        if state == jr.BLOCKED:             # (a blocked job needs no parent for these moves)
+            table.transition(job, jr.CANCELLED)
+            table.transition(job, jr.BLOCKED)
+            return
         if state == jr.CANCELLED:
             table.transition(job, jr.CANCELLED)
             return
@@ -272,6 +276,9 @@ class TransitionTest(TableCase):
             ("running", "failed"): {"failed"}, ("pending", "cancelled"): {"cancelled"},
             ("running", "cancelled"): {"cancelled"}, ("failed", "pending"): {"queued"},
             ("cancelled", "pending"): {"queued"},
+            (None, "blocked"): {"blocked"}, ("blocked", "pending"): {"unblocked"},
+            ("blocked", "cancelled"): {"cancelled"}, ("failed", "blocked"): {"blocked"},
+            ("cancelled", "blocked"): {"blocked"},
         }
         self.assertEqual({move: set(events) for move, events in jr.TRANSITIONS.items()},
                          expected)
@@ -337,8 +344,9 @@ class TransitionTest(TableCase):
         # Job.__init__ sets the value a job is built with (from its stored record): that is
         # construction, not a move. JobTable.create makes the one move from nothing to pending
         # (for a whole batch at once, checked against TRANSITIONS); every other move goes
-        # through transition().
-        self.assertEqual(set(writers) - {"__init__"}, {"transition", "create"})
+        # through transition(), or for the children a parent's end settles, its bulk form
+        # _settle_many() (blocked -> pending or cancelled, checked against TRANSITIONS).
+        self.assertEqual(set(writers) - {"__init__"}, {"transition", "create", "_settle_many"})
 
     @staticmethod
     def _stores(target):
@@ -437,12 +445,12 @@ class QueueTest(TableCase):
         self.start(table, jobs[2])
         table.transition(jobs[2], jr.FAILED)
         table.transition(jobs[3], jr.CANCELLED)
-        self.assertEqual(table.counts, {"pending": 2, "running": 1, "succeeded": 1, "failed": 1,
-                                        "cancelled": 1})
+        self.assertEqual(table.counts, {"blocked": 0, "pending": 2, "running": 1, "succeeded": 1,
+                                        "failed": 1, "cancelled": 1})
         table.transition(jobs[2], jr.PENDING)
         table.remove([jobs[1]])
-        self.assertEqual(table.counts, {"pending": 3, "running": 1, "succeeded": 0, "failed": 0,
-                                        "cancelled": 1})
+        self.assertEqual(table.counts, {"blocked": 0, "pending": 3, "running": 1, "succeeded": 0,
+                                        "failed": 0, "cancelled": 1})
         self.assert_consistent(table)
 
     def test_keys_index_live_jobs_only(self):
@@ -1482,7 +1490,8 @@ class ValidateAddTest(TempCase):
         self.assertEqual(jr.validate_add({"target": TARGET}, self.cfg, self.NOW), {
             "target": TARGET, "method": None, "args": [], "kwargs": {}, "priority": 0,
             "run_at": self.NOW, "retries": 0, "retry_delay": 1.0, "backoff": "exponential",
-            "timeout": 3600.0, "key": None, "queue": "default"})
+            "timeout": 3600.0, "key": None, "queue": "default", "after": [],
+            "on_parent_failure": "cancel", "delay": None})
         cfg = jr.Config({"retries": 3, "retry_delay": 2.5, "backoff": "fixed", "timeout": 10,
                          "allow": ["pkg.*:*"]}, self.tmp)
         got = jr.validate_add({"op": "add", "target": "pkg.mod:F"}, cfg, self.NOW)
@@ -1498,7 +1507,8 @@ class ValidateAddTest(TempCase):
         self.assertEqual(jr.validate_add(req, self.cfg, self.NOW), {
             "target": TARGET, "method": "run", "args": [1, "a"], "kwargs": {"k": [1]},
             "priority": -7, "run_at": self.NOW + 2.5, "retries": 4, "retry_delay": 0.5,
-            "backoff": "fixed", "timeout": 1.5, "key": "uniq", "queue": "default"})
+            "backoff": "fixed", "timeout": 1.5, "key": "uniq", "queue": "default", "after": [],
+            "on_parent_failure": "cancel", "delay": 2.5})
         at = jr.validate_add({"target": TARGET, "run_at": self.NOW + 60}, self.cfg, self.NOW)
         self.assertEqual(at["run_at"], self.NOW + 60)
 
