@@ -1,0 +1,130 @@
+"""Named queues and dependencies together (issue #14): the two halves meet in JobTable, the log
+and the `queues` reply, so these check what neither half's own tests do.
+
+    QueuedDependenciesTableTest  JobTable stepped with a clock: a blocked job counts in its own
+                                 queue and starts there once unblocked; a cascade over three
+                                 queues moves each queue's counts and logs each job's queue=;
+                                 undo() after a failed write restores the counts of both kinds
+    EtlOverQueuesTest            through the socket: an ETL chain whose steps run in different
+                                 queues, queued with one add_batch, runs in order; a failed step
+                                 cancels the rest in their queues, and `queues` counts them
+"""
+import os
+import re
+import unittest
+
+from tests import support
+from tests import test_queues
+import jobrunnerd as jr
+
+
+class QueuedDependenciesTableTest(unittest.TestCase):
+    # the queues' table fixture (a table with queues emails and reports), not its tests
+    setUp = test_queues.TableQueuesTest.setUp
+    clock = test_queues.TableQueuesTest.clock
+    make_table = test_queues.TableQueuesTest.make_table
+    add = test_queues.TableQueuesTest.add
+    counts = test_queues.TableQueuesTest.counts
+
+    def events(self):
+        return "".join(self.table.log.buffers["events"])
+
+    def finish(self, job, state=jr.SUCCEEDED):
+        self.table.transition(job, jr.RUNNING, changes={"attempts": job.attempts + 1})
+        self.table.transition(job, state)
+
+    def test_a_blocked_job_counts_in_its_queue_and_starts_there_once_unblocked(self):
+        parent = self.add("reports")
+        child = self.add("emails", after=[parent.id], on_parent_failure="cancel")
+        self.assertEqual(child.state, jr.BLOCKED)
+        self.assertEqual(self.counts("emails"), {"blocked": 1})
+        self.assertEqual(self.counts("reports"), {"pending": 1})
+        self.assertRegex(self.events(), r"event=blocked job=%d \S+ queue=emails" % child.id)
+        started = self.table.scheduler.next_job(self.now)
+        self.assertIs(started, parent, "the blocked job is on no heap")
+        self.assertIsNone(self.table.scheduler.next_job(self.now))
+        self.table.scheduler.queue("reports").running += 1      # what the Dispatcher does
+        self.finish(parent)
+        self.table.scheduler.queue("reports").running -= 1
+        self.assertEqual(child.state, jr.PENDING)
+        self.assertEqual(self.counts("emails"), {"pending": 1})
+        self.assertRegex(self.events(), r"event=unblocked job=%d \S+ queue=emails" % child.id)
+        self.assertIs(self.table.scheduler.next_job(self.now), child)
+
+    def test_a_cascade_over_three_queues_moves_each_queues_counts(self):
+        root = self.add()
+        kids = [self.add("emails", after=[root.id]) for _ in range(3)]
+        grandchild = self.add("reports", after=[kids[0].id])
+        self.finish(root, jr.FAILED)
+        self.assertEqual(self.counts("emails"), {"cancelled": 3})
+        self.assertEqual(self.counts("reports"), {"cancelled": 1})
+        self.assertEqual(self.counts("default"), {"failed": 1})
+        self.assertEqual(grandchild.error, "parent %d cancelled" % kids[0].id)
+        lines = self.events()
+        for kid in kids:
+            self.assertRegex(lines, r"event=cancelled job=%d \S+ queue=emails .*error=" % kid.id)
+        self.assertRegex(lines, r"event=cancelled job=%d \S+ queue=reports" % grandchild.id)
+        self.assertNotRegex(lines, r"job=%d [^\n]*queue=" % root.id, "default: no queue=")
+
+    def test_undo_restores_the_counts_of_both_kinds(self):
+        parent = self.add("reports")
+        self.table.store.commit()
+        before = (self.counts("emails"), self.counts("reports"), dict(self.table.unfinished),
+                  dict(self.table.children))
+        self.table.track()
+        child = self.add("emails", after=[parent.id])
+        self.finish(parent, jr.FAILED)
+        self.assertEqual(child.state, jr.CANCELLED)
+        self.table.undo()
+        self.table.store.discard()
+        self.assertEqual((self.counts("emails"), self.counts("reports"),
+                          dict(self.table.unfinished), dict(self.table.children)), before)
+        self.assertNotIn(child.id, self.table.jobs)
+
+
+class EtlOverQueuesTest(support.DaemonTestCase):
+    config = {"workers": 1, "queues": {"ingest": {"workers": 1}, "db": {"workers": 1}}}
+
+    def queues(self):
+        return {q["name"]: q for q in self.daemon.call(op="queues")["queues"]}
+
+    def chain(self, base):
+        steps = [{"target": "examples.etl:extract", "args": [base], "queue": "ingest"},
+                 {"target": "examples.etl:transform", "args": [base], "after": [-1]},
+                 {"target": "examples.etl:load", "args": [base], "queue": "db", "after": [-1]}]
+        reply = self.daemon.call(op="add_batch", jobs=steps)
+        self.assertTrue(reply["ok"], reply)
+        return reply["ids"]
+
+    def test_a_chain_over_three_queues_runs_in_order(self):
+        base = os.path.join(self.daemon.root, "temps")
+        with open(base + ".csv", "w") as f:
+            f.write("Oslo,-3.5\nLima,19\n")
+        ids = self.chain(base)
+        jobs = [self.daemon.wait_job(i, timeout=30) for i in ids]
+        self.assertEqual([j["state"] for j in jobs], ["succeeded"] * 3, jobs)
+        self.assertEqual([j["queue"] for j in jobs], ["ingest", "default", "db"])
+        for earlier, later in zip(jobs, jobs[1:]):
+            self.assertLessEqual(earlier["finished_at"], later["started_at"])
+        self.assertEqual(jobs[2]["result"], 2)
+        unblocked = [e for e in self.daemon.events() if e.get("event") == "unblocked"]
+        self.assertEqual([(int(e["job"]), e.get("queue")) for e in unblocked],
+                         [(ids[1], None), (ids[2], "db")])
+
+    def test_a_failed_step_cancels_the_rest_in_their_queues(self):
+        ids = self.chain(os.path.join(self.daemon.root, "missing"))   # no .csv: extract fails
+        last = self.daemon.wait_job(ids[2], timeout=30)
+        self.assertEqual(last["state"], "cancelled")
+        self.assertEqual(last["error"], "parent %d cancelled" % ids[1])
+        self.assertEqual(self.daemon.get(ids[1])["error"], "parent %d failed" % ids[0])
+        q = self.queues()
+        self.assertEqual((q["ingest"]["counts"]["failed"], q["default"]["counts"]["cancelled"],
+                          q["db"]["counts"]["cancelled"]), (1, 1, 1))
+        self.assertEqual(sum(q["db"]["counts"].values()), 1)
+        out = self.daemon.jobctl("queues")
+        self.assertEqual(out.returncode, 0, out)
+        self.assertRegex(out.stdout, re.compile(r"^db\b", re.M))
+
+
+if __name__ == "__main__":
+    unittest.main()
