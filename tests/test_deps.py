@@ -373,6 +373,20 @@ class DepProtocolTest(support.DaemonTestCase):
         self.assertEqual(self.error(op="add", target="examples.jobs:ExampleJob",
                                     after=[root])[0], "queue_full")
 
+    def test_retry_counts_the_descendants_it_puts_back_against_max_queued(self):
+        jobs = [{"target": "examples.jobs:ErrorJob"}] + \
+            [{"target": "examples.jobs:ExampleJob", "after": [-1]}] * 5
+        ids = self.daemon.call(op="add_batch", jobs=jobs)["ids"]
+        self.daemon.wait_job(ids[-1])
+        self.daemon.call(op="add_batch", jobs=[{"target": "examples.jobs:ExampleJob",
+                                                "delay": 3600}] * 15)
+        self.assertEqual(self.error(op="retry", id=ids[0])[0], "queue_full")   # 15 + 6 > 20
+        self.assertEqual(self.daemon.get(ids[1])["state"], "cancelled")
+        self.daemon.call(op="cancel", id=ids[-1] + 1)
+        self.daemon.call(op="pause")                # the root must not fail again meanwhile
+        self.assertTrue(self.daemon.call(op="retry", id=ids[0])["ok"])          # 14 + 6
+        self.assertEqual(self.daemon.get(ids[5])["state"], "blocked")
+
     def test_prune_keeps_a_parent_while_a_live_job_lists_it(self):
         parent = self.daemon.add()
         self.daemon.wait_job(parent)
