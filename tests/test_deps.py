@@ -573,13 +573,15 @@ class DepCrashTest(support.DaemonTestCase):
         self.assertEqual(self.states(ids), ["succeeded", "failed", "cancelled", "cancelled"])
         self.assertEqual(self.daemon.get(ids[2])["error"], "parent %d failed" % ids[1])
         self.assertEqual(self.daemon.get(ids[3])["error"], "parent %d cancelled" % ids[2])
-        jobs_module = os.path.join(self.root, "jobs", "etl.py")
-        self.assertTrue(os.path.exists(jobs_module))
+        self.daemon.call(op="pause")                    # the retried step waits for resume
         reply = self.daemon.call(op="retry", id=ids[1])
         self.assertTrue(reply["ok"], reply)
-        self.assertEqual(self.states(ids[2:]), ["blocked", "blocked"])
+        self.assertEqual(self.states(ids[1:]), ["pending", "blocked", "blocked"])
         self.restart()                                  # the put-back is durable
+        self.assertEqual(self.states(ids[1:]), ["pending", "blocked", "blocked"])
+        self.daemon.call(op="resume")
         self.assertEqual(self.daemon.wait_job(ids[1])["state"], "failed")
+        self.daemon.wait_job(ids[3])
         self.assertEqual(self.states(ids[2:]), ["cancelled", "cancelled"])
         self.assertEqual(self.lines(out), ["extract"])
 
