@@ -10,7 +10,9 @@
                      parent runs: every job runs exactly once, in order, none left blocked
 """
 import itertools
+import json
 import os
+import time
 import unittest
 
 import errno
@@ -558,6 +560,26 @@ class DepCrashTest(support.DaemonTestCase):
         started_events = [int(e["job"]) for e in self.daemon.events() if e["event"] == "started"]
         # in order (a line may be lost to a kill before the log's flush: not counted here)
         self.assertEqual([k for k, _ in itertools.groupby(started_events)], ids)
+
+    def test_start_up_settles_jobs_blocked_on_a_parent_that_ended(self):
+        # A state a crash cannot leave (a parent's end and its children's settling are one
+        # write) but an older or hand-edited state dir can: the parent ended, children blocked.
+        parent = self.daemon.add(delay=3600)
+        stays = self.daemon.add(delay=3600)
+        cancel = self.daemon.add(after=[parent])
+        runs = self.daemon.add(after=[parent], on_parent_failure="run")
+        waits = self.daemon.add(after=[parent, stays])
+        record = {"id": parent, "target": "examples.jobs:ExampleJob", "state": "failed",
+                  "created_at": time.time(), "finished_at": time.time(), "retries": 0,
+                  "error": "by hand"}
+        self.daemon.stop()
+        with open(os.path.join(self.daemon.state_dir, "journal.jsonl"), "a") as f:
+            f.write(json.dumps({"job": record}) + "\n")
+        self.daemon.start()
+        self.assertEqual(self.states([cancel, runs, waits]),
+                         ["cancelled", "pending", "cancelled"])
+        self.assertEqual(self.daemon.get(cancel)["error"], "parent %d failed" % parent)
+        self.assertEqual(self.daemon.call(op="list", state="blocked")["jobs"], [])
 
     def test_a_failed_step_cancels_the_rest_across_a_kill(self):
         out = os.path.join(self.root, "out")
