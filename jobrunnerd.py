@@ -2234,11 +2234,14 @@ class JobTable:
         return count
 
     def settle_orphans(self) -> int:
-        """At start-up: settle every blocked job none of whose parents is live (a crash came
-        between a parent's end and the write of its children's unblocking: both are in one
-        journal write, so only an older state dir or a lost parent leaves one). Returns how
-        many were settled."""
-        stuck = [self.jobs[i] for i in sorted(self.by_state[BLOCKED]) if i not in self.unfinished]
+        """At start-up: settle every blocked job none of whose parents is live, or one of
+        whose parents failed (a crash between a parent's end and the write of its children's
+        settling: both are in one journal write, so only a hand-edited state dir or a lost
+        parent leaves one). Reads the parents of blocked jobs only. Returns how many."""
+        jobs, unfinished = self.jobs, self.unfinished
+        stuck = [jobs[i] for i in sorted(self.by_state[BLOCKED]) if i not in unfinished
+                 or jobs[i].on_parent_failure == "cancel" and any(
+                     p in jobs and jobs[p].state in (FAILED, CANCELLED) for p in jobs[i].after)]
         for job in stuck:
             if job.state == BLOCKED:        # a cascade may have settled it meanwhile
                 self.settle_blocked(job)
