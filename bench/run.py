@@ -31,6 +31,8 @@ Figures (name: what / baseline):
   queues_10_*         with jobs spread over 10 queues of 1 worker each: no-op jobs/s
                       (queues_10_noop) and durable pipelined adds/s (queues_10_enqueue) / the
                       same with one queue of 10 workers and no `queue` field (today's clients)
+  dispatch_N_10_queues  the Scheduler alone: time per start with N pending jobs (100,000;
+                      --big 1,000,000) over 10 queues of 1 worker / the same with 1,000 pending
   deps_add_1000_parents  one durable `add` with `after` naming 1,000 live parents (paused
                       daemon) / the same `add` with no parents, alternated on the same daemon
   deps_unblock_10000  a `cancel` of a parent whose 10,000 blocked children have
@@ -843,17 +845,52 @@ def bench_queues(sizes, runs):
                    note="durable pipelined adds over 10 queues")]
 
 
+def dispatch_cost(n: int, starts: int) -> float:
+    """Microseconds per start of the Scheduler alone (in this process) with n pending jobs spread
+    over 10 queues of 1 worker: each start takes a queue's slot (next_job pops its heap) and
+    the attempt's end frees it, as the Dispatcher does."""
+    sys.path.insert(0, ROOT)
+    import jobrunnerd as jr
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = jr.Config({"workers": 1, "queues": {q: {"workers": 1} for q in QUEUES}}, tmp)
+    s = jr.Scheduler(1)
+    s.configure(cfg)
+    now = 1_000_000.0
+    s.jobs = {i: jr.Job(id=i, target=NOOP, state=jr.PENDING, priority=i % 7, run_at=now,
+                        attempts=0, retries=0, queue=QUEUES[i % 10]) for i in range(1, n + 1)}
+    for job in s.jobs.values():
+        s.add(job, now, list.append)
+    s.heapify()
+    t0 = time.perf_counter()
+    for _ in range(starts):
+        job = s.next_job(now)
+        queue = s.queue(job.queue)
+        queue.running += 1              # the slot is taken ...
+        queue.running -= 1              # ... and freed when the attempt ends
+    return (time.perf_counter() - t0) / starts * 1e6
+
+
+def bench_dispatch(sizes, runs):
+    n, starts = sizes["dispatch"], sizes["dispatch_starts"]
+    value, base = measure_pair(lambda: dispatch_cost(n, starts),
+                               lambda: dispatch_cost(1000, starts), runs)
+    return [figure("dispatch_%d_10_queues" % n, "us", value, base, "1,000 pending",
+                   higher_is_better=False,
+                   note="per start, %d starts; O(log n): a heap pop" % starts)]
+
+
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
                  "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
                  "pattern": 200_000, "pause": [100_000], "deps_adds": 200,
-                 "deps_children": 10_000},
+                 "deps_children": 10_000, "dispatch": 100_000, "dispatch_starts": 900},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
-              "pattern": 2000, "pause": [5000], "deps_adds": 5, "deps_children": 100},
+              "pattern": 2000, "pause": [5000], "deps_adds": 5, "deps_children": 100,
+              "dispatch": 5000, "dispatch_starts": 900},
 }
-GROUPS = ("machine", "enqueue", "noop", "queues", "latency", "jobctl", "pending", "pattern",
-          "pause", "deps")
+GROUPS = ("machine", "enqueue", "noop", "queues", "dispatch", "latency", "jobctl", "pending",
+          "pattern", "pause", "deps")
 
 
 def main(argv=None) -> int:
@@ -868,6 +905,7 @@ def main(argv=None) -> int:
     if args.big:
         sizes["pending"] = sizes["pending"] + [1_000_000]
         sizes["pause"] = sizes["pause"] + [1_000_000]
+        sizes["dispatch"] = 1_000_000
     runs = args.runs or (1 if args.quick else 3)
     groups = args.only.split(",") if args.only else GROUPS
     figures = []
