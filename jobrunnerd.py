@@ -548,38 +548,39 @@ class EventLog:
         self.buffers["events"].append(format_event(when or self.clock(), event, fields))
 
     def queued(self, when: float, jobs: list) -> None:
-        """The `queued` lines of new jobs: what event("queued", job=, target=, uid=, priority=,
-        run_at=) writes, without its per-field loop (an add_batch logs thousands at once)."""
+        """The `queued` lines of new jobs: what event("queued", job=, target=, queue=, uid=,
+        priority=, run_at=) writes, without its per-field loop (an add_batch logs thousands)."""
         head = log_time(when) + " event=queued job="
-        targets = self.targets
-        if len(targets) >= 4096:
-            targets.clear()
-        lines = self.buffers["events"]
+        lines, job_part = self.buffers["events"], self._job_part()
         for job in jobs:
-            target = targets.get(job.target)
-            if target is None:
-                target = targets[job.target] = log_value(job.target)
             uid = "" if job.uid is None else " uid=%d" % job.uid
-            if job.queue != "default":
-                uid = " queue=%s%s" % (log_value(job.queue), uid)
-            lines.append("%s%d target=%s%s priority=%d run_at=%.3f\n"
-                         % (head, job.id, target, uid, job.priority, job.run_at))
+            lines.append("%s%s%s priority=%d run_at=%.3f\n"
+                         % (head, job_part(job), uid, job.priority, job.run_at))
 
     def moved(self, when: float, event: str, jobs: list, tail: str = "") -> None:
-        """What event(event, job=, target=, attempt=) and then `tail` (" error=...") write for
-        each of `jobs`, without its per-field loop (a parent's end may settle thousands)."""
+        """What event(event, job=, target=, queue=, attempt=) and then `tail` (" error=...")
+        write for each of `jobs`, without its per-field loop (a parent's end may settle
+        thousands)."""
         head = log_time(when) + " event=" + event + " job="
+        lines, job_part = self.buffers["events"], self._job_part()
+        for job in jobs:
+            lines.append("%s%s attempt=%s%s\n" % (head, job_part(job), job.attempt_label(), tail))
+
+    def _job_part(self):
+        """A function making "ID target=T" (+ " queue=Q" outside `default`) of a job, for the
+        bulk lines above: each target is escaped once, not once a line."""
         targets = self.targets
         if len(targets) >= 4096:
             targets.clear()
-        lines = self.buffers["events"]
-        for job in jobs:
+
+        def job_part(job) -> str:
             target = targets.get(job.target)
             if target is None:
                 target = targets[job.target] = log_value(job.target)
-            queue = "" if job.queue == "default" else " queue=" + log_value(job.queue)
-            lines.append("%s%d target=%s%s attempt=%s%s\n"
-                         % (head, job.id, target, queue, job.attempt_label(), tail))
+            if job.queue == "default":
+                return "%d target=%s" % (job.id, target)
+            return "%d target=%s queue=%s" % (job.id, target, log_value(job.queue))
+        return job_part
 
     def error(self, event: str, detail: str, /, when: float | None = None, **fields) -> None:
         """A header line like an event line, then `detail` on lines that start with a space."""
