@@ -26,8 +26,8 @@ T = "examples.jobs:ExampleJob"
 
 JOB_FIELDS = {
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
-    "retry_delay", "backoff", "timeout", "key", "queue", "created_at", "run_at", "started_at",
-    "finished_at", "pid", "exit_code", "error", "result",
+    "retry_delay", "backoff", "timeout", "key", "queue", "schedule", "created_at", "run_at",
+    "started_at", "finished_at", "pid", "exit_code", "error", "result",
 }
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 LOG_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
