@@ -1021,7 +1021,7 @@ def _at(t: object, now: float) -> str:
         return str(t)
     delta = t - now
     if abs(delta) < 1:
-        return f"{stamp} (now)"
+        return f"{stamp} (just now)"
     span = duration(abs(delta)).replace(" ", "")
     return f"{stamp} ({'in ' + span if delta > 0 else span + ' ago'})"
 

@@ -5763,16 +5763,17 @@ class Daemon:
         self.dispatcher.dispatch()
         self.jobs.track()
         mark = self.log.mark()
-        if not self.stopping:
-            self.schedules.fire_due(self.clock())     # tracked: a failed write undoes the fire
+        # Tracked: a failed write undoes the fire. Fsynced at once: a fire is a change that a
+        # machine crash must not lose either (missed = "skip" would not make it up).
+        fired = 0 if self.stopping else self.schedules.fire_due(self.clock())
         self.connections.serve(clients)
         self.pruner.prune_some(PRUNE_SLICE)
         if self.this_pass.batch_slots and self.store.do_fsync:
             self.connections.gather()
-        self.commit(mark)
+        self.commit(mark, sync=fired > 0)
         self.connections.flush()
 
-    def commit(self, mark) -> None:
+    def commit(self, mark, sync: bool = False) -> None:
         """The pass's one journal write, of what this_pass (Pass) gathered: then its side
         effects run and its replies may go, or it is undone and they say io_error."""
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
@@ -5780,7 +5781,7 @@ class Daemon:
         finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
         ended = [job for job in finished if job.id in self.waits]
         this_pass = self.this_pass
-        sync = this_pass.needs_sync(ended)
+        sync = this_pass.needs_sync(ended) or sync
         try:
             if self.store.broken is not None:
                 self.repair()
