@@ -28,7 +28,8 @@ Sections, in file order
                        and parse_schedules(): the [schedules.NAME] tables, pure
     config ........... keys, defaults, TOML loading
     daemon ........... Schedules (which schedule fires next, what a fire does to the
-                       table, durable with it), Pruner (finished jobs removed in durable steps), Pass (what one
+                       table, durable with it),
+                       Pruner (finished jobs removed in durable steps), Pass (what one
                        loop pass commits, and answers after its fsync), Waiters
                        (pending waits), Dispatcher (starts attempts, settles ended
                        ones, recovery at start-up), Daemon (the selectors loop,
@@ -39,8 +40,8 @@ Sections, in file order
 
 One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
-    jobs -> client requests (those held over, then new ones, PASS_REQUEST_TIME
-    each; before an fsync, a moment's wait for other busy clients: gather) ->
+    jobs -> schedule fires due -> client requests (those held over, then new ones,
+    PASS_REQUEST_TIME each; before an fsync, a moment's wait for other busy clients: gather) ->
     ONE journal write (+ fsync) -> replies and log
     lines go out, and attempts whose start (pid) was just written get their job
     spec. A reply that reports a change is never sent before the change is

@@ -240,7 +240,8 @@ class TriggerAndIndexTest(ScheduleUnitCase):
                     "t": {"target": TARGET, "every": 60, "overlap": True}})
         for k in range(1, 6):
             self.step(NOW + 60 * k)
-            self.table.create(self.now, [dict(target=TARGET, run_at=self.now, retries=0, priority=0)])
+            self.table.create(self.now, [dict(target=TARGET, run_at=self.now, retries=0,
+                                              priority=0)])
         self.assertEqual(len(self.jobs("s")), 5)
         self.assertEqual([j.id for j in self.jobs("s")], sorted(j.id for j in self.jobs("s")))
         self.assertEqual(len(self.table.select(None, None, 0, 100)), 15)
