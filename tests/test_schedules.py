@@ -626,6 +626,40 @@ class SchedulePauseOnAFailedWriteTest(InProcessDaemonCase):
         self.assertTrue(self.call(op="schedules")["schedules"][0]["paused"])
 
 
+class FireOnAFailedWriteTest(InProcessDaemonCase):
+    """A fire whose journal write fails is undone (no job, last_run_at as it was), and made
+    again once the disk works, for the same nominal time; never in a busy loop meanwhile."""
+
+    def test_a_refused_fire_is_made_again_for_the_same_time(self):
+        d = self.d
+        d.cfg.schedules = jr.parse_schedules({"s": {"target": TARGET, "every": 3600}}, d.cfg)
+        d.schedules.configure(d.cfg.schedules, d.clock())
+        kept = d.schedules.kept["s"]
+        kept["first_seen"] = kept["handled"] = d.clock() - 3600 + 0.05     # due in 50 ms
+        d.schedules.configure(d.cfg.schedules, d.clock())
+        nominal = kept["first_seen"] + 3600
+        passes = [0]
+        eio = OSError(errno.EIO, "injected EIO")
+        with mock.patch.object(jr.os, "fdatasync", side_effect=eio), \
+                mock.patch.object(jr.os, "fsync", side_effect=eio):
+            tried = time.monotonic()
+            while time.monotonic() - tried < 0.5:
+                d.run_pass(d.select_timeout())
+                passes[0] += 1
+            self.assertEqual(d.jobs.by_schedule, {}, "the fire's job is undone")
+            self.assertNotIn("last_run_at", d.schedules.kept["s"])
+            self.assertLess(passes[0], 20, "no busy loop while the disk refuses")
+
+        def fired():
+            d.run_pass(min(d.select_timeout(), 0.05))
+            return d.jobs.by_schedule.get("s")
+        [job_id] = support.wait_until(fired, 10, message="the fire made again")
+        job = d.jobs.jobs[job_id]
+        self.assertEqual(job.fire_at, nominal, "the same nominal time")
+        self.assertEqual(d.schedules.kept["s"]["last_run_at"], nominal)
+        self.assertEqual(d.schedules.next["s"], nominal + 3600)
+
+
 @unittest.skipUnless(os.environ.get("JOBRUNNER_SCHEDULE_CPU"), "set JOBRUNNER_SCHEDULE_CPU=1: "
                      "measures the idle CPU of 1,000 schedules for 30 s")
 class IdleCostTest(unittest.TestCase):
