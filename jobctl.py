@@ -14,7 +14,8 @@ Sections, in file order:
     socket path     resolve_socket(): --socket, $JOBRUNNER_SOCKET, storage/, /run
     Client          one connection; call(), send()/recv() for pipelining and one
                     method per protocol op (hello, add, add_batch, get, list,
-                    cancel, retry, wait, output, stats, pause, resume, prune)
+                    cancel, retry, wait, output, stats, pause, resume, prune,
+                    queues, set_workers, schedules, trigger)
     helper          run_background_job(), the PHP runBackgroundJob() in Python
     rendering       relative times, the job table, "field: value" records
     commands        one cmd_* function per subcommand: argparse -> Client -> render
@@ -34,12 +35,15 @@ Command line (run "jobctl -h" or "jobctl add -h" for details):
                [--timeout S|none] [--key K] [--kwargs JSON] [--json-args]
                [--after ID ...] [--on-parent-failure cancel|run] [--wait]
     jobctl add --stdin          (one add object per JSON line, added in batches)
-    jobctl list [--state S] [--target PATTERN] [--limit N]
+    jobctl list [--state S] [--target PATTERN] [--queue Q] [--schedule NAME] [--limit N]
     jobctl show ID
     jobctl cancel ID ...        jobctl retry ID ...
     jobctl wait ID ... [--timeout S]
     jobctl logs ID [--follow] [--raw]
-    jobctl stats                jobctl pause     jobctl resume     jobctl prune [--older-than S]
+    jobctl stats                jobctl prune [--older-than S]
+    jobctl pause [--queue Q | --schedule NAME]      jobctl resume [same]
+    jobctl queues               jobctl workers QUEUE N
+    jobctl schedules            jobctl trigger NAME
 
 Global options --socket PATH and --json go before or after the subcommand.
 Exit codes: 0 success, 1 a waited job ended failed or cancelled, 2 usage error or
@@ -436,9 +440,10 @@ class Client:
 
     def list(self, state: str | None = None, target: str | None = None,
              limit: int | None = None, after_id: int | None = None,
-             queue: str | None = None) -> list[dict]:
+             queue: str | None = None, schedule: str | None = None) -> list[dict]:
         """Job records in ascending id order (the daemon's default limit is 100, at most 1000)."""
-        fields = _given(state=state, target=target, limit=limit, after_id=after_id, queue=queue)
+        fields = _given(state=state, target=target, limit=limit, after_id=after_id, queue=queue,
+                        schedule=schedule)
         return _field(self.call("list", **fields), "jobs", list, dict)
 
     def cancel(self, id: int) -> dict:
@@ -485,14 +490,16 @@ class Client:
         _field(reply, "counts", dict)
         return reply
 
-    def pause(self, queue: str | None = None) -> bool:
-        """Start no new attempts (in `queue` alone, if given) until resume(); return the
-        paused flag (True)."""
-        return _field(self.call("pause", **_given(queue=queue)), "paused", bool)
+    def pause(self, queue: str | None = None, schedule: str | None = None) -> bool:
+        """Start no new attempts (in `queue` alone, if given; or no fires of `schedule`) until
+        resume(); return the paused flag (True)."""
+        return _field(self.call("pause", **_given(queue=queue, schedule=schedule)), "paused", bool)
 
-    def resume(self, queue: str | None = None) -> bool:
-        """Start attempts again (in `queue` alone, if given); return the paused flag (False)."""
-        return _field(self.call("resume", **_given(queue=queue)), "paused", bool)
+    def resume(self, queue: str | None = None, schedule: str | None = None) -> bool:
+        """Start attempts again (in `queue` alone, if given; or fires of `schedule`); return
+        the paused flag (False)."""
+        return _field(self.call("resume", **_given(queue=queue, schedule=schedule)), "paused",
+                      bool)
 
     def queues(self) -> list[dict]:
         """One object per queue: name, workers, running, paused, declared, isolation, counts."""
@@ -502,6 +509,19 @@ class Client:
         """Give `queue` that many slots (until the daemon restarts or reloads); return the
         queue's object as queues() has it."""
         return _field(self.call("set_workers", queue=queue, workers=workers), "queue", dict)
+
+    def schedules(self) -> list[dict]:
+        """One object per schedule: name, cron or every, timezone, target, queue, paused,
+        declared, next_run_at, last_run_at, last_job_id (and last_job_state)."""
+        return _field(self.call("schedules"), "schedules", list, dict)
+
+    def trigger(self, schedule: str) -> dict:
+        """Queue a run of `schedule` now (its next fire stays): {"id", "created"}; created is
+        False while its previous job is live and it does not overlap (that job's id)."""
+        reply = self.call("trigger", schedule=schedule)
+        _field(reply, "id", int)
+        _field(reply, "created", bool)
+        return reply
 
     def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs older than `older_than` seconds (default: all); return how many."""
@@ -697,7 +717,7 @@ def job_table(jobs: list[dict], now: float | None = None) -> str:
 
 _JOB_FIELDS = ("id", "target", "method", "args", "kwargs", "priority", "state", "attempts",
                "retries", "retry_delay", "backoff", "timeout", "key", "queue", "after",
-               "on_parent_failure", "created_at", "run_at",
+               "on_parent_failure", "schedule", "created_at", "run_at",
                "started_at", "finished_at", "pid", "exit_code", "error", "result")
 _TIME_FIELDS = ("created_at", "run_at", "started_at", "finished_at")
 
@@ -845,7 +865,8 @@ def _add_stdin(client: Client, ns) -> int:
 
 
 def cmd_list(client: Client, ns) -> int:
-    jobs = client.list(state=ns.state, target=ns.target, limit=ns.limit, queue=ns.queue)
+    jobs = client.list(state=ns.state, target=ns.target, limit=ns.limit, queue=ns.queue,
+                       schedule=ns.schedule)
     if ns.json:
         _out_json(jobs)
     elif jobs:
@@ -994,11 +1015,75 @@ def _paused(ns, paused: bool) -> int:
 
 
 def cmd_pause(client: Client, ns) -> int:
-    return _paused(ns, client.pause(ns.queue))
+    return _paused(ns, client.pause(ns.queue, ns.schedule))
 
 
 def cmd_resume(client: Client, ns) -> int:
-    return _paused(ns, client.resume(ns.queue))
+    return _paused(ns, client.resume(ns.queue, ns.schedule))
+
+
+def _at(t: object, now: float) -> str:
+    """A fire time in local time, then how far: "2026-12-07 03:30 CET (in 3h12m)"."""
+    from datetime import datetime
+    if not isinstance(t, (int, float)) or isinstance(t, bool):
+        return "-"
+    try:
+        stamp = datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    except (OverflowError, OSError, ValueError):
+        return str(t)
+    delta = t - now
+    if abs(delta) < 1:
+        return f"{stamp} (just now)"
+    span = duration(abs(delta)).replace(" ", "")
+    return f"{stamp} ({'in ' + span if delta > 0 else span + ' ago'})"
+
+
+def schedule_table(schedules: list[dict], now: float | None = None) -> str:
+    """An aligned table: NAME EXPRESSION ZONE NEXT RUN LAST RUN (job, state) PAUSED."""
+    if now is None:
+        import time
+        now = time.time()
+    rows = [("NAME", "EXPRESSION", "ZONE", "NEXT RUN", "LAST RUN", "PAUSED")]
+    for s in schedules:
+        if s.get("cron") is not None:
+            expression = f"cron {s['cron']}"
+        elif s.get("every") is not None:
+            expression = f"every {s['every']:g}s" if isinstance(s["every"], (int, float)) \
+                else f"every {s['every']}"
+        else:
+            expression = "-"
+        last = _at(s.get("last_run_at"), now)
+        if s.get("last_job_id") is not None:
+            last += f" job {s['last_job_id']} {s.get('last_job_state') or 'pruned'}"
+        paused = "yes" if s.get("paused") else "no"
+        if s.get("declared") is False:
+            paused += " (undeclared)"
+        rows.append(tuple(escape(str(cell)) for cell in (
+            s.get("name"), expression, s.get("timezone") or "-", _at(s.get("next_run_at"), now),
+            last, paused)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_schedules(client: Client, ns) -> int:
+    schedules = client.schedules()
+    if ns.json:
+        _out_json({"schedules": schedules})
+    elif schedules:
+        _out(schedule_table(schedules))
+    return EXIT_OK
+
+
+def cmd_trigger(client: Client, ns) -> int:
+    reply = client.trigger(ns.name)
+    if ns.json:
+        _out_json(reply)
+    else:
+        _out(str(reply["id"]))
+        if not reply["created"]:
+            sys.stderr.write(escape(f"jobctl: nothing queued: job {reply['id']} of schedule "
+                                    f"{ns.name} is still live (it does not overlap)") + "\n")
+    return EXIT_OK
 
 
 def queue_table(queues: list[dict]) -> str:
@@ -1049,7 +1134,8 @@ def cmd_prune(client: Client, ns) -> int:
 COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_cancel,
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
             "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune,
-            "queues": cmd_queues, "workers": cmd_workers}
+            "queues": cmd_queues, "workers": cmd_workers, "schedules": cmd_schedules,
+            "trigger": cmd_trigger}
 
 
 ###############################################################################
@@ -1189,6 +1275,7 @@ def build_parser(only: str | None = None):
     p.add_argument("--state", metavar="S", choices=STATES)
     p.add_argument("--target", metavar="PATTERN", help="fnmatch pattern")
     p.add_argument("--queue", metavar="Q", help="only the jobs of queue Q")
+    p.add_argument("--schedule", metavar="NAME", help="only the jobs schedule NAME queued")
     p.add_argument("--limit", type=int, metavar="N", help="at most N jobs (daemon default 100, max 1000)")
 
     p = command("show", "show one job")
@@ -1205,10 +1292,15 @@ def build_parser(only: str | None = None):
     p.add_argument("--raw", action="store_true", help="write the output as it is, also to a terminal "
                    "(there control characters are otherwise shown escaped)")
     command("stats", "queue counts and daemon status")
-    command("pause", "start no new attempts").add_argument(
-        "--queue", metavar="Q", help="in queue Q alone (kept across restarts)")
-    command("resume", "start attempts again").add_argument(
-        "--queue", metavar="Q", help="in queue Q alone")
+    for name, text in (("pause", "start no new attempts (kept across restarts)"),
+                       ("resume", "start attempts again")):
+        which = command(name, text).add_mutually_exclusive_group()
+        which.add_argument("--queue", metavar="Q", help="in queue Q alone")
+        which.add_argument("--schedule", metavar="NAME", help="the fires of schedule NAME "
+                           "(those missed while paused are not made up)")
+    command("schedules", "each schedule: expression, zone, next and last run, paused")
+    command("trigger", "queue a run of a schedule now (its next fire stays)").add_argument(
+        "name", metavar="NAME")
     command("queues", "each queue: workers used/total, paused, counts per state")
     p = command("workers", "set a queue's worker slots (until the daemon restarts or reloads)")
     p.add_argument("queue", metavar="QUEUE")

@@ -27,7 +27,9 @@ Sections, in file order
     schedules ........ CronExpr (cron expressions, next fire time, DST rules), Schedule
                        and parse_schedules(): the [schedules.NAME] tables, pure
     config ........... keys, defaults, TOML loading
-    daemon ........... Pruner (finished jobs removed in durable steps), Pass (what one
+    daemon ........... Schedules (which schedule fires next, what a fire does to the
+                       table, durable with it),
+                       Pruner (finished jobs removed in durable steps), Pass (what one
                        loop pass commits, and answers after its fsync), Waiters
                        (pending waits), Dispatcher (starts attempts, settles ended
                        ones, recovery at start-up), Daemon (the selectors loop,
@@ -38,8 +40,8 @@ Sections, in file order
 
 One pass of the loop
     select -> signals and child events (attempts end) -> timers -> dispatch due
-    jobs -> client requests (those held over, then new ones, PASS_REQUEST_TIME
-    each; before an fsync, a moment's wait for other busy clients: gather) ->
+    jobs -> schedule fires due -> client requests (those held over, then new ones,
+    PASS_REQUEST_TIME each; before an fsync, a moment's wait for other busy clients: gather) ->
     ONE journal write (+ fsync) -> replies and log
     lines go out, and attempts whose start (pid) was just written get their job
     spec. A reply that reports a change is never sent before the change is
@@ -53,7 +55,8 @@ Protocol (version 1), in brief
     -> {"op": "nope"}
     <- {"ok": false, "error": {"code": "unknown_op", "message": "..."}}
     Ops: hello add add_batch get list cancel retry wait output stats pause
-    resume prune queues set_workers. Replies come in request order, so clients may pipeline.
+    resume prune queues set_workers schedules trigger. Replies come in request order, so
+    clients may pipeline.
 """
 
 from __future__ import annotations
@@ -230,13 +233,16 @@ TRANSITIONS: dict[tuple[str | None, str], tuple[str, ...]] = {
 PUBLIC_FIELDS = (
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
     "retry_delay", "backoff", "timeout", "key", "queue", "after", "on_parent_failure",
-    "created_at", "run_at", "started_at", "finished_at", "pid", "exit_code", "error", "result",
+    "schedule", "created_at", "run_at", "started_at", "finished_at", "pid", "exit_code", "error",
+    "result",
 )
 # Kept on disk, never shown: the start time of `pid` (/proc/PID/stat field 22), so that after a
 # crash a reused pid is never mistaken for our orphan, and who queued the job. A blocked job's
 # `delay` counts from its unblocking (§2b); `cancelled_by` is the parent whose end cancelled it,
-# so that a retry of that parent puts back exactly the jobs it cancelled.
-PRIVATE_FIELDS = ("pid_start", "uid", "delay", "cancelled_by")
+# so that a retry of that parent puts back exactly the jobs it cancelled. For a job a
+# schedule's fire queued, `fire_at` is that fire's nominal time: the job's line alone proves the
+# fire (StoreLoading._fired), so a crash can neither lose it nor fire that time twice.
+PRIVATE_FIELDS = ("pid_start", "uid", "delay", "cancelled_by", "fire_at")
 
 
 class Job:
@@ -245,14 +251,14 @@ class Job:
     __slots__ = PUBLIC_FIELDS + PRIVATE_FIELDS + ("token",)
 
     def __init__(self, _record: dict | None = None, /, **fields):
-        # Missing fields are None: one C-level merge and one C-level lookup of all 28, then
+        # Missing fields are None: one C-level merge and one C-level lookup of all 30, then
         # one unpacking into the slots, written out (a million restarts seconds faster than
         # with a get() or setattr() per field).
         (self.id, self.target, self.method, self.args, self.kwargs, self.priority, self.state,
          self.attempts, self.retries, self.retry_delay, self.backoff, self.timeout, self.key,
-         self.queue, self.after, self.on_parent_failure, self.created_at, self.run_at,
-         self.started_at, self.finished_at, self.pid, self.exit_code, self.error, self.result,
-         self.pid_start, self.uid, self.delay, self.cancelled_by) = \
+         self.queue, self.after, self.on_parent_failure, self.schedule, self.created_at,
+         self.run_at, self.started_at, self.finished_at, self.pid, self.exit_code, self.error,
+         self.result, self.pid_start, self.uid, self.delay, self.cancelled_by, self.fire_at) = \
             _stored_items(_BLANK | (fields if _record is None else _record))
         self.token = 0      # bumped whenever the job leaves a heap; stale heap entries are skipped
 
@@ -306,6 +312,8 @@ class Job:
         if job.priority is None:
             job.priority = 0
         job.queue = DEFAULT_QUEUE if job.queue is None else sys.intern(job.queue)
+        if job.schedule is not None:
+            job.schedule = sys.intern(job.schedule)
         job.retry_delay = _shared_seconds(job.retry_delay)
         job.timeout = _shared_seconds(job.timeout)
         return job
@@ -472,8 +480,12 @@ def log_time(t: float, _cache=[None, ""]) -> str:
 
 
 def queue_field(job) -> dict:
-    """`queue=NAME` for the log lines of a job in a queue other than `default` (SPEC §6)."""
-    return {} if job.queue == "default" or job.queue is None else {"queue": job.queue}
+    """`queue=NAME` for the log lines of a job in a queue other than `default`, and
+    `schedule=NAME` for those of a job a schedule queued (SPEC §6)."""
+    fields = {} if job.queue == "default" or job.queue is None else {"queue": job.queue}
+    if job.schedule is not None:
+        fields["schedule"] = job.schedule
+    return fields
 
 
 def format_event(t: float, event: str, fields: dict) -> str:
@@ -567,8 +579,9 @@ class EventLog:
             lines.append("%s%s attempt=%s%s\n" % (head, job_part(job), job.attempt_label(), tail))
 
     def _job_part(self):
-        """A function making "ID target=T" (+ " queue=Q" outside `default`) of a job, for the
-        bulk lines above: each target is escaped once, not once a line."""
+        """A function making "ID target=T" (+ " schedule=S" for a scheduled job, " queue=Q"
+        outside `default`) of a job, for the bulk lines above: each target is escaped once,
+        not once a line."""
         targets = self.targets
         if len(targets) >= 4096:
             targets.clear()
@@ -577,9 +590,12 @@ class EventLog:
             target = targets.get(job.target)
             if target is None:
                 target = targets[job.target] = log_value(job.target)
-            if job.queue == "default":
-                return "%d target=%s" % (job.id, target)
-            return "%d target=%s queue=%s" % (job.id, target, log_value(job.queue))
+            part = "%d target=%s" % (job.id, target)
+            if job.schedule is not None:
+                part += " schedule=" + log_value(job.schedule)
+            if job.queue != "default":
+                part += " queue=" + log_value(job.queue)
+            return part
         return job_part
 
     def error(self, event: str, detail: str, /, when: float | None = None, **fields) -> None:
@@ -808,7 +824,8 @@ class StoreLoading:
         appending. `make` turns each stored record into what is kept (Job.from_stored), as it
         is read, so a million dicts never exist at once. Raises StateError, naming file and
         offset, on any damage but a torn tail."""
-        meta = {"next_id": 1, "paused": False}     # and "queues", once a queue was paused
+        meta = {"next_id": 1, "paused": False}     # and "queues", once a queue was paused, and
+                                                   # "schedules" (Schedules.meta())
         records: dict = {}
         snap_gen = 0
         make = make or (lambda rec: rec)
@@ -887,6 +904,12 @@ class StoreLoading:
         if queues:
             meta["queues"] = {name: {"paused": bool(kept.get("paused", False))}
                               for name, kept in queues.items()}
+        schedules = doc.get("schedules", {})
+        if not isinstance(schedules, dict) or not all(
+                isinstance(kept, dict) for kept in schedules.values()):
+            raise StateError("%s: schedules is not an object of objects (offset 0)" % path)
+        if schedules:
+            meta["schedules"] = {name: dict(kept) for name, kept in schedules.items()}
         highest = 0
         for offset, chunk in jobs:
             if not isinstance(chunk, list):
@@ -1017,6 +1040,8 @@ class StoreLoading:
             for rec in recs:
                 if not isinstance(rec, dict) or not isinstance(rec.get("id"), int):
                     raise ValueError("job entry without an id")
+                if "fire_at" in rec:
+                    StoreLoading._fired(meta, rec)
                 records[rec["id"]] = make(rec)
                 meta["next_id"] = max(meta["next_id"], rec["id"] + 1)
         elif "del" in obj:
@@ -1029,10 +1054,30 @@ class StoreLoading:
             if not isinstance(name, str):
                 raise ValueError("queue entry without a name")
             meta.setdefault("queues", {})[name] = {"paused": bool(paused)}
+        elif "schedule" in obj:         # {"schedule": {"name": N, ...}}: what changed of one
+            changes = dict(obj["schedule"])
+            name = changes.pop("name")
+            if not isinstance(name, str):
+                raise ValueError("schedule entry without a name")
+            meta.setdefault("schedules", {}).setdefault(name, {}).update(changes)
         elif "next_id" in obj:
             meta["next_id"] = max(meta["next_id"], int(obj["next_id"]))
         else:
             raise ValueError("unknown entry %r" % next(iter(obj)))
+
+    @staticmethod
+    def _fired(meta: dict, rec: dict) -> None:
+        """A job that a schedule's fire queued: that fire happened, whatever the schedule's
+        own entries say (the fire and its last_run_at are one journal line). A later
+        record of an older fire's job (a retry) moves nothing back."""
+        fire_at, name = rec["fire_at"], rec.get("schedule")
+        if not isinstance(fire_at, (int, float)) or not isinstance(name, str):
+            raise ValueError("job %s: fire_at without a schedule" % rec.get("id"))
+        kept = meta.setdefault("schedules", {}).setdefault(name, {})
+        if fire_at >= kept.get("last_run_at", -math.inf):
+            kept["last_run_at"], kept["last_job_id"] = fire_at, rec["id"]
+        if fire_at > kept.get("handled", -math.inf):
+            kept["handled"] = fire_at
 
 
 class Store(StoreLoading):
@@ -1257,8 +1302,11 @@ class Store(StoreLoading):
         """Write the snapshot `gen` of `jobs` (a dict by id: the lines of untouched jobs are
         copied from the snapshot on disk, and of jobs `journals` change once from there; or
         a list) to PATH.tmp, fsynced; (temp path, size)."""
-        head = (_json_line({"format": STORE_FORMAT, "gen": gen, "next_id": meta["next_id"],
-                            "paused": meta["paused"], "queues": meta.get("queues", {})})[:-2]
+        fields = {"format": STORE_FORMAT, "gen": gen, "next_id": meta["next_id"],
+                  "paused": meta["paused"], "queues": meta.get("queues", {})}
+        if meta.get("schedules"):
+            fields["schedules"] = meta["schedules"]
+        head = (_json_line(fields)[:-2]
                 + ',"jobs":[\n').encode()
         by_id = jobs if isinstance(jobs, dict) else None
         try:
@@ -1814,6 +1862,8 @@ class JobTable:
         by_state  state -> ids in it (so `list --state failed` never scans a million pending)
         by_queue  queue name -> its ids, ascending (so `list --queue emails` reads that queue's
                   jobs, not every job); per queue counts per state are Queue.counts
+        by_schedule schedule name -> ids of the jobs it queued, ascending (`list --schedule`)
+        live_by_schedule  schedule name -> ids of its live jobs (overlap, `trigger`)
         by_target target -> its ids, ascending (so `list --target 'reports.*'` reads the jobs
                   of the targets that match, not every job); built at its first use, a slice
                   per loop pass (index_targets()), kept up to date from its start
@@ -1848,6 +1898,9 @@ class JobTable:
         self.counts = dict.fromkeys(STATES, 0)
         self.by_state: dict[str, set[int]] = {state: set() for state in STATES}
         self.by_queue: dict[str, list[int]] = {}
+        self.by_schedule: dict[str, list[int]] = {}
+        self.live_by_schedule: dict[str, set[int]] = {}
+        self.schedules = None           # Schedules, whose changes track()/undo() cover too
         self.by_target: dict[str, list[int]] | None = None
         self._targets_done = 0                  # by_target holds every id up to this one
         self._targets_upto = 0                  # and create() adds those above this one
@@ -1887,15 +1940,18 @@ class JobTable:
                 link(job)
         index = self._index
         by_queue: dict[str, list[int]] = {}
+        by_schedule: dict[str, list[int]] = {}
         for job in records.values():
             index(job, now, list.append)
             ids = by_queue.get(job.queue)
             if ids is None:
                 ids = by_queue[job.queue] = []
             ids.append(job.id)
-        for ids in by_queue.values():
+            if job.schedule is not None:
+                by_schedule.setdefault(job.schedule, []).append(job.id)
+        for ids in (*by_queue.values(), *by_schedule.values()):
             ids.sort()                  # in id order already, but for jobs the journal re-adds
-        self.by_queue = by_queue
+        self.by_queue, self.by_schedule = by_queue, by_schedule
         self.scheduler.heapify()
         heapq.heapify(self.finished)    # O(n) once, not a push per job
 
@@ -1925,6 +1981,8 @@ class JobTable:
                 self.keys[job.key] = job.id
             if self.children:
                 self._count_live(job, 1)
+        if job.schedule is not None and job.state in LIVE:
+            self.live_by_schedule.setdefault(job.schedule, set()).add(job.id)
 
     def _unindex(self, job: Job) -> None:
         self.counts[job.state] -= 1
@@ -1937,6 +1995,13 @@ class JobTable:
             self._count_live(job, -1)
         elif job.state in FINISHED and self.kept:
             self.kept.discard(job.id)       # it leaves the finished jobs (retry, prune)
+
+        if job.schedule is not None:
+            live = self.live_by_schedule.get(job.schedule)
+            if live is not None:
+                live.discard(job.id)
+                if not live:
+                    del self.live_by_schedule[job.schedule]
 
     def _count_live(self, job: Job, step: int) -> None:
         """A live job counts once for each of its children (unfinished) and for each of its
@@ -2032,6 +2097,8 @@ class JobTable:
             all_jobs[job.id] = job
             self.ids.append(job.id)
             self.by_queue.setdefault(job.queue, []).append(job.id)
+            if job.schedule is not None:
+                self.by_schedule.setdefault(job.schedule, []).append(job.id)
             if self.by_target is not None:
                 self.by_target.setdefault(job.target, []).append(job.id)
             self._index(job, now)
@@ -2295,6 +2362,12 @@ class JobTable:
                 self.by_queue[queue] = kept
             else:
                 self.by_queue.pop(queue, None)
+        for schedule in {job.schedule for job in jobs if job.schedule is not None}:
+            kept = self._without(self.by_schedule.get(schedule, []), gone)
+            if kept:
+                self.by_schedule[schedule] = kept
+            else:
+                self.by_schedule.pop(schedule, None)
         if self.by_target is not None:           # maybe still being built: maybe absent
             for target in {job.target for job in jobs}:
                 kept = self._without(self.by_target.get(target, []), gone)
@@ -2310,11 +2383,15 @@ class JobTable:
         self._undo = {}
         self._undo_paused = None
         self._undo_queues = {}
+        if self.schedules is not None:
+            self.schedules.track()
 
     def untrack(self) -> None:
         self._undo = None
         self._undo_paused = None
         self._undo_queues = {}
+        if self.schedules is not None:
+            self.schedules.untrack()
 
     def _save(self, job: Job) -> None:
         if self._undo is not None and job.id not in self._undo:
@@ -2338,6 +2415,10 @@ class JobTable:
                     self._forget_id(self.by_queue[job.queue], job_id)
                     if not self.by_queue[job.queue]:
                         del self.by_queue[job.queue]
+                    if job.schedule is not None:
+                        self._forget_id(self.by_schedule[job.schedule], job_id)
+                        if not self.by_schedule[job.schedule]:
+                            del self.by_schedule[job.schedule]
                     if self.by_target is not None:
                         self._forget_id(self.by_target[job.target], job_id)
                         if not self.by_target[job.target]:
@@ -2351,6 +2432,8 @@ class JobTable:
                 self.jobs[job_id] = job
                 bisect.insort(self.ids, job_id)
                 bisect.insort(self.by_queue.setdefault(job.queue, []), job_id)
+                if job.schedule is not None:
+                    bisect.insort(self.by_schedule.setdefault(job.schedule, []), job_id)
                 if self.by_target is not None:
                     bisect.insort(self.by_target.setdefault(job.target, []), job_id)
                 if job.after:                   # its edges back, and how many parents are live
@@ -2364,6 +2447,8 @@ class JobTable:
             self.scheduler.paused = self._undo_paused
         for queue, paused in self._undo_queues.items():
             self.scheduler.queue(queue).paused = paused
+        if self.schedules is not None:
+            self.schedules.undo()
         self.untrack()
 
     @staticmethod
@@ -2469,13 +2554,15 @@ class JobTable:
         return found
 
     def select(self, state: str | None, pattern: str | None, after_id: int, limit: int,
-               targets: set[str] | None = None, queue: str | None = None) -> list[Job]:
+               targets: set[str] | None = None, queue: str | None = None,
+               schedule: str | None = None) -> list[Job]:
         """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`
         (at once: the daemon runs a PatternQuery a slice per pass instead) or of one of
-        `targets` (a few, in the index), in `queue`: read from the smallest of every id (or
-        the queue's), the state's ids and those targets' ids."""
+        `targets` (a few, in the index), in `queue`, queued by `schedule`: read from the
+        smallest of every id (or the queue's, or the schedule's), the state's ids and those
+        targets' ids."""
         if pattern is not None:
-            query = PatternQuery(self, state, pattern, after_id, limit, queue)
+            query = PatternQuery(self, state, pattern, after_id, limit, queue, schedule)
             query.step(math.inf)
             return query.jobs
         jobs = self.jobs
@@ -2484,6 +2571,8 @@ class JobTable:
                 return []
             self.index_targets(math.inf)        # a few targets: the index already is complete
         base = self.ids if queue is None else self.by_queue.get(queue, [])
+        if schedule is not None:
+            base = self.by_schedule.get(schedule, [])
         in_targets = len(base) if targets is None else \
             sum(len(self.by_target[t]) for t in targets)
         if state is not None and self.counts[state] * 8 < in_targets:
@@ -2491,7 +2580,8 @@ class JobTable:
             found = heapq.nsmallest(limit, (
                 i for i in self.by_state[state]
                 if i > after_id and (targets is None or jobs[i].target in targets)
-                and (queue is None or jobs[i].queue == queue)))
+                and (queue is None or jobs[i].queue == queue)
+                and (schedule is None or jobs[i].schedule == schedule)))
             return [jobs[i] for i in found]
         if targets is None:
             candidates = self._ids_after(base, after_id)
@@ -2501,7 +2591,8 @@ class JobTable:
         out = []
         for job_id in candidates:
             job = jobs[job_id]
-            if (state is None or job.state == state) and (queue is None or job.queue == queue):
+            if (state is None or job.state == state) and (queue is None or job.queue == queue) \
+                    and (schedule is None or job.schedule == schedule):
                 out.append(job)
                 if len(out) >= limit:
                     break
@@ -2524,8 +2615,9 @@ class PatternQuery:
     FEW_TARGETS = 64        # matched targets that JobTable.select merges in one go
 
     def __init__(self, table: JobTable, state: str | None, pattern: str, after_id: int,
-                 limit: int, queue: str | None = None):
+                 limit: int, queue: str | None = None, schedule: str | None = None):
         self.table, self.state, self.pattern, self.queue = table, state, pattern, queue
+        self.schedule = schedule
         self.after_id, self.limit = after_id, limit
         self.regex: re.Pattern | None = None
         self.targets: list[str] | None = None   # the index's targets when matching started
@@ -2556,7 +2648,8 @@ class PatternQuery:
             if len(self.matched) <= self.FEW_TARGETS:
                 present = {t for t in self.matched if t in table.by_target}   # none pruned?
                 self.jobs = table.select(self.state, None, self.after_id, self.limit,
-                                         targets=present, queue=self.queue)
+                                         targets=present, queue=self.queue,
+                                         schedule=self.schedule)
                 return True
             self.collect = self._collect(self.matched)
         for _ in self.collect:
@@ -2566,7 +2659,8 @@ class PatternQuery:
         jobs = table.jobs
         self.jobs = [jobs[i] for i in ids if i in jobs and
                      (self.state is None or jobs[i].state == self.state)
-                     and (self.queue is None or jobs[i].queue == self.queue)]
+                     and (self.queue is None or jobs[i].queue == self.queue)
+                     and (self.schedule is None or jobs[i].schedule == self.schedule)]
         return True
 
     def _collect(self, targets: list[str]):
@@ -2574,7 +2668,7 @@ class PatternQuery:
         yields now and then to let step() look at the clock. Between two yields the index
         may change: each list is read again, from the last id seen."""
         table, state, limit, found = self.table, self.state, self.limit, self.found
-        queue = self.queue
+        queue, schedule = self.queue, self.schedule
         jobs = table.jobs
         for n, target in enumerate(targets):
             last = self.after_id
@@ -2591,7 +2685,8 @@ class PatternQuery:
                         break
                     job = jobs.get(job_id)
                     if job is not None and (state is None or job.state == state) \
-                            and (queue is None or job.queue == queue):
+                            and (queue is None or job.queue == queue) \
+                            and (schedule is None or job.schedule == schedule):
                         if len(found) < limit:
                             heapq.heappush(found, -job_id)
                         else:
@@ -4236,14 +4331,16 @@ ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at
 # op -> the fields it accepts besides "op"; anything else is a bad_request (typos never pass).
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
-    "list": ("state", "target", "queue", "limit", "after_id"), "cancel": ("id",),
+    "list": ("state", "target", "queue", "schedule", "limit", "after_id"), "cancel": ("id",),
     "retry": ("id",), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
-    "stats": (), "pause": ("queue",), "resume": ("queue",), "prune": ("older_than",),
-    "queues": (), "set_workers": ("queue", "workers"),
+    "stats": (), "pause": ("queue", "schedule"), "resume": ("queue", "schedule"),
+    "prune": ("older_than",), "queues": (), "set_workers": ("queue", "workers"),
+    "schedules": (), "trigger": ("schedule",),
 }
 _WITH_OP = {fields: frozenset(fields + ("op",)) for fields in OP_FIELDS.values()}
 # Ops that change state: refused while stopping, answered only after the journal is durable.
-MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", "prune"})
+MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", "prune",
+                      "trigger"})
 
 
 def check_fields(req: dict, allowed: tuple[str, ...], where: str = "") -> None:
@@ -4322,6 +4419,14 @@ def get_after(req: dict, where: str = "", position: int | None = None) -> list[i
                                     "of the batch (this is job %d of it)"
                                     % (where, entry, position))
     return list(dict.fromkeys(after)) or NO_AFTER
+
+
+def get_schedule_name(req: dict) -> str:
+    """The `schedule` field: a schedule's name (SPEC §2c), or bad_request."""
+    name = req.get("schedule")
+    if not isinstance(name, str) or not QUEUE_NAME.match(name):
+        raise ProtocolError("bad_request", "schedule must be a name of 1-64 of A-Z a-z 0-9 _ . -")
+    return name
 
 
 def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
@@ -4482,7 +4587,7 @@ CRON_SEARCH_YEARS = 400               # dates and weekdays repeat every 400 year
                                       # parser let through comes back within that (Feb 29 on a
                                       # Sunday: 2088, then 2128)
 MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # most a month can have
-SCHEDULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")         # SPEC §2c: as queue names
+SCHEDULE_NAME_RE = QUEUE_NAME                                    # SPEC §2c: as queue names
 SCHEDULE_JOB_KEYS = ("target", "method", "args", "kwargs", "priority", "retries", "retry_delay",
                      "backoff", "timeout")                       # passed on to each job's `add`
 SCHEDULE_KEYS = SCHEDULE_JOB_KEYS + ("queue", "cron", "every", "timezone", "missed", "overlap")
@@ -4903,6 +5008,10 @@ class Config:
         if self.workers is None:
             self.workers = _cpu_count()
         self.schedules = parse_schedules(self.schedules, self)     # {name: Schedule}
+        for name, schedule in self.schedules.items():
+            if schedule.queue != DEFAULT_QUEUE and schedule.queue not in self.queues:
+                raise ConfigError("schedule %s: queue: %r is not declared in the config "
+                                  "([queues.%s])" % (name, schedule.queue, schedule.queue))
 
     @staticmethod
     def check(key: str, value, base_dir: str, kind=None, label: str | None = None):
@@ -5172,6 +5281,257 @@ class Connection:
     def waiting(self) -> bool:
         """A `wait` is pending: later requests wait for it, as if the server were sequential."""
         return bool(self.slots) and self.slots[-1][0] is None
+
+
+FIRE_RETRY = 1.0        # s before a fire whose journal write failed is tried again: no busy loop
+                        # while the disk refuses (its nominal time stays what it was)
+KEPT_KEYS = ("first_seen", "handled", "last_run_at", "last_job_id", "paused")
+
+
+class Schedules:
+    """Which schedule fires next, and what a fire does to the job table.
+
+    For each schedule the config declares (`defs`, `declared`) or the state on disk remembers,
+    `kept` holds what outlives a restart, as the snapshot's "schedules" and the journal's
+    {"schedule": {"name": N, ...}} entries hold it:
+
+        first_seen   when a daemon first saw it: nothing before is made up, and `every = N`
+                     fires at first_seen + k*N
+        handled      the latest nominal fire time dealt with (queued, skipped for overlap,
+                     dropped while paused) or the moment of a resume: fires count from there
+        last_run_at  nominal time of the last fire that queued a job, and that job's id
+        last_job_id  (a fire's job carries `fire_at`: its one journal line is the fire and
+                     these two at once, StoreLoading._fired)
+        paused       no fires, and none made up
+
+    `heap` holds (when, name, token) for each schedule that may fire: the loop sleeps until the
+    first (due_in) and fire_due() handles what is due; an entry whose token is old is skipped.
+    So 1,000 idle schedules cost one timer, never a scan. Callers: the daemon (load at
+    start-up, configure on SIGHUP, due_in and fire_due each pass, meta for snapshots), the
+    protocol (describe, trigger, set_paused). Every method takes `now`: tests step it. Changes
+    made while the JobTable tracks a pass are undone with that pass (JobTable.undo)."""
+
+    def __init__(self, table: JobTable, cfg: "Config"):
+        self.table = table
+        self.cfg = cfg                  # allow list and job defaults of each fire's `add`
+        self.defs: dict[str, Schedule] = {}     # the last definition seen of each
+        self.declared: set[str] = set()         # those the config declares now
+        self.kept: dict[str, dict] = {}
+        self.next: dict[str, float] = {}        # nominal next fire of each that may fire
+        self.tokens: dict[str, int] = {}
+        self.heap: list[tuple[float, str, int]] = []
+        self._undo: dict[str, dict] | None = None
+        table.schedules = self
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def load(self, meta: dict, defs: dict[str, Schedule], now: float) -> None:
+        """At start-up: what the state on disk keeps, then the config's schedules; a fire
+        missed while the daemon was down is queued once (`missed = "once"`, nominal time the
+        latest missed) or dropped (`"skip"`); either way the next fire is the next after now."""
+        for name, kept in meta.get("schedules", {}).items():
+            self.kept[name] = {key: kept[key] for key in KEPT_KEYS if key in kept}
+        self.configure(defs, now, start_up=True)
+
+    def configure(self, defs: dict[str, Schedule], now: float, start_up: bool = False) -> None:
+        """Apply the config's schedules (start-up, SIGHUP). One seen for the first time counts
+        from `now`; one declared again after a SIGHUP had removed it counts from `now` (fires
+        while undeclared are not made up); one that stays keeps its state, and a changed
+        definition counts from `now` rather than making up its own past; a removed one stops
+        firing and stays known (`declared: false`)."""
+        before = self.declared
+        self.defs.update(defs)
+        self.declared = set(defs)
+        for name in sorted(defs):
+            kept = self.kept.get(name)
+            if kept is None or "first_seen" not in kept:
+                kept = self.kept.setdefault(name, {})
+                kept["first_seen"] = kept.get("handled", now)
+                kept.setdefault("handled", now)
+                self._journal(name, first_seen=kept["first_seen"], handled=kept["handled"])
+            elif kept.get("paused"):
+                pass
+            elif start_up:
+                missed = defs[name].latest_fire(kept["handled"], now, kept["first_seen"])
+                if missed is not None:
+                    if defs[name].missed == "once":
+                        self.fire(name, missed, now)
+                    else:
+                        kept["handled"] = missed
+                        self._journal(name, handled=missed)
+            elif name not in before or self.next.get(name, math.inf) > now:
+                # Nothing of the old definition is due: the new one counts from now.
+                kept["handled"] = max(kept["handled"], now)
+        for name in self.kept:
+            self.kept[name].setdefault("first_seen", now)
+            self.kept[name].setdefault("handled", now)
+        self.heap = []
+        self.next = {}
+        for name in self.kept:
+            self.plan(name)
+
+    def plan(self, name: str, not_before: float | None = None) -> None:
+        """(Re)compute the next fire of `name` and put it on the heap, if it may fire."""
+        token = self.tokens[name] = self.tokens.get(name, 0) + 1
+        kept = self.kept[name]
+        if name not in self.declared or kept.get("paused"):
+            self.next.pop(name, None)
+            return
+        nominal = self.defs[name].next_fire(kept["handled"], kept["first_seen"])
+        self.next[name] = nominal
+        wake = nominal if not_before is None else max(nominal, not_before)
+        heapq.heappush(self.heap, (wake, name, token))
+
+    # -- the loop's questions ----------------------------------------------------------------
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until the next fire (0.0: one is due), None when none is planned."""
+        heap, tokens = self.heap, self.tokens
+        while heap and tokens.get(heap[0][1]) != heap[0][2]:
+            heapq.heappop(heap)
+        return max(heap[0][0] - now, 0.0) if heap else None
+
+    def fire_due(self, now: float) -> int:
+        """Handle every fire due at `now`: one per schedule, for its latest due time (a loop
+        that fell behind does not queue a burst). Returns how many schedules fired."""
+        heap, tokens = self.heap, self.tokens
+        fired = 0
+        while heap and heap[0][0] <= now:
+            _, name, token = heapq.heappop(heap)
+            if tokens.get(name) != token:
+                continue                        # stale: replanned since
+            schedule, kept = self.defs[name], self.kept[name]
+            anchor = kept["first_seen"]
+            nominal = schedule.next_fire(kept["handled"], anchor)
+            if nominal > now:                   # woken early (a retry after a failed write)
+                self.plan(name)
+                continue
+            if schedule.next_fire(nominal, anchor) <= now:
+                nominal = schedule.latest_fire(nominal, now, anchor)
+            self.fire(name, nominal, now)
+            fired += 1
+        return fired
+
+    # -- what a fire does --------------------------------------------------------------------
+
+    def fire(self, name: str, nominal: float, now: float) -> Job | None:
+        """The fire of `name` for the nominal time `nominal`: an ordinary job (`schedule` =
+        name, `fire_at` = nominal), or an `event=skipped` line while its previous job is live
+        and it does not overlap (or when the job cannot be queued). Handled either way: never
+        made up."""
+        schedule, kept = self.defs[name], self.kept[name]
+        self._save(name)
+        kept["handled"] = max(kept["handled"], nominal)
+        live = self.table.live_by_schedule.get(name)
+        why = None
+        if live and not schedule.overlap:
+            why = {"reason": "overlap", "previous": max(live)}
+        else:
+            try:
+                fields = validate_add(schedule.add_request(), self.cfg, now)
+                if sum(self.table.counts[state] for state in LIVE) >= self.cfg.max_queued:
+                    raise ProtocolError("queue_full", "max_queued=%d live jobs"
+                                        % self.cfg.max_queued)
+            except ProtocolError as exc:
+                why = {"reason": exc.code, "error": exc.message}
+        if why is not None:
+            self.table.log.event("skipped", when=now, schedule=name,
+                                 target=schedule.job["target"], **why, fire_at=nominal)
+            self._journal(name, handled=kept["handled"])
+            self.plan(name)
+            return None
+        fields["schedule"], fields["fire_at"] = name, nominal
+        job = self.table.create(now, [fields])[0]       # its line carries the fire (fire_at)
+        kept["last_run_at"], kept["last_job_id"] = nominal, job.id
+        self.plan(name)
+        return job
+
+    def trigger(self, name: str, now: float, uid: int | None = None) -> tuple[int, bool]:
+        """A run of `name` now, outside its fires (the next fire stays): (job id, True), or
+        (the live job's id, False) while one is live and it does not overlap."""
+        schedule = self.defs.get(name) if name in self.declared else None
+        if schedule is None:
+            raise ProtocolError("not_found", "no schedule %r is declared in the config" % name)
+        live = self.table.live_by_schedule.get(name)
+        if live and not schedule.overlap:
+            return max(live), False
+        fields = validate_add(schedule.add_request(), self.cfg, now)
+        if sum(self.table.counts[state] for state in LIVE) >= self.cfg.max_queued:
+            raise ProtocolError("queue_full", "max_queued=%d live jobs" % self.cfg.max_queued)
+        fields["schedule"], fields["uid"] = name, uid
+        return self.table.create(now, [fields])[0].id, True
+
+    def set_paused(self, name: str, paused: bool, now: float) -> None:
+        """Pause or resume one schedule (durable). Fires missed while paused are not made up:
+        a resume counts from `now`."""
+        kept = self.kept.get(name)
+        if kept is None:
+            raise ProtocolError("not_found", "no schedule %r" % name)
+        if bool(kept.get("paused")) == paused:
+            return
+        self._save(name)
+        kept["paused"] = paused
+        if paused:
+            self._journal(name, paused=True)
+        else:
+            kept["handled"] = max(kept["handled"], now)
+            self._journal(name, paused=False, handled=kept["handled"])
+        self.plan(name)
+
+    def _journal(self, name: str, **changes) -> None:
+        self.table.store.append({"schedule": {"name": name, **changes}})
+
+    # -- questions ---------------------------------------------------------------------------
+
+    def describe(self) -> list[dict]:
+        """What the `schedules` op says: one object per schedule, by name."""
+        out = []
+        for name in sorted(self.kept):
+            kept, schedule = self.kept[name], self.defs.get(name)
+            item = {"name": name}
+            if schedule is not None:
+                if schedule.cron is not None:
+                    item["cron"] = schedule.cron.text
+                else:
+                    item["every"] = schedule.every
+            item.update({
+                "timezone": schedule.zone_name if schedule else None,
+                "target": schedule.job["target"] if schedule else None,
+                "queue": schedule.queue if schedule else None,
+                "paused": bool(kept.get("paused")), "declared": name in self.declared,
+                "next_run_at": self.next.get(name), "last_run_at": kept.get("last_run_at"),
+                "last_job_id": kept.get("last_job_id")})
+            job = self.table.jobs.get(item["last_job_id"])
+            item["last_job_state"] = job.state if job is not None else None
+            out.append(item)
+        return out
+
+    def meta(self) -> dict:
+        """What a snapshot keeps of the schedules."""
+        return {name: dict(kept) for name, kept in self.kept.items()}
+
+    # -- undo (a failed journal write) -------------------------------------------------------
+
+    def track(self) -> None:
+        self._undo = {}
+
+    def untrack(self) -> None:
+        self._undo = None
+
+    def _save(self, name: str) -> None:
+        if self._undo is not None and name not in self._undo:
+            self._undo[name] = dict(self.kept[name])
+
+    def undo(self) -> None:
+        """Put back every schedule changed since track(); their fires are tried again
+        FIRE_RETRY later, for the same nominal times."""
+        if not self._undo:
+            return
+        retry = self.table.clock() + FIRE_RETRY
+        for name, saved in self._undo.items():
+            self.kept[name] = saved
+            self.plan(name, not_before=retry)
+        self._undo = {}
 
 
 class PruneTask:
@@ -5627,6 +5987,7 @@ class Daemon:
         self.store = Store(cfg.state_dir, fsync=cfg.fsync == "always")
         self.log: EventLog | None = None
         self.jobs: JobTable | None = None
+        self.schedules: Schedules | None = None
         self.scheduler = Scheduler(cfg.workers)
         self.scheduler.configure(cfg)
         self.this_pass = Pass()                    # what this loop pass commits and answers
@@ -5692,6 +6053,7 @@ class Daemon:
             meta, records = self.store.load(Job.from_stored)
             self.jobs = JobTable(self.store, self.log, self.clock, self.scheduler)
             self.jobs.load(meta, records)
+            self.schedules = Schedules(self.jobs, cfg)
             del records
         finally:
             gc.freeze()
@@ -5701,6 +6063,7 @@ class Daemon:
         self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
         self.dispatcher.recover_running()
         self.jobs.settle_orphans()      # blocked on parents that all ended: settled, durably
+        self.schedules.load(meta, cfg.schedules, self.clock())     # after recovery: overlap
         self.store.commit()
         self.protocol.jobs = self.pruner.jobs = self.jobs     # loaded: requests may come
         self.connections.listener = self.connections.open_listener()
@@ -5748,6 +6111,9 @@ class Daemon:
             return 0.0
         if due is not None:
             timeout = min(timeout, due)
+        due = None if self.stopping else self.schedules.due_in(self.clock())
+        if due is not None:
+            timeout = min(timeout, due)
         for due in (self.loop.next_timer(), self.store.sync_due()):
             if due is not None:
                 timeout = min(timeout, max(due - time.monotonic(), 0.0))
@@ -5766,14 +6132,17 @@ class Daemon:
         self.dispatcher.dispatch()
         self.jobs.track()
         mark = self.log.mark()
+        # Tracked: a failed write undoes the fire. Fsynced at once: a fire is a change that a
+        # machine crash must not lose either (missed = "skip" would not make it up).
+        fired = 0 if self.stopping else self.schedules.fire_due(self.clock())
         self.connections.serve(clients)
         self.pruner.prune_some(PRUNE_SLICE)
         if self.this_pass.batch_slots and self.store.do_fsync:
             self.connections.gather()
-        self.commit(mark)
+        self.commit(mark, sync=fired > 0)
         self.connections.flush()
 
-    def commit(self, mark) -> None:
+    def commit(self, mark, sync: bool = False) -> None:
         """The pass's one journal write, of what this_pass (Pass) gathered: then its side
         effects run and its replies may go, or it is undone and they say io_error."""
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
@@ -5781,7 +6150,7 @@ class Daemon:
         finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
         ended = [job for job in finished if job.id in self.waits]
         this_pass = self.this_pass
-        sync = this_pass.needs_sync(ended)
+        sync = this_pass.needs_sync(ended) or sync
         try:
             if self.store.broken is not None:
                 self.repair()
@@ -5834,7 +6203,7 @@ class Daemon:
 
     def meta(self) -> dict:
         return {"next_id": self.jobs.next_id, "paused": self.jobs.paused,
-                "queues": self.jobs.queue_meta()}
+                "queues": self.jobs.queue_meta(), "schedules": self.schedules.meta()}
 
     def finish(self) -> int:
         """The graceful stop's last steps: every attempt has ended."""
@@ -5917,8 +6286,9 @@ class Daemon:
             self.runner.abandon(att)
 
     def reload(self) -> None:
-        """SIGHUP: reopen the log files (logrotate), re-read allow, limits and the queues
-        from the config (each queue's slots as configured again, set_workers undone)."""
+        """SIGHUP: reopen the log files (logrotate), re-read allow, limits, the queues (each
+        queue's slots as configured again, set_workers undone) and the schedules (each keeps
+        its state) from the config; a config that no longer loads is refused, logged."""
         sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
         self.connections.group_cache.clear()
         try:
@@ -5934,11 +6304,15 @@ class Daemon:
                 fresh = load_config(self.cfg.path, {})
             except ConfigError as exc:
                 warn("reload: %s; keeping the old config" % exc)
+                self.log.event("reload", ok=False, error=str(exc))
             else:
                 self.cfg.allow, self.cfg.limits = fresh.allow, fresh.limits
                 self.cfg.queues, self.cfg.isolation = fresh.queues, fresh.isolation
                 self.cfg.max_jobs_per_worker = fresh.max_jobs_per_worker
                 self.scheduler.configure(self.cfg)
+                self.cfg.schedules = fresh.schedules
+                self.schedules.configure(fresh.schedules, self.clock())
+                self.log.event("reload", ok=True, schedules=len(fresh.schedules))
         sd_notify("READY=1")
 
     # -- jobs --------------------------------------------------------------------------------
@@ -6504,15 +6878,17 @@ class Protocol:
         limit = get_int(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
         after = get_int(req, "after_id", 0, 0, 2 ** 63 - 1)
         queue = get_queue_name(req) if "queue" in req else None
+        schedule = get_schedule_name(req) if "schedule" in req else None
         if pattern is None:
             return {"jobs": [j.record() for j in self.jobs.select(state, None, after, limit,
-                                                                   queue=queue)]}
+                                                                   queue=queue,
+                                                                   schedule=schedule)]}
         # Answered in a later pass, as a `wait` is: later requests of conn wait for it.
         slot = [None]
         if not self.queries:
             self.loop.call_later(0, self.advance_queries)
         self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after, limit,
-                                                      queue)))
+                                                      queue, schedule)))
         return slot
 
     def advance_queries(self) -> None:
@@ -6623,8 +6999,13 @@ class Protocol:
         return self.switch(req, False)
 
     def switch(self, req: dict, paused: bool) -> dict:
-        """pause/resume: the whole daemon, or with `queue` that queue (journaled either way)."""
-        if "queue" in req:
+        """pause/resume: the whole daemon, or with `queue` that queue, or with `schedule`
+        that schedule's fires (journaled either way)."""
+        if "schedule" in req:
+            if "queue" in req:
+                raise ProtocolError("bad_request", "give queue or schedule, not both")
+            self.daemon.schedules.set_paused(get_schedule_name(req), paused, self.clock())
+        elif "queue" in req:
             queue = self.find_queue(req)
             if queue.paused != paused:
                 self.jobs.set_paused(paused, queue.name)
@@ -6646,6 +7027,16 @@ class Protocol:
         queue.workers = get_int(req, "workers", None, 0, MAX_QUEUE_WORKERS)
         return {"queue": queue.describe()}
 
+    def op_schedules(self, req: dict, conn: Connection) -> dict:
+        return {"schedules": self.daemon.schedules.describe()}
+
+    def op_trigger(self, req: dict, conn: Connection) -> dict:
+        if "schedule" not in req:
+            raise ProtocolError("bad_request", "missing field 'schedule'")
+        job_id, created = self.daemon.schedules.trigger(get_schedule_name(req), self.clock(),
+                                                        conn.uid)
+        return {"id": job_id, "created": created}
+
     def op_prune(self, req: dict, conn: Connection) -> list:
         older = get_seconds(req, "older_than", 0.0, 0.0, MAX_DELAY)
         task = PruneTask(self.clock() - older, [None], conn)
@@ -6659,7 +7050,8 @@ HANDLERS = {
     "retry": Protocol.op_retry, "wait": Protocol.op_wait, "output": Protocol.op_output,
     "stats": Protocol.op_stats, "pause": Protocol.op_pause, "resume": Protocol.op_resume,
     "prune": Protocol.op_prune, "queues": Protocol.op_queues,
-    "set_workers": Protocol.op_set_workers,
+    "set_workers": Protocol.op_set_workers, "schedules": Protocol.op_schedules,
+    "trigger": Protocol.op_trigger,
 }
 assert set(HANDLERS) == set(OP_FIELDS)
 

@@ -459,7 +459,9 @@ class CrossCheckTest(unittest.TestCase):
 ####################################################################################################
 
 def schedule(**spec):
-    cfg = jobrunnerd.Config({"schedules": {"s": dict({"target": "examples.jobs:echo"}, **spec)}},
+    queues = {spec["queue"]: {}} if "queue" in spec else {}     # a schedule's queue is declared
+    cfg = jobrunnerd.Config({"queues": queues,
+                             "schedules": {"s": dict({"target": "examples.jobs:echo"}, **spec)}},
                             ROOT)
     return cfg.schedules["s"]
 

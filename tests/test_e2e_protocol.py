@@ -27,7 +27,8 @@ T = "examples.jobs:ExampleJob"
 JOB_FIELDS = {
     "id", "target", "method", "args", "kwargs", "priority", "state", "attempts", "retries",
     "retry_delay", "backoff", "timeout", "key", "queue", "after", "on_parent_failure",
-    "created_at", "run_at", "started_at", "finished_at", "pid", "exit_code", "error", "result",
+    "schedule", "created_at", "run_at", "started_at", "finished_at", "pid", "exit_code", "error",
+    "result",
 }
 STATES = ("blocked", "pending", "running", "succeeded", "failed", "cancelled")
 LOG_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")

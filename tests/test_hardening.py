@@ -63,10 +63,11 @@ SPEC_OP_FIELDS = {
                          "retries", "retry_delay", "backoff", "timeout", "key", "queue",
                          "after", "on_parent_failure"),
     "add_batch": ("jobs",), "get": ("id",),
-    "list": ("state", "target", "queue", "limit", "after_id"),
+    "list": ("state", "target", "queue", "schedule", "limit", "after_id"),
     "cancel": ("id",), "retry": ("id",), "wait": ("id", "timeout"),
-    "output": ("id", "offset", "limit"), "stats": (), "pause": ("queue",), "resume": ("queue",),
-    "prune": ("older_than",), "queues": (), "set_workers": ("queue", "workers"),
+    "output": ("id", "offset", "limit"), "stats": (), "pause": ("queue", "schedule"),
+    "resume": ("queue", "schedule"), "prune": ("older_than",), "queues": (),
+    "set_workers": ("queue", "workers"), "schedules": (), "trigger": ("schedule",),
 }
 LOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z event=[a-z_]+( |\Z)")
 LATENCY_BOUND = 1.0         # issue 4: "keeps serving a well-behaved client within 1 s"
