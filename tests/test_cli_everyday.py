@@ -155,3 +155,220 @@ class ListProtocolTest(EverydayCase):
                                                                           "before_id": 0}):
             reply = self.daemon.call(op="list", **req)
             self.assertEqual(reply.get("error", {}).get("code"), "bad_request", req)
+
+
+class ListCommandTest(EverydayCase):
+
+    def rows(self, text):
+        """The ids of a `jobctl list` table's rows (not the header or the paging line)."""
+        return [int(line.split()[0]) for line in text.splitlines()
+                if line.split() and line.split()[0].isdigit() and " matching jobs " not in line]
+
+    def test_newest_50_oldest_first_and_a_line_that_says_how_to_page(self):
+        ids = self.add_many(60)
+        out = self.ctl("list").stdout
+        self.assertEqual(self.rows(out), ids[10:])
+        last = out.splitlines()[-1]
+        self.assertIn("50 of 60 matching jobs shown (10 more)", last)
+        for hint in ("--before-id %d" % ids[10], "--after-id %d" % ids[-1], "--first", "--all"):
+            self.assertIn(hint, last)
+        self.assertEqual(self.rows(self.ctl("list", "--first").stdout), ids[:50])
+        self.assertEqual(self.rows(self.ctl("list", "--before-id", str(ids[10])).stdout), ids[:10])
+        out = self.ctl("list", "--after-id", str(ids[49])).stdout
+        self.assertEqual(self.rows(out), ids[50:])
+        self.assertIn("10 of 60 matching jobs shown (50 more)", out)
+        self.assertEqual([j["id"] for j in self.ctl_json("list", "--all")], ids)
+        self.assertEqual(self.rows(self.ctl("list", "--limit", "3").stdout), ids[-3:])
+        # Filters narrow `total` too; all shown: no paging line.
+        self.daemon.call(op="cancel", id=ids[5])
+        out = self.ctl("list", "--state", "cancelled").stdout
+        self.assertEqual((self.rows(out), len(out.splitlines())), ([ids[5]], 2))
+        self.ctl("list", "--first", "--all", code=2)
+        self.ctl("list", "--limit", "1001", code=2)
+
+    def test_all_reads_every_page(self):
+        ids = self.add_many(1001)
+        listed = self.ctl_json("list", "--all", "--state", "pending")
+        self.assertEqual([j["id"] for j in listed], ids)
+
+    def test_a_row_has_every_column(self):
+        failed = self.daemon.add(target="examples.jobs:ErrorJob", queue="default")
+        self.daemon.wait_job(failed)
+        later = self.daemon.add(priority=7, delay=7200, retries=2)
+        out = self.ctl("list", env={"COLUMNS": "200"}).stdout
+        header, first, second = out.splitlines()[:3]
+        self.assertEqual(header.split(), ["ID", "STATE", "QUEUE", "PRI", "ATTEMPTS", "TARGET", "AGE",
+                                          "TIME", "EXIT", "ERROR"])
+        record = self.daemon.get(failed)
+        self.assertRegex(first, r"^\s*%d\s+failed\s+default\s+0\s+1/1\s+examples\.jobs:ErrorJob\s+"
+                                r"\d+s\s+[\d.]+m?s\s+%s\s+%s$"
+                         % (failed, record["exit_code"] if record["exit_code"] is not None else "-",
+                            re.escape(record["error"].splitlines()[0][:60])))
+        self.assertRegex(second, r"^\s*%d\s+pending\s+default\s+7\s+0/3\s+examples\.jobs:ExampleJob"
+                                 r"\s+\d+s\s+in (1h|2h)\s+-\s+-$" % later)
+
+    def test_widths_fit_the_terminal(self):
+        long_error = self.daemon.add(target="examples.jobs:echo", args=["x" * 300])
+        self.daemon.wait_job(long_error)
+        self.daemon.add(target="examples.jobs:ErrorJob")
+        for columns in (80, 100):
+            out = self.ctl("list", env={"COLUMNS": str(columns)}).stdout
+            self.assertTrue(all(len(line) <= columns for line in out.splitlines()[:-1]), out)
+
+    def test_colour_only_on_a_terminal_and_never_with_no_color(self):
+        job_id = self.daemon.add(target="examples.jobs:ErrorJob")
+        self.daemon.wait_job(job_id)
+        self.assertNotIn("\x1b", self.ctl("list").stdout)             # a pipe: plain
+        self.assertIn("\x1b[31mfailed", self.on_a_terminal({}))
+        self.assertNotIn("\x1b", self.on_a_terminal({"NO_COLOR": "1"}))
+
+    def on_a_terminal(self, env):
+        """`jobctl list` with stdout on a pseudo-terminal: what it wrote there."""
+        master, slave = pty.openpty()
+        env = {**os.environ, "COLUMNS": "200", **env}
+        if "NO_COLOR" not in env or not env["NO_COLOR"]:
+            env.pop("NO_COLOR", None)
+        proc = subprocess.Popen([sys.executable, JOBCTL, "--socket", self.daemon.socket, "list"],
+                                stdout=slave, stderr=subprocess.PIPE, env=env)
+        os.close(slave)
+        data = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:                 # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+        os.close(master)
+        self.assertEqual(proc.wait(timeout=60), 0, proc.stderr.read())
+        proc.stderr.close()
+        return data.decode()
+
+    def test_show_prints_every_field_with_local_times(self):
+        job_id = self.daemon.add(delay=7200, key="k1", args=["a"])
+        out = self.ctl("show", str(job_id)).stdout
+        for name in self.daemon.get(job_id):
+            self.assertRegex(out, r"(?m)^%s: " % name)
+        self.assertRegex(out, r"(?m)^created_at: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d "
+                              r"\((just now|\d+s ago)\)$")
+        self.assertRegex(out, r"(?m)^run_at: \S+ \(in (1h|2h)\)$")
+
+
+class ScheduleFlagTest(unittest.TestCase):
+    """`list --schedule NAME` is passed through as the `schedule` field (the daemon's side
+    belongs to the schedules work); checked against a fake daemon that records requests."""
+
+    def test_schedule_is_sent(self):
+        from tests.test_jobctl_unit import FakeDaemon
+        requests = []
+
+        def respond(request):
+            requests.append(request)
+            return {"ok": True, "jobs": [], "more": False, "total": 0}
+
+        fake = FakeDaemon(respond)
+        self.addCleanup(fake.close)
+        self.assertEqual(jobctl.main(["--socket", fake.path, "list", "--schedule", "nightly",
+                                      "--queue", "q", "--limit", "5"]), 0)
+        self.assertEqual(requests[-1], {"op": "list", "schedule": "nightly", "queue": "q",
+                                        "limit": 5, "order": "desc"})
+
+
+class DurationTest(EverydayCase):
+
+    def test_every_form_parses(self):
+        for text, seconds in (("90", 90), ("1.5", 1.5), ("250ms", 0.25), ("90s", 90),
+                              ("10m", 600), ("1h30m", 5400), ("2d", 172800), ("1d2h3m4s5ms", 93784.005)):
+            self.assertAlmostEqual(jobctl.parse_duration(text), seconds, msg=text)
+        for text in ("", "x", "10x", "30m1h", "1h1h", "-5", "inf", "nan", "1 h", "ms", "1e999"):
+            with self.assertRaises(ValueError, msg=text):
+                jobctl.parse_duration(text)
+
+    def test_flags_take_durations(self):
+        job_id = int(self.ctl("add", "examples.jobs:ExampleJob", "--delay", "1h30m",
+                              "--retry-delay", "2m", "--timeout", "1h").stdout)
+        job = self.daemon.get(job_id)
+        self.assertAlmostEqual(job["run_at"] - job["created_at"], 5400, delta=1)
+        self.assertEqual((job["retry_delay"], job["timeout"]), (120, 3600))
+        started = time.monotonic()
+        self.ctl("wait", str(job_id), "--timeout", "250ms", code=4)
+        self.assertLess(time.monotonic() - started, 30)
+        self.ctl("prune", "--older-than", "2d")
+        for args in (("add", "examples.jobs:ExampleJob", "--delay", "10x"),
+                     ("wait", str(job_id), "--timeout", "1h1h"), ("prune", "--older-than=-1m")):
+            proc = self.ctl(*args, code=2)
+            self.assertIn("not a duration", proc.stderr)
+            self.assertIn("1h30m", proc.stderr)         # says what would do
+            self.assertEqual(proc.stdout, "")
+        self.assertEqual(self.daemon.call(op="list")["total"], 1)
+
+
+class JsonAlwaysOneDocumentTest(EverydayCase):
+
+    def test_refusals_print_the_error_reply(self):
+        for args, code, error in ((("show", "999"), 2, "not_found"),
+                                  (("cancel", "999"), 2, "not_found"),
+                                  (("retry", "999"), 2, "not_found"),
+                                  (("wait", "999"), 2, "not_found"),
+                                  (("logs", "999"), 2, "not_found"),
+                                  (("add", "os:system", "true"), 2, "not_allowed"),
+                                  (("list", "--limit", "0"), 2, "bad_request"),
+                                  (("frobnicate",), 2, "bad_request"),
+                                  (("add", "T", "--delay", "soon"), 2, "bad_request")):
+            with self.subTest(args=args):
+                proc = self.ctl("--json", *args, code=code)
+                doc = json.loads(proc.stdout)
+                self.assertEqual((doc["ok"], doc["error"]["code"], sorted(doc)),
+                                 (False, error, ["error", "ok"]))
+                self.assertEqual(proc.stdout.count("\n"), 1)
+                self.assertTrue(proc.stderr.strip())
+
+    def test_several_ids_print_an_array_in_order(self):
+        a, b = self.add_many(2)
+        doc = self.ctl_json("cancel", str(a), "999", str(b), code=2)
+        self.assertEqual([d.get("job", {}).get("id") for d in doc], [a, None, b])
+        self.assertEqual((doc[1]["ok"], doc[1]["error"]["code"], doc[1]["id"]), (False, "not_found", 999))
+
+    def test_an_unreachable_daemon_is_one_document_too(self):
+        proc = subprocess.run([sys.executable, JOBCTL, "--socket", self.daemon.socket + ".none",
+                               "--json", "stats"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 3)
+        self.assertEqual(json.loads(proc.stdout)["error"]["code"], "unreachable")
+
+
+class CompletionAndVersionTest(EverydayCase):
+
+    def complete(self, script, *words):
+        """What bash completes for the command line `words` (the last one being typed)."""
+        words = ["jobctl", *words]
+        program = "%s\nCOMP_WORDS=(%s); COMP_CWORD=%d; _jobctl; printf '%%s\\n' \"${COMPREPLY[@]}\"" % (
+            script, " ".join("'%s'" % w for w in words), len(words) - 1)
+        proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc.stdout.split()
+
+    def test_bash_completes_commands_flags_and_values(self):
+        script = self.ctl("completion", "bash").stdout
+        self.assertIn("list", self.complete(script, "li"))
+        self.assertEqual(self.complete(script, "list", "--sta"), ["--state"])
+        self.assertIn("--before-id", self.complete(script, "list", "--be"))
+        self.assertEqual(self.complete(script, "--json", "list", "--state", "fa"), ["failed"])
+        self.assertIn("--retry-delay", self.complete(script, "add", "T", "--re"))
+        self.assertEqual(self.complete(script, "completion", "z"), ["zsh"])
+        self.assertIn("--version", self.complete(script, "--v"))
+
+    def test_zsh_script_loads_the_same_through_bashcompinit(self):
+        script = self.ctl("completion", "zsh").stdout
+        self.assertIn("bashcompinit", script)
+        self.assertIn("_jobctl()", script)
+        self.assertEqual(subprocess.run(["bash", "-n", "-c", script]).returncode, 0)
+        self.ctl("completion", "fish", code=2)
+
+    def test_version_needs_no_daemon(self):
+        for argv in (["--version"], ["list", "--version"]):
+            proc = subprocess.run([sys.executable, JOBCTL, "--socket", "/nonexistent", *argv],
+                                  capture_output=True, text=True, timeout=60)
+            self.assertEqual((proc.returncode, proc.stdout), (0, "jobctl %s\n" % jr.VERSION))
+        self.assertEqual(jobctl.__version__, jr.VERSION)
