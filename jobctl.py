@@ -62,10 +62,17 @@ shown as escapes (\x1b, \r), so a job's key or error cannot drive the terminal.
 """
 from __future__ import annotations  # Client.list shadows the builtin in annotations
 
+# Before anything that needs 3.11 (an import, a syntax, a call): one line and exit 2, never a
+# traceback (SPEC §4). Only syntax that Python 3 has long had, so that older ones get here.
+import sys
+if sys.version_info < (3, 11):
+    sys.stderr.write("jobctl: needs Python 3.11 or newer; found Python %d.%d.%d (%s)\n"
+                     % (tuple(sys.version_info[:3]) + (sys.executable or "python",)))
+    sys.exit(2)
+
 import json
 import os
 import socket
-import sys
 from collections import deque
 
 __version__ = "0.1.0"   # the release; jobrunnerd.VERSION is the same (a test compares them)

@@ -58,6 +58,14 @@ Protocol (version 1), in brief
 
 from __future__ import annotations
 
+# Before anything that needs 3.11 (an import, a syntax, a call): one line and exit 2, never a
+# traceback (SPEC §4). Only syntax that Python 3 has long had, so that older ones get here.
+import sys
+if sys.version_info < (3, 11):
+    sys.stderr.write("jobrunnerd: needs Python 3.11 or newer; found Python %d.%d.%d (%s)\n"
+                     % (tuple(sys.version_info[:3]) + (sys.executable or "python",)))
+    sys.exit(2)
+
 import bisect
 import collections
 import datetime
@@ -78,7 +86,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import time
 from typing import NamedTuple
 
@@ -114,6 +121,7 @@ MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
 MAX_AFTER = 1000                      # SPEC §2b: parents of one job, at most
 MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
 LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
+ALLOW_SHOWN = 300                     # a not_allowed message quotes this much of the allow list
 MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
 QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
                                       # them together: the loop is never held much longer
@@ -4393,6 +4401,22 @@ def get_after(req: dict, where: str = "", position: int | None = None) -> list[i
     return list(dict.fromkeys(after)) or NO_AFTER
 
 
+def allow_advice(target: str, cfg: "Config") -> str:
+    """What a `not_allowed` refusal adds (SPEC §4): the allow list consulted, where it comes
+    from (the config file in use, or the embedded defaults), and how to extend it."""
+    shown = json.dumps(cfg.allow)
+    if len(shown) > ALLOW_SHOWN:
+        shown = shown[:ALLOW_SHOWN] + "...]"
+    example = json.dumps(target.split(":", 1)[0] + ":*")
+    if cfg.path:
+        return ("consulted: allow = %s in %s; to allow it, add a pattern that matches it (such as "
+                "%s) to the key allow there and reload the daemon (SIGHUP)"
+                % (shown, os.path.abspath(cfg.path), example))
+    return ("consulted: allow = %s, the embedded defaults (no config file); to allow it, start "
+            "jobrunnerd with --config FILE whose key allow has a pattern that matches it (such as %s)"
+            % (shown, example))
+
+
 def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
                  position: int | None = None) -> dict:
     """The fields of a new job from an `add` object, defaults filled in from its queue's table
@@ -4418,7 +4442,8 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
         raise ProtocolError("bad_request", "%starget %r: names in Attr starting with '_' are "
                             "refused" % (where, target))
     if verdict == "not_allowed":
-        raise ProtocolError("not_allowed", "%starget %s is not in the allow list" % (where, target))
+        raise ProtocolError("not_allowed", "%starget %s is not in the allow list; %s"
+                            % (where, target, allow_advice(target, cfg)))
     method = req.get("method")
     if method is not None:
         if not isinstance(method, str) or len(method) > 200:

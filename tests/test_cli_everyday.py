@@ -372,3 +372,88 @@ class CompletionAndVersionTest(EverydayCase):
                                   capture_output=True, text=True, timeout=60)
             self.assertEqual((proc.returncode, proc.stdout), (0, "jobctl %s\n" % jr.VERSION))
         self.assertEqual(jobctl.__version__, jr.VERSION)
+
+
+####################################################################################################
+# Python older than 3.11: one line, exit 2, before any 3.11-only syntax or import
+####################################################################################################
+
+# Runs a file as __main__ with sys.version_info faked: what the file's own first lines do on an
+# older Python (the rest of the file is compiled by this one, so this tests the check's code and
+# its place, not an old interpreter).
+FAKE_OLD = """
+import runpy, sys
+sys.version_info = (3, 10, 12, "final", 0)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class OldPythonTest(unittest.TestCase):
+
+    FILES = (("jobctl.py", ["stats"]), ("jobrunnerd.py", ["--check-config"]),
+             ("jobctl", ["--version"]))
+
+    def test_each_program_says_what_it_needs_in_one_line_and_exits_2(self):
+        for name, args in self.FILES:
+            with self.subTest(name=name):
+                proc = subprocess.run([sys.executable, "-c", FAKE_OLD, os.path.join(ROOT, name),
+                                       *args], capture_output=True, text=True, timeout=60,
+                                      cwd=ROOT)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(proc.stdout, "")
+                lines = proc.stderr.splitlines()
+                self.assertEqual(len(lines), 1, proc.stderr)
+                self.assertRegex(lines[0], r"^(jobctl|jobrunnerd): needs Python 3\.11 or newer; "
+                                           r"found Python 3\.10\.12 \(.+\)$")
+                self.assertNotIn("Traceback", proc.stderr)
+
+    def test_the_check_comes_before_every_other_statement(self):
+        for name in ("jobctl.py", "jobrunnerd.py"):
+            with open(os.path.join(ROOT, name)) as f:
+                source = f.read()
+            body = __import__("ast").parse(source).body
+            kinds = [type(node).__name__ for node in body[:4]]
+            self.assertEqual(kinds, ["Expr", "ImportFrom", "Import", "If"], name)   # docstring,
+            self.assertEqual(body[1].module, "__future__")              # __future__, sys, check
+            self.assertIn("version_info < (3, 11)", __import__("ast").unparse(body[3].test))
+
+    def test_the_files_parse_under_the_grammar_of_python_3_8(self):
+        # ast's feature_version is the nearest to an old parser there is here: it refuses the
+        # syntax newer than 3.8 that it knows of (match, except*, parenthesised with-items...).
+        import ast
+        for name in ("jobctl.py", "jobrunnerd.py", "jobctl"):
+            with open(os.path.join(ROOT, name)) as f:
+                ast.parse(f.read(), filename=name, feature_version=(3, 8))
+
+
+####################################################################################################
+# not_allowed says which allow list was consulted and how to extend it
+####################################################################################################
+
+class NotAllowedMessageTest(EverydayCase):
+
+    def test_with_a_config_file_it_names_the_file_and_the_key(self):
+        proc = self.ctl("add", "os:system", "true", code=2)
+        self.assertIn("not_allowed", proc.stderr)
+        self.assertIn("allow = [\"examples.*:*\"] in %s" % os.path.abspath(self.daemon.config_path),
+                      proc.stderr)
+        self.assertIn('add a pattern that matches it (such as "os:*") to the key allow', proc.stderr)
+        reply = self.daemon.call(op="add_batch", jobs=[{"target": "examples.jobs:echo"},
+                                                       {"target": "os:system"}])
+        self.assertEqual(reply["error"]["code"], "not_allowed")
+        self.assertIn("jobs[1]: target os:system", reply["error"]["message"])
+        self.assertIn(self.daemon.config_path, reply["error"]["message"])
+
+    def test_without_one_it_says_the_defaults_are_in_use(self):
+        cfg = jr.Config({}, ROOT, None)
+        with self.assertRaises(jr.ProtocolError) as caught:
+            jr.validate_add({"target": "os:system"}, cfg, 0.0)
+        self.assertEqual(caught.exception.code, "not_allowed")
+        message = str(caught.exception)
+        self.assertIn('allow = ["examples.*:*"], the embedded defaults (no config file)', message)
+        self.assertIn("--config FILE", message)
+        cfg.allow = ["a%d.*:*" % i for i in range(500)]                 # quoted, not all of it
+        with self.assertRaises(jr.ProtocolError) as caught:
+            jr.validate_add({"target": "os:system"}, cfg, 0.0)
+        self.assertLess(len(str(caught.exception)), 800)
