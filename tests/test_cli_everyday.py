@@ -457,3 +457,64 @@ class NotAllowedMessageTest(EverydayCase):
         with self.assertRaises(jr.ProtocolError) as caught:
             jr.validate_add({"target": "os:system"}, cfg, 0.0)
         self.assertLess(len(str(caught.exception)), 800)
+
+
+####################################################################################################
+# README "For the first hour": the job module and the session are replayed against a daemon
+####################################################################################################
+
+def readme_sample(name):
+    """The lines of the fenced block after the README's `<!-- sample: NAME ...` marker,
+    without the list item's indentation."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    at = text.index("<!-- sample: %s" % name)
+    lines = text[at:].splitlines()[1:]
+    fence = lines[0]
+    indent = len(fence) - len(fence.lstrip())
+    body = []
+    for line in lines[1:]:
+        if line.strip() == "```":
+            return body
+        body.append(line[indent:])
+    raise AssertionError("README: the sample %s has no closing fence" % name)
+
+
+def mask(line):
+    """A line of output with what varies from run to run (times, ages, durations) masked
+    and runs of spaces (column widths follow those) made one."""
+    line = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", "<time>", line)
+    line = re.sub(r"\((just now|in \S+|\S+ ago)\)", "(<when>)", line)
+    line = re.sub(r"(?<![\w.:])\d+(\.\d+)?(ms|s|m|h|d)\b", "<t>", line)
+    return " ".join(line.split())
+
+
+class ReadmeSampleTest(EverydayCase):
+
+    config = {"allow": ["examples.*:*", "greet:*"]}
+
+    def prepare(self):
+        self.write_job_module("greet", "\n".join(readme_sample("greet.py")) + "\n")
+
+    def test_the_first_hour_session_is_what_jobctl_prints(self):
+        session = readme_sample("session")
+        steps = []                              # (argv, expected output lines)
+        for line in session:
+            if line.startswith("$ jobctl "):
+                steps.append((line[len("$ jobctl "):].split(), []))
+            else:
+                steps[-1][1].append(line)
+        self.assertEqual([argv[0] for argv, _ in steps], ["add", "add", "add", "list", "show"])
+        for argv, expected in steps:
+            with self.subTest(argv=argv):
+                code = 1 if "greet:Flaky" in argv else 0     # add --wait of a failing job
+                out = self.ctl(*argv, code=code, env={"COLUMNS": "120", "NO_COLOR": ""}).stdout
+                got = [mask(line) for line in out.splitlines()]
+                want = [mask(line) for line in expected]
+                if argv[0] == "show":
+                    # Every line shown, in this order (a field added later may come between).
+                    rest = iter(got)
+                    missing = [line for line in want if line not in rest]
+                    self.assertEqual(missing, [], out)
+                else:
+                    self.assertEqual(got, want, out)
