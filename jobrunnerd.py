@@ -2501,6 +2501,8 @@ class JobTable:
             query.step(math.inf)
             return query.jobs
         desc = before_id is not None
+        if state is not None and self.total(state, queue) == 0:
+            return []                           # none anywhere: no walk looking for them
         jobs = self.jobs
         if targets is not None:
             if not targets:
