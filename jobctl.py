@@ -1003,13 +1003,17 @@ def cmd_list(client: Client, ns) -> int:
         _out(job_table(jobs, colour=use_colour()))
     total = page["total"]
     if total > len(jobs):
-        if jobs:
-            first, last = jobs[0]["id"], jobs[-1]["id"]
-            hint = (f"older: --before-id {first}, newer: --after-id {last}, "
-                    "the oldest: --first, every one: --all")
-        else:
-            hint = "the newest: no option, the oldest: --first, every one: --all"
-        _out(f"{len(jobs)} of {total} matching jobs shown ({total - len(jobs)} more); {hint}")
+        ascending = ns.first or ns.after_id is not None
+        hints = []
+        if jobs and (page["more"] if not ascending else bool(ns.after_id)):
+            hints.append(f"older: --before-id {jobs[0]['id']}")
+        if jobs and (page["more"] if ascending else ns.before_id is not None):
+            hints.append(f"newer: --after-id {jobs[-1]['id']}")
+        if not jobs:
+            hints.append("the newest: without --after-id/--before-id")
+        hints += ["the oldest: --first", "every one: --all"]
+        _out(f"{len(jobs)} of {total} matching jobs shown ({total - len(jobs)} more); "
+             + ", ".join(hints))
     return EXIT_OK
 
 

@@ -188,13 +188,20 @@ class ListCommandTest(EverydayCase):
         self.assertEqual(self.rows(out), ids[10:])
         last = out.splitlines()[-1]
         self.assertIn("50 of 60 matching jobs shown (10 more)", last)
-        for hint in ("--before-id %d" % ids[10], "--after-id %d" % ids[-1], "--first", "--all"):
+        for hint in ("older: --before-id %d" % ids[10], "--first", "--all"):
             self.assertIn(hint, last)
         self.assertEqual(self.rows(self.ctl("list", "--first").stdout), ids[:50])
-        self.assertEqual(self.rows(self.ctl("list", "--before-id", str(ids[10])).stdout), ids[:10])
+        self.assertNotIn("newer:", last)                 # the newest are shown
+        out = self.ctl("list", "--before-id", str(ids[10])).stdout
+        self.assertEqual(self.rows(out), ids[:10])
+        self.assertIn("newer: --after-id %d," % ids[9], out)
+        self.assertNotIn("older:", out)                  # none before the first
         out = self.ctl("list", "--after-id", str(ids[49])).stdout
         self.assertEqual(self.rows(out), ids[50:])
-        self.assertIn("10 of 60 matching jobs shown (50 more)", out)
+        self.assertIn("10 of 60 matching jobs shown (50 more); older: --before-id %d, the oldest"
+                      % ids[50], out)
+        out = self.ctl("list", "--first").stdout
+        self.assertIn("newer: --after-id %d, the oldest: --first" % ids[49], out)
         self.assertEqual([j["id"] for j in self.ctl_json("list", "--all")], ids)
         self.assertEqual(self.rows(self.ctl("list", "--limit", "3").stdout), ids[-3:])
         # Filters narrow `total` too; all shown: no paging line.
