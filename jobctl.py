@@ -63,7 +63,7 @@ shown as escapes (\x1b, \r), so a job's key or error cannot drive the terminal.
 from __future__ import annotations  # Client.list shadows the builtin in annotations
 
 # Before anything that needs 3.11 (an import, a syntax, a call): one line and exit 2, never a
-# traceback (SPEC §4). Only syntax that Python 3 has long had, so that older ones get here.
+# traceback (SPEC section 4). ASCII and old syntax only, so that older Pythons get this far.
 import sys
 if sys.version_info < (3, 11):
     sys.stderr.write("jobctl: needs Python 3.11 or newer; found Python %d.%d.%d (%s)\n"

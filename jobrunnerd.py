@@ -59,7 +59,7 @@ Protocol (version 1), in brief
 from __future__ import annotations
 
 # Before anything that needs 3.11 (an import, a syntax, a call): one line and exit 2, never a
-# traceback (SPEC §4). Only syntax that Python 3 has long had, so that older ones get here.
+# traceback (SPEC section 4). ASCII and old syntax only, so that older Pythons get this far.
 import sys
 if sys.version_info < (3, 11):
     sys.stderr.write("jobrunnerd: needs Python 3.11 or newer; found Python %d.%d.%d (%s)\n"

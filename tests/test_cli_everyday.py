@@ -433,6 +433,35 @@ class OldPythonTest(unittest.TestCase):
                                            r"found Python 3\.10\.12 \(.+\)$")
                 self.assertNotIn("Traceback", proc.stderr)
 
+    def test_real_older_pythons_get_the_line_too(self):
+        # Where older interpreters are installed (pyenv's versions, or $JOBRUNNER_OLD_PYTHONS:
+        # paths separated by ":"), each program is run by them for real. 3.8 to 3.10 parse
+        # both files; the `jobctl` launcher checks first, so it also covers 2.7 to 3.7.
+        import glob
+        listed = os.environ.get("JOBRUNNER_OLD_PYTHONS")
+        root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+        found = listed.split(":") if listed else sorted(
+            glob.glob(os.path.join(root, "versions", "3.[89].*", "bin", "python"))
+            + glob.glob(os.path.join(root, "versions", "3.10.*", "bin", "python")))
+        if not found:
+            self.skipTest("no Python 3.8-3.10 installed here")
+        for python in found:
+            for name, args in self.FILES:
+                with self.subTest(python=python, name=name):
+                    proc = subprocess.run([python, os.path.join(ROOT, name), *args],
+                                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+                    self.assertEqual(proc.returncode, 2, proc.stderr)
+                    self.assertRegex(proc.stderr, r"\A(jobctl|jobrunnerd): needs Python 3\.11 or "
+                                                  r"newer; found Python 3\.\d+\.\d+ \(.+\)\n\Z")
+        for python in sorted(glob.glob(os.path.join(root, "versions", "[23].[0-7].*", "bin",
+                                                     "python"))) if not listed else ():
+            with self.subTest(python=python, name="jobctl"):
+                proc = subprocess.run([python, os.path.join(ROOT, "jobctl"), "stats"],
+                                      capture_output=True, text=True, timeout=60, cwd=ROOT)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertRegex(proc.stderr, r"\Ajobctl: needs Python 3\.11 or newer; found "
+                                              r"Python [23]\.\d+\.\d+ \(.+\)\n\Z")
+
     def test_the_check_comes_before_every_other_statement(self):
         for name in ("jobctl.py", "jobrunnerd.py"):
             with open(os.path.join(ROOT, name)) as f:
