@@ -391,6 +391,27 @@ class CompletionAndVersionTest(EverydayCase):
         self.assertEqual(subprocess.run(["bash", "-n", "-c", script]).returncode, 0)
         self.ctl("completion", "fish", code=2)
 
+    def test_zsh_registers_it_and_completes_through_it(self):
+        # zsh's own matching filters the words (bashcompinit's compgen gives them all), so
+        # this checks that jobctl is registered and that the function sees the command line
+        # as zsh hands it over (sh emulation: arrays from 0).
+        import shutil
+        if shutil.which("zsh") is None:
+            self.skipTest("zsh is not installed")
+        script = self.ctl("completion", "zsh").stdout
+        program = ('autoload -U compinit && compinit -u -D; eval "$SCRIPT"; '
+                   'print -r -- "${_comps[jobctl]}"; '
+                   'emulate sh -c \'COMP_WORDS=(jobctl list --state fa); COMP_CWORD=3; _jobctl; '
+                   'echo "${COMPREPLY[@]}"; COMP_WORDS=(jobctl --json li); COMP_CWORD=2; '
+                   '_jobctl; echo "${COMPREPLY[@]}"\'')
+        proc = subprocess.run(["zsh", "-f", "-c", program], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "SCRIPT": script})
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        registered, states, commands = proc.stdout.splitlines()
+        self.assertEqual(registered, "_bash_complete -F _jobctl")
+        self.assertIn("failed", states.split())
+        self.assertIn("list", commands.split())
+
     def test_version_needs_no_daemon(self):
         for argv in (["--version"], ["list", "--version"]):
             proc = subprocess.run([sys.executable, JOBCTL, "--socket", "/nonexistent", *argv],
