@@ -30,22 +30,29 @@ Python use:
 
 Command line (run "jobctl -h" or "jobctl add -h" for details):
 
-    jobctl add TARGET [ARG ...] [--method M] [--priority N] [--delay S | --at ISO8601]
-               [--retries N] [--retry-delay S] [--backoff fixed|exponential]
-               [--timeout S|none] [--key K] [--kwargs JSON] [--json-args]
+    jobctl add TARGET [ARG ...] [--method M] [--priority N] [--delay D | --at ISO8601]
+               [--retries N] [--retry-delay D] [--backoff fixed|exponential]
+               [--timeout D|none] [--key K] [--kwargs JSON] [--json-args]
                [--after ID ...] [--on-parent-failure cancel|run] [--wait]
     jobctl add --stdin          (one add object per JSON line, added in batches)
     jobctl list [--state S] [--target PATTERN] [--queue Q] [--schedule NAME] [--limit N]
+                [--first | --after-id ID | --before-id ID | --all]
     jobctl show ID
     jobctl cancel ID ...        jobctl retry ID ...
-    jobctl wait ID ... [--timeout S]
+    jobctl wait ID ... [--timeout D]
     jobctl logs ID [--follow] [--raw]
-    jobctl stats                jobctl prune [--older-than S]
+    jobctl stats                jobctl prune [--older-than D]
     jobctl pause [--queue Q | --schedule NAME]      jobctl resume [same]
     jobctl queues               jobctl workers QUEUE N
     jobctl schedules            jobctl trigger NAME
+    jobctl completion bash|zsh  jobctl --version
 
-Global options --socket PATH and --json go before or after the subcommand.
+A duration D is seconds (90, 1.5) or numbers with units, largest first: 250ms, 90s, 10m,
+1h30m, 2d (parse_duration). `list` shows the newest 50 matching jobs, oldest of them first,
+and a last line saying how many more match and how to page.
+Global options --socket PATH and --json go before or after the subcommand. With --json
+every command prints exactly one JSON document, also on refusal: the error reply
+{"ok": false, "error": {...}}; a command over several ids prints an array in order.
 Exit codes: 0 success, 1 a waited job ended failed or cancelled, 2 usage error or
 the daemon refused the request, 3 the daemon cannot be reached, 4 --timeout passed
 before a waited job finished (whatever the daemon does, wait --timeout D returns within
@@ -59,11 +66,20 @@ shown as escapes (\x1b, \r), so a job's key or error cannot drive the terminal.
 """
 from __future__ import annotations  # Client.list shadows the builtin in annotations
 
+# Before anything that needs 3.11 (an import, a syntax, a call): one line and exit 2, never a
+# traceback (SPEC section 4). ASCII and old syntax only, so that older Pythons get this far.
+import sys
+if sys.version_info < (3, 11):
+    sys.stderr.write("jobctl: needs Python 3.11 or newer; found Python %d.%d.%d (%s)\n"
+                     % (tuple(sys.version_info[:3]) + (sys.executable or "python",)))
+    sys.exit(2)
+
 import json
 import os
 import socket
-import sys
 from collections import deque
+
+__version__ = "0.1.0"   # the release; jobrunnerd.VERSION is the same (a test compares them)
 
 __all__ = ["Client", "JobrunnerError", "DaemonUnreachable", "ReplyTimeout", "BadReply",
            "run_background_job", "resolve_socket", "escape", "main"]
@@ -94,6 +110,8 @@ _SEND_DIRECT = 64 * 1024       # a write this small fits the socket buffer: send
 _SEND_BUFFER_MAX = 512 * 1024  # flush pipelined requests beyond this, bounding memory
 _BATCH_JOBS = 1000             # add --stdin: jobs per add_batch request
 _BATCH_BYTES = 768 * 1024      # ... and bytes per request, below max_request_bytes (1 MiB)
+LIST_PAGE = 50                 # jobctl list: the newest 50 by default (SPEC §4), a screenful or two
+LIST_MAX = 1000                # the daemon's largest `list` page (SPEC §3): --all reads pages of it
 _FOLLOW_POLL = 0.5             # logs --follow: output has no push, wait() ends early when the job does
 REPLY_TIMEOUT = 30.0           # SPEC §4: a daemon that accepted but says nothing for 30 s is unreachable
 REPLY_TIMEOUT_ENV = "JOBRUNNER_REPLY_TIMEOUT"  # seconds instead of REPLY_TIMEOUT (tests, slow hosts)
@@ -115,6 +133,14 @@ class JobrunnerError(Exception):
     def __init__(self, code: str, message: str = "") -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
+        self.message = message
+
+
+class UsageError(SystemExit):
+    """The command line is wrong (argparse's error): exit 2; .message says what."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
         self.message = message
 
 
@@ -440,11 +466,31 @@ class Client:
 
     def list(self, state: str | None = None, target: str | None = None,
              limit: int | None = None, after_id: int | None = None,
-             queue: str | None = None, schedule: str | None = None) -> list[dict]:
-        """Job records in ascending id order (the daemon's default limit is 100, at most 1000)."""
+             queue: str | None = None, schedule: str | None = None,
+             order: str | None = None, before_id: int | None = None) -> list[dict]:
+        """Job records in ascending id order, or newest first with order="desc" (from
+        before_id, if given). The daemon's default limit is 100, at most 1000; list_page()
+        also says whether more match and how many."""
+        return self.list_page(state=state, target=target, limit=limit, after_id=after_id,
+                              queue=queue, schedule=schedule, order=order,
+                              before_id=before_id)["jobs"]
+
+    def list_page(self, state: str | None = None, target: str | None = None,
+                  limit: int | None = None, after_id: int | None = None,
+                  queue: str | None = None, schedule: str | None = None,
+                  order: str | None = None, before_id: int | None = None) -> dict:
+        """One page of list(): {"jobs": [...], "more": bool (more match past this page),
+        "total": int (how many match over all pages)}."""
         fields = _given(state=state, target=target, limit=limit, after_id=after_id, queue=queue,
-                        schedule=schedule)
-        return _field(self.call("list", **fields), "jobs", list, dict)
+                        schedule=schedule, order=order, before_id=before_id)
+        reply = self.call("list", **fields)
+        jobs = _field(reply, "jobs", list, dict)
+        # A daemon from before `more` and `total` (protocol 1 still): this page is all it says.
+        reply.setdefault("more", False)
+        reply.setdefault("total", len(jobs))
+        _field(reply, "more", bool)
+        _field(reply, "total", int)
+        return reply
 
     def cancel(self, id: int) -> dict:
         """Cancel a pending or running job; return the job record."""
@@ -694,23 +740,95 @@ def _when(job: dict, now: float) -> str:
     return relative_time(t, now) if isinstance(t, (int, float)) else "-"
 
 
-def job_table(jobs: list[dict], now: float | None = None) -> str:
-    """An aligned table: ID STATE PRI ATTEMPTS TARGET WHEN."""
+def elapsed(seconds: float) -> str:
+    """A run time, short: "250ms", "4.2s", "5m 3s", "1h 2m"."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return duration(seconds)
+
+
+def _time_column(job: dict, now: float) -> str:
+    # Duration or time to start: pending -> when it may run, blocked -> what it waits for,
+    # running -> for how long so far, finished -> how long its last attempt ran.
+    state = job.get("state")
+    started, finished = job.get("started_at"), job.get("finished_at")
+    number = (int, float)
+    if state == "pending":
+        run_at = job.get("run_at")
+        return _when(job, now) if isinstance(run_at, number) and run_at > now + 1 else "due"
+    if state == "blocked":
+        return _when(job, now)
+    if state == "running" and isinstance(started, number):
+        return elapsed(max(0.0, now - started))
+    if isinstance(started, number) and isinstance(finished, number) and finished >= started:
+        return elapsed(finished - started)
+    return "-"
+
+
+# SGR colours of the states on a terminal (never with NO_COLOR, never to a pipe or file).
+_STATE_COLOURS = {"blocked": "35", "pending": "34", "running": "36", "succeeded": "32",
+                  "failed": "31", "cancelled": "33"}
+# To fit the terminal, the error column shrinks first, then the target, then both further:
+# (column, narrowest) in turn; the other columns are short already.
+_SHRINK = ((9, 16), (5, 24), (9, 5), (5, 12))
+
+
+def use_colour(stream=None) -> bool:
+    """Colour only on a terminal, and not when $NO_COLOR is set (no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(0, width - 1)] + "\u2026"
+
+
+def job_table(jobs: list[dict], now: float | None = None, width: int | None = None,
+              colour: bool = False) -> str:
+    """An aligned table, one row per job: ID STATE QUEUE PRI ATTEMPTS TARGET AGE TIME EXIT
+    ERROR. Rows wider than `width` (default: the terminal's) shrink the error, then the
+    target, to fit; `colour` paints the states."""
+    import shutil
     if now is None:
         import time
         now = time.time()
-    rows = [("ID", "STATE", "PRI", "ATTEMPTS", "TARGET", "WHEN")]
+    if width is None:
+        width = shutil.get_terminal_size().columns
+    number = (int, float)
+    rows = [("ID", "STATE", "QUEUE", "PRI", "ATTEMPTS", "TARGET", "AGE", "TIME", "EXIT", "ERROR")]
     for j in jobs:
         target = str(j.get("target", ""))
         if j.get("method") not in (None, "handle"):
             target += f" ({j['method']})"
-        rows.append(tuple(escape(cell) for cell in (str(j.get("id")), str(j.get("state")),
-                          str(j.get("priority", 0)), attempts_text(j), target, _when(j, now))))
+        created = j.get("created_at")
+        exit_code = j.get("exit_code")
+        error = str(j.get("error") or "-").strip().split("\n")[0]
+        rows.append(tuple(escape(cell) for cell in (
+            str(j.get("id")), str(j.get("state")), str(j.get("queue", "default")),
+            str(j.get("priority", 0)), attempts_text(j), target,
+            _span(max(0.0, now - created)) if isinstance(created, number) else "-",
+            _time_column(j, now), "-" if exit_code is None else str(exit_code), error)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = (True, False, True, False, False, False)  # numbers line up on the right
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    for column, least in _SHRINK:
+        if over > 0 and widths[column] > least:
+            cut = min(over, widths[column] - least)
+            widths[column] -= cut
+            over -= cut
+    right = (True, False, False, True, False, False, True, False, True, False)  # numbers right
     lines = []
-    for r in rows:
-        cells = [c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(r, widths, right)]
+    for n, r in enumerate(rows):
+        cells = [_clip(c, w).rjust(w) if rj else _clip(c, w).ljust(w)
+                 for c, w, rj in zip(r, widths, right)]
+        if colour and n and r[1] in _STATE_COLOURS:
+            cells[1] = f"\x1b[{_STATE_COLOURS[r[1]]}m{cells[1]}\x1b[0m"
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -800,6 +918,19 @@ def report(error: JobrunnerError, context: str = "") -> int:
     return EXIT_UNREACHABLE if isinstance(error, DaemonUnreachable) else EXIT_REFUSED
 
 
+def error_doc(error: JobrunnerError) -> dict:
+    """The error reply as the daemon sends it: {"ok": false, "error": {code, message}}."""
+    return {"ok": False, "error": {"code": error.code, "message": error.message}}
+
+
+def fail(ns, error: JobrunnerError, context: str = "") -> int:
+    """report(), and with --json the error reply as the one document on stdout (SPEC §4:
+    also a refusal prints exactly one JSON document)."""
+    if getattr(ns, "json", False):
+        _out_json(error_doc(error))
+    return report(error, context)
+
+
 def worst(codes: list[int]) -> int:
     """The exit code for a command over several ids."""
     return max(codes, key=_EXIT_SEVERITY.index, default=EXIT_OK)
@@ -835,9 +966,9 @@ def _add_stdin(client: Client, ns) -> int:
         try:
             job = json.loads(line)
         except ValueError as e:
-            return report(JobrunnerError("bad_request", f"stdin line {n}: not JSON: {e}"))
+            return fail(ns, JobrunnerError("bad_request", f"stdin line {n}: not JSON: {e}"))
         if not isinstance(job, dict):
-            return report(JobrunnerError("bad_request", f"stdin line {n}: not a JSON object"))
+            return fail(ns, JobrunnerError("bad_request", f"stdin line {n}: not a JSON object"))
         jobs.append((job, len(line)))
     ids: list[int] = []
     chunk: list[dict] = []
@@ -851,7 +982,7 @@ def _add_stdin(client: Client, ns) -> int:
         try:
             new = client.add_batch(chunk)
         except JobrunnerError as e:
-            code = report(e, f"jobs {len(ids) + 1}-{len(ids) + len(chunk)} of {len(jobs)}")
+            code = fail(ns, e, f"jobs {len(ids) + 1}-{len(ids) + len(chunk)} of {len(jobs)}")
             if ids:
                 print(f"jobctl: {len(ids)} jobs were added before the error", file=sys.stderr)
             return code
@@ -865,12 +996,43 @@ def _add_stdin(client: Client, ns) -> int:
 
 
 def cmd_list(client: Client, ns) -> int:
-    jobs = client.list(state=ns.state, target=ns.target, limit=ns.limit, queue=ns.queue,
-                       schedule=ns.schedule)
+    """Newest LIST_PAGE matching jobs by default (shown oldest of them first); --first and
+    --after-id page oldest first, --before-id newest first, --all reads every page. A last
+    line says how many match when this is not all of them, and how to see the others."""
+    filters = dict(state=ns.state, target=ns.target, queue=ns.queue, schedule=ns.schedule)
+    limit = ns.limit or LIST_PAGE
+    if ns.all:
+        jobs, after = [], 0
+        while True:
+            page = client.list_page(**filters, limit=LIST_MAX, after_id=after)
+            jobs += page["jobs"]
+            if not page["more"] or not page["jobs"]:
+                break
+            after = page["jobs"][-1]["id"]
+    elif ns.first or ns.after_id is not None:
+        page = client.list_page(**filters, limit=limit, after_id=ns.after_id)
+        jobs = page["jobs"]
+    else:
+        page = client.list_page(**filters, limit=limit, order="desc", before_id=ns.before_id)
+        jobs = page["jobs"][::-1]
     if ns.json:
         _out_json(jobs)
-    elif jobs:
-        _out(job_table(jobs))
+        return EXIT_OK
+    if jobs:
+        _out(job_table(jobs, colour=use_colour()))
+    total = page["total"]
+    if total > len(jobs):
+        ascending = ns.first or ns.after_id is not None
+        hints = []
+        if jobs and (page["more"] if not ascending else bool(ns.after_id)):
+            hints.append(f"older: --before-id {jobs[0]['id']}")
+        if jobs and (page["more"] if ascending else ns.before_id is not None):
+            hints.append(f"newer: --after-id {jobs[-1]['id']}")
+        if not jobs:
+            hints.append("the newest: without --after-id/--before-id")
+        hints += ["the oldest: --first", "every one: --all"]
+        _out(f"{len(jobs)} of {total} matching jobs shown ({total - len(jobs)} more); "
+             + ", ".join(hints))
     return EXIT_OK
 
 
@@ -894,7 +1056,7 @@ def _replies(ns, fetch, codes: list, docs: list):
             raise
         except JobrunnerError as e:
             codes.append(report(e, str(job_id)))
-            docs.append({"id": job_id, "error": {"code": e.code, "message": e.message}})
+            docs.append({**error_doc(e), "id": job_id})
             continue
         docs.append(reply)
         yield reply
@@ -910,19 +1072,22 @@ def _each_id(client: Client, ns, op: str) -> int:
             if not ns.json:
                 _out(state_line(_field(reply, "job", dict)))
     except DaemonUnreachable as e:
-        return report(e)
+        return fail(ns, e)
     _out_docs(ns, docs)
     return worst(codes)
 
 
 def _out_docs(ns, docs: list[dict]) -> None:
-    """--json for commands over ids: a list for several ids, the reply for one
-    (nothing on stdout if that one was refused: the error is on stderr)."""
+    """--json for commands over ids: an array of the replies for several ids (a refused
+    one is {"ok": false, "error": ..., "id": ID}), the reply for one (the error reply if
+    it was refused; the error is on stderr too)."""
     if not ns.json:
         return
     if len(ns.ids) > 1:
         _out_json(docs)
-    elif "error" not in docs[0]:
+    elif "error" in docs[0]:
+        _out_json(error_doc(JobrunnerError(docs[0]["error"]["code"], docs[0]["error"]["message"])))
+    else:
         _out_json(docs[0])
 
 
@@ -956,10 +1121,10 @@ def cmd_wait(client: Client, ns) -> int:
     except ReplyTimeout as e:
         # The daemon did not answer a wait in time: its deadline has passed (exit 4), and
         # another wait would only go past it further.
-        code = report(e)
+        code = fail(ns, e)
         return worst(codes + [EXIT_TIMEOUT]) if deadline is not None else code
     except DaemonUnreachable as e:
-        return report(e)
+        return fail(ns, e)
     _out_docs(ns, docs)
     return worst(codes)
 
@@ -1131,6 +1296,62 @@ def cmd_prune(client: Client, ns) -> int:
     return EXIT_OK
 
 
+def completion_script(shell: str) -> str:
+    """A completion script for bash or zsh (zsh runs the bash one through bashcompinit),
+    made from the argument parser itself, so that every command and flag is in it."""
+    import argparse
+    import shlex
+    parser = build_parser()
+    words = lambda items: shlex.quote(" ".join(items))  # noqa: E731
+    flags, values = {}, {}
+    for name, sub in parser.commands.items():
+        flags[name] = sorted({o for a in sub._actions for o in a.option_strings
+                              if o.startswith("--") and a.help is not argparse.SUPPRESS}
+                             | {"--socket", "--json", "--help"})
+        for a in sub._actions:
+            if a.option_strings and a.choices:
+                values.update({o: a.choices for o in a.option_strings})
+    positional = {"completion": ("bash", "zsh"), "pause": (), "resume": ()}
+    top = sorted(parser.commands) + ["--socket", "--json", "--version", "--help"]
+    lines = [
+        f"# jobctl completion for {shell}: eval \"$(jobctl completion {shell})\" in ~/.{shell}rc",
+        *(["autoload -U +X bashcompinit && bashcompinit"] if shell == "zsh" else []),
+        "_jobctl() {",
+        '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" i',
+        "    for ((i = 1; i < COMP_CWORD; i++)); do",
+        '        case "${COMP_WORDS[i]}" in',
+        "            --socket) ((i++)) ;;",
+        "            -*) ;;",
+        '            *) cmd="${COMP_WORDS[i]}"; break ;;',
+        "        esac",
+        "    done",
+        '    case "$prev" in',
+        '        --socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;',
+        *(f'        {o}) COMPREPLY=($(compgen -W {words(c)} -- "$cur")); return ;;'
+          for o, c in sorted(values.items())),
+        "    esac",
+        '    case "$cmd" in',
+        f'        "") COMPREPLY=($(compgen -W {words(top)} -- "$cur")) ;;',
+        *(f'        {name}) COMPREPLY=($(compgen -W {words(list(positional.get(name, ())) + f)} '
+          '-- "$cur")) ;;' for name, f in sorted(flags.items())),
+        "    esac",
+        "}",
+        "complete -F _jobctl jobctl jobctl.py",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_completion(ns) -> int:
+    if ns.json:
+        _out_json({"script": completion_script(ns.shell)})
+    else:
+        _out(completion_script(ns.shell))
+    return EXIT_OK
+
+
+# Commands that need no daemon: they run without a Client.
+LOCAL_COMMANDS = {"completion": cmd_completion}
+
 COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_cancel,
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
             "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune,
@@ -1142,15 +1363,38 @@ COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_ca
 # Argument parsing and main
 ###############################################################################
 
+_DURATION_UNITS = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
+_DURATION_HELP = "seconds (90, 1.5) or with units, largest first: 250ms, 90s, 10m, 1h30m, 2d"
+
+
+def parse_duration(text: str) -> float:
+    """A duration in seconds (SPEC §4): "90", "1.5", or numbers with units, each unit at most
+    once and largest first: "250ms", "90s", "10m", "1h30m", "2d". ValueError otherwise."""
+    import re
+    number = r"(\d+(?:\.\d+)?|\.\d+)"
+    word = text.strip().lower()
+    if re.fullmatch(number + r"|\d+\.", word):
+        value = float(word)
+    else:
+        # One optional group per unit, in order: "1h30m" matches, "30m1h" and "1h1h" do not.
+        pattern = "".join(f"(?:{number}{unit})?" for unit, _ in _DURATION_UNITS)
+        found = re.fullmatch(pattern, word) if word else None
+        if found is None:
+            raise ValueError(f"not a duration: {text!r} ({_DURATION_HELP})")
+        value = sum(float(n) * size for n, (_, size) in zip(found.groups(), _DURATION_UNITS)
+                    if n is not None)
+    if value == float("inf"):
+        raise ValueError(f"duration too large: {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
+    """Every CLI flag that takes seconds takes a duration (parse_duration)."""
     import argparse
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return value
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(text: str) -> int:
@@ -1162,6 +1406,24 @@ def _count(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return value
+
+
+def _page_size(text: str) -> int:
+    """list --limit: 1 to LIST_MAX."""
+    import argparse
+    value = _count(text)
+    if not 1 <= value <= LIST_MAX:
+        raise argparse.ArgumentTypeError(f"not between 1 and {LIST_MAX}: {text!r}")
+    return value
+
+
+def _job_id(text: str) -> int:
+    """A job id: a whole number >= 1."""
+    import argparse
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a job id: {text!r}")
     return value
 
 
@@ -1203,8 +1465,12 @@ def command_in(argv: list[str]) -> str | None:
         elif argv[i] == "--json" or argv[i].startswith("--socket="):
             i += 1
         else:
-            return argv[i] if argv[i] in COMMANDS else None
+            return argv[i] if argv[i] in _command_names() else None
     return None
+
+
+def _command_names() -> tuple:
+    return (*COMMANDS, *LOCAL_COMMANDS)
 
 
 def build_parser(only: str | None = None):
@@ -1219,6 +1485,15 @@ def build_parser(only: str | None = None):
         def _print_message(self, message: str, file=None) -> None:
             super()._print_message(escape(message, keep_lines=True) if message else message, file)
 
+        def error(self, message: str):
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_REFUSED, f"{self.prog}: error: {message}\n", message)
+
+        def exit(self, status: int = 0, message: str | None = None, error: str | None = None):
+            if message:
+                self._print_message(message, sys.stderr)
+            raise UsageError(status, error) if error is not None else SystemExit(status)
+
     parser = Parser(
         prog="jobctl", description="Queue and inspect jobrunner jobs.",
         epilog="exit codes: 0 ok, 1 waited job failed/cancelled, 2 usage error or refused, "
@@ -1226,6 +1501,7 @@ def build_parser(only: str | None = None):
     parser.add_argument("--socket", metavar="PATH", help="daemon socket (default: $JOBRUNNER_SOCKET, "
                         "./storage/jobrunnerd.sock next to jobctl.py, /run/jobrunner/jobrunnerd.sock)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--version", action="version", version=f"jobctl {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -1249,14 +1525,14 @@ def build_parser(only: str | None = None):
     p.add_argument("--method", metavar="M", help="method of a class target (default: handle)")
     p.add_argument("--priority", type=int, metavar="N", help="higher runs first (default 0)")
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--delay", type=_seconds, metavar="S", help="run no sooner than S seconds from now")
+    when.add_argument("--delay", type=_seconds, metavar="D", help="run no sooner than D from now (90, 10m, 1h30m)")
     when.add_argument("--at", type=_iso_time, metavar="ISO8601", dest="run_at",
                       help="run no sooner than this time (local time unless it has a zone)")
     p.add_argument("--retries", type=int, metavar="N", help="retries after a failed first attempt")
-    p.add_argument("--retry-delay", type=_seconds, metavar="S", help="seconds before a retry")
+    p.add_argument("--retry-delay", type=_seconds, metavar="D", help="time before a retry (90, 10m)")
     p.add_argument("--backoff", choices=("fixed", "exponential"))
-    p.add_argument("--timeout", type=_timeout_or_none, default=_OMIT, metavar="S",
-                   help="seconds an attempt may run, or 'none' for no limit")
+    p.add_argument("--timeout", type=_timeout_or_none, default=_OMIT, metavar="D",
+                   help="how long an attempt may run (90, 10m, 1h), or 'none' for no limit")
     p.add_argument("--key", metavar="K", help="uniqueness key: while a job with it is pending or "
                    "running, its id is returned instead")
     p.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
@@ -1271,12 +1547,18 @@ def build_parser(only: str | None = None):
     p.add_argument("--stdin", action="store_true", help="read add objects, one JSON line each, "
                    "from stdin and add them in batches; print the ids")
 
-    p = command("list", "list jobs")
+    p = command("list", "list jobs: the newest 50 matching, oldest of them first")
     p.add_argument("--state", metavar="S", choices=STATES)
     p.add_argument("--target", metavar="PATTERN", help="fnmatch pattern")
     p.add_argument("--queue", metavar="Q", help="only the jobs of queue Q")
     p.add_argument("--schedule", metavar="NAME", help="only the jobs schedule NAME queued")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N jobs (daemon default 100, max 1000)")
+    p.add_argument("--limit", type=_page_size, metavar="N",
+                   help=f"at most N jobs (default {LIST_PAGE}, at most {LIST_MAX})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--first", action="store_true", help="the oldest matching jobs")
+    where.add_argument("--after-id", type=_count, metavar="ID", help="the oldest jobs after ID")
+    where.add_argument("--before-id", type=_job_id, metavar="ID", help="the newest jobs before ID")
+    where.add_argument("--all", action="store_true", help="every matching job, oldest first")
 
     p = command("show", "show one job")
     p.add_argument("id", type=int, metavar="ID")
@@ -1285,7 +1567,7 @@ def build_parser(only: str | None = None):
         command(name, text).add_argument("ids", type=int, nargs="+", metavar="ID")
     p = command("wait", "wait until jobs finish; exit 1 if one failed or was cancelled")
     p.add_argument("ids", type=int, nargs="+", metavar="ID")
-    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (exit 4)")
+    p.add_argument("--timeout", type=_seconds, metavar="D", help="give up after D (90, 10m; exit 4)")
     p = command("logs", "print a job's output")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
@@ -1305,8 +1587,10 @@ def build_parser(only: str | None = None):
     p = command("workers", "set a queue's worker slots (until the daemon restarts or reloads)")
     p.add_argument("queue", metavar="QUEUE")
     p.add_argument("workers", type=_count, metavar="N")
+    p = command("completion", "print a shell completion script (eval \"$(jobctl completion bash)\")")
+    p.add_argument("shell", choices=("bash", "zsh"))
     p = command("prune", "delete finished jobs and their output")
-    p.add_argument("--older-than", type=_seconds, metavar="S", help="only those finished S seconds ago")
+    p.add_argument("--older-than", type=_seconds, metavar="D", help="only those finished D ago (90, 10m, 2d)")
     return parser
 
 
@@ -1395,15 +1679,29 @@ def _is_number(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one jobctl command; return its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if "--version" in options:
+        if "--json" in options:
+            _out_json({"version": __version__})
+        else:
+            _out(f"jobctl {__version__}")
+        return EXIT_OK
     try:
         ns = parse_args(argv)
+    except UsageError as e:  # with --json the error is also the one document on stdout
+        if "--json" in options:
+            _out_json(error_doc(JobrunnerError("bad_request", e.message)))
+        return EXIT_REFUSED
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else EXIT_REFUSED
     try:
+        if ns.command in LOCAL_COMMANDS:
+            return LOCAL_COMMANDS[ns.command](ns)
         with Client(ns.socket) as client:
             return COMMANDS[ns.command](client, ns)
     except JobrunnerError as e:
-        return report(e)
+        return fail(ns, e)
     except KeyboardInterrupt:
         return 130  # the shell's convention for SIGINT
     except BrokenPipeError:  # "jobctl logs 3 | head": the reader left, that is fine

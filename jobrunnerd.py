@@ -61,6 +61,14 @@ Protocol (version 1), in brief
 
 from __future__ import annotations
 
+# Before anything that needs 3.11 (an import, a syntax, a call): one line and exit 2, never a
+# traceback (SPEC section 4). ASCII and old syntax only, so that older Pythons get this far.
+import sys
+if sys.version_info < (3, 11):
+    sys.stderr.write("jobrunnerd: needs Python 3.11 or newer; found Python %d.%d.%d (%s)\n"
+                     % (tuple(sys.version_info[:3]) + (sys.executable or "python",)))
+    sys.exit(2)
+
 import bisect
 import collections
 import datetime
@@ -81,7 +89,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import time
 from typing import NamedTuple
 
@@ -117,6 +124,7 @@ MAX_KEY_CHARS = 1024                  # uniqueness keys are names, not payloads
 MAX_AFTER = 1000                      # SPEC §2b: parents of one job, at most
 MAX_OUTPUT_LIMIT = 4 * 1024 * 1024    # one `output` reply; clients page with `offset`
 LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
+ALLOW_SHOWN = 300                     # a not_allowed message quotes this much of the allow list
 MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
 QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
                                       # them together: the loop is never held much longer
@@ -2457,6 +2465,26 @@ class JobTable:
         return map(ids.__getitem__, range(bisect.bisect_right(ids, after_id), len(ids)))
 
     @staticmethod
+    def _ids_before(ids: list[int], before_id: int):
+        """The ids < before_id of an ascending list, descending, lazily (`list` newest first)."""
+        return map(ids.__getitem__, range(bisect.bisect_left(ids, before_id) - 1, -1, -1))
+
+    def total(self, state: str | None, queue: str | None, schedule: str | None = None) -> int:
+        """How many jobs are in `state` and `queue` (None: any), from the counters alone:
+        a `list` reply's `total` never walks the table. Of one schedule's jobs (a few
+        thousand at most: one a fire, pruned after keep_finished) their ids are read."""
+        if schedule is not None:
+            ids, jobs = self.by_schedule.get(schedule, ()), self.jobs
+            if state is None and queue is None:
+                return len(ids)
+            return sum(1 for i in ids if (state is None or jobs[i].state == state)
+                       and (queue is None or jobs[i].queue == queue))
+        if queue is None:
+            return len(self.jobs) if state is None else self.counts[state]
+        counts = self.scheduler.queues[queue].counts if queue in self.scheduler.queues else {}
+        return sum(counts.values()) if state is None else counts.get(state, 0)
+
+    @staticmethod
     def _without(ids: list[int], gone: set[int]) -> list[int]:
         """The ascending `ids` without those in `gone`. Jobs finished together mostly have
         neighbouring ids: a few runs of them are cut out in place (a memmove each, ~1 ms at
@@ -2555,16 +2583,20 @@ class JobTable:
 
     def select(self, state: str | None, pattern: str | None, after_id: int, limit: int,
                targets: set[str] | None = None, queue: str | None = None,
-               schedule: str | None = None) -> list[Job]:
-        """Up to `limit` jobs with id > after_id, ascending, in `state`, matching `pattern`
-        (at once: the daemon runs a PatternQuery a slice per pass instead) or of one of
-        `targets` (a few, in the index), in `queue`, queued by `schedule`: read from the
-        smallest of every id (or the queue's, or the schedule's), the state's ids and those
-        targets' ids."""
+               schedule: str | None = None, before_id: int | None = None) -> list[Job]:
+        """Up to `limit` jobs with id > after_id, ascending (or, given `before_id`, with
+        id < before_id, descending: newest first), in `state`, matching `pattern` (at once:
+        the daemon runs a PatternQuery a slice per pass instead) or of one of `targets` (a
+        few, in the index), in `queue`, queued by `schedule`: read from the smallest of every
+        id (or the queue's, or the schedule's), the state's ids and those targets' ids."""
         if pattern is not None:
-            query = PatternQuery(self, state, pattern, after_id, limit, queue, schedule)
+            query = PatternQuery(self, state, pattern, after_id, limit, queue, before_id,
+                                 schedule=schedule)
             query.step(math.inf)
             return query.jobs
+        desc = before_id is not None
+        if state is not None and self.total(state, queue) == 0:
+            return []                           # none anywhere: no walk looking for them
         jobs = self.jobs
         if targets is not None:
             if not targets:
@@ -2576,15 +2608,21 @@ class JobTable:
         in_targets = len(base) if targets is None else \
             sum(len(self.by_target[t]) for t in targets)
         if state is not None and self.counts[state] * 8 < in_targets:
-            # A rare state: its own ids (unordered), the smallest `limit` of those that match.
-            found = heapq.nsmallest(limit, (
+            # A rare state: its own ids (unordered), the smallest (largest) `limit` that match.
+            pick = heapq.nlargest if desc else heapq.nsmallest
+            found = pick(limit, (
                 i for i in self.by_state[state]
-                if i > after_id and (targets is None or jobs[i].target in targets)
+                if (i < before_id if desc else i > after_id)
+                and (targets is None or jobs[i].target in targets)
                 and (queue is None or jobs[i].queue == queue)
                 and (schedule is None or jobs[i].schedule == schedule)))
             return [jobs[i] for i in found]
         if targets is None:
-            candidates = self._ids_after(base, after_id)
+            candidates = self._ids_before(base, before_id) if desc else \
+                self._ids_after(base, after_id)
+        elif desc:
+            candidates = heapq.merge(*(self._ids_before(self.by_target[t], before_id)
+                                       for t in targets), reverse=True)
         else:
             candidates = heapq.merge(*(self._ids_after(self.by_target[t], after_id)
                                        for t in targets))
@@ -2610,22 +2648,31 @@ class PatternQuery:
     through fnmatch's own cache (32,768 compiled patterns of up to 1,024 characters each).
     The targets are those in the index when matching starts: a job added with a new target
     after the request arrived may be missing from the answer; one of a target seen, or
-    acknowledged before the request, is in it."""
+    acknowledged before the request, is in it.
+
+    With `before_id` the page is the `limit` largest ids below it, newest first. With
+    `count`, `total` is then counted too (how many jobs of the matched targets are in
+    `state` and `queue`): a walk of those jobs' ids, also a slice per pass."""
 
     FEW_TARGETS = 64        # matched targets that JobTable.select merges in one go
+    COUNT_CHUNK = 4096      # ids counted between two looks at the clock
 
     def __init__(self, table: JobTable, state: str | None, pattern: str, after_id: int,
-                 limit: int, queue: str | None = None, schedule: str | None = None):
+                 limit: int, queue: str | None = None, before_id: int | None = None,
+                 count: bool = False, schedule: str | None = None):
         self.table, self.state, self.pattern, self.queue = table, state, pattern, queue
         self.schedule = schedule
-        self.after_id, self.limit = after_id, limit
+        self.after_id, self.limit, self.before_id = after_id, limit, before_id
         self.regex: re.Pattern | None = None
         self.targets: list[str] | None = None   # the index's targets when matching started
         self.position = 0                       # of the next target to match
         self.matched: list[str] = []
         self.collect = None                     # a generator: the ids of the answer
-        self.found: list[int] = []              # a max-heap (ids negated) of the smallest
+        # A min-heap of keys: -id ascending (it keeps the smallest ids), id descending.
+        self.found: list[int] = []
         self.jobs: list[Job] | None = None
+        self.counting = None if count else iter(())     # a generator: total, a slice at a time
+        self.total = 0
 
     def step(self, deadline: float) -> bool:
         table = self.table
@@ -2644,24 +2691,55 @@ class PatternQuery:
             self.position = end
             if time.monotonic() >= deadline:
                 return False
-        if self.collect is None:
-            if len(self.matched) <= self.FEW_TARGETS:
-                present = {t for t in self.matched if t in table.by_target}   # none pruned?
-                self.jobs = table.select(self.state, None, self.after_id, self.limit,
-                                         targets=present, queue=self.queue,
-                                         schedule=self.schedule)
-                return True
-            self.collect = self._collect(self.matched)
-        for _ in self.collect:
+        if self.jobs is None:
+            if self.collect is None:
+                if len(self.matched) <= self.FEW_TARGETS:
+                    present = {t for t in self.matched if t in table.by_target}  # none pruned?
+                    self.jobs = table.select(self.state, None, self.after_id, self.limit,
+                                             targets=present, queue=self.queue,
+                                             schedule=self.schedule, before_id=self.before_id)
+                else:
+                    self.collect = self._collect(self.matched)
+            if self.jobs is None:
+                for _ in self.collect:
+                    if time.monotonic() >= deadline:
+                        return False
+                desc = self.before_id is not None
+                ids = sorted({i if desc else -i for i in self.found}, reverse=desc)
+                jobs = table.jobs
+                self.jobs = [jobs[i] for i in ids if i in jobs and
+                             (self.state is None or jobs[i].state == self.state)
+                             and (self.queue is None or jobs[i].queue == self.queue)
+                             and (self.schedule is None or jobs[i].schedule == self.schedule)]
+        if self.counting is None:
+            self.counting = self._count(self.matched)
+        for _ in self.counting:
             if time.monotonic() >= deadline:
                 return False
-        ids = sorted({-i for i in self.found})
-        jobs = table.jobs
-        self.jobs = [jobs[i] for i in ids if i in jobs and
-                     (self.state is None or jobs[i].state == self.state)
-                     and (self.queue is None or jobs[i].queue == self.queue)
-                     and (self.schedule is None or jobs[i].schedule == self.schedule)]
         return True
+
+    def _count(self, targets: list[str]):
+        """Add to self.total the jobs of `targets` in `state` and `queue`; yields now and
+        then. Without a filter a target's list length is its count."""
+        table, state, queue, schedule = self.table, self.state, self.queue, self.schedule
+        jobs, chunk = table.jobs, self.COUNT_CHUNK
+        for n, target in enumerate(targets):
+            ids = table.by_target.get(target)
+            if not ids:
+                continue
+            if state is None and queue is None and schedule is None:
+                self.total += len(ids)
+                if n % chunk == chunk - 1:
+                    yield
+                continue
+            for start in range(0, len(ids), chunk):
+                for job_id in ids[start:start + chunk]:     # a copy: the list may change
+                    job = jobs.get(job_id)
+                    if job is not None and (state is None or job.state == state) \
+                            and (queue is None or job.queue == queue) \
+                            and (schedule is None or job.schedule == schedule):
+                        self.total += 1
+                yield
 
     def _collect(self, targets: list[str]):
         """Keep in self.found the `limit` smallest ids > after_id of `targets` in `state`;
@@ -2670,27 +2748,34 @@ class PatternQuery:
         table, state, limit, found = self.table, self.state, self.limit, self.found
         queue, schedule = self.queue, self.schedule
         jobs = table.jobs
+        desc = self.before_id is not None
+        sign = 1 if desc else -1                # key = sign * id; found[0] is the worst kept
         for n, target in enumerate(targets):
-            last = self.after_id
+            last = self.before_id if desc else self.after_id
             while True:
                 ids = table.by_target.get(target)
                 if not ids:
                     break
-                start = bisect.bisect_right(ids, last)
-                chunk = ids[start:start + 256]
+                if desc:                        # walked from the newest down
+                    end = bisect.bisect_left(ids, last)
+                    chunk = ids[max(0, end - 256):end][::-1]
+                else:
+                    start = bisect.bisect_right(ids, last)
+                    chunk = ids[start:start + 256]
                 full = False
                 for job_id in chunk:
-                    if len(found) >= limit and job_id > -found[0]:
-                        full = True             # the rest of this list is larger still
+                    key = sign * job_id
+                    if len(found) >= limit and key < found[0]:
+                        full = True             # the rest of this list is further still
                         break
                     job = jobs.get(job_id)
                     if job is not None and (state is None or job.state == state) \
                             and (queue is None or job.queue == queue) \
                             and (schedule is None or job.schedule == schedule):
                         if len(found) < limit:
-                            heapq.heappush(found, -job_id)
+                            heapq.heappush(found, key)
                         else:
-                            heapq.heappushpop(found, -job_id)
+                            heapq.heappushpop(found, key)
                 if full or len(chunk) < 256:
                     break
                 last = chunk[-1]
@@ -4331,7 +4416,8 @@ ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at
 # op -> the fields it accepts besides "op"; anything else is a bad_request (typos never pass).
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
-    "list": ("state", "target", "queue", "schedule", "limit", "after_id"), "cancel": ("id",),
+    "list": ("state", "target", "queue", "schedule", "limit", "order", "after_id", "before_id"),
+    "cancel": ("id",),
     "retry": ("id",), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
     "stats": (), "pause": ("queue", "schedule"), "resume": ("queue", "schedule"),
     "prune": ("older_than",), "queues": (), "set_workers": ("queue", "workers"),
@@ -4429,6 +4515,22 @@ def get_schedule_name(req: dict) -> str:
     return name
 
 
+def allow_advice(target: str, cfg: "Config") -> str:
+    """What a `not_allowed` refusal adds (SPEC §4): the allow list consulted, where it comes
+    from (the config file in use, or the embedded defaults), and how to extend it."""
+    shown = json.dumps(cfg.allow)
+    if len(shown) > ALLOW_SHOWN:
+        shown = shown[:ALLOW_SHOWN] + "...]"
+    example = json.dumps(target.split(":", 1)[0] + ":*")
+    if cfg.path:
+        return ("consulted: allow = %s in %s; to allow it, add a pattern that matches it (such as "
+                "%s) to the key allow there and reload the daemon (SIGHUP)"
+                % (shown, os.path.abspath(cfg.path), example))
+    return ("consulted: allow = %s, the embedded defaults (no config file); to allow it, start "
+            "jobrunnerd with --config FILE whose key allow has a pattern that matches it (such as %s)"
+            % (shown, example))
+
+
 def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
                  position: int | None = None) -> dict:
     """The fields of a new job from an `add` object, defaults filled in from its queue's table
@@ -4454,7 +4556,8 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
         raise ProtocolError("bad_request", "%starget %r: names in Attr starting with '_' are "
                             "refused" % (where, target))
     if verdict == "not_allowed":
-        raise ProtocolError("not_allowed", "%starget %s is not in the allow list" % (where, target))
+        raise ProtocolError("not_allowed", "%starget %s is not in the allow list; %s"
+                            % (where, target, allow_advice(target, cfg)))
     method = req.get("method")
     if method is not None:
         if not isinstance(method, str) or len(method) > 200:
@@ -4532,6 +4635,11 @@ def target_verdict(target: str, allow: list) -> str:
             verdict = "ok"
         _VERDICTS[1][target] = verdict
     return verdict
+
+
+def list_reply(jobs: list, limit: int, total: int) -> dict:
+    """A `list` reply from up to limit + 1 jobs: the page, `more` when there was one past it."""
+    return {"jobs": [j.record() for j in jobs[:limit]], "more": len(jobs) > limit, "total": total}
 
 
 def get_pattern(req: dict, name: str = "target", where: str = "") -> str | None:
@@ -6876,19 +6984,30 @@ class Protocol:
             raise ProtocolError("bad_request", "state must be one of " + ", ".join(STATES))
         pattern = get_pattern(req)
         limit = get_int(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
+        order = req.get("order", "asc")
+        if order not in ("asc", "desc"):
+            raise ProtocolError("bad_request", 'order must be "asc" or "desc"')
+        if "before_id" in req and order != "desc":
+            raise ProtocolError("bad_request", 'before_id pages newest first: give "order": "desc"')
+        if "after_id" in req and order != "asc":
+            raise ProtocolError("bad_request", 'after_id pages oldest first: not with "order": "desc"')
         after = get_int(req, "after_id", 0, 0, 2 ** 63 - 1)
+        # desc without before_id: from the newest job (ids stay below 2**63).
+        before = get_int(req, "before_id", 2 ** 63 - 1, 1, 2 ** 63 - 1) if order == "desc" else None
         queue = get_queue_name(req) if "queue" in req else None
         schedule = get_schedule_name(req) if "schedule" in req else None
+        # One job past the page says whether there are more (`more`), without counting them.
         if pattern is None:
-            return {"jobs": [j.record() for j in self.jobs.select(state, None, after, limit,
-                                                                   queue=queue,
-                                                                   schedule=schedule)]}
+            jobs = self.jobs.select(state, None, after, limit + 1, queue=queue,
+                                    schedule=schedule, before_id=before)
+            return list_reply(jobs, limit, self.jobs.total(state, queue, schedule))
         # Answered in a later pass, as a `wait` is: later requests of conn wait for it.
         slot = [None]
         if not self.queries:
             self.loop.call_later(0, self.advance_queries)
-        self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after, limit,
-                                                      queue, schedule)))
+        self.queries.append((conn, slot, PatternQuery(self.jobs, state, pattern, after,
+                                                      limit + 1, queue, before, count=True,
+                                                      schedule=schedule)))
         return slot
 
     def advance_queries(self) -> None:
@@ -6901,7 +7020,7 @@ class Protocol:
             if not query.step(deadline):
                 self.queries.append((conn, slot, query))    # the others' turn first
                 continue
-            slot[0] = encode_reply({"jobs": [j.record() for j in query.jobs]})
+            slot[0] = encode_reply(list_reply(query.jobs, query.limit - 1, query.total))
             self.this_pass.answered(conn)
         if self.queries:
             self.loop.call_later(0, self.advance_queries)

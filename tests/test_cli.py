@@ -295,7 +295,7 @@ class CommandsTest(CliCase):
         self.assertEqual([j["id"] for j in self.ctl_json("list", "--state", "pending")], [a, c])
         self.assertEqual([j["id"] for j in self.ctl_json("list", "--target", "examples.jobs:E*")],
                          [b, c])
-        self.assertEqual([j["id"] for j in self.ctl_json("list", "--limit", "2")], [a, b])
+        self.assertEqual([j["id"] for j in self.ctl_json("list", "--limit", "2")], [b, c])   # the newest
         self.assertEqual(self.ctl_json("list", "--state", "running"), [])
 
     def test_show(self):

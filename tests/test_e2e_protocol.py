@@ -295,7 +295,7 @@ class OpsTest(ProtocolTestCase):
         for target in (T, echo, T, echo, T):
             self.add(target)
         self.assertOk(self.call(op="cancel", id=2), "job")
-        reply = self.assertOk(self.call(op="list"), "jobs")
+        reply = self.assertOk(self.call(op="list"), "jobs", "more", "total")
         self.assertEqual([j["id"] for j in reply["jobs"]], [1, 2, 3, 4, 5])
         self.assertEqual(set(reply["jobs"][0]), JOB_FIELDS)
         ids = lambda **kw: [j["id"] for j in self.call(op="list", **kw)["jobs"]]  # noqa: E731
@@ -630,7 +630,7 @@ class ErrorsTest(ProtocolTestCase):
                     self.assertError(reply, "bad_request")
         self.assertEqual(self.counts()["pending"], len(accepted))
         listed = self.call(op="list", limit=1000)
-        self.assertOk(listed, "jobs")
+        self.assertOk(listed, "jobs", "more", "total")
         self.assertEqual([j["id"] for j in listed["jobs"]], accepted)
 
     def test_bad_request_not_utf8(self):

@@ -63,7 +63,7 @@ SPEC_OP_FIELDS = {
                          "retries", "retry_delay", "backoff", "timeout", "key", "queue",
                          "after", "on_parent_failure"),
     "add_batch": ("jobs",), "get": ("id",),
-    "list": ("state", "target", "queue", "schedule", "limit", "after_id"),
+    "list": ("state", "target", "queue", "schedule", "limit", "order", "after_id", "before_id"),
     "cancel": ("id",), "retry": ("id",), "wait": ("id", "timeout"),
     "output": ("id", "offset", "limit"), "stats": (), "pause": ("queue", "schedule"),
     "resume": ("queue", "schedule"), "prune": ("older_than",), "queues": (),

@@ -216,11 +216,14 @@ class RenderTest(unittest.TestCase):
                 job(12, "running", started_at=self.NOW - 120, attempts=1),
                 job(103, "failed", finished_at=self.NOW - 3 * 3600, attempts=2, retries=1,
                     target="examples.jobs:ErrorJob", priority=-5)]
-        lines = jobctl.job_table(jobs, self.NOW).splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "STATE", "PRI", "ATTEMPTS", "TARGET", "WHEN"])
-        self.assertEqual(lines[1].split(), ["1", "pending", "0", "0/4", "examples.jobs:ExampleJob", "in", "4s"])
-        self.assertEqual(lines[2].split()[-2:], ["2m", "ago"])
-        self.assertEqual(lines[3].split()[:4], ["103", "failed", "-5", "2/2"])
+        lines = jobctl.job_table(jobs, self.NOW, width=200).splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "STATE", "QUEUE", "PRI", "ATTEMPTS", "TARGET", "AGE",
+                                            "TIME", "EXIT", "ERROR"])
+        self.assertEqual(lines[1].split()[:6], ["1", "pending", "default", "0", "0/4",
+                                                "examples.jobs:ExampleJob"])
+        self.assertEqual(lines[1].split()[-4:], ["in", "4s", "-", "-"])
+        self.assertEqual(lines[2].split()[-4:], ["2m", "0s", "-", "-"])    # running for 2m
+        self.assertEqual(lines[3].split()[:5], ["103", "failed", "default", "-5", "2/2"])
         self.assertEqual(len({line.index("examples") for line in lines[1:]}), 1)  # TARGET column lines up
 
     def test_record_and_state_line(self):
@@ -530,8 +533,9 @@ class CliTest(FakeDaemonTest):
         self.replies["list"] = ok(jobs=[job(1), job(2, "running", started_at=time.time())])
         code, out, _ = self.run_main("list", "--state", "pending", "--target", "examples.*", "--limit", "2")
         self.assertEqual(code, 0)
-        self.assertEqual(out.splitlines()[0].split(), ["ID", "STATE", "PRI", "ATTEMPTS", "TARGET", "WHEN"])
-        self.assertEqual(self.daemon.requests[-1], {"op": "list", "state": "pending", "target": "examples.*", "limit": 2})
+        self.assertEqual(out.splitlines()[0].split()[:6], ["ID", "STATE", "QUEUE", "PRI", "ATTEMPTS", "TARGET"])
+        self.assertEqual(self.daemon.requests[-1], {"op": "list", "state": "pending", "target": "examples.*", "limit": 2,
+                                                    "order": "desc"})
         self.assertEqual(len(json.loads(self.run_main("list", "--json")[1])), 2)
         self.replies["get"] = ok(job=job(1))
         self.assertIn("state: pending", self.run_main("show", "1")[1])
