@@ -507,6 +507,18 @@ class Client:
         """Delete finished jobs older than `older_than` seconds (default: all); return how many."""
         return _field(self.call("prune", **_given(older_than=older_than)), "removed", int)
 
+    def metrics(self) -> str:
+        """The Prometheus text exposition format (0.0.4) of the daemon's metrics."""
+        return _field(self.call("metrics"), "text", str)
+
+    def activity(self) -> dict:
+        """What `top` shows: {"running": [...], "running_total", "failures": [...],
+        "finished_last_minute", "finished_per_second", "now"}."""
+        reply = self.call("activity")
+        _field(reply, "running", list, dict)
+        _field(reply, "failures", list, dict)
+        return reply
+
 
 def _given(**fields: object) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
@@ -1046,10 +1058,38 @@ def cmd_prune(client: Client, ns) -> int:
     return EXIT_OK
 
 
+def cmd_metrics(client: Client, ns) -> int:
+    text = client.metrics()
+    if ns.json:
+        _out_json({"text": text})
+    else:
+        _write(escape(text, keep_lines=True))
+    return EXIT_OK
+
+
+def cmd_top(client: Client, ns) -> int:
+    """A live view; its code (and curses) loads only here: jobctl_top.py, next to this file."""
+    sys.modules.setdefault("jobctl", sys.modules[__name__])  # run as a script: it is this one
+    try:
+        import jobctl_top
+    except ImportError:
+        import importlib.util
+        path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "jobctl_top.py")
+        spec = importlib.util.spec_from_file_location("jobctl_top", path)
+        if spec is None or not os.path.exists(path):
+            print(f"jobctl: error: top needs {path} (install it next to jobctl.py)",
+                  file=sys.stderr)
+            return EXIT_REFUSED
+        jobctl_top = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(jobctl_top)
+    return jobctl_top.run(client, ns)
+
+
 COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_cancel,
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
             "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune,
-            "queues": cmd_queues, "workers": cmd_workers}
+            "queues": cmd_queues, "workers": cmd_workers, "metrics": cmd_metrics,
+            "top": cmd_top}
 
 
 ###############################################################################
@@ -1215,6 +1255,11 @@ def build_parser(only: str | None = None):
     p.add_argument("workers", type=_count, metavar="N")
     p = command("prune", "delete finished jobs and their output")
     p.add_argument("--older-than", type=_seconds, metavar="S", help="only those finished S seconds ago")
+    command("metrics", "the daemon's metrics in the Prometheus text format")
+    p = command("top", "a live view of queues, running jobs and failures (q or Ctrl-C quits)")
+    p.add_argument("--once", action="store_true", help="print one plain frame and exit")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="S",
+                   help="seconds between refreshes (default 1)")
     return parser
 
 

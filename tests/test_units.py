@@ -43,7 +43,7 @@ from tests.support import in_process_daemon  # noqa: E402
 
 # SPEC §3: the documented ops. Kept here literally so that a new handler needs a SPEC change.
 SPEC_OPS = ("hello add add_batch get list cancel retry wait output stats pause resume prune"
-            " queues set_workers").split()
+            " queues set_workers metrics activity").split()
 
 TARGET = "examples.jobs:ExampleJob"
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"     # SPEC §6 time format
@@ -1731,7 +1731,7 @@ class HandlersTest(unittest.TestCase):
 #  Standard library only; no side effects on import
 ####################################################################################################
 
-PROJECT = {"jobrunnerd", "jobctl", "examples"}
+PROJECT = {"jobrunnerd", "jobctl", "jobctl_top", "examples"}
 
 
 def imported_modules(source: str, filename: str) -> set[str]:
@@ -1757,7 +1757,8 @@ def imported_modules(source: str, filename: str) -> set[str]:
 
 class StdlibOnlyTest(TempCase):
     def sources(self):
-        files = [os.path.join(ROOT, "jobrunnerd.py"), os.path.join(ROOT, "jobctl.py")]
+        files = [os.path.join(ROOT, "jobrunnerd.py"), os.path.join(ROOT, "jobctl.py"),
+                 os.path.join(ROOT, "jobctl_top.py")]
         files += sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.py"), recursive=True))
         for path in files:
             with open(path, encoding="utf-8") as f:
