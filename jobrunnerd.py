@@ -5462,6 +5462,9 @@ def metric_number(value: float) -> str:
     return repr(float(value))
 
 
+METRIC_LE = [metric_number(bound) for bound in (*METRIC_BUCKETS, math.inf)]   # le="..."
+
+
 def attempt_metric_outcome(ending: Ending, out: Outcome, timed_out: bool) -> str:
     """SPEC §7: how an ended attempt counts in attempts_total: timed_out when its timeout
     ended it; else succeeded or interrupted as it ended; else retried when another attempt
@@ -5531,45 +5534,43 @@ class Metrics:
     def render(self, queues: list, uptime: float, journal_bytes: int,
                schedules: list[tuple[str, float | None]]) -> str:
         """The text exposition format 0.0.4 of every family: `queues` are the Queue objects
-        (counts per state, running, workers), `schedules` (name, next fire) pairs."""
+        (counts per state, running, workers), `schedules` (name, next fire) pairs. Its cost
+        is per queue (~60 samples each), never per job."""
         out: list[str] = []
-        names = sorted({q.name for q in queues} | {q for q, _ in self.attempts}
-                       | set(self.enqueued_by_queue) | set(self.durations) | set(self.waits))
+        add = out.append
         by_name = {q.name: q for q in queues}
+        names = sorted(set(by_name) | {q for q, _ in self.attempts}
+                       | set(self.enqueued_by_queue) | set(self.durations) | set(self.waits))
+        label = {name: 'queue="%s"' % metric_escape(name) for name in names}
+        none = Queue("", 0)                     # a queue only the counters know of
 
         def family(name: str, kind: str, text: str) -> None:
-            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
-
-        def sample(name: str, labels: tuple, value: float) -> None:
-            inner = ",".join('%s="%s"' % (k, metric_escape(str(v))) for k, v in labels)
-            out.append("%s%s %s\n" % (name, "{%s}" % inner if inner else "",
-                                      metric_number(value)))
+            add("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
 
         family("jobrunner_jobs", "gauge", "Jobs now in each state, per queue.")
         for name in names:
-            counts = by_name[name].counts if name in by_name else {}
+            counts = by_name.get(name, none).counts
             for state in STATES:
-                sample("jobrunner_jobs", (("queue", name), ("state", state)),
-                       counts.get(state, 0))
+                add('jobrunner_jobs{%s,state="%s"} %d\n' % (label[name], state, counts[state]))
         family("jobrunner_running", "gauge", "Attempts holding a worker slot, per queue.")
         for name in names:
-            sample("jobrunner_running", (("queue", name),),
-                   by_name[name].running if name in by_name else 0)
+            add("jobrunner_running{%s} %d\n" % (label[name], by_name.get(name, none).running))
         family("jobrunner_workers", "gauge", "Worker slots, per queue.")
         for name in names:
-            sample("jobrunner_workers", (("queue", name),),
-                   by_name[name].workers if name in by_name else 0)
+            add("jobrunner_workers{%s} %d\n" % (label[name], by_name.get(name, none).workers))
         family("jobrunner_attempts_total", "counter",
                "Attempts ended since the daemon started, per queue and outcome.")
+        attempts = self.attempts
         for name in names:
             for outcome in OUTCOMES:
-                sample("jobrunner_attempts_total", (("queue", name), ("outcome", outcome)),
-                       self.attempts.get((name, outcome), 0))
+                add('jobrunner_attempts_total{%s,outcome="%s"} %d\n'
+                    % (label[name], outcome, attempts.get((name, outcome), 0)))
         family("jobrunner_enqueued_total", "counter",
                "Jobs added (add, add_batch, schedule fires, retry) since the daemon started.")
         for name in names:
-            sample("jobrunner_enqueued_total", (("queue", name),),
-                   self.enqueued_by_queue.get(name, 0))
+            add("jobrunner_enqueued_total{%s} %d\n"
+                % (label[name], self.enqueued_by_queue.get(name, 0)))
+        bounds = METRIC_LE
         for metric, hists, text in (
                 ("jobrunner_attempt_duration_seconds", self.durations,
                  "Run time of ended attempts, per queue."),
@@ -5579,23 +5580,22 @@ class Metrics:
             for name in names:
                 hist = hists.get(name) or Histogram()
                 total = 0
-                for bound, n in zip((*METRIC_BUCKETS, math.inf), hist.counts):
+                for le, n in zip(bounds, hist.counts):
                     total += n
-                    sample(metric + "_bucket", (("queue", name), ("le", metric_number(bound))),
-                           total)
-                sample(metric + "_sum", (("queue", name),), hist.sum)
-                sample(metric + "_count", (("queue", name),), hist.count)
+                    add('%s_bucket{%s,le="%s"} %d\n' % (metric, label[name], le, total))
+                add("%s_sum{%s} %s\n" % (metric, label[name], metric_number(hist.sum)))
+                add("%s_count{%s} %d\n" % (metric, label[name], hist.count))
         family("jobrunner_schedule_next_run_timestamp_seconds", "gauge",
                "Next fire time of each schedule (Unix epoch seconds).")
         for name, next_run in schedules:
             if next_run is not None:
-                sample("jobrunner_schedule_next_run_timestamp_seconds",
-                       (("schedule", name),), next_run)
+                add('jobrunner_schedule_next_run_timestamp_seconds{schedule="%s"} %s\n'
+                    % (metric_escape(name), metric_number(next_run)))
         family("jobrunner_uptime_seconds", "gauge", "Seconds since the daemon started.")
-        sample("jobrunner_uptime_seconds", (), uptime)
+        add("jobrunner_uptime_seconds %s\n" % metric_number(uptime))
         family("jobrunner_journal_bytes", "gauge",
                "Bytes of journal not yet folded into the snapshot.")
-        sample("jobrunner_journal_bytes", (), journal_bytes)
+        add("jobrunner_journal_bytes %d\n" % journal_bytes)
         return "".join(out)
 
 
@@ -6651,7 +6651,9 @@ class MetricsHTTP:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:                 # no fd free: the socket clients come first
+            except OSError:                 # no fd free: the socket clients come first,
+                self.loop.unwatch(self.listener.fileno())   # and a readable listener must
+                self.loop.call_later(ACCEPT_RETRY, self.rewatch)    # not spin the loop
                 return
             sock.setblocking(False)
             if len(self.clients) >= METRICS_HTTP_MAX_CONNECTIONS:
@@ -6667,6 +6669,11 @@ class MetricsHTTP:
             self.loop.watch(client.fd, selectors.EVENT_READ, "internal", client.on_event)
             if self.timer is None:
                 self.timer = self.loop.call_later(METRICS_HTTP_TIMEOUT, self.drop_late)
+
+    def rewatch(self) -> None:
+        if self.listener is not None:
+            self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "internal",
+                            self.on_accept)
 
     def on_client(self, client: HTTPClient, mask: int) -> None:
         if client.fd not in self.clients:

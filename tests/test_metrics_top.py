@@ -520,6 +520,39 @@ class MetricsHTTPTest(DaemonTestCase):
         wait_until(lambda: http_get(port)[0] == 200, 10, message="a scrape after the cap")
 
 
+class MetricsHTTPUnitTest(unittest.TestCase):
+
+    def test_no_free_fd_stops_watching_the_listener_instead_of_spinning(self):
+        import errno
+        loop = jr.Loop()
+        self.addCleanup(loop.sel.close)
+        http = jr.MetricsHTTP("127.0.0.1:0", loop, lambda: "")
+        http.open()
+        self.addCleanup(http.close)
+        real = http.listener
+        fd = real.fileno()
+
+        class Full:
+            """The listener of a process with no fd free: accept() fails, fileno() works."""
+            def fileno(self):
+                return fd
+
+            def accept(self):
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            def close(self):
+                real.close()
+
+        http.listener = Full()
+        self.assertIn(fd, loop.watched)
+        http.on_accept(1)
+        self.assertNotIn(fd, loop.watched)              # a readable listener would spin
+        self.assertIsNotNone(loop.next_timer())
+        loop.timers[0][0] = 0                            # the retry is due
+        loop.run_timers()
+        self.assertIn(fd, loop.watched)                  # watched again after ACCEPT_RETRY
+
+
 class MetricsListenConfigTest(unittest.TestCase):
 
     def test_bad_values_are_refused_at_start_up(self):
