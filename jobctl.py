@@ -40,6 +40,7 @@ Command line (run "jobctl -h" or "jobctl add -h" for details):
     jobctl wait ID ... [--timeout S]
     jobctl logs ID [--follow] [--raw]
     jobctl stats                jobctl pause     jobctl resume     jobctl prune [--older-than S]
+    jobctl metrics              jobctl top [--once] [--interval S]   (top: jobctl_top.py)
 
 Global options --socket PATH and --json go before or after the subcommand.
 Exit codes: 0 success, 1 a waited job ended failed or cancelled, 2 usage error or

@@ -29,10 +29,12 @@ Sections, in file order
     config ........... keys, defaults, TOML loading
     daemon ........... Pruner (finished jobs removed in durable steps), Pass (what one
                        loop pass commits, and answers after its fsync), Waiters
-                       (pending waits), Dispatcher (starts attempts, settles ended
-                       ones, recovery at start-up), Daemon (the selectors loop,
+                       (pending waits), Metrics (counters and histograms kept as
+                       attempts start and end; the Prometheus text), Dispatcher (starts
+                       attempts, settles ended ones, recovery at start-up), Daemon (the selectors loop,
                        start-up, signals, systemd: wires the parts together),
                        Connections (accept, framing, pipelining, replies, limits),
+                       MetricsHTTP (metrics_listen: GET /metrics, non-blocking, capped),
                        Protocol (the op_* handlers of the HANDLERS table)
     main ............. command line
 
@@ -6657,6 +6659,10 @@ class MetricsHTTP:
                 return
             sock.setblocking(False)
             if len(self.clients) >= METRICS_HTTP_MAX_CONNECTIONS:
+                try:                        # (its request read first if it came: a close
+                    sock.recv(METRICS_HTTP_MAX_HEAD)    # with unread input resets at once)
+                except OSError:
+                    pass
                 try:
                     sock.send(http_response(503, b"too many connections\n"))
                 except OSError:

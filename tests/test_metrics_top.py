@@ -301,7 +301,7 @@ class MetricsEndToEndTest(DaemonTestCase):
         d = self.daemon
         ok = d.add(TARGET, args=["a"])
         flaky = d.add(FAILING, retries=1, retry_delay=0.01)
-        slow = d.add(SLOW, args=[30], timeout=0.3)
+        slow = d.add(SLOW, args=[30], timeout=1.0)
         victim = d.add(SLOW, args=[30], queue="emails")
         for job_id in (ok, flaky, slow):
             d.wait_job(job_id)
@@ -337,7 +337,7 @@ class MetricsEndToEndTest(DaemonTestCase):
         self.assertEqual(value(fams, "jobrunner_running", queue="emails"), 0)
         duration = "jobrunner_attempt_duration_seconds"
         self.assertEqual(value(fams, duration, duration + "_count", queue="default"), 6)
-        self.assertGreaterEqual(value(fams, duration, duration + "_sum", queue="default"), 0.3)
+        self.assertGreaterEqual(value(fams, duration, duration + "_sum", queue="default"), 1.0)
         wait = "jobrunner_queue_wait_seconds"
         self.assertEqual(value(fams, wait, wait + "_count", queue="default"), 6)
         self.assertEqual(value(fams, wait, wait + "_count", queue="emails"), 1)
@@ -431,6 +431,14 @@ def http_get(port, request=b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", timeout=
     return status, headers, body
 
 
+def scrape_status(port):
+    """The status of GET /metrics, or "reset" when the daemon refused it by a reset."""
+    try:
+        return http_get(port)[0]
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+
+
 class MetricsHTTPTest(DaemonTestCase):
     config = {"metrics_listen": "127.0.0.1:0", "max_connections": 8}
     # A short connection deadline, so that the test sees an idle client dropped.
@@ -501,7 +509,7 @@ class MetricsHTTPTest(DaemonTestCase):
         for s in flood:
             s.close()
         # Once the flood is gone, a scrape works again.
-        status = wait_until(lambda: http_get(self.port())[0] == 200, 10,
+        status = wait_until(lambda: scrape_status(self.port()) == 200, 10,
                             message="a scrape to work after the flood")
         self.assertTrue(status)
         self.assert_socket_prompt()
@@ -512,12 +520,16 @@ class MetricsHTTPTest(DaemonTestCase):
                 for _ in range(jr.METRICS_HTTP_MAX_CONNECTIONS)]
         self.assert_socket_prompt()                     # (the daemon has accepted them all)
         try:
-            status, _, _ = http_get(port)
-            self.assertEqual(status, 503)
+            # Told 503, or (its request not yet in when it was refused) reset: never served.
+            try:
+                status, _, _ = http_get(port)
+            except ConnectionResetError:
+                status = "reset"
+            self.assertIn(status, (503, "reset"))
         finally:
             for s in held:
                 s.close()
-        wait_until(lambda: http_get(port)[0] == 200, 10, message="a scrape after the cap")
+        wait_until(lambda: scrape_status(port) == 200, 10, message="a scrape after the cap")
 
 
 class MetricsHTTPUnitTest(unittest.TestCase):
