@@ -354,6 +354,7 @@ class MetricsEndToEndTest(DaemonTestCase):
     def test_running_gauge_and_activity(self):
         d = self.daemon
         job_id = d.add(SLOW, args=[30], queue="emails")
+        self.addCleanup(lambda: d.call(op="cancel", id=job_id))   # (a quick stop after)
         d.wait_state(job_id, "running")
         fams = self.metrics()
         self.assertEqual(value(fams, "jobrunner_running", queue="emails"), 1)
@@ -643,6 +644,8 @@ class TopTest(DaemonTestCase):
     def busy(self):
         d = self.daemon
         running = d.add(SLOW, args=[30], queue="emails")
+        # stopped before the daemon is, so that its stop does not wait shutdown_grace
+        self.addCleanup(lambda: d.call(op="cancel", id=running))
         failed = d.add(FAILING, args=["\x1b[31mred"])
         d.wait_state(running, "running")
         d.wait_job(failed)
