@@ -782,6 +782,18 @@ class LightImportTest(unittest.TestCase):
                     if line.startswith("import time:")}
         self.assertIn("socket", imported)               # (the probe sees imports at all)
         self.assertFalse({"curses", "_curses", "jobctl_top"} & imported, imported)
+        # jobctl.py copied alone (without jobctl_top.py): top says what is missing
+        import shutil
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="jr-alone-") as alone:
+            shutil.copy(JOBCTL, alone)
+            out = subprocess.run([sys.executable, os.path.join(alone, "jobctl.py"), "--socket",
+                                  "/nonexistent/x.sock", "top", "--once"],
+                                 capture_output=True, text=True, timeout=30,
+                                 env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        self.assertEqual(out.returncode, 2, out)
+        self.assertIn("jobctl_top.py", out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
         # and top does load it
         out = subprocess.run([sys.executable, "-X", "importtime", JOBCTL, "--socket",
                               "/nonexistent/x.sock", "top", "--once"],
