@@ -46,6 +46,7 @@ Command line (run "jobctl -h" or "jobctl add -h" for details):
     jobctl queues               jobctl workers QUEUE N
     jobctl schedules            jobctl trigger NAME
     jobctl completion bash|zsh  jobctl --version
+    jobctl metrics              jobctl top [--once] [--interval D]
 
 A duration D is seconds (90, 1.5) or numbers with units, largest first: 250ms, 90s, 10m,
 1h30m, 2d (parse_duration). `list` shows the newest 50 matching jobs, oldest of them first,
@@ -77,6 +78,7 @@ if sys.version_info < (3, 11):
 import json
 import os
 import socket
+import time
 from collections import deque
 
 __version__ = "0.1.0"   # the release; jobrunnerd.VERSION is the same (a test compares them)
@@ -572,6 +574,18 @@ class Client:
     def prune(self, older_than: float | None = None) -> int:
         """Delete finished jobs older than `older_than` seconds (default: all); return how many."""
         return _field(self.call("prune", **_given(older_than=older_than)), "removed", int)
+
+    def metrics(self) -> str:
+        """The Prometheus text exposition format (0.0.4) of the daemon's metrics."""
+        return _field(self.call("metrics"), "text", str)
+
+    def activity(self) -> dict:
+        """What `top` shows: {"running": [...], "running_total", "failures": [...],
+        "finished_last_minute", "finished_per_second", "now"}."""
+        reply = self.call("activity")
+        _field(reply, "running", list, dict)
+        _field(reply, "failures", list, dict)
+        return reply
 
 
 def _given(**fields: object) -> dict:
@@ -1296,6 +1310,19 @@ def cmd_prune(client: Client, ns) -> int:
     return EXIT_OK
 
 
+def cmd_metrics(client: Client, ns) -> int:
+    text = client.metrics()
+    if ns.json:
+        _out_json({"text": text})
+    else:
+        _write(escape(text, keep_lines=True))
+    return EXIT_OK
+
+
+def cmd_top(client: Client, ns) -> int:
+    return top_run(client, ns)
+
+
 def completion_script(shell: str) -> str:
     """A completion script for bash or zsh (zsh runs the bash one through bashcompinit),
     made from the argument parser itself, so that every command and flag is in it."""
@@ -1356,7 +1383,7 @@ COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_ca
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
             "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune,
             "queues": cmd_queues, "workers": cmd_workers, "schedules": cmd_schedules,
-            "trigger": cmd_trigger}
+            "trigger": cmd_trigger, "metrics": cmd_metrics, "top": cmd_top}
 
 
 ###############################################################################
@@ -1591,6 +1618,11 @@ def build_parser(only: str | None = None):
     p.add_argument("shell", choices=("bash", "zsh"))
     p = command("prune", "delete finished jobs and their output")
     p.add_argument("--older-than", type=_seconds, metavar="D", help="only those finished D ago (90, 10m, 2d)")
+    command("metrics", "the daemon's metrics in the Prometheus text format")
+    p = command("top", "a live view of queues, running jobs and failures (q or Ctrl-C quits)")
+    p.add_argument("--once", action="store_true", help="print one plain frame and exit")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="D",
+                   help="time between refreshes (default 1 s; 250ms, 2s, ...)")
     return parser
 
 
@@ -1675,6 +1707,200 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+###############################################################################
+# top: a live view (SPEC §4). Its code runs only when `top` does, and curses is
+# imported only there: `jobctl add` and the other commands never load it.
+###############################################################################
+#
+# One frame is four questions to the daemon, each answered from counters and indexes (never a
+# walk of the job table, also at 1M jobs): `stats` (uptime, the whole-daemon pause), `queues`
+# (slots, pause, counts per state), `activity` (running jobs, latest failed attempts, jobs
+# finished over the last minute) and `schedules` (next fires; a daemon without that op answers
+# unknown_op, and the panel says so).
+#
+#     top_gather(client) -> dict          the four replies as one snapshot
+#     top_frame(snap, now) -> [(text, style)]   the lines of one frame, styles by name
+#     top_plain(lines, colour) -> str     a frame as text (ANSI colours only if asked)
+#     top_run(client, ns) -> int          --once (or --json): one frame; else the curses loop
+#
+# The live view redraws the whole frame each interval and on a resize (KEY_RESIZE), cuts lines
+# to the window, and quits on `q` or Ctrl-C.
+
+TOP_MIN_INTERVAL = 0.1          # s: a smaller --interval would only load the daemon
+TOP_SHOWN_RUNNING = 20          # rows of running jobs (the panel says how many more)
+TOP_SHOWN_FAILURES = 10         # rows of the latest failed attempts
+TOP_SHOWN_SCHEDULES = 10        # rows of next schedule fires
+TOP_ANSI = {"title": "1", "head": "1", "bad": "31", "warn": "33", "good": "32", "dim": "2"}
+
+
+def top_gather(client: Client) -> dict:
+    """One snapshot of the daemon: stats, queues, activity and schedules (None with the
+    reason when the daemon has no `schedules` op)."""
+    snap = {"stats": client.stats(), "queues": client.queues(), "activity": client.activity()}
+    try:
+        snap["schedules"] = client.call("schedules").get("schedules")
+        snap["schedules_error"] = None
+    except JobrunnerError as e:
+        if isinstance(e, DaemonUnreachable):
+            raise
+        snap["schedules"], snap["schedules_error"] = None, e.code
+    return snap
+
+
+def _top_table(rows: list[tuple], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def top_frame(snap: dict, now: float | None = None) -> list[tuple[str, str | None]]:
+    """The lines of one frame, each (text, style name or None). Every string that came from
+    a user or a job goes through escape()."""
+    esc = escape
+    now = time.time() if now is None else now
+    stats, act = snap["stats"], snap["activity"]
+    out: list[tuple[str, str | None]] = []
+    title = "jobrunner top  %s  up %s  finished %.2f/s (last minute: %s)" % (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+        duration(float(stats.get("uptime") or 0)),
+        float(act.get("finished_per_second") or 0), act.get("finished_last_minute", 0))
+    if stats.get("paused"):
+        title += "  PAUSED (whole daemon)"
+    out.append((title, "title"))
+    out.append(("", None))
+    rows = [("QUEUE", "SLOTS", "PAUSED", *(s.upper() for s in STATES))]
+    styles: list[str | None] = ["head"]
+    for q in snap["queues"]:
+        counts = q.get("counts") if isinstance(q.get("counts"), dict) else {}
+        paused = "yes" if q.get("paused") else "no"
+        if q.get("declared") is False:
+            paused += " (undeclared)"
+        rows.append((esc(str(q.get("name"))), "%s/%s" % (q.get("running"), q.get("workers")),
+                     paused, *(str(counts.get(s, 0)) for s in STATES)))
+        styles.append("warn" if q.get("paused") else "bad" if counts.get("failed") else None)
+    out += list(zip(_top_table(rows, set(range(3, 3 + len(STATES)))), styles))
+    out.append(("", None))
+    running, total = act.get("running", []), act.get("running_total", 0)
+    shown = running[:TOP_SHOWN_RUNNING]
+    out.append(("RUNNING (%d)" % total + ("  %d more not shown" % (total - len(shown))
+                                          if total > len(shown) else ""), "head"))
+    if shown:
+        rows = [("ID", "QUEUE", "ELAPSED", "TARGET")]
+        for j in shown:
+            target = str(j.get("target"))
+            if j.get("method"):
+                target += "." + str(j["method"])
+            started = j.get("started_at")
+            elapsed = duration(max(0.0, now - started)) if started else "-"
+            rows.append((str(j.get("id")), esc(str(j.get("queue"))), elapsed, esc(target)))
+        out += [(line, None) for line in _top_table(rows, {0, 2})]
+    else:
+        out.append(("  none", "dim"))
+    out.append(("", None))
+    failures = act.get("failures", [])[:TOP_SHOWN_FAILURES]
+    out.append(("LATEST FAILURES", "head"))
+    if failures:
+        rows = [("ID", "WHEN", "QUEUE", "OUTCOME", "ERROR")]
+        for f in failures:
+            at = f.get("at")
+            rows.append((str(f.get("id")), relative_time(at, now) if at else "-",
+                         esc(str(f.get("queue"))), str(f.get("outcome")),
+                         esc(str(f.get("error") or ""))))
+        out += [(line, "bad" if i else None) for i, line in enumerate(_top_table(rows, {0}))]
+    else:
+        out.append(("  none since the daemon started", "dim"))
+    out.append(("", None))
+    out.append(("NEXT SCHEDULE FIRES", "head"))
+    schedules = snap.get("schedules")
+    if schedules is None:
+        out.append(("  not known: this daemon has no schedules (%s)"
+                    % snap.get("schedules_error"), "dim"))
+    else:
+        fires = sorted((s for s in schedules if isinstance(s, dict)),
+                       key=lambda s: (s.get("next_run_at") is None, s.get("next_run_at") or 0))
+        if not fires:
+            out.append(("  none declared", "dim"))
+        else:
+            rows = [("SCHEDULE", "NEXT FIRE")]
+            for s in fires[:TOP_SHOWN_SCHEDULES]:
+                at = s.get("next_run_at")
+                when = "-" if at is None else local_time(at, now)
+                rows.append((esc(str(s.get("name"))), when + (" (paused)" if s.get("paused")
+                                                               else "")))
+            out += [(line, None) for line in _top_table(rows, set())]
+    return out
+
+
+def top_plain(lines: list[tuple[str, str | None]], colour: bool) -> str:
+    """A frame as text; with `colour`, styled lines in TOP_ANSI colours."""
+    if not colour:
+        return "\n".join(text for text, _ in lines)
+    return "\n".join("\x1b[%sm%s\x1b[0m" % (TOP_ANSI[style], text) if style else text
+                     for text, style in lines)
+
+
+def top_run(client: Client, ns) -> int:
+    interval = max(TOP_MIN_INTERVAL, ns.interval)
+    if ns.json:
+        _out_json(top_gather(client))
+        return EXIT_OK
+    if ns.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
+        _out(top_plain(top_frame(top_gather(client)), use_colour(sys.stdout)))
+        return EXIT_OK
+    import curses
+    try:
+        return curses.wrapper(_top_live, client, interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _top_live(screen, client: Client, interval: float) -> int:
+    import curses
+    colour = not os.environ.get("NO_COLOR") and curses.has_colors()
+    attrs = {"title": curses.A_BOLD, "head": curses.A_BOLD, "dim": curses.A_DIM}
+    if colour:
+        curses.use_default_colors()
+        for n, (style, fg) in enumerate((("bad", curses.COLOR_RED),
+                                         ("warn", curses.COLOR_YELLOW),
+                                         ("good", curses.COLOR_GREEN)), start=1):
+            curses.init_pair(n, fg, -1)
+            attrs[style] = curses.color_pair(n)
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass                            # a terminal that cannot hide the cursor
+    screen.timeout(int(interval * 1000))
+    lines: list[tuple[str, str | None]] = []
+    fetched = 0.0
+    while True:
+        if time.monotonic() - fetched >= interval:
+            fetched = time.monotonic()
+            try:
+                lines = top_frame(top_gather(client))
+            except DaemonUnreachable as e:   # shown, and asked again next interval
+                lines = [("jobrunner top: %s" % escape(e.message), "bad"),
+                         ("  trying again every %gs; q quits" % interval, "dim")]
+                client.close()
+        height, width = screen.getmaxyx()
+        screen.erase()
+        for y, (text, style) in enumerate(lines[:max(0, height - 1)]):
+            try:
+                screen.addnstr(y, 0, text, max(0, width - 1), attrs.get(style, 0))
+            except curses.error:
+                pass                    # the window shrank meanwhile: the next draw fits
+        try:
+            screen.addnstr(height - 1, 0, "q quits, refreshed every %gs" % interval,
+                           max(0, width - 1), curses.A_DIM)
+        except curses.error:
+            pass
+        screen.refresh()
+        key = screen.getch()            # waits up to the interval; a resize wakes it
+        if key in (ord("q"), ord("Q")):
+            return EXIT_OK
+        if key == curses.KEY_RESIZE:
+            curses.update_lines_cols()
 
 
 def main(argv: list[str] | None = None) -> int:

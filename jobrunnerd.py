@@ -31,10 +31,12 @@ Sections, in file order
                        table, durable with it),
                        Pruner (finished jobs removed in durable steps), Pass (what one
                        loop pass commits, and answers after its fsync), Waiters
-                       (pending waits), Dispatcher (starts attempts, settles ended
-                       ones, recovery at start-up), Daemon (the selectors loop,
+                       (pending waits), Metrics (counters and histograms kept as
+                       attempts start and end; the Prometheus text), Dispatcher (starts
+                       attempts, settles ended ones, recovery at start-up), Daemon (the selectors loop,
                        start-up, signals, systemd: wires the parts together),
                        Connections (accept, framing, pipelining, replies, limits),
+                       MetricsHTTP (metrics_listen: GET /metrics, non-blocking, capped),
                        Protocol (the op_* handlers of the HANDLERS table)
     main ............. command line
 
@@ -55,8 +57,8 @@ Protocol (version 1), in brief
     -> {"op": "nope"}
     <- {"ok": false, "error": {"code": "unknown_op", "message": "..."}}
     Ops: hello add add_batch get list cancel retry wait output stats pause
-    resume prune queues set_workers schedules trigger. Replies come in request order, so
-    clients may pipeline.
+    resume prune queues set_workers schedules trigger metrics activity. Replies come in
+    request order, so clients may pipeline.
 """
 
 from __future__ import annotations
@@ -151,6 +153,19 @@ SYNC_DELAY = 0.2                      # a journal write that no reply waits for 
                                       # started or ended) is fsynced this much later at most;
                                       # a process crash loses nothing (it is written at once),
                                       # a machine crash may lose it: that attempt then runs again
+METRIC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                  10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+                                      # SPEC §7: histogram buckets from 1 ms to 1 h (s)
+OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled", "interrupted")
+                                      # SPEC §7: how an ended attempt counts
+LATEST_FAILURES = 20                  # failed attempts `top` can show; the rest is in the logs
+ACTIVITY_RUNNING = 100                # running jobs an `activity` reply lists (with the total)
+METRICS_HTTP_MAX_CONNECTIONS = 16     # scrapers are one or two: more at once is a flood, told 503
+METRICS_HTTP_MAX_HEAD = 8192          # bytes of request head: a scrape's is a few hundred
+METRICS_HTTP_TIMEOUT = 10.0           # s from connect to the response sent: then it is dropped
+METRICS_HTTP_BACKLOG = 64             # connections the kernel holds until the loop accepts
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"   # SPEC §5, the format's own
+RATE_WINDOW = 60                      # s: `top` shows jobs finished per second over a minute
 MAX_BUG_PLACES = 100                  # internal errors reported with a traceback (once each):
                                       # past this many distinct places it is a flood, not news
 START_RETRY_DELAY = 0.2               # s before the next start after one failed for a reason
@@ -4422,6 +4437,7 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "stats": (), "pause": ("queue", "schedule"), "resume": ("queue", "schedule"),
     "prune": ("older_than",), "queues": (), "set_workers": ("queue", "workers"),
     "schedules": (), "trigger": ("schedule",),
+    "metrics": (), "activity": (),
 }
 _WITH_OP = {fields: frozenset(fields + ("op",)) for fields in OP_FIELDS.values()}
 # Ops that change state: refused while stopping, answered only after the journal is durable.
@@ -5093,6 +5109,7 @@ CONFIG_KEYS: dict[str, tuple] = {
     "limits": ({}, "limits"),
     "start_method": ("zygote", ("zygote", "spawn")),
     "preload": ([], "modules"),
+    "metrics_listen": ("", "listen"),           # "HOST:PORT": GET /metrics there; "" is off
     "schedules": ({}, "schedules"),             # checked by parse_schedules(): needs the rest
 }
 LIMIT_KEYS = ("cpu", "memory", "nofile", "fsize")
@@ -5192,6 +5209,15 @@ class Config:
                     or not 0 <= value <= MAX_DELAY:
                 raise bad("must be a number of seconds >= 0")
             return float(value)
+        if kind == "listen":
+            if not isinstance(value, str):
+                raise bad('must be "HOST:PORT" or ""')
+            if value:
+                try:
+                    split_listen(value)
+                except ValueError as exc:
+                    raise bad(str(exc)) from None
+            return value
         if kind == "schedules":
             if not isinstance(value, dict):
                 raise bad("must be a table of [schedules.NAME] tables")
@@ -5429,6 +5455,7 @@ class Schedules:
         self.tokens: dict[str, int] = {}
         self.heap: list[tuple[float, str, int]] = []
         self._undo: dict[str, dict] | None = None
+        self.queued: list[Job] = []     # jobs fired this pass (the daemon counts them, metrics)
         table.schedules = self
 
     # -- configuration -----------------------------------------------------------------------
@@ -5551,6 +5578,7 @@ class Schedules:
         fields["schedule"], fields["fire_at"] = name, nominal
         job = self.table.create(now, [fields])[0]       # its line carries the fire (fire_at)
         kept["last_run_at"], kept["last_job_id"] = nominal, job.id
+        self.queued.append(job)
         self.plan(name)
         return job
 
@@ -5878,6 +5906,173 @@ class Waiters:
         self.by_job.clear()
 
 
+class Histogram:
+    """One histogram of the metrics: observations counted per bucket (not yet cumulative),
+    their sum and count. Buckets are METRIC_BUCKETS' upper bounds, then +Inf."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self):
+        self.counts = [0] * (len(METRIC_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(METRIC_BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+def metric_escape(value: str) -> str:
+    """A label value in the text format (0.0.4): backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metric_number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if isinstance(value, int) or value == int(value) and abs(value) < 2 ** 53:
+        return str(int(value))
+    return repr(float(value))
+
+
+METRIC_LE = [metric_number(bound) for bound in (*METRIC_BUCKETS, math.inf)]   # le="..."
+
+
+def attempt_metric_outcome(ending: Ending, out: Outcome, timed_out: bool) -> str:
+    """SPEC §7: how an ended attempt counts in attempts_total: timed_out when its timeout
+    ended it; else succeeded or interrupted as it ended; else retried when another attempt
+    follows and failed when none does. (A cancelled attempt never reaches settle().)"""
+    if timed_out:
+        return "timed_out"
+    if ending.how == ENDED_OK:
+        return "succeeded"
+    if ending.how in (ENDED_SHUTDOWN, ENDED_INTERRUPTED):
+        return "interrupted"
+    return "retried" if out.state == PENDING else "failed"
+
+
+class Metrics:
+    """The daemon's counters since it started, kept as things happen (never by walking the
+    job table): attempts started (queue wait) and ended (outcome, run time), jobs enqueued,
+    jobs finished per second over the last RATE_WINDOW, the latest failed attempts. render()
+    makes the Prometheus text (SPEC §7) of these and of what the queues count already
+    (jobs per state, running, workers). Callers: the Dispatcher (attempt_started, attempt_ended),
+    the Protocol (enqueued, after the commit), the Daemon (finished, render)."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.attempts: dict[tuple[str, str], int] = {}     # (queue, outcome) -> count
+        self.enqueued_by_queue: dict[str, int] = {}
+        self.durations: dict[str, Histogram] = {}          # queue -> attempt run time
+        self.waits: dict[str, Histogram] = {}              # queue -> run_at to start
+        self.failures: collections.deque[dict] = collections.deque(maxlen=LATEST_FAILURES)
+        self.ring = [[0, 0] for _ in range(RATE_WINDOW)]    # [second, jobs finished in it]
+
+    def attempt_started(self, job: Job, started_at: float) -> None:
+        """An attempt of `job` starts at `started_at`: how long it waited past its run_at."""
+        waits = self.waits.get(job.queue) or self.waits.setdefault(job.queue, Histogram())
+        waits.observe(max(0.0, started_at - (job.run_at or started_at)))
+
+    def attempt_ended(self, job: Job, outcome: str, duration: float | None,
+                      error: str | None = None) -> None:
+        """An attempt of `job` ended as `outcome` (OUTCOMES) after `duration` seconds (None:
+        unknown, an attempt a dead daemon left running)."""
+        key = (job.queue, outcome)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if duration is not None:
+            hist = self.durations.get(job.queue) or self.durations.setdefault(job.queue,
+                                                                              Histogram())
+            hist.observe(max(0.0, duration))
+        if outcome in ("failed", "retried", "timed_out"):
+            self.failures.append({"id": job.id, "queue": job.queue, "target": job.target,
+                                  "outcome": outcome, "error": error, "at": self.clock()})
+
+    def enqueued(self, queue: str, n: int = 1) -> None:
+        self.enqueued_by_queue[queue] = self.enqueued_by_queue.get(queue, 0) + n
+
+    def finished(self, n: int) -> None:
+        """`n` jobs reached a finished state (their end is written)."""
+        if n:
+            second = int(self.clock())
+            cell = self.ring[second % RATE_WINDOW]
+            if cell[0] != second:
+                cell[0], cell[1] = second, 0
+            cell[1] += n
+
+    def finished_last_minute(self) -> int:
+        """Jobs finished in the last RATE_WINDOW seconds (this one included)."""
+        now = int(self.clock())
+        return sum(n for second, n in self.ring if now - RATE_WINDOW < second <= now)
+
+    def render(self, queues: list, uptime: float, journal_bytes: int,
+               schedules: list[tuple[str, float | None]]) -> str:
+        """The text exposition format 0.0.4 of every family: `queues` are the Queue objects
+        (counts per state, running, workers), `schedules` (name, next fire) pairs. Its cost
+        is per queue (~60 samples each), never per job."""
+        out: list[str] = []
+        add = out.append
+        by_name = {q.name: q for q in queues}
+        names = sorted(set(by_name) | {q for q, _ in self.attempts}
+                       | set(self.enqueued_by_queue) | set(self.durations) | set(self.waits))
+        label = {name: 'queue="%s"' % metric_escape(name) for name in names}
+        none = Queue("", 0)                     # a queue only the counters know of
+
+        def family(name: str, kind: str, text: str) -> None:
+            add("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+
+        family("jobrunner_jobs", "gauge", "Jobs now in each state, per queue.")
+        for name in names:
+            counts = by_name.get(name, none).counts
+            for state in STATES:
+                add('jobrunner_jobs{%s,state="%s"} %d\n' % (label[name], state, counts[state]))
+        family("jobrunner_running", "gauge", "Attempts holding a worker slot, per queue.")
+        for name in names:
+            add("jobrunner_running{%s} %d\n" % (label[name], by_name.get(name, none).running))
+        family("jobrunner_workers", "gauge", "Worker slots, per queue.")
+        for name in names:
+            add("jobrunner_workers{%s} %d\n" % (label[name], by_name.get(name, none).workers))
+        family("jobrunner_attempts_total", "counter",
+               "Attempts ended since the daemon started, per queue and outcome.")
+        attempts = self.attempts
+        for name in names:
+            for outcome in OUTCOMES:
+                add('jobrunner_attempts_total{%s,outcome="%s"} %d\n'
+                    % (label[name], outcome, attempts.get((name, outcome), 0)))
+        family("jobrunner_enqueued_total", "counter",
+               "Jobs added (add, add_batch, schedule fires, retry) since the daemon started.")
+        for name in names:
+            add("jobrunner_enqueued_total{%s} %d\n"
+                % (label[name], self.enqueued_by_queue.get(name, 0)))
+        bounds = METRIC_LE
+        for metric, hists, text in (
+                ("jobrunner_attempt_duration_seconds", self.durations,
+                 "Run time of ended attempts, per queue."),
+                ("jobrunner_queue_wait_seconds", self.waits,
+                 "Time from a job's run_at to the start of its attempt, per queue.")):
+            family(metric, "histogram", text)
+            for name in names:
+                hist = hists.get(name) or Histogram()
+                total = 0
+                for le, n in zip(bounds, hist.counts):
+                    total += n
+                    add('%s_bucket{%s,le="%s"} %d\n' % (metric, label[name], le, total))
+                add("%s_sum{%s} %s\n" % (metric, label[name], metric_number(hist.sum)))
+                add("%s_count{%s} %d\n" % (metric, label[name], hist.count))
+        family("jobrunner_schedule_next_run_timestamp_seconds", "gauge",
+               "Next fire time of each schedule (Unix epoch seconds).")
+        for name, next_run in schedules:
+            if next_run is not None:
+                add('jobrunner_schedule_next_run_timestamp_seconds{schedule="%s"} %s\n'
+                    % (metric_escape(name), metric_number(next_run)))
+        family("jobrunner_uptime_seconds", "gauge", "Seconds since the daemon started.")
+        add("jobrunner_uptime_seconds %s\n" % metric_number(uptime))
+        family("jobrunner_journal_bytes", "gauge",
+               "Bytes of journal not yet folded into the snapshot.")
+        add("jobrunner_journal_bytes %d\n" % journal_bytes)
+        return "".join(out)
+
+
 class Dispatcher:
     """The attempts of jobs: starts due jobs while a slot is free (the Scheduler says which),
     hears from the Runner when an attempt's process exists, could not be made, or has ended,
@@ -5895,6 +6090,7 @@ class Dispatcher:
         self.jobs: JobTable | None = None
         self.log: EventLog | None = None
         self.runner: Runner | None = None
+        self.metrics = Metrics(clock)              # attempts counted as they start and end
         self.attempts: dict[int, Attempt] = {}     # job id -> its running attempt
         self.held: dict[int, Job] = {}             # due, but their last attempt is still dying
         self.slots: dict[int, Queue] = {}          # attempt token -> the queue whose slot it holds
@@ -5992,10 +6188,11 @@ class Dispatcher:
         job = att.job
         self.attempts[job.id] = att
         if job.state == PENDING:        # else it was cancelled meanwhile and is being stopped
+            # when the daemon started it (its timeout counts from then), not its fork
+            started_at = self.clock() - (time.monotonic() - att.started)
+            self.metrics.attempt_started(job, started_at)
             self.jobs.transition(job, RUNNING, pid=att.pid, changes=attempt_running(
-                att.number, att.pid, att.pid_start,
-                # when the daemon started it (its timeout counts from then), not its fork
-                self.clock() - (time.monotonic() - att.started)))
+                att.number, att.pid, att.pid_start, started_at))
             self.started(att)           # runs the job once this pass's commit wrote that
 
     def attempt_start_failed(self, att: Attempt, error: str, retry_now: bool) -> None:
@@ -6032,13 +6229,15 @@ class Dispatcher:
                 error = "timed out after %gs (its process had not started)" % job.timeout
                 self.log.event("timed_out", job=job.id, target=job.target, **queue_field(job),
                                attempt=job.attempt_label())
-                self.attempt_failed(job, None, error, error, permanent=False)
+                self.attempt_failed(job, None, error, error, permanent=False, timed_out=True)
             elif job.state == PENDING:          # shutdown, or retried while being cancelled
                 self.jobs.requeue(job)
             return
         exit_code = os.waitstatus_to_exitcode(att.status)
         duration = time.monotonic() - att.started
         if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
+            if job.attempts == att.number:     # it had started (not cancelled before that)
+                self.metrics.attempt_ended(job, "cancelled", duration)
             if job.state == CANCELLED:
                 self.jobs.update(job, **no_process(exit_code=exit_code))
             if self.held.pop(job.id, None) is not None and job.state == PENDING:
@@ -6066,17 +6265,22 @@ class Dispatcher:
             error = "exited with code %d" % exit_code
         detail = report.get("traceback") if report else None
         self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
-                            duration=duration, pid=att.pid)
+                            timed_out=att.stop_reason == "timeout", duration=duration,
+                            pid=att.pid)
 
     def attempt_failed(self, job: Job, exit_code: int | None, error: str, detail: str | None,
-                       permanent: bool, **log_fields) -> None:
+                       permanent: bool, timed_out: bool = False, **log_fields) -> None:
         """A failed attempt: retry later (the retry policy says when) or fail for good."""
         self.settle(job, Ending(ENDED_PERMANENT if permanent else ENDED_ERROR, exit_code, error,
-                                detail), self.clock(), **log_fields)
+                                detail), self.clock(), timed_out, **log_fields)
 
-    def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
-        """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
+    def settle(self, job: Job, ending: Ending, now: float, timed_out: bool = False,
+               **log_fields) -> None:
+        """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`
+        (`timed_out`: its timeout ended it), and count it in the metrics."""
         out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
+        self.metrics.attempt_ended(job, attempt_metric_outcome(ending, out, timed_out),
+                                   log_fields.get("duration"), out.changes.get("error"))
         if out.announce is not None:
             self.log.event(out.announce, job=job.id, target=job.target, **queue_field(job),
                            attempt=job.attempt_label(), **log_fields)
@@ -6107,6 +6311,7 @@ class Daemon:
                              self.dispatcher.attempt_ended, self.dispatcher.attempt_start_failed)
         self.dispatcher.runner = self.runner
         self.attempts = self.dispatcher.attempts   # job id -> its running attempt
+        self.metrics = self.dispatcher.metrics
         self.stopping = False
         self.compact_wanted = False
         self.repair_after = 0.0
@@ -6120,6 +6325,7 @@ class Daemon:
         self.protocol = Protocol(self)
         self.connections = Connections(cfg, self.loop, self.store, self.this_pass, self.waits,
                                        self.protocol)
+        self.http: MetricsHTTP | None = None       # metrics_listen, once setup() opened it
 
     # The parts under the names they had when they were the daemon's own: the in-process
     # tests reach them so.
@@ -6176,12 +6382,20 @@ class Daemon:
         self.protocol.jobs = self.pruner.jobs = self.jobs     # loaded: requests may come
         self.connections.listener = self.connections.open_listener()
         self.connections.start_accepting()
+        metrics = {}
+        if cfg.metrics_listen:
+            self.http = MetricsHTTP(cfg.metrics_listen, self.loop, self.metrics_text)
+            try:
+                metrics["metrics"] = self.http.open()
+            except OSError as exc:
+                raise StateError("metrics_listen %s: %s" % (cfg.metrics_listen,
+                                                            exc.strerror or exc)) from None
         self.install_signals()
         self.loop.call_later(PRUNE_INTERVAL, self.pruner.auto_prune)
         if cfg.idle_timeout > 0:
             self.loop.call_later(cfg.idle_timeout / 4, self.connections.drop_idle)
         self.log.event("startup", pid=os.getpid(), version=VERSION, socket=cfg.socket,
-                       jobs=len(self.jobs.jobs), workers=cfg.workers)
+                       jobs=len(self.jobs.jobs), workers=cfg.workers, **metrics)
         self.log.flush()
 
     def install_signals(self) -> None:
@@ -6243,6 +6457,9 @@ class Daemon:
         # Tracked: a failed write undoes the fire. Fsynced at once: a fire is a change that a
         # machine crash must not lose either (missed = "skip" would not make it up).
         fired = 0 if self.stopping else self.schedules.fire_due(self.clock())
+        if self.schedules.queued:               # counted in enqueued_total once durable
+            self.protocol.count_enqueued(self.schedules.queued)
+            self.schedules.queued = []
         self.connections.serve(clients)
         self.pruner.prune_some(PRUNE_SLICE)
         if self.this_pass.batch_slots and self.store.do_fsync:
@@ -6275,7 +6492,9 @@ class Daemon:
             self.jobs.untrack()
             this_pass.written(ended, self.waits)
         this_pass.committed()
-        this_pass.unsynced_ends.update(job.id for job in finished if job.state in FINISHED)
+        ends = [job.id for job in finished if job.state in FINISHED]   # (what undo() left)
+        this_pass.unsynced_ends.update(ends)
+        self.metrics.finished(len(ends))
         if self.store.settled():
             this_pass.unsynced_ends.clear()
         # Written (a crash of the daemon keeps it; its fsync may follow, since a crash of the
@@ -6309,6 +6528,13 @@ class Daemon:
         except OSError as exc:      # the journal still holds everything; try again later
             warn("snapshot failed: %s" % exc)
 
+    def metrics_text(self) -> str:
+        """The `metrics` op's text (and GET /metrics): counters and the queues' own counts."""
+        queues = list(self.scheduler.queues.values())
+        schedules = [(s["name"], s["next_run_at"]) for s in self.schedules.describe()]
+        return self.metrics.render(queues, self.clock() - self.started,
+                                   self.store.size + self.store.older_size, schedules)
+
     def meta(self) -> dict:
         return {"next_id": self.jobs.next_id, "paused": self.jobs.paused,
                 "queues": self.jobs.queue_meta(), "schedules": self.schedules.meta()}
@@ -6328,6 +6554,8 @@ class Daemon:
         self.connections.close_all()
         self.runner.close()
         self.connections.close_listener()
+        if self.http is not None:
+            self.http.close()
         self.log.event("shutdown", pid=os.getpid(), uptime=self.clock() - self.started)
         self.log.close()
         self.store.close()
@@ -6844,6 +7072,203 @@ class Connections:
         self.fd_freed()
 
 
+class HTTPClient:
+    """One connection to the metrics listener: its request head so far, its response."""
+
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "deadline", "on_event")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.deadline = deadline        # monotonic: answered and gone by then, or dropped
+        self.on_event = None
+
+
+class MetricsHTTP:
+    """metrics_listen: `GET /metrics` over HTTP/1.x (text/plain; version=0.0.4), any other
+    path 404, from the daemon's own loop and never blocking it. Every socket is non-blocking
+    and watched by the loop's selector; a callback reads or writes what is there and returns.
+    Caps, as for socket clients: METRICS_HTTP_MAX_CONNECTIONS at once (one more is told 503
+    and closed), a request head of METRICS_HTTP_MAX_HEAD bytes (431 past it), and
+    METRICS_HTTP_TIMEOUT from connect to the last byte sent (a slow or idle client is
+    dropped). One response per connection, then it is closed (Connection: close).
+    For the loop: open() once, close() at the stop; `render` makes the text."""
+
+    def __init__(self, address: str, loop: Loop, render):
+        self.address = address
+        self.loop = loop
+        self.render = render
+        self.listener: socket.socket | None = None
+        self.clients: dict[int, HTTPClient] = {}
+        self.timer: list | None = None
+        self.bound = ""                             # HOST:PORT once open (port 0 resolved)
+
+    def open(self) -> str:
+        """Bind and listen; returns the address bound as HOST:PORT (port 0 picks one)."""
+        host, port = split_listen(self.address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(METRICS_HTTP_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.loop.watch(sock.fileno(), selectors.EVENT_READ, "internal", self.on_accept)
+        bound = sock.getsockname()
+        self.bound = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % bound[:2]
+        return self.bound
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self.drop(client)
+        if self.listener is not None:
+            self.loop.unwatch(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        Loop.cancel(self.timer)
+
+    def on_accept(self, mask: int) -> None:
+        for _ in range(METRICS_HTTP_MAX_CONNECTIONS):   # a flood waits for the next pass
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:                 # no fd free: the socket clients come first,
+                self.loop.unwatch(self.listener.fileno())   # and a readable listener must
+                self.loop.call_later(ACCEPT_RETRY, self.rewatch)    # not spin the loop
+                return
+            sock.setblocking(False)
+            if len(self.clients) >= METRICS_HTTP_MAX_CONNECTIONS:
+                try:                        # (its request read first if it came: a close
+                    sock.recv(METRICS_HTTP_MAX_HEAD)    # with unread input resets at once)
+                except OSError:
+                    pass
+                try:
+                    sock.send(http_response(503, b"too many connections\n"))
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            client = HTTPClient(sock, time.monotonic() + METRICS_HTTP_TIMEOUT)
+            client.on_event = functools.partial(self.on_client, client)
+            self.clients[client.fd] = client
+            self.loop.watch(client.fd, selectors.EVENT_READ, "internal", client.on_event)
+            if self.timer is None:
+                self.timer = self.loop.call_later(METRICS_HTTP_TIMEOUT, self.drop_late)
+
+    def rewatch(self) -> None:
+        if self.listener is not None:
+            self.loop.watch(self.listener.fileno(), selectors.EVENT_READ, "internal",
+                            self.on_accept)
+
+    def on_client(self, client: HTTPClient, mask: int) -> None:
+        if client.fd not in self.clients:
+            return
+        if client.outbuf:
+            self.send(client)
+            return
+        try:
+            data = client.sock.recv(METRICS_HTTP_MAX_HEAD + 1 - len(client.inbuf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(client)
+            return
+        if not data:                        # gone before a whole request: nobody to answer
+            self.drop(client)
+            return
+        client.inbuf += data
+        end = client.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            end = client.inbuf.find(b"\n\n")
+        if end < 0:
+            if len(client.inbuf) > METRICS_HTTP_MAX_HEAD:
+                self.respond(client, http_response(431, b"request head too large\n"))
+            return
+        self.respond(client, self.answer(bytes(client.inbuf[:end])))
+
+    def answer(self, head: bytes) -> bytes:
+        """The response to one request head."""
+        parts = head.split(b"\n", 1)[0].strip().split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return http_response(400, b"bad request\n")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return http_response(405, b"only GET\n", extra=b"Allow: GET, HEAD\r\n")
+        if target != b"/metrics":
+            return http_response(404, b"not found; the metrics are at /metrics\n")
+        body = self.render().encode("utf-8")
+        return http_response(200, body, METRICS_CONTENT_TYPE, head_only=method == b"HEAD")
+
+    def respond(self, client: HTTPClient, response: bytes) -> None:
+        client.inbuf = bytearray()
+        client.outbuf = bytearray(response)
+        self.send(client)
+
+    def send(self, client: HTTPClient) -> None:
+        try:
+            sent = client.sock.send(client.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.drop(client)
+            return
+        del client.outbuf[:sent]
+        if not client.outbuf:
+            self.drop(client)               # one response per connection
+        else:
+            self.loop.watch(client.fd, selectors.EVENT_WRITE, "internal", client.on_event)
+
+    def drop(self, client: HTTPClient) -> None:
+        if self.clients.pop(client.fd, None) is None:
+            return
+        self.loop.unwatch(client.fd)
+        client.on_event = None              # it refers back to client: no cycle
+        try:
+            client.sock.close()
+        except OSError:
+            pass
+
+    def drop_late(self) -> None:
+        """Every connection past its deadline goes (slow, idle, or not reading)."""
+        self.timer = None
+        now = time.monotonic()
+        for client in list(self.clients.values()):
+            if client.deadline <= now:
+                self.drop(client)
+        if self.clients:
+            soonest = min(client.deadline for client in self.clients.values())
+            self.timer = self.loop.call_later(max(0.0, soonest - now) + 0.01, self.drop_late)
+
+
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def http_response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+                  extra: bytes = b"", head_only: bool = False) -> bytes:
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n%s\r\n" % (status, HTTP_REASONS[status].encode(),
+                                                content_type.encode(), len(body), extra)
+            + (b"" if head_only else body))
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """metrics_listen "HOST:PORT" ("[::1]:9100" for IPv6) -> (host, port); ValueError if not."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be \"HOST:PORT\", e.g. \"127.0.0.1:9100\"")
+    return host, int(port)
+
+
 class Protocol:
     """The protocol handlers: one method per op (op_*), listed in HANDLERS below; each takes the
     validated request and its connection and returns the reply's fields, or a reply slot to
@@ -6863,6 +7288,7 @@ class Protocol:
         self.started = daemon.started
         self.this_pass = daemon.this_pass
         self.waits = daemon.waits
+        self.metrics = daemon.metrics              # enqueued_total, activity
         self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
 
     def end_queries(self, reply: bytes) -> None:
@@ -6917,6 +7343,8 @@ class Protocol:
         self.check_room(1)
         fields["uid"] = conn.uid
         job_id = self.jobs.create(now, [fields])[0].id
+        self.this_pass.after_commit.append(functools.partial(self.metrics.enqueued,
+                                                             fields["queue"]))
         return [b'{"ok":true,"id":%d,"created":true}\n' % job_id]   # the common reply, ready-made
 
     def op_add_batch(self, req: dict, conn: Connection) -> dict:
@@ -6961,7 +7389,14 @@ class Protocol:
                     ref if type(ref) is int else base + ref[0] for ref in resolved))
         self.check_room(len(fresh))
         created = self.jobs.create(now, fresh)
+        self.count_enqueued(created)
         return {"ids": [ref if type(ref) is int else created[ref[0]].id for ref in refs]}
+
+    def count_enqueued(self, jobs: list[Job]) -> None:
+        """enqueued_total counts these jobs once their change is durable (an undone one not)."""
+        by_queue = collections.Counter(job.queue for job in jobs)
+        for queue, n in by_queue.items():
+            self.this_pass.after_commit.append(functools.partial(self.metrics.enqueued, queue, n))
 
     def check_parents(self, after: list[int], where: str = "") -> None:
         jobs = self.jobs.jobs
@@ -7044,7 +7479,8 @@ class Protocol:
             raise ProtocolError("invalid_state", "job %d holds key %r now"
                                 % (self.jobs.keys[job.key], job.key))
         self.check_room(1 + self.jobs.descendants_to_retry(job))
-        self.jobs.retry(job, uid=conn.uid)
+        back = self.jobs.retry(job, uid=conn.uid)
+        self.count_enqueued([job, *back])
         return {"job": job.record()}
 
     def op_wait(self, req: dict, conn: Connection):
@@ -7154,7 +7590,29 @@ class Protocol:
             raise ProtocolError("bad_request", "missing field 'schedule'")
         job_id, created = self.daemon.schedules.trigger(get_schedule_name(req), self.clock(),
                                                         conn.uid)
+        if created:
+            self.count_enqueued([self.jobs.jobs[job_id]])
         return {"id": job_id, "created": created}
+
+    def op_metrics(self, req: dict, conn: Connection) -> dict:
+        return {"text": self.daemon.metrics_text()}
+
+    def op_activity(self, req: dict, conn: Connection) -> dict:
+        """What `jobctl top` shows besides the queues: the running jobs (by the RUNNING index,
+        at most ACTIVITY_RUNNING of them), the latest failed attempts and the jobs finished
+        over the last minute (Metrics)."""
+        jobs, ids = self.jobs.jobs, self.jobs.by_state[RUNNING]
+        running = [jobs[i] for i in heapq.nsmallest(ACTIVITY_RUNNING, ids)]
+        last_minute = self.metrics.finished_last_minute()
+        return {"running": [{"id": j.id, "queue": j.queue, "target": j.target,
+                             "method": j.method, "attempts": j.attempts,
+                             "started_at": j.started_at} for j in running],
+                "running_total": len(ids),
+                "failures": list(reversed(self.metrics.failures)),
+                "finished_last_minute": last_minute,
+                "finished_per_second": last_minute / max(1.0, min(
+                    float(RATE_WINDOW), self.clock() - self.started)),
+                "now": self.clock()}
 
     def op_prune(self, req: dict, conn: Connection) -> list:
         older = get_seconds(req, "older_than", 0.0, 0.0, MAX_DELAY)
@@ -7170,7 +7628,8 @@ HANDLERS = {
     "stats": Protocol.op_stats, "pause": Protocol.op_pause, "resume": Protocol.op_resume,
     "prune": Protocol.op_prune, "queues": Protocol.op_queues,
     "set_workers": Protocol.op_set_workers, "schedules": Protocol.op_schedules,
-    "trigger": Protocol.op_trigger,
+    "trigger": Protocol.op_trigger, "metrics": Protocol.op_metrics,
+    "activity": Protocol.op_activity,
 }
 assert set(HANDLERS) == set(OP_FIELDS)
 
@@ -7236,6 +7695,8 @@ def main(argv: list[str] | None = None) -> int:
     STDERR.log = daemon.log         # from now on, that stderr fails is said in the errors log
     say("jobrunnerd %s: listening on %s with %d workers (state in %s)"
         % (VERSION, cfg.socket, cfg.workers, cfg.state_dir))
+    if daemon.http is not None:
+        say("jobrunnerd: metrics at http://%s/metrics" % daemon.http.bound)
     return daemon.run()
 
 

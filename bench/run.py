@@ -38,6 +38,10 @@ Figures (name: what / baseline):
   deps_unblock_10000  a `cancel` of a parent whose 10,000 blocked children have
                       on_parent_failure "run" (all unblocked in that one durable change) / the
                       `cancel` of a parent without children
+  visibility_OP_N     reply time of `stats`, `queues`, `metrics` and `activity` (what `jobctl
+                      top` asks each second) with N jobs (100,000; --big 1,000,000) over 10
+                      queues, a tenth of them finished, median of 200 calls / `hello` on the
+                      same connection, alternated (goal: under 5 ms at 1M)
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -870,6 +874,59 @@ def dispatch_cost(n: int, starts: int) -> float:
     return (time.perf_counter() - t0) / starts * 1e6
 
 
+VISIBILITY_OPS = ("stats", "queues", "metrics", "activity")
+VISIBILITY_CALLS = 200      # calls per op and run, alternated with `hello`
+
+
+def visibility_daemon(n: int) -> Daemon:
+    """A paused daemon loaded with n jobs over 10 queues (every tenth cancelled), written
+    straight into queue.json as _write_state does."""
+    queues = {"q%d" % i: {"workers": 1} for i in range(10)}
+    d = Daemon(fsync="always", max_queued=10_000_000, queues=queues)
+    state_dir = d.config["state_dir"]
+    os.makedirs(state_dir, mode=0o750)
+    with open(os.path.join(state_dir, "queue.json"), "w") as f:
+        f.write('{"format":1,"gen":1,"next_id":%d,"paused":true,"jobs":[\n' % (n + 1))
+        f.write(",\n".join(
+            _record_line(i, queue="q%d" % (i % 10), **({"state": "cancelled", "finished_at":
+                                                        time.time()} if i % 10 == 0 else {}))
+            for i in range(1, n + 1)))
+        f.write("\n]}\n")
+    d.start()
+    return d
+
+
+def reply_times(path: str, op: str, calls: int) -> tuple[float, float]:
+    """Median seconds of `op` and of `hello`, alternated on one connection."""
+    a, b = [], []
+    with Conn(path) as c:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            c.call({"op": op})
+            t1 = time.perf_counter()
+            c.call({"op": "hello"})
+            a.append(t1 - t0)
+            b.append(time.perf_counter() - t1)
+    return statistics.median(a), statistics.median(b)
+
+
+def bench_visibility(sizes, runs):
+    out = []
+    for n in sizes["visibility"]:
+        d = visibility_daemon(n)
+        try:
+            for op in VISIBILITY_OPS:
+                got = [reply_times(d.socket, op, VISIBILITY_CALLS) for _ in range(runs)]
+                value = summary([g[0] * 1e6 for g in got])
+                base = summary([g[1] * 1e6 for g in got])
+                out.append(figure("visibility_%s_%d" % (op, n), "us", value, base, "hello",
+                                  higher_is_better=False,
+                                  note="median of %d calls per run" % VISIBILITY_CALLS))
+        finally:
+            d.stop()
+    return out
+
+
 def bench_dispatch(sizes, runs):
     n, starts = sizes["dispatch"], sizes["dispatch_starts"]
     value, base = measure_pair(lambda: dispatch_cost(n, starts),
@@ -883,14 +940,15 @@ SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
                  "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
                  "pattern": 200_000, "pause": [100_000], "deps_adds": 200,
-                 "deps_children": 10_000, "dispatch": 100_000, "dispatch_starts": 900},
+                 "deps_children": 10_000, "dispatch": 100_000, "dispatch_starts": 900,
+                 "visibility": [100_000]},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
               "pattern": 2000, "pause": [5000], "deps_adds": 5, "deps_children": 100,
-              "dispatch": 5000, "dispatch_starts": 900},
+              "dispatch": 5000, "dispatch_starts": 900, "visibility": [5000]},
 }
 GROUPS = ("machine", "enqueue", "noop", "queues", "dispatch", "latency", "jobctl", "pending",
-          "pattern", "pause", "deps")
+          "pattern", "pause", "deps", "visibility")
 
 
 def main(argv=None) -> int:
@@ -906,6 +964,7 @@ def main(argv=None) -> int:
         sizes["pending"] = sizes["pending"] + [1_000_000]
         sizes["pause"] = sizes["pause"] + [1_000_000]
         sizes["dispatch"] = 1_000_000
+        sizes["visibility"] = [1_000_000]
     runs = args.runs or (1 if args.quick else 3)
     groups = args.only.split(",") if args.only else GROUPS
     figures = []

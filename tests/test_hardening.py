@@ -68,6 +68,7 @@ SPEC_OP_FIELDS = {
     "output": ("id", "offset", "limit"), "stats": (), "pause": ("queue", "schedule"),
     "resume": ("queue", "schedule"), "prune": ("older_than",), "queues": (),
     "set_workers": ("queue", "workers"), "schedules": (), "trigger": ("schedule",),
+    "metrics": (), "activity": (),
 }
 LOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z event=[a-z_]+( |\Z)")
 LATENCY_BOUND = 1.0         # issue 4: "keeps serving a well-behaved client within 1 s"

@@ -43,7 +43,7 @@ from tests.support import in_process_daemon  # noqa: E402
 
 # SPEC §3: the documented ops. Kept here literally so that a new handler needs a SPEC change.
 SPEC_OPS = ("hello add add_batch get list cancel retry wait output stats pause resume prune"
-            " queues set_workers schedules trigger").split()
+            " queues set_workers schedules trigger metrics activity").split()
 
 TARGET = "examples.jobs:ExampleJob"
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"     # SPEC §6 time format

@@ -128,3 +128,45 @@ class EtlOverQueuesTest(support.DaemonTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SchedulesInMetricsAndTopTest(support.DaemonTestCase):
+    """Schedules meet metrics and top: a fire and a trigger count in enqueued_total of their
+    queue, each schedule has its next-fire gauge, and top's panel lists it."""
+    config = {"queues": {"ingest": {"workers": 1}},
+              "schedules": {"tick": {"target": "examples.jobs:ExampleJob", "every": 0.3,
+                                     "queue": "ingest"},
+                            "nightly": {"target": "examples.jobs:ExampleJob",
+                                        "cron": "30 3 * * *", "timezone": "UTC"}}}
+
+    def sample(self, text, name, **labels):
+        want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
+        for line in text.splitlines():
+            head, _, value = line.rpartition(" ")
+            if head.startswith(name + "{") and \
+                    ",".join(sorted(head[len(name) + 1:-1].split(","))) == want:
+                return float(value)
+        return None
+
+    def test_fires_and_triggers_are_counted_and_the_next_fires_shown(self):
+        support.wait_until(lambda: self.daemon.call(op="list", schedule="tick")["jobs"], 15,
+                           message="a fire of tick")
+        reply = self.daemon.call(op="trigger", schedule="nightly")
+        self.assertTrue(reply["ok"] and reply["created"], reply)
+        self.daemon.wait_job(reply["id"])
+        text = self.daemon.call(op="metrics")["text"]
+        fired = self.daemon.call(op="list", schedule="tick", limit=1000)["total"]
+        self.assertGreaterEqual(self.sample(text, "jobrunner_enqueued_total", queue="ingest"), 1)
+        self.assertLessEqual(self.sample(text, "jobrunner_enqueued_total", queue="ingest"),
+                             self.daemon.call(op="list", schedule="tick", limit=1000)["total"])
+        self.assertGreaterEqual(fired, 1)
+        self.assertEqual(self.sample(text, "jobrunner_enqueued_total", queue="default"), 1)
+        nightly = self.sample(text, "jobrunner_schedule_next_run_timestamp_seconds",
+                              schedule="nightly")
+        self.assertEqual(nightly % 86400, 3 * 3600 + 30 * 60)
+        self.assertIsNotNone(self.sample(text, "jobrunner_schedule_next_run_timestamp_seconds",
+                                         schedule="tick"))
+        out = self.daemon.jobctl("top", "--once")
+        self.assertEqual(out.returncode, 0, out)
+        self.assertRegex(out.stdout, r"(?m)^nightly\s+\S")
+        self.assertRegex(out.stdout, r"(?m)^tick\s+\S")
