@@ -53,7 +53,7 @@ Protocol (version 1), in brief
     -> {"op": "nope"}
     <- {"ok": false, "error": {"code": "unknown_op", "message": "..."}}
     Ops: hello add add_batch get list cancel retry wait output stats pause
-    resume prune queues set_workers. Replies come in request order, so clients may pipeline.
+    resume prune queues set_workers update. Replies come in request order, so clients may pipeline.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
 MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
 QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
                                       # them together: the loop is never held much longer
+BULK_STEP = 10_000                    # SPEC §3: `cancel`/`retry` with `where` change at most this
+                                      # many jobs per durable step (one pass: ~40 ms at 1M jobs)
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 STORE_FORMAT = 2                      # of queue.json and journal.jsonl: 2 adds queue pauses
@@ -2220,6 +2222,36 @@ class JobTable:
                 todo.append(child_id)
         return back
 
+    def retry_many(self, jobs: list[Job], uid: int | None) -> None:
+        """`retry` with `where`: retry() of each of `jobs` (failed or cancelled). Those with no
+        parent unfinished and no children (most) move to pending together, with their
+        `queued` lines and one journal entry (a step of 10,000 in ~50 ms; retry() each, over
+        100); the others go through retry(), which puts their descendants back too."""
+        assert TRANSITIONS[(FAILED, PENDING)] == TRANSITIONS[(CANCELLED, PENDING)] == ("queued",)
+        now = self.clock()
+        save, unindex, index, unfinished, children = (
+            self._save, self._unindex, self._index, self.unfinished, self.children)
+        plain = []
+        for job in jobs:
+            if job.state not in (FAILED, CANCELLED):    # put back already, as a descendant
+                continue
+            if job.key is not None and self.keys.get(job.key, job.id) != job.id:
+                continue                        # another live job holds its key now
+            if job.id in unfinished or job.id in children:
+                self.retry(job, uid=uid)
+                continue
+            save(job)
+            unindex(job)
+            job.state, job.attempts, job.run_at = PENDING, 0, now
+            job.started_at = job.finished_at = job.exit_code = job.error = job.result = None
+            job.pid = job.cancelled_by = None
+            index(job, now)
+            plain.append(job)
+        if plain:
+            self.log.queued(now, plain)
+            self.store.append_records([job.id for job in plain],
+                                      [_encode(job.stored()) for job in plain])
+
     def descendants_to_retry(self, job: Job) -> int:
         """How many jobs retry(job) would put back with it (for the max_queued check)."""
         count, todo, jobs = 0, collections.deque([job.id]), self.jobs
@@ -2254,6 +2286,56 @@ class JobTable:
         for name, value in changes.items():
             setattr(job, name, value)
         self.store.append({"job": job.stored()})
+
+    def cancel_many(self, jobs: list[Job], uid: int | None) -> None:
+        """`cancel` with `where`: each of `jobs` (live) moves to cancelled as transition()
+        would move it, with one journal entry for the lot (a step of 10,000 takes ~35 ms;
+        a transition() each, over 100). Their children settle after, as for any end."""
+        now = self.clock()
+        save, unindex, index, changed = self._save, self._unindex, self._index, self.changed
+        for job in jobs:
+            assert (job.state, CANCELLED) in TRANSITIONS, "illegal transition %s -> %s (job " \
+                "%d)" % (job.state, CANCELLED, job.id)
+            save(job)
+            unindex(job)
+            job.state, job.finished_at = CANCELLED, now
+            changed.append(job)
+            index(job, now)
+        self.log.moved(now, "cancelled", jobs, "" if uid is None else " uid=%d" % uid)
+        self.store.append_records([job.id for job in jobs], [_encode(job.stored()) for job in jobs])
+        children = self.children
+        self._ended.extend(job for job in jobs if job.id in children)
+        if not self._settling:
+            self._settle_children()
+
+    AMENDABLE = frozenset({"priority", "run_at", "delay", "queue"})    # what `update` changes
+
+    def amend(self, job: Job, changes: dict) -> None:
+        """The `update` op: change when, where or in which order a blocked or pending job runs
+        (`AMENDABLE` fields), with no state move: off every index, changed, back on (a new
+        heap entry in its queue, that queue's counts and by_queue), journaled; undo() puts it
+        back as it was, queue included."""
+        assert job.state in (BLOCKED, PENDING) and changes.keys() <= self.AMENDABLE
+        self._save(job)
+        self._unindex(job)
+        old_queue = job.queue
+        for name, value in changes.items():
+            setattr(job, name, value)
+        if job.queue != old_queue:
+            self._move_queue(job.id, old_queue, job.queue)
+        self._index(job)
+        self.store.append({"job": job.stored()})
+
+    def _move_queue(self, job_id: int, old: str, new: str) -> None:
+        """by_queue: job_id leaves queue `old` for `new` (ascending lists both)."""
+        ids = self.by_queue.get(old)
+        if ids:
+            at = bisect.bisect_left(ids, job_id)
+            if at < len(ids) and ids[at] == job_id:
+                del ids[at]
+            if not ids:
+                del self.by_queue[old]
+        bisect.insort(self.by_queue.setdefault(new, []), job_id)
 
     def requeue(self, job: Job) -> None:
         """Put a pending job that pop_due() handed out back on its heap."""
@@ -2343,9 +2425,12 @@ class JobTable:
                             del self.by_target[job.target]
                 continue
             token = job.token                   # past every heap entry made for it meanwhile
+            queue = job.queue
             for name, value in zip(Job.__slots__, values):
                 setattr(job, name, value)
             job.token = token + 1               # (the saved token may equal one of them)
+            if present and job.queue != queue:  # moved by amend(): back to its old queue
+                self._move_queue(job_id, queue, job.queue)
             if not present:                     # pruned since track(): back in
                 self.jobs[job_id] = job
                 bisect.insort(self.ids, job_id)
@@ -2601,6 +2686,64 @@ class PatternQuery:
                 yield
             if n % 64 == 63:
                 yield
+
+
+class BulkChange:
+    """A `cancel` or `retry` with `where` under way: gather() finds the next matching jobs, a
+    state at a time in ascending id order from a cursor (a pattern through a PatternQuery, a
+    slice per pass), until BULK_STEP are found or none is left; the Protocol changes them in
+    one durable step (Protocol.advance_bulk) and gathers again, and answers `ids` after the
+    last. A job changed no longer matches (cancelled is not live; retried is not failed), so
+    after a crash between steps the same request again finds exactly the rest."""
+
+    def __init__(self, op: str, states: tuple[str, ...], pattern: str | None,
+                 queue: str | None, slot: list, conn: "Connection | None", uid: int | None):
+        self.op, self.states, self.pattern, self.queue = op, states, pattern, queue
+        self.slot, self.conn, self.uid = slot, conn, uid
+        self.state_at = 0                       # states[state_at] is being read, from `cursor`
+        self.cursor = 0
+        self.query: PatternQuery | None = None
+        self.found: list[Job] = []              # the next step's jobs
+        self.ids: list[int] = []                # changed in the steps made durable (or this one)
+        self.durable = 0                        # of `ids`, those whose step was committed
+
+    @property
+    def exhausted(self) -> bool:
+        return self.state_at >= len(self.states)
+
+    def gather(self, table: JobTable, deadline: float) -> bool:
+        """Fill `found` (BULK_STEP at most); True once the step is ready: full, or every
+        matching job found. False: a pattern query goes on in the next pass."""
+        while not self.exhausted and len(self.found) < BULK_STEP:
+            state, want = self.states[self.state_at], BULK_STEP - len(self.found)
+            # One more than fits: if it is there, this state goes on in the next step; if
+            # not, the step is the last one (exactly BULK_STEP jobs are one durable change).
+            if self.pattern is None:
+                jobs = table.select(state, None, self.cursor, want + 1, queue=self.queue)
+            else:
+                if self.query is None:
+                    self.query = PatternQuery(table, state, self.pattern, self.cursor, want + 1,
+                                              self.queue)
+                if not self.query.step(deadline):
+                    return False
+                jobs, self.query = self.query.jobs, None
+            # TODO(lead, #16 schedules): a `where.schedule` filter goes here, once jobs have
+            # the `schedule` field (the schedules branch): jobs = [j for j in jobs if
+            # j.schedule == self.schedule]; until then Protocol.bulk() refuses the key.
+            if len(jobs) <= want:
+                self.state_at, self.cursor = self.state_at + 1, 0
+            else:
+                del jobs[want:]
+                self.cursor = jobs[-1].id
+            self.found.extend(jobs)
+        return True
+
+    def take(self) -> list[Job]:
+        """The step's jobs that still match (one may have changed state since it was found),
+        ascending; `found` starts empty again."""
+        found, self.found = self.found, []
+        states = self.states
+        return sorted((job for job in found if job.state in states), key=operator.attrgetter("id"))
 
 
 ####################################################################################################
@@ -4235,14 +4378,17 @@ ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at
 # op -> the fields it accepts besides "op"; anything else is a bad_request (typos never pass).
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
-    "list": ("state", "target", "queue", "limit", "after_id"), "cancel": ("id",),
-    "retry": ("id",), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
+    "list": ("state", "target", "queue", "limit", "after_id"), "cancel": ("id", "where"),
+    "retry": ("id", "where"), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
     "stats": (), "pause": ("queue",), "resume": ("queue",), "prune": ("older_than",),
     "queues": (), "set_workers": ("queue", "workers"),
+    "update": ("id", "priority", "delay", "run_at", "queue"),
 }
+WHERE_FIELDS = ("state", "target", "queue", "schedule")     # of `cancel`/`retry` `where`
 _WITH_OP = {fields: frozenset(fields + ("op",)) for fields in OP_FIELDS.values()}
 # Ops that change state: refused while stopping, answered only after the journal is durable.
-MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", "prune"})
+MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", "prune",
+                      "update"})
 
 
 def check_fields(req: dict, allowed: tuple[str, ...], where: str = "") -> None:
@@ -4403,6 +4549,32 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
         # a blocked job's delay counts from its unblocking (§2b); create() drops it otherwise
         "delay": delay or None,
     }
+
+
+def validate_update(req: dict, cfg: "Config", now: float, blocked: bool) -> dict:
+    """The changes an `update` request asks of a job (JobTable.amend takes them): `priority`,
+    `queue` (declared: not_found otherwise), and `delay` or `run_at` as at `add`: a blocked
+    job's delay counts from its unblocking (§2b), a pending job's from now."""
+    if not req.keys() & {"priority", "delay", "run_at", "queue"}:
+        raise ProtocolError("bad_request", "give at least one of priority, delay or run_at, queue")
+    if "delay" in req and "run_at" in req:
+        raise ProtocolError("bad_request", "give delay or run_at, not both")
+    changes: dict = {}
+    if "priority" in req:
+        changes["priority"] = get_int(req, "priority", None, -MAX_PRIORITY, MAX_PRIORITY)
+    if "run_at" in req:
+        changes["run_at"] = get_seconds(req, "run_at", None, 0.0, now + MAX_DELAY)
+        changes["delay"] = None                 # an explicit time holds as it is
+    elif "delay" in req:
+        delay = get_seconds(req, "delay", None, 0.0, MAX_DELAY)
+        changes["run_at"] = now + delay
+        changes["delay"] = (delay or None) if blocked else None   # pending: counted in run_at
+    if "queue" in req:
+        queue = changes["queue"] = get_queue_name(req)
+        if queue != DEFAULT_QUEUE and queue not in cfg.queues:
+            raise ProtocolError("not_found", "queue %r is not declared in the config "
+                                "([queues.%s])" % (queue, queue))
+    return changes
 
 
 _VERDICTS: list = [None, {}]    # [the allow list they were made for, {target: verdict}]
@@ -5738,7 +5910,7 @@ class Daemon:
 
     def select_timeout(self) -> float:
         timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
-        if self.this_pass.resume or self.pruner.prunes:
+        if self.this_pass.resume or self.pruner.prunes or self.protocol.bulk:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
@@ -5767,6 +5939,7 @@ class Daemon:
         mark = self.log.mark()
         self.connections.serve(clients)
         self.pruner.prune_some(PRUNE_SLICE)
+        self.protocol.advance_bulk()
         if self.this_pass.batch_slots and self.store.do_fsync:
             self.connections.gather()
         self.commit(mark)
@@ -5793,8 +5966,10 @@ class Daemon:
             self.log.rewind(mark)
             this_pass.write_failed(exc, ended, self.jobs, self.waits)
             self.pruner.write_failed(exc)
+            self.protocol.bulk_committed(exc)
         else:
             self.jobs.untrack()
+            self.protocol.bulk_committed(None)
             this_pass.written(ended, self.waits)
         this_pass.committed()
         this_pass.unsynced_ends.update(job.id for job in finished if job.state in FINISHED)
@@ -6381,13 +6556,18 @@ class Protocol:
         self.this_pass = daemon.this_pass
         self.waits = daemon.waits
         self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
+        self.bulk: collections.deque[BulkChange] = collections.deque()  # `where`s under way
 
     def end_queries(self, reply: bytes) -> None:
-        """The daemon stops: every pattern query under way is answered with `reply`."""
+        """The daemon stops: every pattern query under way is answered with `reply`, and
+        every `cancel`/`retry` with `where` too (its steps so far are done)."""
         for conn, slot, query in self.queries:
             slot[0] = reply
             self.this_pass.dirty.add(conn)
         self.queries.clear()
+        for task in self.bulk:
+            self.bulk_answer(task, reply)
+        self.bulk.clear()
 
     def handle_line(self, conn: Connection, line: bytes) -> list:
         """One request -> its reply slot. Every exception becomes an error reply here."""
@@ -6529,7 +6709,101 @@ class Protocol:
         if self.queries:
             self.loop.call_later(0, self.advance_queries)
 
+    def bulk_request(self, req: dict, conn: Connection, op: str) -> list:
+        """`cancel`/`retry` with `where`: checked here, done in steps by advance_bulk() from
+        this pass on (so that up to BULK_STEP jobs are one durable change with the request)."""
+        if "id" in req:
+            raise ProtocolError("bad_request", "give id or where, not both")
+        where = req["where"]
+        if not isinstance(where, dict):
+            raise ProtocolError("bad_request", "where must be an object")
+        check_fields(where, WHERE_FIELDS, "where: ")
+        if not where:
+            raise ProtocolError("bad_request", "where needs at least one of "
+                                + ", ".join(WHERE_FIELDS))
+        allowed = (BLOCKED, PENDING, RUNNING) if op == "cancel" else (FAILED, CANCELLED)
+        states = allowed
+        if "state" in where:
+            if where["state"] not in allowed:
+                raise ProtocolError("bad_request", "where: %s takes state %s"
+                                    % (op, " or ".join(allowed)))
+            states = (_CANONICAL_STATES[where["state"]],)
+        pattern = get_pattern(where, "target", "where: ")
+        queue = get_queue_name(where, "where: ") if "queue" in where else None
+        if "schedule" in where:
+            # TODO(lead, #16 schedules): match job.schedule (BulkChange.gather) once jobs have
+            # that field; the key is part of the protocol already.
+            raise ProtocolError("bad_request", "where: schedule is not supported by this "
+                                "build (jobs have no schedule field yet)")
+        task = BulkChange(op, states, pattern, queue, [None], conn, conn.uid)
+        self.bulk.append(task)
+        return task.slot
+
+    def advance_bulk(self) -> None:
+        """Once per pass, after the requests: the next step of the oldest `where` under way
+        (gathered, for a pattern, QUERY_SLICE at most per pass), changed in this pass's
+        durable write; answered after its last step."""
+        deadline = time.monotonic() + QUERY_SLICE
+        while self.bulk:
+            task = self.bulk[0]
+            if not task.gather(self.jobs, deadline):
+                return                          # its pattern query goes on next pass
+            jobs = task.take()
+            try:
+                if task.op == "cancel":
+                    self.cancel_many(jobs, task.uid)
+                else:
+                    self.retry_many(jobs, task.uid)
+            except ProtocolError as exc:
+                self.bulk.popleft()
+                self.bulk_answer(task, encode_error(exc.code, "%s (after %d jobs in earlier "
+                                                    "steps)" % (exc.message, len(task.ids))))
+                return
+            task.ids.extend(job.id for job in jobs)
+            self.this_pass.batch_slots.append(task.slot)     # this step's reply waits for it
+            if task.exhausted:
+                self.bulk.popleft()
+                self.bulk_answer(task, encode_reply({"ids": task.ids}))
+            return                              # one step per pass: the loop is not held
+
+    def bulk_answer(self, task: BulkChange, reply: bytes) -> None:
+        task.slot[0] = reply
+        if task.conn is not None:
+            self.this_pass.answered(task.conn)
+
+    def bulk_committed(self, exc: OSError | None) -> None:
+        """This pass's write is durable (exc None), or failed and was undone: a `where` under
+        way stops at its last durable step and says so."""
+        if exc is None:
+            for task in self.bulk:
+                task.durable = len(task.ids)
+            return
+        for task in self.bulk:
+            del task.ids[task.durable:]
+            self.bulk_answer(task, encode_error(
+                "io_error", "the change could not be made durable (%s) after %d jobs were "
+                "changed in earlier steps: %s" % (exc.strerror or exc, len(task.ids),
+                                                  json.dumps(task.ids)[:1000])))
+        self.bulk.clear()
+
+    def cancel_many(self, jobs: list[Job], uid: int | None) -> None:
+        self.jobs.cancel_many(jobs, uid)
+        for job in jobs:
+            att = self.attempts.get(job.id)
+            if att is not None:
+                self.this_pass.after_commit.append(lambda att=att: self.runner.stop(att, "cancel"))
+
+    def retry_many(self, jobs: list[Job], uid: int | None) -> None:
+        table = self.jobs
+        keys = table.keys       # a job whose key another live job holds now stays as it is
+        jobs = [job for job in jobs if job.key is None or keys.get(job.key, job.id) == job.id]
+        self.check_room(len(jobs) + sum(table.descendants_to_retry(job) for job in jobs
+                                        if job.id in table.children))
+        table.retry_many(jobs, uid)
+
     def op_cancel(self, req: dict, conn: Connection) -> dict:
+        if "where" in req:
+            return self.bulk_request(req, conn, "cancel")
         job = self.find(req)
         if job.state not in LIVE:
             raise ProtocolError("invalid_state", "job %d is %s" % (job.id, job.state))
@@ -6540,6 +6814,8 @@ class Protocol:
         return {"job": job.record()}
 
     def op_retry(self, req: dict, conn: Connection) -> dict:
+        if "where" in req:
+            return self.bulk_request(req, conn, "retry")
         job = self.find(req)
         if job.state not in (FAILED, CANCELLED):
             raise ProtocolError("invalid_state", "job %d is %s; only failed or cancelled jobs "
@@ -6549,6 +6825,18 @@ class Protocol:
                                 % (self.jobs.keys[job.key], job.key))
         self.check_room(1 + self.jobs.descendants_to_retry(job))
         self.jobs.retry(job, uid=conn.uid)
+        return {"job": job.record()}
+
+    def op_update(self, req: dict, conn: Connection) -> dict:
+        """Priority, start time (`delay` or `run_at`) or queue of a blocked or pending job. A
+        blocked job's `delay` counts from its unblocking (§2b), as at `add`."""
+        job = self.find(req)
+        changes = validate_update(req, self.cfg, self.clock(), job.state == BLOCKED)
+        if job.state not in (BLOCKED, PENDING) or job.id in self.attempts:
+            raise ProtocolError("invalid_state", "job %d is %s; only blocked or pending jobs "
+                                "can be updated" % (job.id, "starting" if job.state == PENDING
+                                                    else job.state))
+        self.jobs.amend(job, changes)
         return {"job": job.record()}
 
     def op_wait(self, req: dict, conn: Connection):
@@ -6658,7 +6946,7 @@ HANDLERS = {
     "retry": Protocol.op_retry, "wait": Protocol.op_wait, "output": Protocol.op_output,
     "stats": Protocol.op_stats, "pause": Protocol.op_pause, "resume": Protocol.op_resume,
     "prune": Protocol.op_prune, "queues": Protocol.op_queues,
-    "set_workers": Protocol.op_set_workers,
+    "set_workers": Protocol.op_set_workers, "update": Protocol.op_update,
 }
 assert set(HANDLERS) == set(OP_FIELDS)
 

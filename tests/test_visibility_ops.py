@@ -1,0 +1,427 @@
+"""The daemon side of visibility (issue #16, part B): `update`, `cancel`/`retry` with `where`,
+per-attempt `logs`, the daemon's startup/shutdown lines, job processes named in `ps`.
+
+- Unit tests step the JobTable with a clock: `update` (JobTable.amend) keeps every index and
+  heap right and is undone exactly; a blocked job's new delay counts from its unblocking.
+- `where` in steps, in process with a small BULK_STEP: how many durable steps, a disk failure
+  in the second one; and for real: SIGKILL between two steps, restart, the same request again:
+  every job done once.
+- End to end through the socket and jobctl.
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import unittest
+from unittest import mock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jobrunnerd as jr  # noqa: E402
+from tests import support  # noqa: E402
+from tests.test_durability import InProcessDaemonCase  # noqa: E402
+
+TARGET = "examples.jobs:ExampleJob"
+NOW = 1_000_000.0
+
+
+def config(tmp, **values) -> jr.Config:
+    return jr.Config(values, tmp)
+
+
+####################################################################################################
+#  update: JobTable.amend and validate_update, stepped with a clock
+####################################################################################################
+
+class UpdateTableTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="jr-upd-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.now = NOW
+        self.cfg = config(self.tmp, workers=1, queues={"emails": {"workers": 1}})
+        self.table = self.make_table()
+
+    def clock(self):
+        return self.now
+
+    def make_table(self) -> jr.JobTable:
+        state, logs = os.path.join(self.tmp, "state"), os.path.join(self.tmp, "logs")
+        os.makedirs(state, exist_ok=True)
+        os.makedirs(logs, exist_ok=True)
+        store = jr.Store(state, fsync=False)
+        self.addCleanup(store.close)
+        meta, records = store.load()
+        log = jr.EventLog(logs, clock=self.clock)
+        self.addCleanup(log.close)
+        scheduler = jr.Scheduler(1)
+        scheduler.configure(self.cfg)
+        table = jr.JobTable(store, log, clock=self.clock, scheduler=scheduler)
+        table.load(meta, records)
+        return table
+
+    def add(self, queue="default", **fields):
+        fields = dict(dict(target=TARGET, queue=queue, run_at=self.now, retries=0, priority=0),
+                      **fields)
+        return self.table.create(self.now, [fields])[0]
+
+    def update(self, job, **req):
+        changes = jr.validate_update(req, self.cfg, self.now, job.state == jr.BLOCKED)
+        self.table.amend(job, changes)
+
+    def view(self):
+        """Everything an update may touch: counts, per queue counts, list indexes, heaps (as
+        the order jobs would start in), the stored records."""
+        t = self.table
+        queues = {name: {k: v for k, v in q.counts.items() if v}
+                  for name, q in t.scheduler.queues.items()}
+        heaps = {name: sorted((e[:2] for e in q.ready + q.delayed
+                               if t.jobs[e[1]].token == e[2]))
+                 for name, q in t.scheduler.queues.items()}
+        return (dict(t.counts), queues, {k: list(v) for k, v in t.by_queue.items()},
+                {s: set(v) for s, v in t.by_state.items()}, heaps,
+                {i: j.stored() for i, j in t.jobs.items()})
+
+    def test_priority_reorders_the_queue(self):
+        a, b, c = self.add(), self.add(), self.add()
+        self.update(c, priority=5)
+        self.update(a, priority=-1)
+        self.assertEqual([self.table.pop_due(self.now).id for _ in range(3)], [c.id, b.id, a.id])
+
+    def test_queue_moves_counts_list_index_and_heap(self):
+        a, b = self.add(), self.add()
+        self.update(a, queue="emails")
+        t = self.table
+        self.assertEqual(t.by_queue, {"default": [b.id], "emails": [a.id]})
+        self.assertEqual(t.scheduler.queue("emails").counts["pending"], 1)
+        self.assertEqual(t.scheduler.queue("default").counts["pending"], 1)
+        self.assertEqual([j.id for j in t.select(None, None, 0, 10, queue="emails")], [a.id])
+        self.assertIs(t.scheduler.queue("emails").pop_due(self.now, t.jobs), a)
+        self.assertIs(t.scheduler.queue("default").pop_due(self.now, t.jobs), b)
+        t.requeue(a)
+        t.requeue(b)
+        self.update(b, queue="emails")
+        self.assertEqual(t.by_queue, {"emails": [a.id, b.id]})
+
+    def test_delay_and_run_at_of_a_pending_job_count_from_now(self):
+        a = self.add()
+        self.update(a, delay=30)
+        self.assertEqual((a.run_at, a.delay), (NOW + 30, None))
+        self.assertFalse(self.table.has_due(NOW + 29))
+        self.assertTrue(self.table.has_due(NOW + 30))
+        self.update(a, run_at=NOW + 5)
+        self.assertEqual(a.run_at, NOW + 5)
+        self.assertEqual(self.table.next_run_at(), NOW + 5)
+
+    def test_a_blocked_jobs_delay_counts_from_its_unblocking(self):
+        parent = self.add()
+        child = self.add(after=[parent.id])
+        self.assertEqual(child.state, jr.BLOCKED)
+        self.update(child, delay=30)
+        self.now += 100                                 # the parent ends much later
+        self.table.transition(parent, jr.RUNNING)
+        self.table.transition(parent, jr.SUCCEEDED)
+        self.assertEqual((child.state, child.run_at), (jr.PENDING, NOW + 100 + 30))
+        # An explicit run_at holds as it is when it is later than the unblocking.
+        parent2 = self.add()
+        child2 = self.add(after=[parent2.id])
+        self.update(child2, run_at=NOW + 500)
+        self.table.transition(parent2, jr.CANCELLED)    # (fails the parent: child2 cancelled)
+        self.assertEqual(child2.state, jr.CANCELLED)
+        parent3 = self.add()
+        child3 = self.add(after=[parent3.id], on_parent_failure="run")
+        self.update(child3, run_at=NOW + 500)
+        self.table.transition(parent3, jr.CANCELLED)
+        self.assertEqual((child3.state, child3.run_at), (jr.PENDING, NOW + 500))
+
+    def test_survives_a_reload_from_the_journal(self):
+        a = self.add()
+        self.update(a, queue="emails", priority=7, delay=60)
+        self.table.store.commit()
+        again = self.make_table()
+        got = again.jobs[a.id]
+        self.assertEqual((got.queue, got.priority, got.run_at), ("emails", 7, NOW + 60))
+        self.assertEqual(again.by_queue, {"emails": [a.id]})
+
+    def test_undo_puts_every_index_and_heap_back(self):
+        a, b = self.add(), self.add(priority=3)
+        parent = self.add()
+        c = self.add(after=[parent.id], key="k")
+        self.table.store.commit()
+        before = self.view()
+        self.table.track()
+        self.update(a, queue="emails", priority=9, delay=10)
+        self.update(b, run_at=NOW + 50)
+        self.update(c, queue="emails", delay=5)
+        self.update(a, queue="default")                  # twice in one pass
+        self.table.undo()
+        self.table.store.discard()
+        self.assertEqual(self.view(), before)
+        self.assertEqual(self.table.keys, {"k": c.id})
+        self.assertEqual([self.table.pop_due(self.now).id for _ in range(3)],
+                         [b.id, a.id, parent.id])
+
+    def test_cancel_many_and_retry_many_cascade_like_one_by_one_and_undo(self):
+        parent, other = self.add(), self.add(key="k")
+        child = self.add(after=[parent.id])
+        grandchild = self.add(after=[child.id])
+        self.table.transition(other, jr.RUNNING)
+        self.table.store.commit()
+        before = self.view()
+        mark = self.table.log.mark()
+        self.table.track()
+        self.table.cancel_many([parent, other], uid=7)
+        self.assertEqual([j.state for j in (parent, other, child, grandchild)],
+                         ["cancelled"] * 4)
+        self.assertEqual((child.error, child.cancelled_by), ("parent %d cancelled" % parent.id,
+                                                             parent.id))
+        self.table.undo()
+        self.table.store.discard()
+        self.table.log.rewind(mark)
+        self.assertEqual(self.view(), before)
+        self.table.cancel_many([parent, other], uid=7)
+        self.table.store.commit()
+        dup = self.add(key="k")                 # holds other's key now: other stays cancelled
+        self.table.retry_many([parent, other], uid=7)
+        self.assertEqual([j.state for j in (parent, other, child, grandchild)],
+                         ["pending", "cancelled", "blocked", "blocked"])
+        self.assertEqual((parent.attempts, parent.error, parent.finished_at), (0, None, None))
+        self.assertEqual(self.table.keys["k"], dup.id)
+        self.table.log.flush()
+        with open(os.path.join(self.tmp, "logs", "background_jobs.log")) as f:
+            lines = [support.parse_log_line(line) for line in f]
+        cancelled = [e for e in lines if e["event"] == "cancelled" and e.get("uid") == "7"]
+        self.assertEqual(sorted(e["job"] for e in cancelled), [str(parent.id), str(other.id)])
+        self.assertIn("attempt", cancelled[0])
+        self.table.store.commit()
+        again = self.make_table()               # as journaled
+        self.assertEqual({i: j.stored() for i, j in again.jobs.items()},
+                         {i: j.stored() for i, j in self.table.jobs.items()})
+
+    def test_validate_update_refuses_bad_requests(self):
+        cases = [({}, "bad_request"), ({"delay": 1, "run_at": NOW}, "bad_request"),
+                 ({"priority": "high"}, "bad_request"), ({"priority": 2 ** 40}, "bad_request"),
+                 ({"delay": -1}, "bad_request"), ({"queue": "a b"}, "bad_request"),
+                 ({"queue": "emials"}, "not_found")]
+        for req, code in cases:
+            with self.subTest(req=req):
+                with self.assertRaises(jr.ProtocolError) as caught:
+                    jr.validate_update(req, self.cfg, NOW, False)
+                self.assertEqual(caught.exception.code, code)
+        self.assertEqual(jr.validate_update({"queue": "default"}, self.cfg, NOW, False),
+                         {"queue": "default"})
+
+
+####################################################################################################
+#  where: steps, in process
+####################################################################################################
+
+class WhereStepsTest(InProcessDaemonCase):
+    def add_many(self, n, target=TARGET, **fields):
+        reply = self.call(op="add_batch", jobs=[dict(target=target, **fields)] * n)
+        self.assertTrue(reply["ok"], reply)
+        return reply["ids"]
+
+    def steps(self):
+        """Record the size of each step (Protocol.cancel_many/retry_many calls)."""
+        sizes = []
+        for name in ("cancel_many", "retry_many"):
+            real = getattr(self.d.protocol, name)
+
+            def recording(jobs, uid, real=real):
+                sizes.append(len(jobs))
+                return real(jobs, uid)
+            patcher = mock.patch.object(self.d.protocol, name, recording)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        return sizes
+
+    def test_at_most_one_step_is_one_durable_change_more_are_steps(self):
+        self.assertTrue(self.call(op="pause")["ok"])
+        ids = self.add_many(8)
+        other = self.add_many(2, target="examples.jobs:DelayedJob")
+        sizes = self.steps()
+        with mock.patch.object(jr, "BULK_STEP", 8):
+            reply = self.call(op="cancel", where={"state": "pending", "target": "*:Example*"})
+        self.assertEqual(reply, {"ok": True, "ids": ids})
+        self.assertEqual(sizes, [8])
+        ids = self.add_many(7)
+        sizes.clear()
+        with mock.patch.object(jr, "BULK_STEP", 3):
+            reply = self.call(op="cancel", where={"target": "examples.jobs:ExampleJob"})
+        self.assertEqual(reply, {"ok": True, "ids": ids})
+        self.assertEqual(sizes, [3, 3, 1])
+        self.assertEqual({self.d.jobs.jobs[i].state for i in other}, {"pending"})
+        sizes.clear()
+        with mock.patch.object(jr, "BULK_STEP", 4):
+            reply = self.call(op="retry", where={"state": "cancelled"})
+        self.assertEqual(reply["ids"], sorted(reply["ids"]))
+        self.assertEqual(len(reply["ids"]), 15)
+        self.assertEqual(sizes, [4, 4, 4, 3])
+
+    def test_a_failed_write_in_a_later_step_keeps_the_earlier_steps(self):
+        self.assertTrue(self.call(op="pause")["ok"])
+        ids = self.add_many(7)
+        real, calls = self.d.store.commit, []
+
+        def commit(sync=True):
+            calls.append(sync)
+            if len(calls) == 2:                 # the second step's write
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(sync)
+        with mock.patch.object(jr, "BULK_STEP", 3), \
+                mock.patch.object(self.d.store, "commit", commit):
+            reply = self.call(op="cancel", where={"state": "pending"})
+        self.assertEqual(reply["error"]["code"], "io_error")
+        self.assertIn("after 3 jobs", reply["error"]["message"])
+        states = [self.d.jobs.jobs[i].state for i in ids]
+        self.assertEqual(states, ["cancelled"] * 3 + ["pending"] * 4)
+        self.assertEqual(self.call(op="cancel", where={"state": "pending"})["ids"], ids[3:])
+
+    def test_bad_where_is_refused(self):
+        cases = [({"where": {}}, "bad_request"), ({"where": []}, "bad_request"),
+                 ({"where": {"stat": "pending"}}, "bad_request"),
+                 ({"where": {"state": "succeeded"}}, "bad_request"),
+                 ({"where": {"target": "x" * 1025}}, "bad_request"),
+                 ({"where": {"queue": "a b"}}, "bad_request"),
+                 ({"where": {"state": "pending"}, "id": 1}, "bad_request")]
+        for req, code in cases:
+            with self.subTest(req=req):
+                self.assertEqual(self.call(op="cancel", **req)["error"]["code"], code)
+        self.assertEqual(self.call(op="retry", where={"state": "pending"})["error"]["code"],
+                         "bad_request")
+        self.assertEqual(self.call(op="cancel", where={"queue": "nope"}), {"ok": True, "ids": []})
+
+
+####################################################################################################
+#  where: a crash between steps, for real
+####################################################################################################
+
+# The daemon with steps of 5 jobs, killed (SIGKILL) right after its second step is durable
+# (and its log lines written).
+CRASH_AFTER_TWO_STEPS = """
+import os, signal
+jr.BULK_STEP = 5
+_commit = jr.Daemon.commit
+def commit(self, mark):
+    _commit(self, mark)
+    if any(task.durable >= 10 for task in self.protocol.bulk):
+        os.kill(os.getpid(), signal.SIGKILL)
+jr.Daemon.commit = commit
+"""
+
+
+class WhereCrashTest(support.DaemonTestCase):
+    daemon_preamble = CRASH_AFTER_TWO_STEPS
+
+    def test_a_crash_between_steps_leaves_a_prefix_the_same_request_completes(self):
+        d = self.daemon
+        self.assertTrue(d.call(op="pause")["ok"])
+        reply = d.call(op="add_batch", jobs=[{"target": TARGET}] * 23
+                       + [{"target": "examples.jobs:DelayedJob"}] * 3)
+        ids, others = reply["ids"][:23], reply["ids"][23:]
+        request = {"op": "cancel", "where": {"state": "pending", "target": "*:ExampleJob"}}
+        with d.raw() as c:
+            c.send(**request)
+            with self.assertRaises((ConnectionError, OSError)):
+                c.recv()                        # killed before its reply
+        d.proc.wait(10)
+        self.assertEqual(d.proc.returncode, -signal.SIGKILL)
+        d.stderr.close()
+        d.preamble = None
+        d.start()
+        states = [d.get(i)["state"] for i in ids]
+        self.assertEqual(states, ["cancelled"] * 10 + ["pending"] * 13)     # a prefix: 2 steps
+        reply = d.call(**request)
+        self.assertEqual(reply, {"ok": True, "ids": ids[10:]})
+        self.assertEqual({d.get(i)["state"] for i in ids}, {"cancelled"})
+        self.assertEqual({d.get(i)["state"] for i in others}, {"pending"})
+        cancelled = [e["job"] for e in d.events() if e["event"] == "cancelled"]
+        self.assertEqual(sorted(cancelled, key=int), [str(i) for i in ids])  # each once
+
+
+####################################################################################################
+#  update, cancel and retry with where: end to end through the socket and jobctl
+####################################################################################################
+
+class UpdateAndWhereEndToEnd(support.DaemonTestCase):
+    config = {"queues": {"emails": {"workers": 1}}}
+
+    def test_update_through_the_socket(self):
+        d = self.daemon
+        self.assertTrue(d.call(op="pause")["ok"])
+        job_id = d.add(priority=1)
+        reply = d.call(op="update", id=job_id, priority=4, queue="emails", delay=60)
+        self.assertTrue(reply["ok"], reply)
+        job = reply["job"]
+        self.assertEqual((job["priority"], job["queue"], job["state"]), (4, "emails", "pending"))
+        self.assertAlmostEqual(job["run_at"], time.time() + 60, delta=10)
+        self.assertEqual(d.get(job_id), job)
+        queues = {q["name"]: q["counts"]["pending"] for q in d.call(op="queues")["queues"]}
+        self.assertEqual(queues, {"default": 0, "emails": 1})
+        for req, code in (({"id": job_id, "queue": "emials"}, "not_found"),
+                          ({"id": 999, "priority": 1}, "not_found"),
+                          ({"id": job_id}, "bad_request"),
+                          ({"id": job_id, "priority": 1, "prio": 2}, "bad_request")):
+            self.assertEqual(d.call(op="update", **req)["error"]["code"], code, req)
+        self.assertTrue(d.call(op="resume")["ok"])
+        done = d.add(queue="emails")
+        d.wait_job(done)
+        reply = d.call(op="update", id=done, priority=2)
+        self.assertEqual(reply["error"]["code"], "invalid_state")
+        running = d.add("examples.jobs:DelayedJob", args=[30])
+        d.wait_state(running, "running")
+        self.assertEqual(d.call(op="update", id=running, priority=2)["error"]["code"],
+                         "invalid_state")
+        d.call(op="cancel", id=running)
+        # Kept across a restart (journal), then across a graceful stop (snapshot).
+        d.kill()
+        d.start()
+        self.assertEqual(d.get(job_id)["queue"], "emails")
+
+    def test_jobctl_update_cancel_and_retry_by_filters(self):
+        d = self.daemon
+        self.assertTrue(d.call(op="pause")["ok"])
+        mail = [d.add(queue="emails") for _ in range(3)]
+        plain = [d.add() for _ in range(2)]
+        out = d.jobctl("update", str(plain[0]), "--priority", "3", "--queue", "emails")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(d.get(plain[0])["queue"], "emails")
+        out = d.jobctl("--json", "update", str(plain[0]), "--delay", "120")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertGreater(json.loads(out.stdout)["job"]["run_at"], time.time() + 60)
+        out = d.jobctl("update", str(plain[1]), "--queue", "nope")
+        self.assertEqual((out.returncode, out.stdout), (2, ""))
+        self.assertIn("nope", out.stderr)
+        out = d.jobctl("cancel", "--state", "pending", "--queue", "emails")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        moved = sorted(mail + [plain[0]])
+        self.assertEqual(out.stdout, "4 jobs cancelled: %s\n" % " ".join(map(str, moved)))
+        out = d.jobctl("--json", "retry", "--target", "examples.*", "--queue", "emails")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(json.loads(out.stdout), {"ok": True, "ids": moved})
+        out = d.jobctl("--json", "cancel", "--state", "succeeded")
+        self.assertEqual(out.returncode, 2)
+        out = d.jobctl("cancel", "--schedule", "nightly")      # no schedule field yet: refused
+        self.assertEqual(out.returncode, 2)
+        out = d.jobctl("cancel", str(plain[1]))                 # by id, as before
+        self.assertEqual((out.returncode, out.stdout), (0, "%d cancelled\n" % plain[1]))
+        out = d.jobctl("cancel", "--state", "pending")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertTrue(d.call(op="resume")["ok"])
+        running = d.add("examples.jobs:DelayedJob", args=[60])
+        pid = d.wait_state(running, "running")["pid"]
+        out = d.jobctl("cancel", "--state", "running", "--target", "*:DelayedJob")
+        self.assertEqual((out.returncode, out.stdout), (0, "1 job cancelled: %d\n" % running))
+        support.wait_until(lambda: not os.path.exists("/proc/%d" % pid) or
+                           open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z",
+                           message="the cancelled attempt's process to end")
+
+
+if __name__ == "__main__":
+    unittest.main()
