@@ -117,6 +117,13 @@ LIST_DEFAULT, LIST_MAX = 100, 1000    # SPEC
 MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
 QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
                                       # them together: the loop is never held much longer
+OUTPUT_NOTES_RESERVE = 64 * 1024      # the daemon's lines in a job's output file (attempt
+                                      # headers, ends, tracebacks) count toward
+                                      # max_output_bytes, but still go in past it up to this
+                                      # much more: a job that filled its cap still shows why
+                                      # its last attempt failed
+OUTPUT_TRACEBACK_BYTES = 16 * 1024    # of a traceback, its end in the output file (the whole
+                                      # is in the errors log): the last frames and the error
 BULK_STEP = 10_000                    # SPEC §3: `cancel`/`retry` with `where` change at most this
                                       # many jobs per durable step (one pass: ~40 ms at 1M jobs)
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
@@ -392,6 +399,41 @@ class Outcome(NamedTuple):
     detail: str | None = None
     fields: dict = {}                   # log fields, before those of the caller
     announce: str | None = None         # an event logged before the move's own
+
+
+def exit_reason(exit_code: int) -> str:
+    """A process's end in words: "exited with code 3", "killed by signal SIGKILL"."""
+    if exit_code < 0:
+        return "killed by signal %s" % _signal_name(-exit_code)
+    return "exited with code %d" % exit_code
+
+
+def attempt_end_note(job: Job, ending: Ending, out: "Outcome", duration: float | None) -> str:
+    """The line (and for a failure its traceback, indented, its end only) that closes an
+    attempt in the job's output: how it ended, and what comes next."""
+    head = "attempt %s" % job.attempt_label()
+    after = "" if duration is None else " after %.2fs" % duration
+    if ending.how == ENDED_OK:
+        return "%s succeeded%s" % (head, after)
+    if ending.how == ENDED_SHUTDOWN:
+        return "%s interrupted%s by the daemon's stop (it does not count; it runs again)" \
+            % (head, after)
+    if ending.how == ENDED_INTERRUPTED:
+        text = "%s interrupted: the daemon stopped while it ran" % head
+    else:
+        text = "%s failed%s: %s" % (head, after, " ".join((ending.error or "").split()))
+    if out.state == PENDING:
+        text += "; next attempt at %s" % log_time(out.changes["run_at"])
+    elif ending.how == ENDED_PERMANENT:
+        text += "; not retried"
+    elif out.state == FAILED:
+        text += "; no retries left"
+    detail = ending.detail
+    if detail and detail.strip() != (ending.error or "").strip():
+        tail = detail.encode("utf-8", "replace")[-OUTPUT_TRACEBACK_BYTES:]
+        lines = tail.decode("utf-8", "replace").rstrip("\n").split("\n")
+        text += "".join("\n    " + line for line in lines)
+    return text
 
 
 def no_process(**changes) -> dict:
@@ -4032,6 +4074,11 @@ class Runner:
 
     def started(self, att: Attempt, pid: int, pid_start: int | None) -> None:
         att.pid, att.pid_start = pid, pid_start
+        # The header of this attempt in its output, before anything the job prints: the job
+        # gets its spec (and runs its code) only after this (release()).
+        when = wall_clock() - (time.monotonic() - att.started)
+        self.note(att.job.id, "attempt %d/%d started %s pid %d" % (
+            att.number, att.job.retries + 1, log_time(when), pid), att)
         self.by_pid[pid] = att
         self.containment.attempt_started(att)
         self.on_started(att)
@@ -4124,7 +4171,7 @@ class Runner:
                 continue
             if att.out_file is None:        # opened on the first byte: most jobs print nothing
                 try:
-                    att.out_file = self.open_output(att.job.id, os.O_WRONLY | os.O_APPEND
+                    att.out_file = self.open_output(att.job.id, os.O_RDWR | os.O_APPEND
                                                     | os.O_CREAT)
                     att.out_size = os.fstat(att.out_file).st_size
                 except OSError as exc:
@@ -4157,6 +4204,46 @@ class Runner:
             lost = self.output_trouble.worked()
             if lost is not None:
                 warn("job output is written again; %d bytes of it were lost meanwhile" % lost)
+
+    def note(self, job_id: int, text: str, att: Attempt | None = None) -> None:
+        """Write one of the daemon's lines ("[jobrunner] ...", continuation lines indented)
+        into the job's output file, where `output` (anyone who may use the socket) reads it.
+        It counts toward max_output_bytes, and goes in past it up to OUTPUT_NOTES_RESERVE
+        more (then it is cut). Through the attempt's open file if it has one, else opened
+        for this line. A disk that refuses it loses the line, never the job."""
+        data = ("[jobrunner] %s\n" % text).encode("utf-8", "replace")
+        fd = att.out_file if att is not None else None
+        opened = fd is None
+        try:
+            if opened:
+                fd = self.open_output(job_id, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data            # the job's last line had no end: ours starts one
+            room = self.cfg.max_output_bytes + OUTPUT_NOTES_RESERVE - size
+            if room <= 0:
+                return
+            if len(data) > room:
+                data = data[:room]
+            try:
+                _write_all(fd, data)
+            except OSError:                     # all of the line or none of it
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise
+            if att is not None:
+                if opened:
+                    att.out_file, opened = fd, False    # the job's output follows
+                att.out_size = size + len(data)
+        except OSError as exc:
+            if self.output_trouble.failed(len(data)):
+                warn("cannot write job output (job %d: %s); it is dropped until writing "
+                     "works again" % (job_id, exc))
+        finally:
+            if opened and fd is not None:
+                os.close(fd)
 
     def _output_failed(self, att: Attempt, size: int, exc: OSError) -> None:
         att.out_lost += size
@@ -5742,6 +5829,8 @@ class Dispatcher:
         exit_code = os.waitstatus_to_exitcode(att.status)
         duration = time.monotonic() - att.started
         if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
+            self.runner.note(job.id, "attempt %d/%d cancelled after %.2fs (%s)" % (
+                att.number, job.retries + 1, duration, exit_reason(exit_code)))
             if job.state == CANCELLED:
                 self.jobs.update(job, **no_process(exit_code=exit_code))
             if self.held.pop(job.id, None) is not None and job.state == PENDING:
@@ -5763,10 +5852,8 @@ class Dispatcher:
                            attempt=job.attempt_label(), duration=duration, pid=att.pid)
         elif status in ("error", "permanent", "invalid") and report.get("error"):
             error = str(report["error"])
-        elif exit_code < 0:
-            error = "killed by signal %s" % _signal_name(-exit_code)
         else:
-            error = "exited with code %d" % exit_code
+            error = exit_reason(exit_code)
         detail = report.get("traceback") if report else None
         self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
                             duration=duration, pid=att.pid)
@@ -5780,6 +5867,7 @@ class Dispatcher:
     def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
         """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
         out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
+        self.runner.note(job.id, attempt_end_note(job, ending, out, log_fields.get("duration")))
         if out.announce is not None:
             self.log.event(out.announce, job=job.id, target=job.target, **queue_field(job),
                            attempt=job.attempt_label(), **log_fields)

@@ -11,6 +11,7 @@ per-attempt `logs`, the daemon's startup/shutdown lines, job processes named in 
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -421,6 +422,138 @@ class UpdateAndWhereEndToEnd(support.DaemonTestCase):
         support.wait_until(lambda: not os.path.exists("/proc/%d" % pid) or
                            open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z",
                            message="the cancelled attempt's process to end")
+
+
+####################################################################################################
+#  logs: each attempt's header, output and end (with the traceback or exit reason)
+####################################################################################################
+
+LOG_JOBS = """
+import os, signal, sys, time
+
+def boom(marker):
+    print("working")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ValueError("bad thing")
+    print("fine now", end="")           # no line end: the daemon's end line starts its own
+
+def code3():
+    print("bye")
+    sys.exit(3)
+
+def killed():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def sleepy():
+    time.sleep(60)
+
+def chatty(n):
+    sys.stdout.write("x" * n)
+    sys.stdout.flush()
+    raise RuntimeError("after a lot of output")
+
+def wait_for(path):
+    print("before", flush=True)
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    print("after")
+"""
+
+HEADER = r"\[jobrunner\] attempt (\d+)/(\d+) started (\d{4}-\d\d-\d\dT[\d:.]+Z) pid (\d+)"
+
+
+class LogsEndToEnd(support.DaemonTestCase):
+    config = {"allow": ["examples.*:*", "vjobs:*"], "max_output_bytes": 4096}
+
+    def prepare(self):
+        self.write_job_module("vjobs", LOG_JOBS)
+
+    def logs(self, job_id, *args):
+        out = self.daemon.jobctl("logs", str(job_id), *args)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return out.stdout
+
+    def started_pids(self, job_id):
+        return [e["pid"] for e in self.daemon.job_events(job_id, "started")]
+
+    def test_each_attempt_has_a_header_its_output_and_how_it_ended(self):
+        d = self.daemon
+        marker = os.path.join(self.root, "marker")
+        job_id = d.add("vjobs:boom", args=[marker], retries=2, retry_delay=0.05)
+        self.assertEqual(d.wait_job(job_id)["state"], "succeeded")
+        text = self.logs(job_id)
+        lines = text.splitlines()
+        import re
+        headers = [re.fullmatch(HEADER, line) for line in lines if line.startswith("[jobrunner] "
+                                                                                    "attempt") and
+                   " started " in line]
+        self.assertEqual([(h[1], h[2]) for h in headers], [("1", "3"), ("2", "3")])
+        self.assertEqual([h[4] for h in headers], self.started_pids(job_id))
+        first_end = lines.index(next(l for l in lines if "attempt 1/3 failed" in l))
+        self.assertEqual(lines[1], "working")
+        self.assertRegex(lines[first_end], r"attempt 1/3 failed after [\d.]+s: ValueError: bad "
+                         r"thing; next attempt at \d{4}-")
+        self.assertIn("    Traceback (most recent call last):", lines[first_end + 1:])
+        self.assertIn('        raise ValueError("bad thing")', lines)
+        self.assertEqual(lines[-2:], ["fine now", lines[-1]])
+        self.assertRegex(lines[-1], r"^\[jobrunner\] attempt 2/3 succeeded after [\d.]+s$")
+        # The same through the output op, which anyone who may use the socket reads.
+        self.assertEqual(d.call(op="output", id=job_id)["data"], text)
+
+    def test_exit_reasons(self):
+        d = self.daemon
+        cases = {d.add("vjobs:code3"): "exited with code 3; no retries left",
+                 d.add("vjobs:killed"): "killed by signal SIGKILL; no retries left",
+                 d.add("vjobs:sleepy", timeout=0.5): "timed out after 0.5s; no retries left"}
+        for job_id, reason in cases.items():
+            self.assertEqual(d.wait_job(job_id)["state"], "failed")
+            text = self.logs(job_id)
+            self.assertRegex(text.splitlines()[0], HEADER)
+            self.assertRegex(text.splitlines()[-1], r"^\[jobrunner\] attempt 1/1 failed after "
+                             r"[\d.]+s: " + re.escape(reason) + "$")
+        self.assertIn("\nbye\n", self.logs(next(iter(cases))))
+        running = d.add("vjobs:sleepy")
+        d.wait_state(running, "running")
+        d.call(op="cancel", id=running)
+        support.wait_until(lambda: "cancelled after" in self.logs(running),
+                           message="the cancelled attempt's end line")
+        self.assertRegex(self.logs(running).splitlines()[-1],
+                         r"attempt 1/1 cancelled after [\d.]+s \(killed by signal SIGTERM\)")
+
+    def test_the_output_cap_holds_and_the_end_line_still_comes(self):
+        d = self.daemon
+        job_id = d.add("vjobs:chatty", args=[20000])
+        self.assertEqual(d.wait_job(job_id)["state"], "failed")
+        path = os.path.join(d.log_dir, "output", "%d.log" % job_id)
+        size = os.path.getsize(path)
+        self.assertLessEqual(size, 4096 + jr.OUTPUT_NOTES_RESERVE)
+        text = self.logs(job_id)
+        self.assertIn("[jobrunner: output truncated: max_output_bytes=4096 reached]", text)
+        lines = text.splitlines()
+        end = [i for i, line in enumerate(lines) if line.startswith("[jobrunner] attempt 1/1 "
+                                                                     "failed after")]
+        self.assertEqual(len(end), 1, lines[-8:])
+        self.assertEqual(lines[end[0] + 1], "    Traceback (most recent call last):")
+        self.assertEqual(lines[-1], "    RuntimeError: after a lot of output")
+        self.assertLess(text.index("x" * 100), text.index("output truncated"))
+
+    def test_follow_shows_the_header_the_output_and_the_end(self):
+        import subprocess
+        d = self.daemon
+        go = os.path.join(self.root, "go")
+        job_id = d.add("vjobs:wait_for", args=[go])
+        follow = subprocess.Popen([sys.executable, support.JOBCTL, "--socket", d.socket, "logs",
+                                   str(job_id), "--follow"], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(follow.kill)
+        first = follow.stdout.readline()
+        self.assertRegex(first, HEADER)
+        self.assertEqual(follow.stdout.readline(), "before\n")
+        open(go, "w").close()
+        rest = follow.stdout.read()
+        follow.stdout.close()
+        self.assertEqual(follow.wait(30), 0)
+        self.assertRegex(rest, r"^after\n\[jobrunner\] attempt 1/1 succeeded after [\d.]+s\n$")
 
 
 if __name__ == "__main__":
