@@ -730,6 +730,18 @@ def warn(message: str) -> None:
     say("jobrunnerd: " + message)
 
 
+def say_startup(cfg: "Config") -> None:
+    """The daemon's first line once it serves (SPEC §6's `startup`, for people and journald)."""
+    say("jobrunnerd: startup version=%s pid=%d socket=%s workers=%d state_dir=%s"
+        % (VERSION, os.getpid(), log_value(cfg.socket), cfg.workers, log_value(cfg.state_dir)))
+
+
+def say_shutdown(reason: str, uptime: float | None = None) -> None:
+    """The daemon's last line: why it stops (a signal's name, or the error that stops it)."""
+    say("jobrunnerd: shutdown reason=%s pid=%d%s" % (
+        log_value(reason), os.getpid(), "" if uptime is None else " uptime=%.1fs" % uptime))
+
+
 def send_some_of(sock: socket.socket, buf: bytearray) -> bool:
     """Send what the non-blocking socket takes of `buf` now, and drop that from `buf`;
     False when the peer is gone."""
@@ -5898,6 +5910,7 @@ class Daemon:
         self.dispatcher.runner = self.runner
         self.attempts = self.dispatcher.attempts   # job id -> its running attempt
         self.stopping = False
+        self.stop_reason: str | None = None         # what began the stop: a signal's name
         self.compact_wanted = False
         self.repair_after = 0.0
         self.started = self.clock()
@@ -6113,9 +6126,12 @@ class Daemon:
         self.connections.close_all()
         self.runner.close()
         self.connections.close_listener()
-        self.log.event("shutdown", pid=os.getpid(), uptime=self.clock() - self.started)
+        uptime = self.clock() - self.started
+        reason = self.stop_reason or "stopped"
+        self.log.event("shutdown", pid=os.getpid(), uptime=uptime, reason=reason)
         self.log.close()
         self.store.close()
+        say_shutdown(reason, uptime)
         return 0
 
     def internal_error(self, where: str, exc: Exception) -> None:
@@ -6148,6 +6164,7 @@ class Daemon:
             if signum == signal.SIGCHLD:
                 self.loop.call(self.runner.reap)
             elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop_reason = self.stop_reason or _signal_name(signum)
                 self.loop.call(self.begin_stop)
             elif signum == signal.SIGHUP:
                 self.loop.call(self.reload)
@@ -7093,14 +7110,20 @@ def main(argv: list[str] | None = None) -> int:
         daemon.setup()
     except StateError as exc:
         warn("%s" % exc)
+        say_shutdown("error: %s" % exc)
         return 1
     except OSError as exc:
         warn("cannot start: %s" % exc)
+        say_shutdown("error: cannot start: %s" % exc)
         return 1
     STDERR.log = daemon.log         # from now on, that stderr fails is said in the errors log
-    say("jobrunnerd %s: listening on %s with %d workers (state in %s)"
-        % (VERSION, cfg.socket, cfg.workers, cfg.state_dir))
-    return daemon.run()
+    say_startup(cfg)
+    try:
+        return daemon.run()
+    except BaseException as exc:    # a bug that escaped every guard: say why we stop, once
+        say_shutdown("error: %s: %s" % (type(exc).__name__, exc),
+                     daemon.clock() - daemon.started)
+        raise
 
 
 if __name__ == "__main__":

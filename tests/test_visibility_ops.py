@@ -556,5 +556,46 @@ class LogsEndToEnd(support.DaemonTestCase):
         self.assertRegex(rest, r"^after\n\[jobrunner\] attempt 1/1 succeeded after [\d.]+s\n$")
 
 
+####################################################################################################
+#  startup and shutdown lines on the daemon's stderr
+####################################################################################################
+
+STARTUP = r"(?m)^jobrunnerd: startup version=(\S+) pid=(\d+) socket=(\S+) workers=2 state_dir=\S+$"
+
+
+class StartupShutdownTest(support.DaemonTestCase):
+    def stderr_lines(self, word):
+        return [line for line in self.daemon.read_stderr().splitlines()
+                if line.startswith("jobrunnerd: " + word + " ")]
+
+    def test_startup_then_the_signal_that_stopped_it(self):
+        d = self.daemon
+        found = re.search(STARTUP, d.read_stderr())
+        self.assertIsNotNone(found, d.read_stderr())
+        self.assertEqual(found.groups(), (jr.VERSION, str(d.proc.pid), d.socket))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            pid = d.proc.pid
+            self.assertEqual(d.stop(sig), 0)
+            self.assertRegex(self.stderr_lines("shutdown")[-1],
+                             r"^jobrunnerd: shutdown reason=%s pid=%d uptime=[\d.]+s$"
+                             % (sig.name, pid))
+            self.assertEqual(d.events()[-1]["event"], "shutdown")
+            self.assertEqual(d.events()[-1]["reason"], sig.name)
+            d.start()
+        self.assertEqual(len(self.stderr_lines("startup")), 3)
+
+    def test_a_daemon_that_cannot_start_says_why_it_stops(self):
+        d = self.daemon
+        second = support.Daemon(self.root)          # the same state: its lock is held
+        second.config = dict(d.config, socket=os.path.join(self.root, "second.sock"))
+        second.stderr_path = os.path.join(self.root, "second.stderr")
+        second.start(wait=False)
+        self.assertEqual(second.proc.wait(30), 1)
+        second.stderr.close()
+        err = second.read_stderr()
+        self.assertRegex(err, r"(?m)^jobrunnerd: shutdown reason=\"error: .+\" pid=\d+$")
+        self.assertNotIn("startup", err)
+
+
 if __name__ == "__main__":
     unittest.main()
