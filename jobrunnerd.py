@@ -2902,6 +2902,40 @@ def _resolve(module, module_name, attr):
         path += "."
     return obj, None
 
+def _retitle(title, prctl):
+    """Name this process in ps and top: /proc/self/comm (15 bytes: "job 42 1/3") and the
+    argv (cmdline) "jobrunner: job 42 attempt 1/3 pkg.mod:Attr", written over ours in place.
+    The mark the daemon finds attempts by ("jobrunner-job ID N", see argv_mark) stays, after
+    the title, and every process the job forks without exec shows both. Best effort."""
+    if not title:
+        return
+    words = title.split()
+    try:
+        prctl(15, ("job %s %s" % (words[2], words[4])).encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:
+        pass
+    try:
+        import ctypes
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        fields = data[data.rindex(b")") + 2:].split()
+        start, end = int(fields[45]), int(fields[46])       # arg_start, arg_end
+        old = ctypes.string_at(start, end - start)
+        at = old.find(b"\0jobrunner-job\0")
+        if at < 0:
+            return
+        mark = b"\0".join(old[at + 1:].split(b"\0")[:3]) + b"\0"
+        room = end - start - len(mark) - 1
+        if room < 16:
+            return
+        new = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
+        ctypes.memmove(start, new.ljust(end - start, b"\0"), end - start)
+    except Exception:
+        pass
+
 def _main():
     spec = json.loads(_chan.readline())
     _chan.close()
@@ -2913,9 +2947,10 @@ def _main():
             prctl = ctypes.CDLL(None, use_errno=True).prctl
         prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
     except Exception:
-        pass
+        prctl = None
     if os.getppid() != spec["parent"]:
         os._exit(1)
+    _retitle(spec.get("title"), prctl)
     import resource
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     names = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
@@ -3208,7 +3243,8 @@ def kill_group(pid: int, sig: int) -> None:
 # and kills those of attempts that are over; as each victim is reaped its own children come to us
 # in turn, and the next sweep takes them. Which attempt a process belongs to: the attempt's argv
 # "jobrunner-job ID N" in /proc/PID/cmdline (a spawned attempt's own argv; a zygote child writes
-# it into its argv, which every fork without exec shows too), else JOBRUNNER_JOB_ID /
+# it into its argv, which every fork without exec shows too; the job's name for ps, written
+# before it by _retitle(), leaves it in place), else JOBRUNNER_JOB_ID /
 # JOBRUNNER_ATTEMPT in /proc/PID/environ (every descendant that exec'd something), else its
 # birth time: none of the attempts running when it was born still runs. After a daemon crash
 # the escaped processes went to init: find_leftovers() finds them by the same marks. No new
@@ -4063,7 +4099,9 @@ class Runner:
             chan_child.close()
         spec = {"target": job.target, "method": job.method, "args": job.args,
                 "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
-                "limits": self.cfg.limits, "parent": parent}
+                "limits": self.cfg.limits, "parent": parent,
+                "title": "jobrunner: job %d attempt %d/%d %s" % (
+                    job.id, number, job.retries + 1, job.target)}     # its name in ps (_retitle)
         att.chan_out += self.source_line if zygote is None else b""
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att

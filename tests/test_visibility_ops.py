@@ -597,5 +597,61 @@ class StartupShutdownTest(support.DaemonTestCase):
         self.assertNotIn("startup", err)
 
 
+####################################################################################################
+#  job processes named in ps and top
+####################################################################################################
+
+NAMED_JOBS = """
+import os, time
+
+def fork_and_sleep(path):
+    pid = os.fork()                     # a fork without exec: it shows the attempt's name too
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    with open(path, "w") as f:
+        f.write(str(pid))
+    time.sleep(60)
+"""
+
+
+class NamedProcessesZygote(support.DaemonTestCase):
+    config = {"allow": ["examples.*:*", "njobs:*"], "start_method": "zygote"}
+
+    def prepare(self):
+        self.write_job_module("njobs", NAMED_JOBS)
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def test_job_processes_carry_their_job_and_attempt(self):
+        d = self.daemon
+        path = os.path.join(self.root, "forked")
+        job_id = d.add("njobs:fork_and_sleep", args=[path], retries=2)
+        pid = d.wait_state(job_id, "running")["pid"]
+        forked = int(support.wait_until(lambda: os.path.exists(path) and self.read(path)))
+        title = b"jobrunner: job %d attempt 1/3 njobs:fork_and_sleep" % job_id
+        for proc in (pid, forked):
+            cmdline = self.read("/proc/%d/cmdline" % proc)
+            self.assertEqual(cmdline.split(b"\0")[:4],
+                             [title, b"jobrunner-job", b"%d" % job_id, b"1"])
+            self.assertEqual(self.read("/proc/%d/comm" % proc), b"job %d 1/3\n" % job_id)
+            self.assertEqual(jr.argv_mark(proc), (job_id, 1))     # what containment reads
+        if d.config["start_method"] == "zygote":
+            zygotes = support.children_named(d.proc.pid, b"jobrunner-zygote")
+            self.assertEqual(len(zygotes), 1)
+            self.assertNotIn(b"jobrunner: job", self.read("/proc/%d/cmdline" % zygotes[0]))
+        d.call(op="cancel", id=job_id)
+        support.wait_until(lambda: not os.path.exists("/proc/%d" % forked) or
+                           self.read("/proc/%d/stat" % forked).rsplit(b")", 1)[1].split()[0]
+                           == b"Z", message="the forked process to be killed")
+
+
+class NamedProcessesSpawn(NamedProcessesZygote):
+    config = dict(NamedProcessesZygote.config, start_method="spawn")
+
+
 if __name__ == "__main__":
     unittest.main()
