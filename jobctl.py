@@ -927,12 +927,7 @@ def _out_docs(ns, docs: list[dict]) -> None:
 def _where(client: Client, ns, op: str) -> int:
     """cancel/retry by --state/--target/--queue/--schedule: one request, the ids it changed."""
     fields = dict(state=ns.state, target=ns.target, queue=ns.queue, schedule=ns.schedule)
-    try:
-        ids = (client.cancel_where if op == "cancel" else client.retry_where)(**fields)
-    except JobrunnerError as e:
-        if ns.json and not isinstance(e, DaemonUnreachable):
-            _out_json({"ok": False, "error": {"code": e.code, "message": e.message}})
-        return report(e)
+    ids = (client.cancel_where if op == "cancel" else client.retry_where)(**fields)
     if ns.json:
         _out_json({"ok": True, "ids": ids})
     else:

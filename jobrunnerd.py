@@ -125,7 +125,7 @@ OUTPUT_NOTES_RESERVE = 64 * 1024      # the daemon's lines in a job's output fil
 OUTPUT_TRACEBACK_BYTES = 16 * 1024    # of a traceback, its end in the output file (the whole
                                       # is in the errors log): the last frames and the error
 BULK_STEP = 10_000                    # SPEC §3: `cancel`/`retry` with `where` change at most this
-                                      # many jobs per durable step (one pass: ~40 ms at 1M jobs)
+                                      # many jobs per durable step (one pass: ~60 ms at 1M jobs)
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 STORE_FORMAT = 2                      # of queue.json and journal.jsonl: 2 adds queue pauses
@@ -2279,8 +2279,8 @@ class JobTable:
     def retry_many(self, jobs: list[Job], uid: int | None) -> None:
         """`retry` with `where`: retry() of each of `jobs` (failed or cancelled). Those with no
         parent unfinished and no children (most) move to pending together, with their
-        `queued` lines and one journal entry (a step of 10,000 in ~50 ms; retry() each, over
-        100); the others go through retry(), which puts their descendants back too."""
+        `queued` lines and one journal entry (a step of 10,000 in ~62 ms at 1M jobs; retry()
+        each, ~118); the others go through retry(), which puts their descendants back too."""
         assert TRANSITIONS[(FAILED, PENDING)] == TRANSITIONS[(CANCELLED, PENDING)] == ("queued",)
         now = self.clock()
         save, unindex, index, unfinished, children = (
@@ -2343,8 +2343,8 @@ class JobTable:
 
     def cancel_many(self, jobs: list[Job], uid: int | None) -> None:
         """`cancel` with `where`: each of `jobs` (live) moves to cancelled as transition()
-        would move it, with one journal entry for the lot (a step of 10,000 takes ~35 ms;
-        a transition() each, over 100). Their children settle after, as for any end."""
+        would move it, with one journal entry for the lot (a step of 10,000 takes ~57 ms at
+        1M jobs; a transition() each, ~106). Their children settle after, as for any end."""
         now = self.clock()
         save, unindex, index, changed = self._save, self._unindex, self._index, self.changed
         for job in jobs:
@@ -3095,7 +3095,7 @@ class Attempt:
 
     __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
                  "out_size", "out_capped", "out_lost", "chan", "chan_out", "chan_in", "started",
-                 "stop_reason", "timers", "status", "released")
+                 "stop_reason", "timers", "status", "released", "header")
 
     def __init__(self, job: Job, number: int, token: int):
         self.job = job
@@ -3113,6 +3113,7 @@ class Attempt:
         self.started = time.monotonic()
         self.stop_reason: str | None = None     # "timeout", "cancel", "shutdown"
         self.timers: list = []
+        self.header: str | None = None          # its header line, until written (Runner.note)
 
     def report(self) -> dict | None:
         """The child's last line on fd 3 as a checked report (see check_report()), None if it
@@ -4124,11 +4125,12 @@ class Runner:
 
     def started(self, att: Attempt, pid: int, pid_start: int | None) -> None:
         att.pid, att.pid_start = pid, pid_start
-        # The header of this attempt in its output, before anything the job prints: the job
-        # gets its spec (and runs its code) only after this (release()).
+        # The header of this attempt in its output: written before the first byte the job
+        # prints, or with the attempt's end line (note()). Not before: creating a file per
+        # attempt would cost a job that prints nothing and succeeds ~0.2 ms of the loop.
         when = wall_clock() - (time.monotonic() - att.started)
-        self.note(att.job.id, "attempt %d/%d started %s pid %d" % (
-            att.number, att.job.retries + 1, log_time(when), pid), att)
+        att.header = "attempt %d/%d started %s pid %d" % (
+            att.number, att.job.retries + 1, log_time(when), pid)
         self.by_pid[pid] = att
         self.containment.attempt_started(att)
         self.on_started(att)
@@ -4219,7 +4221,9 @@ class Runner:
                 return
             if att.out_capped:
                 continue
-            if att.out_file is None:        # opened on the first byte: most jobs print nothing
+            if att.header is not None:      # its header first (which opens the file)
+                self.note(att.job.id, None, att)
+            if att.out_file is None:        # (opened by the attempt's header, unless that failed)
                 try:
                     att.out_file = self.open_output(att.job.id, os.O_RDWR | os.O_APPEND
                                                     | os.O_CREAT)
@@ -4255,18 +4259,31 @@ class Runner:
             if lost is not None:
                 warn("job output is written again; %d bytes of it were lost meanwhile" % lost)
 
-    def note(self, job_id: int, text: str, att: Attempt | None = None) -> None:
+    def note(self, job_id: int, text: str | None, att: Attempt | None = None,
+             create: bool = True) -> None:
         """Write one of the daemon's lines ("[jobrunner] ...", continuation lines indented)
-        into the job's output file, where `output` (anyone who may use the socket) reads it.
+        into the job's output file, where `output` (anyone who may use the socket) reads it,
+        after the header of `att` if that is not written yet (text None: the header alone).
         It counts toward max_output_bytes, and goes in past it up to OUTPUT_NOTES_RESERVE
-        more (then it is cut). Through the attempt's open file if it has one, else opened
-        for this line. A disk that refuses it loses the line, never the job."""
-        data = ("[jobrunner] %s\n" % text).encode("utf-8", "replace")
+        more (then it is cut). Through the attempt's open file if it has one (else opened
+        and kept there), or opened for this line; `create` False: only into a file that
+        exists. A disk that refuses it loses the line, never the job."""
+        lines = [] if text is None else [text]
+        if att is not None and att.header is not None:
+            lines.insert(0, att.header)
+        data = "".join("[jobrunner] %s\n" % line for line in lines).encode("utf-8", "replace")
         fd = att.out_file if att is not None else None
         opened = fd is None
         try:
             if opened:
-                fd = self.open_output(job_id, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+                try:
+                    fd = self.open_output(job_id, os.O_RDWR | os.O_APPEND
+                                          | (os.O_CREAT if create else 0))
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    fd = None
+                    return
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data            # the job's last line had no end: ours starts one
@@ -4287,6 +4304,7 @@ class Runner:
                 if opened:
                     att.out_file, opened = fd, False    # the job's output follows
                 att.out_size = size + len(data)
+                att.header = None
         except OSError as exc:
             if self.output_trouble.failed(len(data)):
                 warn("cannot write job output (job %d: %s); it is dropped until writing "
@@ -4316,8 +4334,8 @@ class Runner:
             self.active.pop(att.token, None)
             for timer in att.timers:
                 Loop.cancel(timer)
-            self._close(att)
-            self.on_exit(att)
+            self._close(att, output=False)
+            self._ended(att)
             return
         kill_group(att.pid, signal.SIGTERM)
         att.timers.append(self.loop.call_later(self.cfg.kill_grace, kill_group, att.pid,
@@ -4405,10 +4423,20 @@ class Runner:
         self._read_chan(att)
         kill_group(pid, signal.SIGKILL)          # nothing of the attempt outlives it
         self.containment.schedule()             # nor what left its group
-        self._close(att)
-        self.on_exit(att)
+        self._close(att, output=False)
+        self._ended(att)
 
-    def _close(self, att: Attempt) -> None:
+    def _ended(self, att: Attempt) -> None:
+        """on_exit(att), its output file still open for the attempt's end line (written by
+        the Dispatcher through note(): no second open of the file per attempt), closed after."""
+        try:
+            self.on_exit(att)
+        finally:
+            if att.out_file is not None:
+                os.close(att.out_file)
+                att.out_file = None
+
+    def _close(self, att: Attempt, output: bool = True) -> None:
         if att.out_fd is not None:
             self.loop.unwatch(att.out_fd)
             os.close(att.out_fd)
@@ -4417,7 +4445,7 @@ class Runner:
             self.loop.unwatch(att.chan.fileno())
             att.chan.close()
             att.chan = None
-        if att.out_file is not None:
+        if output and att.out_file is not None:
             os.close(att.out_file)
             att.out_file = None
         if att.zygote is not None:
@@ -5740,6 +5768,7 @@ class Dispatcher:
         self.slots: dict[int, Queue] = {}          # attempt token -> the queue whose slot it holds
         self.stopping = False                      # the daemon is stopping: start nothing
         self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
+        self.ending: Attempt | None = None         # the attempt attempt_ended() is ending
         self.start_warned_at = -START_WARN_INTERVAL
 
     def next_start_in(self) -> float | None:
@@ -5861,6 +5890,13 @@ class Dispatcher:
 
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
+        self.ending = att                       # settle() writes its end line through it
+        try:
+            self._attempt_ended(att)
+        finally:
+            self.ending = None
+
+    def _attempt_ended(self, att: Attempt) -> None:
         self.fd_freed()                         # its pipes are closed
         self.free_slot(att)
         job = att.job
@@ -5880,7 +5916,7 @@ class Dispatcher:
         duration = time.monotonic() - att.started
         if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
             self.runner.note(job.id, "attempt %d/%d cancelled after %.2fs (%s)" % (
-                att.number, job.retries + 1, duration, exit_reason(exit_code)))
+                att.number, job.retries + 1, duration, exit_reason(exit_code)), att)
             if job.state == CANCELLED:
                 self.jobs.update(job, **no_process(exit_code=exit_code))
             if self.held.pop(job.id, None) is not None and job.state == PENDING:
@@ -5917,7 +5953,11 @@ class Dispatcher:
     def settle(self, job: Job, ending: Ending, now: float, **log_fields) -> None:
         """Apply what attempt_outcome() makes of the job's attempt that ended as `ending`."""
         out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
-        self.runner.note(job.id, attempt_end_note(job, ending, out, log_fields.get("duration")))
+        att = self.ending if self.ending is not None and self.ending.job is job else None
+        # An attempt that succeeded printing nothing adds its lines only to a file earlier
+        # attempts made: most jobs print nothing, and a file each would cost the loop.
+        self.runner.note(job.id, attempt_end_note(job, ending, out, log_fields.get("duration")),
+                         att, create=ending.how != ENDED_OK)
         if out.announce is not None:
             self.log.event(out.announce, job=job.id, target=job.target, **queue_field(job),
                            attempt=job.attempt_label(), **log_fields)

@@ -501,6 +501,28 @@ class LogsEndToEnd(support.DaemonTestCase):
         # The same through the output op, which anyone who may use the socket reads.
         self.assertEqual(d.call(op="output", id=job_id)["data"], text)
 
+    def test_a_silent_success_adds_lines_only_to_a_file_earlier_attempts_made(self):
+        d = self.daemon
+        quiet = d.add("examples.jobs:add", args=[1, 2])
+        self.assertEqual(d.wait_job(quiet)["state"], "succeeded")
+        self.assertEqual(d.call(op="output", id=quiet)["data"], "")
+        self.assertFalse(os.path.exists(os.path.join(d.log_dir, "output", "%d.log" % quiet)))
+        self.write_job_module("vjobs2", "import os\ndef once(marker):\n    if not os.path"
+                              ".exists(marker):\n        open(marker, 'w').close()\n"
+                              "        os._exit(3)\n")
+        d.stop()                                            # (the allow list is read at start)
+        d.config["allow"] = ["examples.*:*", "vjobs*:*"]
+        d.start()
+        job_id = d.add("vjobs2:once", args=[os.path.join(self.root, "m")], retries=1,
+                       retry_delay=0.05)
+        self.assertEqual(d.wait_job(job_id)["state"], "succeeded")
+        lines = self.logs(job_id).splitlines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertRegex(lines[0], HEADER)
+        self.assertRegex(lines[1], r"attempt 1/2 failed after .*: exited with code 3; next ")
+        self.assertRegex(lines[2], HEADER)
+        self.assertRegex(lines[3], r"^\[jobrunner\] attempt 2/2 succeeded after [\d.]+s$")
+
     def test_exit_reasons(self):
         d = self.daemon
         cases = {d.add("vjobs:code3"): "exited with code 3; no retries left",
@@ -519,7 +541,7 @@ class LogsEndToEnd(support.DaemonTestCase):
         support.wait_until(lambda: "cancelled after" in self.logs(running),
                            message="the cancelled attempt's end line")
         self.assertRegex(self.logs(running).splitlines()[-1],
-                         r"attempt 1/1 cancelled after [\d.]+s \(killed by signal SIGTERM\)")
+                         r"attempt 1/1 cancelled after [\d.]+s \(killed by signal SIG(TERM|KILL)\)")
 
     def test_the_output_cap_holds_and_the_end_line_still_comes(self):
         d = self.daemon
