@@ -502,6 +502,25 @@ class Client:
         """Put a failed or cancelled job back to pending; return the job record."""
         return _field(self.call("retry", id=id), "job", dict)
 
+    def cancel_where(self, state: str | None = None, target: str | None = None,
+                     queue: str | None = None, schedule: str | None = None) -> list[int]:
+        """Cancel every live job that matches (at least one filter); return their ids."""
+        where = _given(state=state, target=target, queue=queue, schedule=schedule)
+        return _field(self.call("cancel", where=where), "ids", list, int)
+
+    def retry_where(self, state: str | None = None, target: str | None = None,
+                    queue: str | None = None, schedule: str | None = None) -> list[int]:
+        """Put back every failed or cancelled job that matches; return their ids."""
+        where = _given(state=state, target=target, queue=queue, schedule=schedule)
+        return _field(self.call("retry", where=where), "ids", list, int)
+
+    def update(self, id: int, *, priority: int | None = None, delay: float | None = None,
+               run_at: float | None = None, queue: str | None = None) -> dict:
+        """Change a blocked or pending job's priority, start time (delay or run_at) or queue;
+        return the job record."""
+        fields = _given(priority=priority, delay=delay, run_at=run_at, queue=queue)
+        return _field(self.call("update", id=id, **fields), "job", dict)
+
     def wait(self, id: int, timeout: float | None = None) -> dict:
         """Block until the job is finished or `timeout` seconds pass (None: no limit);
         return {"job": record, "done": bool}. With a timeout it returns or raises
@@ -1105,12 +1124,41 @@ def _out_docs(ns, docs: list[dict]) -> None:
         _out_json(docs[0])
 
 
+def _where(client: Client, ns, op: str) -> int:
+    """cancel/retry by --state/--target/--queue/--schedule: one request, the ids it changed."""
+    fields = dict(state=ns.state, target=ns.target, queue=ns.queue, schedule=ns.schedule)
+    ids = (client.cancel_where if op == "cancel" else client.retry_where)(**fields)
+    if ns.json:
+        _out_json({"ok": True, "ids": ids})
+    else:
+        done = "cancelled" if op == "cancel" else "retried"
+        _out(f"{len(ids)} job{'s' if len(ids) != 1 else ''} {done}"
+             + (": " + " ".join(map(str, ids)) if ids else ""))
+    return EXIT_OK
+
+
+def _ids_or_where(client: Client, ns, op: str) -> int:
+    if ns.ids:
+        return _each_id(client, ns, op)
+    return _where(client, ns, op)
+
+
 def cmd_cancel(client: Client, ns) -> int:
-    return _each_id(client, ns, "cancel")
+    return _ids_or_where(client, ns, "cancel")
 
 
 def cmd_retry(client: Client, ns) -> int:
-    return _each_id(client, ns, "retry")
+    return _ids_or_where(client, ns, "retry")
+
+
+def cmd_update(client: Client, ns) -> int:
+    job = client.update(ns.id, priority=ns.priority, delay=ns.delay, run_at=ns.run_at,
+                        queue=ns.queue)
+    if ns.json:
+        _out_json({"ok": True, "job": job})
+    else:
+        _out(job_record(job))
+    return EXIT_OK
 
 
 def cmd_wait(client: Client, ns) -> int:
@@ -1383,7 +1431,8 @@ COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_ca
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
             "pause": cmd_pause, "resume": cmd_resume, "prune": cmd_prune,
             "queues": cmd_queues, "workers": cmd_workers, "schedules": cmd_schedules,
-            "trigger": cmd_trigger, "metrics": cmd_metrics, "top": cmd_top}
+            "trigger": cmd_trigger, "metrics": cmd_metrics, "top": cmd_top,
+            "update": cmd_update}
 
 
 ###############################################################################
@@ -1589,9 +1638,27 @@ def build_parser(only: str | None = None):
 
     p = command("show", "show one job")
     p.add_argument("id", type=int, metavar="ID")
-    for name, text in (("cancel", "cancel pending or running jobs"),
-                       ("retry", "put failed or cancelled jobs back in the queue")):
-        command(name, text).add_argument("ids", type=int, nargs="+", metavar="ID")
+    for name, text, states in (
+            ("cancel", "cancel blocked, pending or running jobs: by id, or every one that "
+             "matches --state/--target/--queue/--schedule", ("blocked", "pending", "running")),
+            ("retry", "put failed or cancelled jobs back in the queue: by id, or every one "
+             "that matches --state/--target/--queue/--schedule", ("failed", "cancelled"))):
+        p = command(name, text, usage=f"%(prog)s ID ...\n       %(prog)s --state S [--target P] "
+                    "[--queue Q] [--schedule NAME]")
+        p.add_argument("ids", type=int, nargs="*", metavar="ID")
+        p.add_argument("--state", metavar="S", choices=states)
+        p.add_argument("--target", metavar="PATTERN", help="fnmatch pattern")
+        p.add_argument("--queue", metavar="Q")
+        p.add_argument("--schedule", metavar="NAME")
+    p = command("update", "change a blocked or pending job's priority, start time or queue")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--priority", type=int, metavar="N", help="higher runs first")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_seconds, metavar="S", help="run no sooner than S seconds "
+                      "from now (for a blocked job: from when it is unblocked)")
+    when.add_argument("--at", type=_iso_time, metavar="ISO8601", dest="run_at",
+                      help="run no sooner than this time (local time unless it has a zone)")
+    p.add_argument("--queue", metavar="Q", help="move it to queue Q (declared in the config)")
     p = command("wait", "wait until jobs finish; exit 1 if one failed or was cancelled")
     p.add_argument("ids", type=int, nargs="+", metavar="ID")
     p.add_argument("--timeout", type=_seconds, metavar="D", help="give up after D (90, 10m; exit 4)")
@@ -1638,6 +1705,18 @@ def parse_args(argv: list[str] | None = None):
             ns, extra = parser.parse_known_args(argv)
         if extra:
             parser.commands[ns.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        if ns.command in ("cancel", "retry"):
+            filters = [f"--{k}" for k in ("state", "target", "queue", "schedule")
+                       if getattr(ns, k) is not None]
+            if ns.ids and filters:
+                parser.commands[ns.command].error(f"give ids or {', '.join(filters)}, not both")
+            if not ns.ids and not filters:
+                parser.commands[ns.command].error("give job ids, or --state S (and/or "
+                                                  "--target, --queue, --schedule)")
+        if ns.command == "update" and all(getattr(ns, k) is None for k in
+                                          ("priority", "delay", "run_at", "queue")):
+            parser.commands["update"].error("give at least one of --priority, --delay or "
+                                            "--at, --queue")
         return ns
     error = parser.commands["add"].error
     # argparse stops filling TARGET/ARG at the first option, so "add T --priority 3 a b"

@@ -57,8 +57,8 @@ Protocol (version 1), in brief
     -> {"op": "nope"}
     <- {"ok": false, "error": {"code": "unknown_op", "message": "..."}}
     Ops: hello add add_batch get list cancel retry wait output stats pause
-    resume prune queues set_workers schedules trigger metrics activity. Replies come in
-    request order, so clients may pipeline.
+    resume prune queues set_workers schedules trigger metrics activity update. Replies come
+    in request order, so clients may pipeline.
 """
 
 from __future__ import annotations
@@ -130,6 +130,15 @@ ALLOW_SHOWN = 300                     # a not_allowed message quotes this much o
 MAX_PATTERN_CHARS = 1024              # SPEC: a `target` pattern in list, cancel or retry
 QUERY_SLICE = 0.015                   # pattern queries work this long per loop pass, all of
                                       # them together: the loop is never held much longer
+OUTPUT_NOTES_RESERVE = 64 * 1024      # the daemon's lines in a job's output file (attempt
+                                      # headers, ends, tracebacks) count toward
+                                      # max_output_bytes, but still go in past it up to this
+                                      # much more: a job that filled its cap still shows why
+                                      # its last attempt failed
+OUTPUT_TRACEBACK_BYTES = 16 * 1024    # of a traceback, its end in the output file (the whole
+                                      # is in the errors log): the last frames and the error
+BULK_STEP = 10_000                    # SPEC §3: `cancel`/`retry` with `where` change at most this
+                                      # many jobs per durable step (one pass: ~60 ms at 1M jobs)
 PRUNE_INTERVAL = 60.0                 # how often finished jobs past keep_finished are removed
 STATUS_INTERVAL = 2.0                 # systemd STATUS= at most this often: it is for people
 STORE_FORMAT = 2                      # of queue.json and journal.jsonl: 2 adds queue pauses
@@ -421,6 +430,41 @@ class Outcome(NamedTuple):
     detail: str | None = None
     fields: dict = {}                   # log fields, before those of the caller
     announce: str | None = None         # an event logged before the move's own
+
+
+def exit_reason(exit_code: int) -> str:
+    """A process's end in words: "exited with code 3", "killed by signal SIGKILL"."""
+    if exit_code < 0:
+        return "killed by signal %s" % _signal_name(-exit_code)
+    return "exited with code %d" % exit_code
+
+
+def attempt_end_note(job: Job, ending: Ending, out: "Outcome", duration: float | None) -> str:
+    """The line (and for a failure its traceback, indented, its end only) that closes an
+    attempt in the job's output: how it ended, and what comes next."""
+    head = "attempt %s" % job.attempt_label()
+    after = "" if duration is None else " after %.2fs" % duration
+    if ending.how == ENDED_OK:
+        return "%s succeeded%s" % (head, after)
+    if ending.how == ENDED_SHUTDOWN:
+        return "%s interrupted%s by the daemon's stop (it does not count; it runs again)" \
+            % (head, after)
+    if ending.how == ENDED_INTERRUPTED:
+        text = "%s interrupted: the daemon stopped while it ran" % head
+    else:
+        text = "%s failed%s: %s" % (head, after, " ".join((ending.error or "").split()))
+    if out.state == PENDING:
+        text += "; next attempt at %s" % log_time(out.changes["run_at"])
+    elif ending.how == ENDED_PERMANENT:
+        text += "; not retried"
+    elif out.state == FAILED:
+        text += "; no retries left"
+    detail = ending.detail
+    if detail and detail.strip() != (ending.error or "").strip():
+        tail = detail.encode("utf-8", "replace")[-OUTPUT_TRACEBACK_BYTES:]
+        lines = tail.decode("utf-8", "replace").rstrip("\n").split("\n")
+        text += "".join("\n    " + line for line in lines)
+    return text
 
 
 def no_process(**changes) -> dict:
@@ -724,6 +768,18 @@ def say(line: str) -> None:
 
 def warn(message: str) -> None:
     say("jobrunnerd: " + message)
+
+
+def say_startup(cfg: "Config") -> None:
+    """The daemon's first line once it serves (SPEC §6's `startup`, for people and journald)."""
+    say("jobrunnerd: startup version=%s pid=%d socket=%s workers=%d state_dir=%s"
+        % (VERSION, os.getpid(), log_value(cfg.socket), cfg.workers, log_value(cfg.state_dir)))
+
+
+def say_shutdown(reason: str, uptime: float | None = None) -> None:
+    """The daemon's last line: why it stops (a signal's name, or the error that stops it)."""
+    say("jobrunnerd: shutdown reason=%s pid=%d%s" % (
+        log_value(reason), os.getpid(), "" if uptime is None else " uptime=%.1fs" % uptime))
 
 
 def send_some_of(sock: socket.socket, buf: bytearray) -> bool:
@@ -2311,6 +2367,38 @@ class JobTable:
                 todo.append(child_id)
         return back
 
+    def retry_many(self, jobs: list[Job], uid: int | None) -> list[Job]:
+        """`retry` with `where`: retry() of each of `jobs` (failed or cancelled). Those with no
+        parent unfinished and no children (most) move to pending together, with their
+        `queued` lines and one journal entry (a step of 10,000 in ~62 ms at 1M jobs; retry()
+        each, ~118); the others go through retry(), which puts their descendants back too.
+        Returns every job put back, descendants included."""
+        assert TRANSITIONS[(FAILED, PENDING)] == TRANSITIONS[(CANCELLED, PENDING)] == ("queued",)
+        now = self.clock()
+        save, unindex, index, unfinished, children = (
+            self._save, self._unindex, self._index, self.unfinished, self.children)
+        plain, back = [], []
+        for job in jobs:
+            if job.state not in (FAILED, CANCELLED):    # put back already, as a descendant
+                continue
+            if job.key is not None and self.keys.get(job.key, job.id) != job.id:
+                continue                        # another live job holds its key now
+            if job.id in unfinished or job.id in children:
+                back += [job, *self.retry(job, uid=uid)]
+                continue
+            save(job)
+            unindex(job)
+            job.state, job.attempts, job.run_at = PENDING, 0, now
+            job.started_at = job.finished_at = job.exit_code = job.error = job.result = None
+            job.pid = job.cancelled_by = None
+            index(job, now)
+            plain.append(job)
+        if plain:
+            self.log.queued(now, plain)
+            self.store.append_records([job.id for job in plain],
+                                      [_encode(job.stored()) for job in plain])
+        return plain + back
+
     def descendants_to_retry(self, job: Job) -> int:
         """How many jobs retry(job) would put back with it (for the max_queued check)."""
         count, todo, jobs = 0, collections.deque([job.id]), self.jobs
@@ -2345,6 +2433,56 @@ class JobTable:
         for name, value in changes.items():
             setattr(job, name, value)
         self.store.append({"job": job.stored()})
+
+    def cancel_many(self, jobs: list[Job], uid: int | None) -> None:
+        """`cancel` with `where`: each of `jobs` (live) moves to cancelled as transition()
+        would move it, with one journal entry for the lot (a step of 10,000 takes ~57 ms at
+        1M jobs; a transition() each, ~106). Their children settle after, as for any end."""
+        now = self.clock()
+        save, unindex, index, changed = self._save, self._unindex, self._index, self.changed
+        for job in jobs:
+            assert (job.state, CANCELLED) in TRANSITIONS, "illegal transition %s -> %s (job " \
+                "%d)" % (job.state, CANCELLED, job.id)
+            save(job)
+            unindex(job)
+            job.state, job.finished_at = CANCELLED, now
+            changed.append(job)
+            index(job, now)
+        self.log.moved(now, "cancelled", jobs, "" if uid is None else " uid=%d" % uid)
+        self.store.append_records([job.id for job in jobs], [_encode(job.stored()) for job in jobs])
+        children = self.children
+        self._ended.extend(job for job in jobs if job.id in children)
+        if not self._settling:
+            self._settle_children()
+
+    AMENDABLE = frozenset({"priority", "run_at", "delay", "queue"})    # what `update` changes
+
+    def amend(self, job: Job, changes: dict) -> None:
+        """The `update` op: change when, where or in which order a blocked or pending job runs
+        (`AMENDABLE` fields), with no state move: off every index, changed, back on (a new
+        heap entry in its queue, that queue's counts and by_queue), journaled; undo() puts it
+        back as it was, queue included."""
+        assert job.state in (BLOCKED, PENDING) and changes.keys() <= self.AMENDABLE
+        self._save(job)
+        self._unindex(job)
+        old_queue = job.queue
+        for name, value in changes.items():
+            setattr(job, name, value)
+        if job.queue != old_queue:
+            self._move_queue(job.id, old_queue, job.queue)
+        self._index(job)
+        self.store.append({"job": job.stored()})
+
+    def _move_queue(self, job_id: int, old: str, new: str) -> None:
+        """by_queue: job_id leaves queue `old` for `new` (ascending lists both)."""
+        ids = self.by_queue.get(old)
+        if ids:
+            at = bisect.bisect_left(ids, job_id)
+            if at < len(ids) and ids[at] == job_id:
+                del ids[at]
+            if not ids:
+                del self.by_queue[old]
+        bisect.insort(self.by_queue.setdefault(new, []), job_id)
 
     def requeue(self, job: Job) -> None:
         """Put a pending job that pop_due() handed out back on its heap."""
@@ -2448,9 +2586,12 @@ class JobTable:
                             del self.by_target[job.target]
                 continue
             token = job.token                   # past every heap entry made for it meanwhile
+            queue = job.queue
             for name, value in zip(Job.__slots__, values):
                 setattr(job, name, value)
             job.token = token + 1               # (the saved token may equal one of them)
+            if present and job.queue != queue:  # moved by amend(): back to its old queue
+                self._move_queue(job_id, queue, job.queue)
             if not present:                     # pruned since track(): back in
                 self.jobs[job_id] = job
                 bisect.insort(self.ids, job_id)
@@ -2799,6 +2940,64 @@ class PatternQuery:
                 yield
 
 
+class BulkChange:
+    """A `cancel` or `retry` with `where` under way: gather() finds the next matching jobs, a
+    state at a time in ascending id order from a cursor (a pattern through a PatternQuery, a
+    slice per pass), until BULK_STEP are found or none is left; the Protocol changes them in
+    one durable step (Protocol.advance_bulk) and gathers again, and answers `ids` after the
+    last. A job changed no longer matches (cancelled is not live; retried is not failed), so
+    after a crash between steps the same request again finds exactly the rest."""
+
+    def __init__(self, op: str, states: tuple[str, ...], pattern: str | None,
+                 queue: str | None, slot: list, conn: "Connection | None", uid: int | None,
+                 schedule: str | None = None):
+        self.op, self.states, self.pattern, self.queue = op, states, pattern, queue
+        self.schedule = schedule
+        self.slot, self.conn, self.uid = slot, conn, uid
+        self.state_at = 0                       # states[state_at] is being read, from `cursor`
+        self.cursor = 0
+        self.query: PatternQuery | None = None
+        self.found: list[Job] = []              # the next step's jobs
+        self.ids: list[int] = []                # changed in the steps made durable (or this one)
+        self.durable = 0                        # of `ids`, those whose step was committed
+
+    @property
+    def exhausted(self) -> bool:
+        return self.state_at >= len(self.states)
+
+    def gather(self, table: JobTable, deadline: float) -> bool:
+        """Fill `found` (BULK_STEP at most); True once the step is ready: full, or every
+        matching job found. False: a pattern query goes on in the next pass."""
+        while not self.exhausted and len(self.found) < BULK_STEP:
+            state, want = self.states[self.state_at], BULK_STEP - len(self.found)
+            # One more than fits: if it is there, this state goes on in the next step; if
+            # not, the step is the last one (exactly BULK_STEP jobs are one durable change).
+            if self.pattern is None:
+                jobs = table.select(state, None, self.cursor, want + 1, queue=self.queue,
+                                    schedule=self.schedule)
+            else:
+                if self.query is None:
+                    self.query = PatternQuery(table, state, self.pattern, self.cursor, want + 1,
+                                              self.queue, schedule=self.schedule)
+                if not self.query.step(deadline):
+                    return False
+                jobs, self.query = self.query.jobs, None
+            if len(jobs) <= want:
+                self.state_at, self.cursor = self.state_at + 1, 0
+            else:
+                del jobs[want:]
+                self.cursor = jobs[-1].id
+            self.found.extend(jobs)
+        return True
+
+    def take(self) -> list[Job]:
+        """The step's jobs that still match (one may have changed state since it was found),
+        ascending; `found` starts empty again."""
+        found, self.found = self.found, []
+        states = self.states
+        return sorted((job for job in found if job.state in states), key=operator.attrgetter("id"))
+
+
 ####################################################################################################
 #  The job process (this code runs in the child, never in the daemon)
 ####################################################################################################
@@ -2901,6 +3100,40 @@ def _resolve(module, module_name, attr):
         path += "."
     return obj, None
 
+def _retitle(title, prctl):
+    """Name this process in ps and top: /proc/self/comm (15 bytes: "job 42 1/3") and the
+    argv (cmdline) "jobrunner: job 42 attempt 1/3 pkg.mod:Attr", written over ours in place.
+    The mark the daemon finds attempts by ("jobrunner-job ID N", see argv_mark) stays, after
+    the title, and every process the job forks without exec shows both. Best effort."""
+    if not title:
+        return
+    words = title.split()
+    try:
+        prctl(15, ("job %s %s" % (words[2], words[4])).encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:
+        pass
+    try:
+        import ctypes
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        fields = data[data.rindex(b")") + 2:].split()
+        start, end = int(fields[45]), int(fields[46])       # arg_start, arg_end
+        old = ctypes.string_at(start, end - start)
+        at = old.find(b"\0jobrunner-job\0")
+        if at < 0:
+            return
+        mark = b"\0".join(old[at + 1:].split(b"\0")[:3]) + b"\0"
+        room = end - start - len(mark) - 1
+        if room < 16:
+            return
+        new = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
+        ctypes.memmove(start, new.ljust(end - start, b"\0"), end - start)
+    except Exception:
+        pass
+
 def _main():
     spec = json.loads(_chan.readline())
     _chan.close()
@@ -2912,9 +3145,10 @@ def _main():
             prctl = ctypes.CDLL(None, use_errno=True).prctl
         prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
     except Exception:
-        pass
+        prctl = None
     if os.getppid() != spec["parent"]:
         os._exit(1)
+    _retitle(spec.get("title"), prctl)
     import resource
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     names = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
@@ -3059,7 +3293,7 @@ class Attempt:
 
     __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
                  "out_size", "out_capped", "out_lost", "chan", "chan_out", "chan_in", "started",
-                 "stop_reason", "timers", "status", "released")
+                 "stop_reason", "timers", "status", "released", "header")
 
     def __init__(self, job: Job, number: int, token: int):
         self.job = job
@@ -3077,6 +3311,7 @@ class Attempt:
         self.started = time.monotonic()
         self.stop_reason: str | None = None     # "timeout", "cancel", "shutdown"
         self.timers: list = []
+        self.header: str | None = None          # its header line, until written (Runner.note)
 
     def report(self) -> dict | None:
         """The child's last line on fd 3 as a checked report (see check_report()), None if it
@@ -3207,7 +3442,8 @@ def kill_group(pid: int, sig: int) -> None:
 # and kills those of attempts that are over; as each victim is reaped its own children come to us
 # in turn, and the next sweep takes them. Which attempt a process belongs to: the attempt's argv
 # "jobrunner-job ID N" in /proc/PID/cmdline (a spawned attempt's own argv; a zygote child writes
-# it into its argv, which every fork without exec shows too), else JOBRUNNER_JOB_ID /
+# it into its argv, which every fork without exec shows too; the job's name for ps, written
+# before it by _retitle(), leaves it in place), else JOBRUNNER_JOB_ID /
 # JOBRUNNER_ATTEMPT in /proc/PID/environ (every descendant that exec'd something), else its
 # birth time: none of the attempts running when it was born still runs. After a daemon crash
 # the escaped processes went to init: find_leftovers() finds them by the same marks. No new
@@ -4062,7 +4298,9 @@ class Runner:
             chan_child.close()
         spec = {"target": job.target, "method": job.method, "args": job.args,
                 "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
-                "limits": self.cfg.limits, "parent": parent}
+                "limits": self.cfg.limits, "parent": parent,
+                "title": "jobrunner: job %d attempt %d/%d %s" % (
+                    job.id, number, job.retries + 1, job.target)}     # its name in ps (_retitle)
         att.chan_out += self.source_line if zygote is None else b""
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
@@ -4085,6 +4323,12 @@ class Runner:
 
     def started(self, att: Attempt, pid: int, pid_start: int | None) -> None:
         att.pid, att.pid_start = pid, pid_start
+        # The header of this attempt in its output: written before the first byte the job
+        # prints, or with the attempt's end line (note()). Not before: creating a file per
+        # attempt would cost a job that prints nothing and succeeds ~0.2 ms of the loop.
+        when = wall_clock() - (time.monotonic() - att.started)
+        att.header = "attempt %d/%d started %s pid %d" % (
+            att.number, att.job.retries + 1, log_time(when), pid)
         self.by_pid[pid] = att
         self.containment.attempt_started(att)
         self.on_started(att)
@@ -4175,9 +4419,11 @@ class Runner:
                 return
             if att.out_capped:
                 continue
-            if att.out_file is None:        # opened on the first byte: most jobs print nothing
+            if att.header is not None:      # its header first (which opens the file)
+                self.note(att.job.id, None, att)
+            if att.out_file is None:        # (opened by the attempt's header, unless that failed)
                 try:
-                    att.out_file = self.open_output(att.job.id, os.O_WRONLY | os.O_APPEND
+                    att.out_file = self.open_output(att.job.id, os.O_RDWR | os.O_APPEND
                                                     | os.O_CREAT)
                     att.out_size = os.fstat(att.out_file).st_size
                 except OSError as exc:
@@ -4211,6 +4457,60 @@ class Runner:
             if lost is not None:
                 warn("job output is written again; %d bytes of it were lost meanwhile" % lost)
 
+    def note(self, job_id: int, text: str | None, att: Attempt | None = None,
+             create: bool = True) -> None:
+        """Write one of the daemon's lines ("[jobrunner] ...", continuation lines indented)
+        into the job's output file, where `output` (anyone who may use the socket) reads it,
+        after the header of `att` if that is not written yet (text None: the header alone).
+        It counts toward max_output_bytes, and goes in past it up to OUTPUT_NOTES_RESERVE
+        more (then it is cut). Through the attempt's open file if it has one (else opened
+        and kept there), or opened for this line; `create` False: only into a file that
+        exists. A disk that refuses it loses the line, never the job."""
+        lines = [] if text is None else [text]
+        if att is not None and att.header is not None:
+            lines.insert(0, att.header)
+        data = "".join("[jobrunner] %s\n" % line for line in lines).encode("utf-8", "replace")
+        fd = att.out_file if att is not None else None
+        opened = fd is None
+        try:
+            if opened:
+                try:
+                    fd = self.open_output(job_id, os.O_RDWR | os.O_APPEND
+                                          | (os.O_CREAT if create else 0))
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    fd = None
+                    return
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data            # the job's last line had no end: ours starts one
+            room = self.cfg.max_output_bytes + OUTPUT_NOTES_RESERVE - size
+            if room <= 0:
+                return
+            if len(data) > room:
+                data = data[:room]
+            try:
+                _write_all(fd, data)
+            except OSError:                     # all of the line or none of it
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise
+            if att is not None:
+                if opened:
+                    att.out_file, opened = fd, False    # the job's output follows
+                att.out_size = size + len(data)
+                att.header = None
+        except OSError as exc:
+            if self.output_trouble.failed(len(data)):
+                warn("cannot write job output (job %d: %s); it is dropped until writing "
+                     "works again" % (job_id, exc))
+        finally:
+            if opened and fd is not None:
+                os.close(fd)
+
     def _output_failed(self, att: Attempt, size: int, exc: OSError) -> None:
         att.out_lost += size
         if self.output_trouble.failed(size):
@@ -4232,8 +4532,8 @@ class Runner:
             self.active.pop(att.token, None)
             for timer in att.timers:
                 Loop.cancel(timer)
-            self._close(att)
-            self.on_exit(att)
+            self._close(att, output=False)
+            self._ended(att)
             return
         kill_group(att.pid, signal.SIGTERM)
         att.timers.append(self.loop.call_later(self.cfg.kill_grace, kill_group, att.pid,
@@ -4321,10 +4621,20 @@ class Runner:
         self._read_chan(att)
         kill_group(pid, signal.SIGKILL)          # nothing of the attempt outlives it
         self.containment.schedule()             # nor what left its group
-        self._close(att)
-        self.on_exit(att)
+        self._close(att, output=False)
+        self._ended(att)
 
-    def _close(self, att: Attempt) -> None:
+    def _ended(self, att: Attempt) -> None:
+        """on_exit(att), its output file still open for the attempt's end line (written by
+        the Dispatcher through note(): no second open of the file per attempt), closed after."""
+        try:
+            self.on_exit(att)
+        finally:
+            if att.out_file is not None:
+                os.close(att.out_file)
+                att.out_file = None
+
+    def _close(self, att: Attempt, output: bool = True) -> None:
         if att.out_fd is not None:
             self.loop.unwatch(att.out_fd)
             os.close(att.out_fd)
@@ -4333,7 +4643,7 @@ class Runner:
             self.loop.unwatch(att.chan.fileno())
             att.chan.close()
             att.chan = None
-        if att.out_file is not None:
+        if output and att.out_file is not None:
             os.close(att.out_file)
             att.out_file = None
         if att.zygote is not None:
@@ -4432,17 +4742,19 @@ ADD_FIELDS = ("target", "method", "args", "kwargs", "priority", "delay", "run_at
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "hello": (), "add": ADD_FIELDS, "add_batch": ("jobs",), "get": ("id",),
     "list": ("state", "target", "queue", "schedule", "limit", "order", "after_id", "before_id"),
-    "cancel": ("id",),
-    "retry": ("id",), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
+    "cancel": ("id", "where"),
+    "retry": ("id", "where"), "wait": ("id", "timeout"), "output": ("id", "offset", "limit"),
     "stats": (), "pause": ("queue", "schedule"), "resume": ("queue", "schedule"),
     "prune": ("older_than",), "queues": (), "set_workers": ("queue", "workers"),
     "schedules": (), "trigger": ("schedule",),
     "metrics": (), "activity": (),
+    "update": ("id", "priority", "delay", "run_at", "queue"),
 }
+WHERE_FIELDS = ("state", "target", "queue", "schedule")     # of `cancel`/`retry` `where`
 _WITH_OP = {fields: frozenset(fields + ("op",)) for fields in OP_FIELDS.values()}
 # Ops that change state: refused while stopping, answered only after the journal is durable.
 MUTATING = frozenset({"add", "add_batch", "cancel", "retry", "pause", "resume", "prune",
-                      "trigger"})
+                      "trigger", "update"})
 
 
 def check_fields(req: dict, allowed: tuple[str, ...], where: str = "") -> None:
@@ -4523,11 +4835,12 @@ def get_after(req: dict, where: str = "", position: int | None = None) -> list[i
     return list(dict.fromkeys(after)) or NO_AFTER
 
 
-def get_schedule_name(req: dict) -> str:
+def get_schedule_name(req: dict, where: str = "") -> str:
     """The `schedule` field: a schedule's name (SPEC §2c), or bad_request."""
     name = req.get("schedule")
     if not isinstance(name, str) or not QUEUE_NAME.match(name):
-        raise ProtocolError("bad_request", "schedule must be a name of 1-64 of A-Z a-z 0-9 _ . -")
+        raise ProtocolError("bad_request", "%sschedule must be a name of 1-64 of A-Z a-z 0-9 _ . -"
+                            % where)
     return name
 
 
@@ -4628,6 +4941,32 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
         # a blocked job's delay counts from its unblocking (§2b); create() drops it otherwise
         "delay": delay or None,
     }
+
+
+def validate_update(req: dict, cfg: "Config", now: float, blocked: bool) -> dict:
+    """The changes an `update` request asks of a job (JobTable.amend takes them): `priority`,
+    `queue` (declared: not_found otherwise), and `delay` or `run_at` as at `add`: a blocked
+    job's delay counts from its unblocking (§2b), a pending job's from now."""
+    if not req.keys() & {"priority", "delay", "run_at", "queue"}:
+        raise ProtocolError("bad_request", "give at least one of priority, delay or run_at, queue")
+    if "delay" in req and "run_at" in req:
+        raise ProtocolError("bad_request", "give delay or run_at, not both")
+    changes: dict = {}
+    if "priority" in req:
+        changes["priority"] = get_int(req, "priority", None, -MAX_PRIORITY, MAX_PRIORITY)
+    if "run_at" in req:
+        changes["run_at"] = get_seconds(req, "run_at", None, 0.0, now + MAX_DELAY)
+        changes["delay"] = None                 # an explicit time holds as it is
+    elif "delay" in req:
+        delay = get_seconds(req, "delay", None, 0.0, MAX_DELAY)
+        changes["run_at"] = now + delay
+        changes["delay"] = (delay or None) if blocked else None   # pending: counted in run_at
+    if "queue" in req:
+        queue = changes["queue"] = get_queue_name(req)
+        if queue != DEFAULT_QUEUE and queue not in cfg.queues:
+            raise ProtocolError("not_found", "queue %r is not declared in the config "
+                                "([queues.%s])" % (queue, queue))
+    return changes
 
 
 _VERDICTS: list = [None, {}]    # [the allow list they were made for, {target: verdict}]
@@ -6096,6 +6435,7 @@ class Dispatcher:
         self.slots: dict[int, Queue] = {}          # attempt token -> the queue whose slot it holds
         self.stopping = False                      # the daemon is stopping: start nothing
         self.start_retry_at = 0.0                  # no start before (a host failure's backoff)
+        self.ending: Attempt | None = None         # the attempt attempt_ended() is ending
         self.start_warned_at = -START_WARN_INTERVAL
 
     def next_start_in(self) -> float | None:
@@ -6218,6 +6558,13 @@ class Dispatcher:
 
     def attempt_ended(self, att: Attempt) -> None:
         """The runner's report: the process of `att` has exited."""
+        self.ending = att                       # settle() writes its end line through it
+        try:
+            self._attempt_ended(att)
+        finally:
+            self.ending = None
+
+    def _attempt_ended(self, att: Attempt) -> None:
         self.fd_freed()                         # its pipes are closed
         self.free_slot(att)
         job = att.job
@@ -6238,6 +6585,8 @@ class Dispatcher:
         if job.state != RUNNING:                # cancelled while it ran (and maybe retried)
             if job.attempts == att.number:     # it had started (not cancelled before that)
                 self.metrics.attempt_ended(job, "cancelled", duration)
+            self.runner.note(job.id, "attempt %d/%d cancelled after %.2fs (%s)" % (
+                att.number, job.retries + 1, duration, exit_reason(exit_code)), att)
             if job.state == CANCELLED:
                 self.jobs.update(job, **no_process(exit_code=exit_code))
             if self.held.pop(job.id, None) is not None and job.state == PENDING:
@@ -6259,10 +6608,8 @@ class Dispatcher:
                            attempt=job.attempt_label(), duration=duration, pid=att.pid)
         elif status in ("error", "permanent", "invalid") and report.get("error"):
             error = str(report["error"])
-        elif exit_code < 0:
-            error = "killed by signal %s" % _signal_name(-exit_code)
         else:
-            error = "exited with code %d" % exit_code
+            error = exit_reason(exit_code)
         detail = report.get("traceback") if report else None
         self.attempt_failed(job, exit_code, error, detail or error, permanent=status == "permanent",
                             timed_out=att.stop_reason == "timeout", duration=duration,
@@ -6281,6 +6628,11 @@ class Dispatcher:
         out = attempt_outcome(job, ending, now, self.cfg.max_retry_delay)
         self.metrics.attempt_ended(job, attempt_metric_outcome(ending, out, timed_out),
                                    log_fields.get("duration"), out.changes.get("error"))
+        att = self.ending if self.ending is not None and self.ending.job is job else None
+        # An attempt that succeeded printing nothing adds its lines only to a file earlier
+        # attempts made: most jobs print nothing, and a file each would cost the loop.
+        self.runner.note(job.id, attempt_end_note(job, ending, out, log_fields.get("duration")),
+                         att, create=ending.how != ENDED_OK)
         if out.announce is not None:
             self.log.event(out.announce, job=job.id, target=job.target, **queue_field(job),
                            attempt=job.attempt_label(), **log_fields)
@@ -6313,6 +6665,7 @@ class Daemon:
         self.attempts = self.dispatcher.attempts   # job id -> its running attempt
         self.metrics = self.dispatcher.metrics
         self.stopping = False
+        self.stop_reason: str | None = None         # what began the stop: a signal's name
         self.compact_wanted = False
         self.repair_after = 0.0
         self.started = self.clock()
@@ -6424,7 +6777,7 @@ class Daemon:
 
     def select_timeout(self) -> float:
         timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
-        if self.this_pass.resume or self.pruner.prunes:
+        if self.this_pass.resume or self.pruner.prunes or self.protocol.bulk:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
@@ -6462,6 +6815,7 @@ class Daemon:
             self.schedules.queued = []
         self.connections.serve(clients)
         self.pruner.prune_some(PRUNE_SLICE)
+        self.protocol.advance_bulk()
         if self.this_pass.batch_slots and self.store.do_fsync:
             self.connections.gather()
         self.commit(mark, sync=fired > 0)
@@ -6488,8 +6842,10 @@ class Daemon:
             self.log.rewind(mark)
             this_pass.write_failed(exc, ended, self.jobs, self.waits)
             self.pruner.write_failed(exc)
+            self.protocol.bulk_committed(exc)
         else:
             self.jobs.untrack()
+            self.protocol.bulk_committed(None)
             this_pass.written(ended, self.waits)
         this_pass.committed()
         ends = [job.id for job in finished if job.state in FINISHED]   # (what undo() left)
@@ -6556,9 +6912,12 @@ class Daemon:
         self.connections.close_listener()
         if self.http is not None:
             self.http.close()
-        self.log.event("shutdown", pid=os.getpid(), uptime=self.clock() - self.started)
+        uptime = self.clock() - self.started
+        reason = self.stop_reason or "stopped"
+        self.log.event("shutdown", pid=os.getpid(), uptime=uptime, reason=reason)
         self.log.close()
         self.store.close()
+        say_shutdown(reason, uptime)
         return 0
 
     def internal_error(self, where: str, exc: Exception) -> None:
@@ -6591,6 +6950,7 @@ class Daemon:
             if signum == signal.SIGCHLD:
                 self.loop.call(self.runner.reap)
             elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop_reason = self.stop_reason or _signal_name(signum)
                 self.loop.call(self.begin_stop)
             elif signum == signal.SIGHUP:
                 self.loop.call(self.reload)
@@ -7290,13 +7650,18 @@ class Protocol:
         self.waits = daemon.waits
         self.metrics = daemon.metrics              # enqueued_total, activity
         self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
+        self.bulk: collections.deque[BulkChange] = collections.deque()  # `where`s under way
 
     def end_queries(self, reply: bytes) -> None:
-        """The daemon stops: every pattern query under way is answered with `reply`."""
+        """The daemon stops: every pattern query under way is answered with `reply`, and
+        every `cancel`/`retry` with `where` too (its steps so far are done)."""
         for conn, slot, query in self.queries:
             slot[0] = reply
             self.this_pass.dirty.add(conn)
         self.queries.clear()
+        for task in self.bulk:
+            self.bulk_answer(task, reply)
+        self.bulk.clear()
 
     def handle_line(self, conn: Connection, line: bytes) -> list:
         """One request -> its reply slot. Every exception becomes an error reply here."""
@@ -7460,7 +7825,97 @@ class Protocol:
         if self.queries:
             self.loop.call_later(0, self.advance_queries)
 
+    def bulk_request(self, req: dict, conn: Connection, op: str) -> list:
+        """`cancel`/`retry` with `where`: checked here, done in steps by advance_bulk() from
+        this pass on (so that up to BULK_STEP jobs are one durable change with the request)."""
+        if "id" in req:
+            raise ProtocolError("bad_request", "give id or where, not both")
+        where = req["where"]
+        if not isinstance(where, dict):
+            raise ProtocolError("bad_request", "where must be an object")
+        check_fields(where, WHERE_FIELDS, "where: ")
+        if not where:
+            raise ProtocolError("bad_request", "where needs at least one of "
+                                + ", ".join(WHERE_FIELDS))
+        allowed = (BLOCKED, PENDING, RUNNING) if op == "cancel" else (FAILED, CANCELLED)
+        states = allowed
+        if "state" in where:
+            if where["state"] not in allowed:
+                raise ProtocolError("bad_request", "where: %s takes state %s"
+                                    % (op, " or ".join(allowed)))
+            states = (_CANONICAL_STATES[where["state"]],)
+        pattern = get_pattern(where, "target", "where: ")
+        queue = get_queue_name(where, "where: ") if "queue" in where else None
+        schedule = get_schedule_name(where, "where: ") if "schedule" in where else None
+        task = BulkChange(op, states, pattern, queue, [None], conn, conn.uid, schedule)
+        self.bulk.append(task)
+        return task.slot
+
+    def advance_bulk(self) -> None:
+        """Once per pass, after the requests: the next step of the oldest `where` under way
+        (gathered, for a pattern, QUERY_SLICE at most per pass), changed in this pass's
+        durable write; answered after its last step."""
+        deadline = time.monotonic() + QUERY_SLICE
+        while self.bulk:
+            task = self.bulk[0]
+            if not task.gather(self.jobs, deadline):
+                return                          # its pattern query goes on next pass
+            jobs = task.take()
+            try:
+                if task.op == "cancel":
+                    self.cancel_many(jobs, task.uid)
+                else:
+                    self.retry_many(jobs, task.uid)
+            except ProtocolError as exc:
+                self.bulk.popleft()
+                self.bulk_answer(task, encode_error(exc.code, "%s (after %d jobs in earlier "
+                                                    "steps)" % (exc.message, len(task.ids))))
+                return
+            task.ids.extend(job.id for job in jobs)
+            self.this_pass.batch_slots.append(task.slot)     # this step's reply waits for it
+            if task.exhausted:
+                self.bulk.popleft()
+                self.bulk_answer(task, encode_reply({"ids": task.ids}))
+            return                              # one step per pass: the loop is not held
+
+    def bulk_answer(self, task: BulkChange, reply: bytes) -> None:
+        task.slot[0] = reply
+        if task.conn is not None:
+            self.this_pass.answered(task.conn)
+
+    def bulk_committed(self, exc: OSError | None) -> None:
+        """This pass's write is durable (exc None), or failed and was undone: a `where` under
+        way stops at its last durable step and says so."""
+        if exc is None:
+            for task in self.bulk:
+                task.durable = len(task.ids)
+            return
+        for task in self.bulk:
+            del task.ids[task.durable:]
+            self.bulk_answer(task, encode_error(
+                "io_error", "the change could not be made durable (%s) after %d jobs were "
+                "changed in earlier steps: %s" % (exc.strerror or exc, len(task.ids),
+                                                  json.dumps(task.ids)[:1000])))
+        self.bulk.clear()
+
+    def cancel_many(self, jobs: list[Job], uid: int | None) -> None:
+        self.jobs.cancel_many(jobs, uid)
+        for job in jobs:
+            att = self.attempts.get(job.id)
+            if att is not None:
+                self.this_pass.after_commit.append(lambda att=att: self.runner.stop(att, "cancel"))
+
+    def retry_many(self, jobs: list[Job], uid: int | None) -> None:
+        table = self.jobs
+        keys = table.keys       # a job whose key another live job holds now stays as it is
+        jobs = [job for job in jobs if job.key is None or keys.get(job.key, job.id) == job.id]
+        self.check_room(len(jobs) + sum(table.descendants_to_retry(job) for job in jobs
+                                        if job.id in table.children))
+        self.count_enqueued(table.retry_many(jobs, uid))
+
     def op_cancel(self, req: dict, conn: Connection) -> dict:
+        if "where" in req:
+            return self.bulk_request(req, conn, "cancel")
         job = self.find(req)
         if job.state not in LIVE:
             raise ProtocolError("invalid_state", "job %d is %s" % (job.id, job.state))
@@ -7471,6 +7926,8 @@ class Protocol:
         return {"job": job.record()}
 
     def op_retry(self, req: dict, conn: Connection) -> dict:
+        if "where" in req:
+            return self.bulk_request(req, conn, "retry")
         job = self.find(req)
         if job.state not in (FAILED, CANCELLED):
             raise ProtocolError("invalid_state", "job %d is %s; only failed or cancelled jobs "
@@ -7481,6 +7938,18 @@ class Protocol:
         self.check_room(1 + self.jobs.descendants_to_retry(job))
         back = self.jobs.retry(job, uid=conn.uid)
         self.count_enqueued([job, *back])
+        return {"job": job.record()}
+
+    def op_update(self, req: dict, conn: Connection) -> dict:
+        """Priority, start time (`delay` or `run_at`) or queue of a blocked or pending job. A
+        blocked job's `delay` counts from its unblocking (§2b), as at `add`."""
+        job = self.find(req)
+        changes = validate_update(req, self.cfg, self.clock(), job.state == BLOCKED)
+        if job.state not in (BLOCKED, PENDING) or job.id in self.attempts:
+            raise ProtocolError("invalid_state", "job %d is %s; only blocked or pending jobs "
+                                "can be updated" % (job.id, "starting" if job.state == PENDING
+                                                    else job.state))
+        self.jobs.amend(job, changes)
         return {"job": job.record()}
 
     def op_wait(self, req: dict, conn: Connection):
@@ -7629,7 +8098,7 @@ HANDLERS = {
     "prune": Protocol.op_prune, "queues": Protocol.op_queues,
     "set_workers": Protocol.op_set_workers, "schedules": Protocol.op_schedules,
     "trigger": Protocol.op_trigger, "metrics": Protocol.op_metrics,
-    "activity": Protocol.op_activity,
+    "activity": Protocol.op_activity, "update": Protocol.op_update,
 }
 assert set(HANDLERS) == set(OP_FIELDS)
 
@@ -7688,16 +8157,22 @@ def main(argv: list[str] | None = None) -> int:
         daemon.setup()
     except StateError as exc:
         warn("%s" % exc)
+        say_shutdown("error: %s" % exc)
         return 1
     except OSError as exc:
         warn("cannot start: %s" % exc)
+        say_shutdown("error: cannot start: %s" % exc)
         return 1
     STDERR.log = daemon.log         # from now on, that stderr fails is said in the errors log
-    say("jobrunnerd %s: listening on %s with %d workers (state in %s)"
-        % (VERSION, cfg.socket, cfg.workers, cfg.state_dir))
+    say_startup(cfg)
     if daemon.http is not None:
         say("jobrunnerd: metrics at http://%s/metrics" % daemon.http.bound)
-    return daemon.run()
+    try:
+        return daemon.run()
+    except BaseException as exc:    # a bug that escaped every guard: say why we stop, once
+        say_shutdown("error: %s: %s" % (type(exc).__name__, exc),
+                     daemon.clock() - daemon.started)
+        raise
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ JSON lines) or `jobctl.Client`.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,6 +88,18 @@ def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
         time.sleep(interval)
+
+
+_NOTES = re.compile(r"(?m)^\[jobrunner\] attempt .*\n(?:    .*\n)*")
+
+
+def job_output(data):
+    """What the job itself printed: an output file's text or bytes (or `output` data) without
+    the daemon's lines, "[jobrunner] attempt ..." and the indented lines of a traceback."""
+    if isinstance(data, bytes):
+        return _NOTES.sub("", data.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape")
+    return _NOTES.sub("", data)
 
 
 def children_named(parent: int, word: bytes) -> list[int]:

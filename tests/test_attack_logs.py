@@ -265,8 +265,10 @@ class FullLogDiskTest(Fixture):
             pass
         self.assertEqual(d.wait_job(long, timeout=30)["state"], "succeeded")
         with open(os.path.join(logs, "output", "%d.log" % long), "rb") as f:
-            self.assertEqual(f.read()[before:], b"\n[jobrunner: 1000 bytes of output lost: the "
-                             b"disk refused them]\n" + b"y" * 1000)
+            # (line ends before the daemon's header, once the disk took it, and end lines)
+            self.assertEqual(support.job_output(f.read()[before:]), b"\n\n[jobrunner: 1000 "
+                             b"bytes of output lost: the disk refused them]\n" + b"y" * 1000
+                             + b"\n")
         ran = []
 
         def resumed():
@@ -286,8 +288,9 @@ class FullLogDiskTest(Fixture):
             self.assertEqual(text.count(" event="), 1, "line %d runs into another: %r"
                              % (i + 1, text[:300]))
             self.assertTrue(text.endswith("\n"), "line %d is torn" % (i + 1))
-        self.assertEqual(os.path.getsize(os.path.join(logs, "output", "%d.log" % last)), 1000,
-                         "the last job's output is whole")
+        with open(os.path.join(logs, "output", "%d.log" % last), "rb") as f:
+            self.assertEqual(len(support.job_output(f.read())), 1000 + 1,     # + the line end
+                             "the last job's output is whole")             # before the end line
         err = d.read_stderr()
         said = err.splitlines()
         self.assertEqual(sum("cannot write background_jobs.log" in s for s in said), 1, err)

@@ -103,7 +103,8 @@ class ZygoteCase(DaemonTestCase):
             pass
 
     def job_pid(self, job_id) -> int:
-        return int(wait_until(lambda: self.daemon.call(op="output", id=job_id)["data"], 15,
+        return int(wait_until(lambda: support.job_output(
+            self.daemon.call(op="output", id=job_id)["data"]), 15,
                               message="the job to print its pid").split()[0])
 
     def assert_stops_within(self, seconds):

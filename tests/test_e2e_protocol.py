@@ -19,6 +19,7 @@ import socket
 import time
 import unittest
 
+from tests import support
 from tests.support import DaemonTestCase, daemon_env, wait_until
 
 ALLOW = ["examples.*:*", "testjobs*:*"]
@@ -193,8 +194,10 @@ class ProtocolTestCase(DaemonTestCase):
                           and self.daemon.job_events(job_id, event), timeout,
                           message="%d %s line(s) for job %s" % (n, event, job_id))
 
-    def output_text(self, job_id):
-        return self.call(op="output", id=job_id, offset=0, limit=1 << 20)["data"]
+    def output_text(self, job_id, raw=False):
+        """The job's own output (raw: with the daemon's attempt lines, as `output` has it)."""
+        data = self.call(op="output", id=job_id, offset=0, limit=1 << 20)["data"]
+        return data if raw else support.job_output(data)
 
     def read_output(self, job_id, limit, offset=0):
         """Page through a job's output with `limit`; the replies, until eof or no progress."""
@@ -380,6 +383,10 @@ class OpsTest(ProtocolTestCase):
         first, second = "a€€😀é€x\n", "é😀😀b\n€\U0001F600ü"
         release = self.path("release-output")
         job_id = self.add("testjobs_e2e:print_then_wait", args=[first, release, second])
+        # The daemon's header line of the attempt comes first (issue #16), its end line last.
+        head = wait_until(lambda: self.output_text(job_id, raw=True).partition("\n")[1] and
+                          self.output_text(job_id, raw=True).partition("\n")[0] + "\n")
+        first = head + first
         size1 = len(first.encode())
         wait_until(lambda: self.call(op="output", id=job_id, limit=1 << 16)["offset"] >= size1,
                    message="the first output")
@@ -395,11 +402,14 @@ class OpsTest(ProtocolTestCase):
         open(release, "w").close()
         self.assertEqual(self.wait_done(job_id)["state"], "succeeded")
         full = first + second
-        size = len(full.encode())
+        tail = "\n[jobrunner] attempt 1/1 succeeded after "
+        end = self.output_text(job_id, raw=True)
+        self.assertTrue(end.startswith(full + tail), end)
+        size = len(end.encode())
         for limit in (1, 2, 3, 5, 65536):
             replies = self.read_output(job_id, limit)
             text = "".join(r["data"] for r in replies)
-            self.assertEqual(text, full, "limit=%d: %r" % (limit, [r["data"] for r in replies]))
+            self.assertEqual(text, end, "limit=%d: %r" % (limit, [r["data"] for r in replies]))
             self.assertNotIn("\ufffd", text)
             self.assertEqual([r["eof"] for r in replies], [False] * (len(replies) - 1) + [True],
                              "limit=%d" % limit)
@@ -407,7 +417,7 @@ class OpsTest(ProtocolTestCase):
         reply = self.call(op="output", id=job_id, offset=size)
         self.assertEqual((reply["data"], reply["offset"], reply["eof"]), ("", size, True))
         reply = self.call(op="output", id=job_id, offset=size1, limit=1 << 20)
-        self.assertEqual((reply["data"], reply["eof"]), (second, True))
+        self.assertEqual((reply["data"][:len(second)], reply["eof"]), (second, True))
 
     def test_stats(self):
         reply = self.assertOk(self.call(op="stats"), "counts", "workers", "paused", "uptime",

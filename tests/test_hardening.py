@@ -64,11 +64,12 @@ SPEC_OP_FIELDS = {
                          "after", "on_parent_failure"),
     "add_batch": ("jobs",), "get": ("id",),
     "list": ("state", "target", "queue", "schedule", "limit", "order", "after_id", "before_id"),
-    "cancel": ("id",), "retry": ("id",), "wait": ("id", "timeout"),
+    "cancel": ("id", "where"), "retry": ("id", "where"), "wait": ("id", "timeout"),
     "output": ("id", "offset", "limit"), "stats": (), "pause": ("queue", "schedule"),
     "resume": ("queue", "schedule"), "prune": ("older_than",), "queues": (),
     "set_workers": ("queue", "workers"), "schedules": (), "trigger": ("schedule",),
     "metrics": (), "activity": (),
+    "update": ("id", "priority", "delay", "run_at", "queue"),
 }
 LOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z event=[a-z_]+( |\Z)")
 LATENCY_BOUND = 1.0         # issue 4: "keeps serving a well-behaved client within 1 s"

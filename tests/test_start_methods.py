@@ -9,6 +9,7 @@ import signal
 import sys
 import unittest
 
+from tests import support
 from tests.support import DaemonTestCase, children_named, wait_until
 
 JOB_MODULE = '''
@@ -88,7 +89,8 @@ class CoreScenario:
         job_id = self.daemon.add("testjobs_sm:flaky", args=[marker], retries=1, retry_delay=0.05)
         job = self.daemon.wait_job(job_id)
         self.assertEqual((job["state"], job["attempts"], job["result"]), ("succeeded", 2, "ok"))
-        self.assertEqual(self.daemon.call(op="output", id=job_id)["data"], "second attempt\n")
+        self.assertEqual(support.job_output(self.daemon.call(op="output", id=job_id)["data"]),
+                         "second attempt\n")
 
     def test_timeout_kills_the_attempt(self):
         job_id = self.daemon.add("testjobs_sm:sleeper", args=[60], timeout=2)
@@ -156,8 +158,9 @@ class ZygoteTest(DaemonTestCase):
     def test_zygote_death_fails_the_attempt_and_the_next_one_runs(self):
         job_id = self.daemon.add("testjobs_sm:sleeper", args=[60], retries=1, retry_delay=0.05)
         self.daemon.wait_state(job_id, "running")
-        job_pid = int(wait_until(lambda: self.daemon.call(op="output", id=job_id)["data"],
-                                 10, message="the job to print its pid").split()[0])
+        job_pid = int(wait_until(lambda: support.job_output(
+            self.daemon.call(op="output", id=job_id)["data"]),
+            10, message="the job to print its pid").split()[0])
         [zygote] = self.zygote_pids()
         os.kill(zygote, signal.SIGKILL)
         wait_until(lambda: not process_alive(job_pid), 10, message="the job to die with the zygote")
@@ -182,8 +185,9 @@ class ZygoteTest(DaemonTestCase):
     def test_sigkilled_daemon_leaves_no_job_process(self):
         job_id = self.daemon.add("testjobs_sm:sleeper", args=[60])
         self.daemon.wait_state(job_id, "running")
-        job_pid = int(wait_until(lambda: self.daemon.call(op="output", id=job_id)["data"],
-                                 10, message="the job to print its pid").split()[0])
+        job_pid = int(wait_until(lambda: support.job_output(
+            self.daemon.call(op="output", id=job_id)["data"]),
+            10, message="the job to print its pid").split()[0])
         zygotes = self.zygote_pids()
         self.daemon.kill()
         for pid in zygotes + [job_pid]:

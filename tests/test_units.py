@@ -43,7 +43,7 @@ from tests.support import in_process_daemon  # noqa: E402
 
 # SPEC §3: the documented ops. Kept here literally so that a new handler needs a SPEC change.
 SPEC_OPS = ("hello add add_batch get list cancel retry wait output stats pause resume prune"
-            " queues set_workers schedules trigger metrics activity").split()
+            " queues set_workers schedules trigger metrics activity update").split()
 
 TARGET = "examples.jobs:ExampleJob"
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"     # SPEC §6 time format
@@ -345,8 +345,10 @@ class TransitionTest(TableCase):
         # construction, not a move. JobTable.create makes the one move from nothing to pending
         # (for a whole batch at once, checked against TRANSITIONS); every other move goes
         # through transition(), or for the children a parent's end settles, its bulk form
-        # _settle_many() (blocked -> pending or cancelled, checked against TRANSITIONS).
-        self.assertEqual(set(writers) - {"__init__"}, {"transition", "create", "_settle_many"})
+        # _settle_many() (blocked -> pending or cancelled, checked against TRANSITIONS), and
+        # those of `cancel`/`retry` with `where`: cancel_many() and retry_many() (issue #16).
+        self.assertEqual(set(writers) - {"__init__"}, {"transition", "create", "_settle_many",
+                                                       "cancel_many", "retry_many"})
 
     @staticmethod
     def _stores(target):
