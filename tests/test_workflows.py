@@ -1,5 +1,6 @@
-"""Named queues and dependencies together (issue #14): the two halves meet in JobTable, the log
-and the `queues` reply, so these check what neither half's own tests do.
+"""The parts built apart, together: named queues and dependencies (issue #14) meet in JobTable,
+the log and the `queues` reply; schedules (#15) meet metrics, `top` and the bulk ops (#16).
+These check what neither part's own tests do.
 
     QueuedDependenciesTableTest  JobTable stepped with a clock: a blocked job counts in its own
                                  queue and starts there once unblocked; a cascade over three
@@ -8,6 +9,10 @@ and the `queues` reply, so these check what neither half's own tests do.
     EtlOverQueuesTest            through the socket: an ETL chain whose steps run in different
                                  queues, queued with one add_batch, runs in order; a failed step
                                  cancels the rest in their queues, and `queues` counts them
+    SchedulesInMetricsAndTopTest fires and triggers count in enqueued_total, each schedule has
+                                 its next-fire gauge, and `top --once` lists the next fires
+    WhereScheduleTest            cancel/retry `where` with `schedule`; a bulk retry counts in
+                                 enqueued_total
 """
 import os
 import re
@@ -170,3 +175,38 @@ class SchedulesInMetricsAndTopTest(support.DaemonTestCase):
         self.assertEqual(out.returncode, 0, out)
         self.assertRegex(out.stdout, r"(?m)^nightly\s+\S")
         self.assertRegex(out.stdout, r"(?m)^tick\s+\S")
+
+
+class WhereScheduleTest(support.DaemonTestCase):
+    """cancel/retry `where` with `schedule` (the bulk ops and the schedules met at the merge),
+    and a bulk retry counted in enqueued_total of its queue."""
+    config = {"queues": {"ingest": {"workers": 1}},
+              "schedules": {"a": {"target": "examples.jobs:ExampleJob", "every": 3600,
+                                  "queue": "ingest"},
+                            "b": {"target": "examples.jobs:ExampleJob", "every": 3600}}}
+
+    def enqueued(self, queue):
+        for line in self.daemon.call(op="metrics")["text"].splitlines():
+            if line.startswith('jobrunner_enqueued_total{queue="%s"} ' % queue):
+                return float(line.split()[-1])
+        return 0.0
+
+    def test_where_schedule_picks_that_schedules_jobs_only(self):
+        self.assertTrue(self.daemon.call(op="pause")["ok"])
+        a = self.daemon.call(op="trigger", schedule="a")["id"]
+        b = self.daemon.call(op="trigger", schedule="b")["id"]
+        reply = self.daemon.call(op="cancel", where={"schedule": "a"})
+        self.assertEqual(reply.get("ids"), [a], reply)
+        self.assertEqual(self.daemon.get(b)["state"], "pending")
+        self.assertEqual(self.enqueued("ingest"), 1)
+        reply = self.daemon.call(op="retry", where={"schedule": "a", "state": "cancelled"})
+        self.assertEqual(reply.get("ids"), [a], reply)
+        self.assertEqual(self.daemon.get(a)["state"], "pending")
+        self.assertEqual(self.enqueued("ingest"), 2, "the bulk retry counts")
+        reply = self.daemon.call(op="cancel", where={"schedule": "no such!"})
+        self.assertEqual(reply["error"]["code"], "bad_request")
+        self.assertIn("where: schedule", reply["error"]["message"])
+        out = self.daemon.jobctl("cancel", "--schedule", "b")
+        self.assertEqual(out.returncode, 0, out)
+        self.assertEqual(self.daemon.get(b)["state"], "cancelled")
+        self.assertEqual(self.daemon.get(a)["state"], "pending")
