@@ -2960,6 +2960,8 @@ class BulkChange:
         self.found: list[Job] = []              # the next step's jobs
         self.ids: list[int] = []                # changed in the steps made durable (or this one)
         self.durable = 0                        # of `ids`, those whose step was committed
+        self.encoded: list[bytes] = []          # `ids` as JSON, a piece per step: 1M ids
+                                                # encoded at once would hold the loop ~90 ms
 
     @property
     def exhausted(self) -> bool:
@@ -2989,6 +2991,11 @@ class BulkChange:
                 self.cursor = jobs[-1].id
             self.found.extend(jobs)
         return True
+
+    def reply(self) -> bytes:
+        """The answer after the last step: {"ok": true, "ids": [...]}, as encode_reply()."""
+        return b'{"ok":true,"ids":[' + b",".join(part for part in self.encoded if part) \
+            + b"]}\n"
 
     def take(self) -> list[Job]:
         """The step's jobs that still match (one may have changed state since it was found),
@@ -7872,10 +7879,11 @@ class Protocol:
                                                     "steps)" % (exc.message, len(task.ids))))
                 return
             task.ids.extend(job.id for job in jobs)
+            task.encoded.append(",".join([str(job.id) for job in jobs]).encode())
             self.this_pass.batch_slots.append(task.slot)     # this step's reply waits for it
             if task.exhausted:
                 self.bulk.popleft()
-                self.bulk_answer(task, encode_reply({"ids": task.ids}))
+                self.bulk_answer(task, task.reply())
             return                              # one step per pass: the loop is not held
 
     def bulk_answer(self, task: BulkChange, reply: bytes) -> None:
