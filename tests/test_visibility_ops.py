@@ -309,8 +309,8 @@ CRASH_AFTER_TWO_STEPS = """
 import os, signal
 jr.BULK_STEP = 5
 _commit = jr.Daemon.commit
-def commit(self, mark):
-    _commit(self, mark)
+def commit(self, mark, **kwargs):
+    _commit(self, mark, **kwargs)
     if any(task.durable >= 10 for task in self.protocol.bulk):
         os.kill(os.getpid(), signal.SIGKILL)
 jr.Daemon.commit = commit
@@ -408,8 +408,8 @@ class UpdateAndWhereEndToEnd(support.DaemonTestCase):
         self.assertEqual(json.loads(out.stdout), {"ok": True, "ids": moved})
         out = d.jobctl("--json", "cancel", "--state", "succeeded")
         self.assertEqual(out.returncode, 2)
-        out = d.jobctl("cancel", "--schedule", "nightly")      # no schedule field yet: refused
-        self.assertEqual(out.returncode, 2)
+        out = d.jobctl("cancel", "--schedule", "nightly")      # no job of that schedule
+        self.assertEqual((out.returncode, out.stdout), (0, "0 jobs cancelled\n"))
         out = d.jobctl("cancel", str(plain[1]))                 # by id, as before
         self.assertEqual((out.returncode, out.stdout), (0, "%d cancelled\n" % plain[1]))
         out = d.jobctl("cancel", "--state", "pending")
