@@ -559,7 +559,13 @@ def mask(line):
     """A line of output with what varies from run to run (times, ages, durations) masked
     and runs of spaces (column widths follow those) made one."""
     line = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", "<time>", line)
+    line = re.sub(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+Z)?", "<time>", line)  # logs, top
     line = re.sub(r"\((just now|in \S+|\S+ ago)\)", "(<when>)", line)
+    line = re.sub(r"(?<=\s)(just now|\S+ ago)(?=\s)", "<when>", line)       # top's WHEN
+    line = re.sub(r"\bpid \d+", "pid <pid>", line)
+    line = re.sub(r"finished \d+\.\d\d/s \(last minute: \d+\)", "finished <rate>", line)
+    line = re.sub(r'File "[^"]*/', 'File "<dir>/', line)
+    line = re.sub(r"\bline \d+, in _main", "line <n>, in _main", line)
     line = re.sub(r"(?<![\w.:])\d+(\.\d+)?(ms|s|m|h|d)\b", "<t>", line)
     return " ".join(line.split())
 
@@ -579,7 +585,8 @@ class ReadmeSampleTest(EverydayCase):
                 steps.append((line[len("$ jobctl "):].split(), []))
             else:
                 steps[-1][1].append(line)
-        self.assertEqual([argv[0] for argv, _ in steps], ["add", "add", "add", "list", "show"])
+        self.assertEqual([argv[0] for argv, _ in steps],
+                         ["add", "add", "add", "list", "show", "logs", "top"])
         for argv, expected in steps:
             with self.subTest(argv=argv):
                 code = 1 if "greet:Flaky" in argv else 0     # add --wait of a failing job
