@@ -282,7 +282,7 @@ class Job:
 
     __slots__ = PUBLIC_FIELDS + PRIVATE_FIELDS + ("token",)
 
-    def __init__(self, _record: dict | None = None, /, **fields):
+    def __init__(self, _record: dict | None = None, **fields):
         # Missing fields are None: one C-level merge and one C-level lookup of all 30, then
         # one unpacking into the slots, written out (a million restarts seconds faster than
         # with a get() or setattr() per field).
@@ -623,7 +623,7 @@ class EventLog:
             if old is not None:
                 os.close(old)
 
-    def event(self, event: str, /, when: float | None = None, **fields) -> None:
+    def event(self, event: str, when: float | None = None, **fields) -> None:
         self.buffers["events"].append(format_event(when or self.clock(), event, fields))
 
     def queued(self, when: float, jobs: list) -> None:
@@ -665,7 +665,7 @@ class EventLog:
             return part
         return job_part
 
-    def error(self, event: str, detail: str, /, when: float | None = None, **fields) -> None:
+    def error(self, event: str, detail: str, when: float | None = None, **fields) -> None:
         """A header line like an event line, then `detail` on lines that start with a space."""
         lines = [format_event(when or self.clock(), event, fields)]
         for line in detail.splitlines():

@@ -456,16 +456,16 @@ class OldPythonTest(unittest.TestCase):
 
     def test_real_older_pythons_get_the_line_too(self):
         # Where older interpreters are installed (pyenv's versions, or $JOBRUNNER_OLD_PYTHONS:
-        # paths separated by ":"), each program is run by them for real. 3.8 to 3.10 parse
-        # both files; the `jobctl` launcher checks first, so it also covers 2.7 to 3.7.
+        # paths separated by ":"), each program is run by them for real. 3.7 to 3.10 parse
+        # both files; the `jobctl` launcher checks first, so it also covers 2.7 to 3.6.
         import glob
         listed = os.environ.get("JOBRUNNER_OLD_PYTHONS")
         root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
         found = listed.split(":") if listed else sorted(
-            glob.glob(os.path.join(root, "versions", "3.[89].*", "bin", "python"))
+            glob.glob(os.path.join(root, "versions", "3.[789].*", "bin", "python"))
             + glob.glob(os.path.join(root, "versions", "3.10.*", "bin", "python")))
         if not found:
-            self.skipTest("no Python 3.8-3.10 installed here")
+            self.skipTest("no Python 3.7-3.10 installed here")
         for python in found:
             for name, args in self.FILES:
                 with self.subTest(python=python, name=name):
@@ -474,7 +474,7 @@ class OldPythonTest(unittest.TestCase):
                     self.assertEqual(proc.returncode, 2, proc.stderr)
                     self.assertRegex(proc.stderr, r"\A(jobctl|jobrunnerd): needs Python 3\.11 or "
                                                   r"newer; found Python 3\.\d+\.\d+ \(.+\)\n\Z")
-        for python in sorted(glob.glob(os.path.join(root, "versions", "[23].[0-7].*", "bin",
+        for python in sorted(glob.glob(os.path.join(root, "versions", "[23].[0-6].*", "bin",
                                                      "python"))) if not listed else ():
             with self.subTest(python=python, name="jobctl"):
                 proc = subprocess.run([python, os.path.join(ROOT, "jobctl"), "stats"],
@@ -493,13 +493,15 @@ class OldPythonTest(unittest.TestCase):
             self.assertEqual(body[1].module, "__future__")              # __future__, sys, check
             self.assertIn("version_info < (3, 11)", __import__("ast").unparse(body[3].test))
 
-    def test_the_files_parse_under_the_grammar_of_python_3_8(self):
+    def test_the_files_parse_under_the_grammar_of_python_3_7(self):
         # ast's feature_version is the nearest to an old parser there is here: it refuses the
-        # syntax newer than 3.8 that it knows of (match, except*, parenthesised with-items...).
+        # syntax newer than 3.7 that it knows of (match, except*, parenthesised with-items,
+        # positional-only parameters...). 3.7 is the oldest with `from __future__ import
+        # annotations`, so the version check is reached from 3.7 on.
         import ast
         for name in ("jobctl.py", "jobrunnerd.py", "jobctl"):
             with open(os.path.join(ROOT, name)) as f:
-                ast.parse(f.read(), filename=name, feature_version=(3, 8))
+                ast.parse(f.read(), filename=name, feature_version=(3, 7))
 
 
 ####################################################################################################
