@@ -666,9 +666,14 @@ class NamedProcessesZygote(support.DaemonTestCase):
             self.assertEqual(len(zygotes), 1)
             self.assertNotIn(b"jobrunner: job", self.read("/proc/%d/cmdline" % zygotes[0]))
         d.call(op="cancel", id=job_id)
-        support.wait_until(lambda: not os.path.exists("/proc/%d" % forked) or
-                           self.read("/proc/%d/stat" % forked).rsplit(b")", 1)[1].split()[0]
-                           == b"Z", message="the forked process to be killed")
+        support.wait_until(lambda: self.gone_or_zombie(forked),
+                           message="the forked process to be killed")
+
+    def gone_or_zombie(self, pid):
+        try:
+            return self.read("/proc/%d/stat" % pid).rsplit(b")", 1)[1].split()[0] == b"Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return True                 # gone (also between a look and the read)
 
 
 class NamedProcessesSpawn(NamedProcessesZygote):
