@@ -40,6 +40,15 @@ def config(tmp, **values) -> jr.Config:
 #  update: JobTable.amend and validate_update, stepped with a clock
 ####################################################################################################
 
+
+def gone_or_zombie(pid: int) -> bool:
+    """The process has exited (a zombie not reaped yet counts), or is gone altogether."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True                     # gone (also between a look and the read)
+
 class UpdateTableTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="jr-upd-")
@@ -419,8 +428,7 @@ class UpdateAndWhereEndToEnd(support.DaemonTestCase):
         pid = d.wait_state(running, "running")["pid"]
         out = d.jobctl("cancel", "--state", "running", "--target", "*:DelayedJob")
         self.assertEqual((out.returncode, out.stdout), (0, "1 job cancelled: %d\n" % running))
-        support.wait_until(lambda: not os.path.exists("/proc/%d" % pid) or
-                           open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z",
+        support.wait_until(lambda: gone_or_zombie(pid),
                            message="the cancelled attempt's process to end")
 
 
@@ -670,10 +678,7 @@ class NamedProcessesZygote(support.DaemonTestCase):
                            message="the forked process to be killed")
 
     def gone_or_zombie(self, pid):
-        try:
-            return self.read("/proc/%d/stat" % pid).rsplit(b")", 1)[1].split()[0] == b"Z"
-        except (FileNotFoundError, ProcessLookupError):
-            return True                 # gone (also between a look and the read)
+        return gone_or_zombie(pid)
 
 
 class NamedProcessesSpawn(NamedProcessesZygote):
