@@ -17,8 +17,10 @@ Sections, in file order
     store ............ queue.json snapshot + journal.jsonl, group commit, lock:
                        StoreLoading (start-up) and Store (writing, folding), Fold
     queue ............ Queue (slots, pause, heaps) and Scheduler (which job starts
-                       next, when one is due); JobTable: every job, its indexes, and
-                       the one state writer
+                       next, when one is due); JobTable: every job, its indexes (also
+                       parent -> children), the state writer and its bulk forms;
+                       PatternQuery (a `list` pattern, in slices); BulkChange (a
+                       `where` cancel/retry, in durable steps)
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server), Runner (start attempts, capture
                        output, kill process groups), Containment (what an ended
@@ -28,13 +30,13 @@ Sections, in file order
                        and parse_schedules(): the [schedules.NAME] tables, pure
     config ........... keys, defaults, TOML loading
     daemon ........... Schedules (which schedule fires next, what a fire does to the
-                       table, durable with it),
-                       Pruner (finished jobs removed in durable steps), Pass (what one
-                       loop pass commits, and answers after its fsync), Waiters
-                       (pending waits), Metrics (counters and histograms kept as
-                       attempts start and end; the Prometheus text), Dispatcher (starts
-                       attempts, settles ended ones, recovery at start-up), Daemon (the selectors loop,
-                       start-up, signals, systemd: wires the parts together),
+                       table, durable with it), Pruner (finished jobs removed in
+                       durable steps), Pass (what one loop pass commits, and answers
+                       after its fsync), Waiters (pending waits), Metrics (counters and
+                       histograms kept as attempts start and end; the Prometheus
+                       text), Dispatcher (starts attempts, settles ended ones,
+                       recovery at start-up), Daemon (the selectors loop, start-up,
+                       signals, systemd: wires the parts together),
                        Connections (accept, framing, pipelining, replies, limits),
                        MetricsHTTP (metrics_listen: GET /metrics, non-blocking, capped),
                        Protocol (the op_* handlers of the HANDLERS table)
