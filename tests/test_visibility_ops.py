@@ -274,6 +274,29 @@ class WhereStepsTest(InProcessDaemonCase):
         self.assertEqual(len(reply["ids"]), 15)
         self.assertEqual(sizes, [4, 4, 4, 3])
 
+    def test_more_than_one_step_goes_in_slices(self):
+        # Over BULK_STEP in all: steps of BULK_SLICE (each holds the loop less); at most
+        # BULK_STEP in all is still one durable change, whatever BULK_SLICE is.
+        self.assertTrue(self.call(op="pause")["ok"])
+        ids = self.add_many(11)
+        sizes = self.steps()
+        with mock.patch.object(jr, "BULK_STEP", 5), mock.patch.object(jr, "BULK_SLICE", 2):
+            reply = self.call(op="cancel", where={"state": "pending"})
+            self.assertEqual(reply, {"ok": True, "ids": ids})
+            self.assertEqual(sizes, [2, 2, 2, 2, 2, 1])
+            sizes.clear()
+            reply = self.call(op="retry", where={"target": "examples.jobs:ExampleJob",
+                                                  "state": "cancelled"})
+            self.assertEqual(reply["ids"], ids)
+            self.assertEqual(sizes, [2, 2, 2, 2, 2, 1])
+            sizes.clear()
+            five = ids[:5]
+            for job_id in ids[5:]:
+                self.call(op="cancel", id=job_id)
+            reply = self.call(op="cancel", where={"state": "pending"})
+            self.assertEqual(reply, {"ok": True, "ids": five})
+            self.assertEqual(sizes, [5], "five in all: one durable change")
+
     def test_a_failed_write_in_a_later_step_keeps_the_earlier_steps(self):
         self.assertTrue(self.call(op="pause")["ok"])
         ids = self.add_many(7)
