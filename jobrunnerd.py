@@ -141,6 +141,8 @@ OUTPUT_TRACEBACK_BYTES = 16 * 1024    # of a traceback, its end in the output fi
                                       # is in the errors log): the last frames and the error
 BULK_STEP = 10_000                    # SPEC §3: `cancel`/`retry` with `where` change at most this
                                       # many jobs per durable step (one pass: ~60 ms at 1M jobs)
+SETTLE_SLICE = 2_000                  # children of ended parents settled per loop pass at most:
+                                      # 10,000 at once held the loop ~140 ms at 200k jobs
 BULK_SLICE = 2_000                    # a `where` that matches more than BULK_STEP (so it is in
                                       # steps anyway) takes steps of this many: 10,000 jobs in one
                                       # pass held the loop 150-280 ms in a daemon of 200k jobs
@@ -1995,7 +1997,10 @@ class JobTable:
         self.live_children: dict[int, int] = {}
         self.kept: set[int] = set()
         self._ended: collections.deque[Job] = collections.deque()  # finished parents to settle
+        self._ended_saved: list[Job] = []          # _ended at track(), for undo()
         self._settling = False
+        self.settle_budget: int | None = None      # children settled per call at most (the
+                                                   # daemon's: SETTLE_SLICE); None: all at once
         self.next_id = 1
         self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
         self._undo: dict[int, tuple] | None = None
@@ -2239,12 +2244,18 @@ class JobTable:
     # -- dependencies (§2b) ------------------------------------------------------------------
 
     def _settle_children(self) -> None:
-        """Settle the blocked children of the parents that ended, and theirs in turn."""
+        """Settle the blocked children of the parents that ended, and theirs in turn: at most
+        settle_budget of them per call; the rest in later calls (settle_more(), a pass at a
+        time), so a parent with 10,000 children never holds the loop. A crash in between
+        loses nothing: start-up settles every job left blocked on ended parents."""
         self._settling = True
         try:
             ended, jobs, unfinished = self._ended, self.jobs, self.unfinished
-            while ended:
+            room = math.inf if self.settle_budget is None else self.settle_budget
+            while ended and room > 0:
                 parent = ended.popleft()
+                if parent.state not in FINISHED or jobs.get(parent.id) is not parent:
+                    continue                    # its end was undone (a refused write)
                 failed = parent.state != SUCCEEDED
                 unblock, cancel, late = [], [], []
                 for child_id in self.children.get(parent.id, ()):
@@ -2259,6 +2270,12 @@ class JobTable:
                             unblock.append(child)
                         else:
                             late.append((child, other))
+                if len(unblock) + len(cancel) + len(late) > room:
+                    ended.appendleft(parent)    # the rest of its children: next call
+                    unblock = unblock[:int(room)]
+                    cancel = cancel[:int(room) - len(unblock)]
+                    late = late[:int(room) - len(unblock) - len(cancel)]
+                room -= len(unblock) + len(cancel) + len(late)
                 if unblock:
                     self._settle_many(unblock, PENDING)
                 if cancel:
@@ -2268,6 +2285,15 @@ class JobTable:
                         self._cancel_by(child, other)
         finally:
             self._settling = False
+
+    def settle_more(self) -> None:
+        """Go on settling the children of ended parents (what a budget left for later)."""
+        if self._ended and not self._settling:
+            self._settle_children()
+
+    @property
+    def settling_left(self) -> bool:
+        return bool(self._ended)
 
     def _settle_many(self, moved: list[Job], state: str, parent: Job | None = None) -> None:
         """What _unblock() (state PENDING) or _cancel_by(job, parent) (CANCELLED) does to each
@@ -2550,6 +2576,7 @@ class JobTable:
         self._undo = {}
         self._undo_paused = None
         self._undo_queues = {}
+        self._ended_saved = list(self._ended)
         if self.schedules is not None:
             self.schedules.track()
 
@@ -2557,6 +2584,7 @@ class JobTable:
         self._undo = None
         self._undo_paused = None
         self._undo_queues = {}
+        self._ended_saved = []
         if self.schedules is not None:
             self.schedules.untrack()
 
@@ -2568,6 +2596,8 @@ class JobTable:
         """Put every job changed since track() back as it was (nothing if not tracking)."""
         if self._undo is None:
             return
+        # The parents still to settle as they were: a slice of children undone is settled again
+        self._ended = collections.deque(self._ended_saved)
         for job_id, (job, values) in reversed(list(self._undo.items())):
             present = self.jobs.get(job_id) is job
             if present and job.state is not None:
@@ -6755,6 +6785,7 @@ class Daemon:
         self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
         self.dispatcher.recover_running()
         self.jobs.settle_orphans()      # blocked on parents that all ended: settled, durably
+        self.jobs.settle_budget = SETTLE_SLICE      # from now on the loop serves meanwhile
         self.schedules.load(meta, cfg.schedules, self.clock())     # after recovery: overlap
         self.store.commit()
         self.protocol.jobs = self.pruner.jobs = self.jobs     # loaded: requests may come
@@ -6802,7 +6833,8 @@ class Daemon:
 
     def select_timeout(self) -> float:
         timeout = 30.0                  # an upper bound: wall-clock jumps are noticed in time
-        if self.this_pass.resume or self.pruner.prunes or self.protocol.bulk:
+        if self.this_pass.resume or self.pruner.prunes or self.protocol.bulk \
+                or self.jobs.settling_left:
             return 0.0
         if self.store.folding is not None:
             timeout = FOLD_POLL         # its child says it is done on a pipe nobody watches
@@ -6832,6 +6864,7 @@ class Daemon:
         self.dispatcher.dispatch()
         self.jobs.track()
         mark = self.log.mark()
+        self.jobs.settle_more()                 # children left by a budget: the next slice
         # Tracked: a failed write undoes the fire. Fsynced at once: a fire is a change that a
         # machine crash must not lose either (missed = "skip" would not make it up).
         fired = 0 if self.stopping else self.schedules.fire_due(self.clock())

@@ -13,14 +13,21 @@ These check what neither part's own tests do.
                                  its next-fire gauge, and `top --once` lists the next fires
     WhereScheduleTest            cancel/retry `where` with `schedule`; a bulk retry counts in
                                  enqueued_total
+    SettleInSlicesTest           a parent's children settled a slice per pass (in process), a
+                                 refused slice undone and settled again
 """
+import errno
 import os
 import re
 import unittest
+from unittest import mock
 
 from tests import support
 from tests import test_queues
+from tests.test_durability import InProcessDaemonCase
 import jobrunnerd as jr
+
+TARGET = "examples.jobs:ExampleJob"
 
 
 class QueuedDependenciesTableTest(unittest.TestCase):
@@ -210,3 +217,33 @@ class WhereScheduleTest(support.DaemonTestCase):
         self.assertEqual(out.returncode, 0, out)
         self.assertEqual(self.daemon.get(b)["state"], "cancelled")
         self.assertEqual(self.daemon.get(a)["state"], "pending")
+
+
+class SettleInSlicesTest(InProcessDaemonCase):
+    """A parent's end settles its children SETTLE_SLICE at a time, a loop pass each (10,000
+    at once held the loop ~140 ms); a slice whose write fails is settled again later."""
+
+    def pending(self, ids):
+        return sum(self.d.jobs.jobs[i].state == jr.PENDING for i in ids)
+
+    def test_children_settle_a_slice_per_pass_and_a_refused_slice_again(self):
+        self.assertTrue(self.call(op="pause")["ok"])
+        parent = self.call(op="add", target=TARGET)["id"]
+        kids = self.call(op="add_batch", jobs=[{"target": TARGET, "after": [parent],
+                                                "on_parent_failure": "run"}] * 8)["ids"]
+        with mock.patch.object(self.d.jobs, "settle_budget", 3):
+            self.assertTrue(self.call(op="cancel", id=parent)["ok"])
+            self.assertEqual(self.pending(kids), 3, "one slice with the parent's change")
+            self.assertTrue(self.d.jobs.settling_left)
+            self.assertEqual(self.d.select_timeout(), 0.0, "the loop does not sleep on it")
+            self.d.run_pass(0)                  # the second slice
+            self.assertEqual(self.pending(kids), 6)
+            eio = OSError(errno.EIO, "injected EIO")
+            with mock.patch.object(self.d.store, "commit", side_effect=eio):
+                self.d.run_pass(0)              # the last slice, refused: undone
+            self.assertEqual(self.pending(kids), 6)
+            self.assertTrue(self.d.jobs.settling_left, "the refused slice is still to do")
+            support.wait_until(lambda: self.d.run_pass(0) or not self.d.jobs.settling_left,
+                               10, message="every slice settled")
+        self.assertEqual(self.pending(kids), 8)
+        self.assertEqual([self.d.jobs.jobs[i].state for i in kids], [jr.PENDING] * 8)
