@@ -15,6 +15,8 @@ These check what neither part's own tests do.
                                  enqueued_total
     SettleInSlicesTest           a parent's children settled a slice per pass (in process), a
                                  refused slice undone and settled again
+    SettleSlicesCrashTest        SIGKILL between two slices: after the restart every child is
+                                 settled, none twice
 """
 import errno
 import os
@@ -247,3 +249,43 @@ class SettleInSlicesTest(InProcessDaemonCase):
                                10, message="every slice settled")
         self.assertEqual(self.pending(kids), 8)
         self.assertEqual([self.d.jobs.jobs[i].state for i in kids], [jr.PENDING] * 8)
+
+
+# The daemon settles 3 children per pass, and is SIGKILLed right after a pass that left
+# children to settle. After the restart it is not killed again: start-up settles what is left
+# before the daemon sets its budget.
+KILL_BETWEEN_SLICES = """
+import os, signal
+jr.SETTLE_SLICE = 3
+_commit = jr.Daemon.commit
+def commit(self, mark, **kwargs):
+    _commit(self, mark, **kwargs)
+    if self.jobs.settling_left and self.jobs.settle_budget is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+jr.Daemon.commit = commit
+"""
+
+
+class SettleSlicesCrashTest(support.DaemonTestCase):
+    daemon_preamble = KILL_BETWEEN_SLICES
+
+    def test_a_kill_between_slices_loses_no_child_and_settles_none_twice(self):
+        d = self.daemon
+        self.assertTrue(d.call(op="pause")["ok"])
+        parent = d.add()
+        kids = d.call(op="add_batch", jobs=[{"target": TARGET, "after": [parent],
+                                             "on_parent_failure": "run"}] * 8)["ids"]
+        with d.raw() as c:
+            c.send(op="cancel", id=parent)
+            try:
+                c.recv()                        # the reply may or may not come first
+            except (ConnectionError, OSError, ValueError):
+                pass
+        d.proc.wait(10)
+        self.assertEqual(d.proc.returncode, -9, "killed between two slices")
+        d.stderr.close()
+        d.start()                               # start-up settles the rest (no budget yet)
+        self.assertEqual([d.get(i)["state"] for i in kids], ["pending"] * 8)
+        self.assertEqual(d.get(parent)["state"], "cancelled")
+        unblocked = [int(e["job"]) for e in d.events() if e.get("event") == "unblocked"]
+        self.assertEqual(sorted(unblocked), kids, "each child unblocked once")
