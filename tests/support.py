@@ -30,6 +30,18 @@ LAUNCHER = ("import sys; sys.path.insert(0, %r); import jobrunnerd as jr; exec(s
             " sys.exit(jr.main(sys.argv[2:]))" % ROOT)
 
 
+def kill_after_commit(setup: str, condition: str) -> str:
+    """A daemon preamble (see LAUNCHER): run `setup` (e.g. "jr.BULK_STEP = 5"), then SIGKILL
+    the daemon right after a loop pass's journal write when `condition` (an expression of
+    `self`, the Daemon) holds: a crash at a chosen point between two durable steps."""
+    return ("import os, signal\n%s\n_commit = jr.Daemon.commit\n"
+            "def commit(self, mark, **kwargs):\n"
+            "    _commit(self, mark, **kwargs)\n"
+            "    if %s:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "jr.Daemon.commit = commit\n" % (setup, condition))
+
+
 def _compile_daemon_once():
     """The fixture starts its daemons through LAUNCHER (`import jobrunnerd`), which reads
     the bytecode written here once per run, instead of as a script, which compiles 7,700

@@ -337,16 +337,8 @@ class WhereStepsTest(InProcessDaemonCase):
 
 # The daemon with steps of 5 jobs, killed (SIGKILL) right after its second step is durable
 # (and its log lines written).
-CRASH_AFTER_TWO_STEPS = """
-import os, signal
-jr.BULK_STEP = 5
-_commit = jr.Daemon.commit
-def commit(self, mark, **kwargs):
-    _commit(self, mark, **kwargs)
-    if any(task.durable >= 10 for task in self.protocol.bulk):
-        os.kill(os.getpid(), signal.SIGKILL)
-jr.Daemon.commit = commit
-"""
+CRASH_AFTER_TWO_STEPS = support.kill_after_commit(
+    "jr.BULK_STEP = 5", "any(task.durable >= 10 for task in self.protocol.bulk)")
 
 
 class WhereCrashTest(support.DaemonTestCase):

@@ -254,16 +254,8 @@ class SettleInSlicesTest(InProcessDaemonCase):
 # The daemon settles 3 children per pass, and is SIGKILLed right after a pass that left
 # children to settle. After the restart it is not killed again: start-up settles what is left
 # before the daemon sets its budget.
-KILL_BETWEEN_SLICES = """
-import os, signal
-jr.SETTLE_SLICE = 3
-_commit = jr.Daemon.commit
-def commit(self, mark, **kwargs):
-    _commit(self, mark, **kwargs)
-    if self.jobs.settling_left and self.jobs.settle_budget is not None:
-        os.kill(os.getpid(), signal.SIGKILL)
-jr.Daemon.commit = commit
-"""
+KILL_BETWEEN_SLICES = support.kill_after_commit(
+    "jr.SETTLE_SLICE = 3", "self.jobs.settling_left and self.jobs.settle_budget is not None")
 
 
 class SettleSlicesCrashTest(support.DaemonTestCase):
