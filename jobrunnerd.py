@@ -2003,6 +2003,8 @@ class JobTable:
                                                    # daemon's: SETTLE_SLICE); None: all at once
         self.next_id = 1
         self.changed: list[Job] = []        # jobs that finished during this pass (for waiters)
+        self.enqueued: list[Job] = []       # jobs added or put back this pass (add, add_batch,
+                                            # fires, retry): counted once the pass is written
         self._undo: dict[int, tuple] | None = None
         self._undo_paused: bool | None = None
         self._undo_queues: dict[str, bool] = {}     # queue -> its pause before this pass
@@ -2202,6 +2204,7 @@ class JobTable:
         else:
             self.log.queued(now, jobs)
         self.store.append_records([job.id for job in jobs], [_encode(job.stored()) for job in jobs])
+        self.enqueued += jobs
         for job in settle:
             self.settle_blocked(job)
         return jobs
@@ -2397,6 +2400,7 @@ class JobTable:
                 self.transition(child, BLOCKED, changes=fresh, **log_fields)
                 back.append(child)
                 todo.append(child_id)
+        self.enqueued += [job, *back]
         return back
 
     def retry_many(self, jobs: list[Job], uid: int | None) -> list[Job]:
@@ -2429,6 +2433,7 @@ class JobTable:
             self.log.queued(now, plain)
             self.store.append_records([job.id for job in plain],
                                       [_encode(job.stored()) for job in plain])
+        self.enqueued += plain              # (retry() counted the others)
         return plain + back
 
     def descendants_to_retry(self, job: Job) -> int:
@@ -5849,7 +5854,6 @@ class Schedules:
         self.tokens: dict[str, int] = {}
         self.heap: list[tuple[float, str, int]] = []
         self._undo: dict[str, dict] | None = None
-        self.queued: list[Job] = []     # jobs fired this pass (the daemon counts them, metrics)
         table.schedules = self
 
     # -- configuration -----------------------------------------------------------------------
@@ -5972,7 +5976,6 @@ class Schedules:
         fields["schedule"], fields["fire_at"] = name, nominal
         job = self.table.create(now, [fields])[0]       # its line carries the fire (fire_at)
         kept["last_run_at"], kept["last_job_id"] = nominal, job.id
-        self.queued.append(job)
         self.plan(name)
         return job
 
@@ -6382,8 +6385,11 @@ class Metrics:
             self.failures.append({"id": job.id, "queue": job.queue, "target": job.target,
                                   "outcome": outcome, "error": error, "at": self.clock()})
 
-    def enqueued(self, queue: str, n: int = 1) -> None:
-        self.enqueued_by_queue[queue] = self.enqueued_by_queue.get(queue, 0) + n
+    def enqueued(self, jobs: list) -> None:
+        """Jobs added (add, add_batch, a schedule's fire) or put back by `retry`, written."""
+        counts = self.enqueued_by_queue
+        for job in jobs:
+            counts[job.queue] = counts.get(job.queue, 0) + 1
 
     def finished(self, n: int) -> None:
         """`n` jobs reached a finished state (their end is written)."""
@@ -6868,9 +6874,6 @@ class Daemon:
         # Tracked: a failed write undoes the fire. Fsynced at once: a fire is a change that a
         # machine crash must not lose either (missed = "skip" would not make it up).
         fired = 0 if self.stopping else self.schedules.fire_due(self.clock())
-        if self.schedules.queued:               # counted in enqueued_total once durable
-            self.protocol.count_enqueued(self.schedules.queued)
-            self.schedules.queued = []
         self.connections.serve(clients)
         self.pruner.prune_some(PRUNE_SLICE)
         self.protocol.advance_bulk()
@@ -6885,6 +6888,7 @@ class Daemon:
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
         finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
+        enqueued, self.jobs.enqueued = self.jobs.enqueued, []  # and those added or put back
         ended = [job for job in finished if job.id in self.waits]
         this_pass = self.this_pass
         sync = this_pass.needs_sync(ended) or sync
@@ -6905,6 +6909,7 @@ class Daemon:
             self.jobs.untrack()
             self.protocol.bulk_committed(None)
             this_pass.written(ended, self.waits)
+            self.metrics.enqueued(enqueued)     # enqueued_total counts what is durable
         this_pass.committed()
         ends = [job.id for job in finished if job.state in FINISHED]   # (what undo() left)
         this_pass.unsynced_ends.update(ends)
@@ -6945,7 +6950,7 @@ class Daemon:
     def metrics_text(self) -> str:
         """The `metrics` op's text (and GET /metrics): counters and the queues' own counts."""
         queues = list(self.scheduler.queues.values())
-        schedules = [(s["name"], s["next_run_at"]) for s in self.schedules.describe()]
+        schedules = sorted(self.schedules.next.items())     # those that will fire: name, when
         return self.metrics.render(queues, self.clock() - self.started,
                                    self.store.size + self.store.older_size, schedules)
 
@@ -7766,8 +7771,6 @@ class Protocol:
         self.check_room(1)
         fields["uid"] = conn.uid
         job_id = self.jobs.create(now, [fields])[0].id
-        self.this_pass.after_commit.append(functools.partial(self.metrics.enqueued,
-                                                             fields["queue"]))
         return [b'{"ok":true,"id":%d,"created":true}\n' % job_id]   # the common reply, ready-made
 
     def op_add_batch(self, req: dict, conn: Connection) -> dict:
@@ -7812,14 +7815,7 @@ class Protocol:
                     ref if type(ref) is int else base + ref[0] for ref in resolved))
         self.check_room(len(fresh))
         created = self.jobs.create(now, fresh)
-        self.count_enqueued(created)
         return {"ids": [ref if type(ref) is int else created[ref[0]].id for ref in refs]}
-
-    def count_enqueued(self, jobs: list[Job]) -> None:
-        """enqueued_total counts these jobs once their change is durable (an undone one not)."""
-        by_queue = collections.Counter(job.queue for job in jobs)
-        for queue, n in by_queue.items():
-            self.this_pass.after_commit.append(functools.partial(self.metrics.enqueued, queue, n))
 
     def check_parents(self, after: list[int], where: str = "") -> None:
         jobs = self.jobs.jobs
@@ -7970,7 +7966,7 @@ class Protocol:
         jobs = [job for job in jobs if job.key is None or keys.get(job.key, job.id) == job.id]
         self.check_room(len(jobs) + sum(table.descendants_to_retry(job) for job in jobs
                                         if job.id in table.children))
-        self.count_enqueued(table.retry_many(jobs, uid))
+        table.retry_many(jobs, uid)
 
     def op_cancel(self, req: dict, conn: Connection) -> dict:
         if "where" in req:
@@ -7995,8 +7991,7 @@ class Protocol:
             raise ProtocolError("invalid_state", "job %d holds key %r now"
                                 % (self.jobs.keys[job.key], job.key))
         self.check_room(1 + self.jobs.descendants_to_retry(job))
-        back = self.jobs.retry(job, uid=conn.uid)
-        self.count_enqueued([job, *back])
+        self.jobs.retry(job, uid=conn.uid)
         return {"job": job.record()}
 
     def op_update(self, req: dict, conn: Connection) -> dict:
@@ -8118,8 +8113,6 @@ class Protocol:
             raise ProtocolError("bad_request", "missing field 'schedule'")
         job_id, created = self.daemon.schedules.trigger(get_schedule_name(req), self.clock(),
                                                         conn.uid)
-        if created:
-            self.count_enqueued([self.jobs.jobs[job_id]])
         return {"id": job_id, "created": created}
 
     def op_metrics(self, req: dict, conn: Connection) -> dict:

@@ -257,7 +257,7 @@ class MetricsUnitTest(unittest.TestCase):
         job = self.job("mail.q-1")
         m.attempt_started(job, 100.5)
         m.attempt_ended(job, "retried", 0.25, "boom")
-        m.enqueued("mail.q-1", 3)
+        m.enqueued([job] * 3)                  # three jobs of queue mail.q-1 written
         queue = jr.Queue("mail.q-1", 4)
         queue.counts["pending"] = 7
         odd = 'we"ird\\name\nx'
