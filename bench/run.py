@@ -271,12 +271,20 @@ def measure_pair(fn, baseline, runs: int) -> tuple[dict, dict]:
 
 def measure_round(fns: dict, runs: int) -> dict:
     """Each of fns (name -> function) once per round, in turn, `runs` rounds: as measure_pair,
-    for a figure and several baselines (or figures sharing one)."""
+    for a figure and several baselines (or figures sharing one). Each summary keeps its
+    `values` in round order, for round_ratios."""
     values = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
             values[name].append(fn())
-    return {name: summary(v) for name, v in values.items()}
+    return {name: dict(summary(v), values=v) for name, v in values.items()}
+
+
+def round_ratios(value: dict, baseline: dict) -> str:
+    """The ratio of each round (a figure and its baseline measured back to back), median and
+    min-max: steadier than the ratio of the medians when the machine's load swings."""
+    ratios = [a / b for a, b in zip(value["values"], baseline["values"])]
+    return "per round x%.2f [%.2f-%.2f]" % (statistics.median(ratios), min(ratios), max(ratios))
 
 
 def figure(name, unit, value, baseline, baseline_name, higher_is_better=True, note="",
@@ -1001,7 +1009,8 @@ def bench_peers(sizes, runs):
         got = measure_round(fns, runs)
         out += [figure("peers_noop_" + mode, "jobs/s", got[mode], got["tsp"],
                        "tsp /bin/true, 2 slots", goal=PEER_GOALS["noop_" + mode],
-                       note="no-op Python jobs, workers = 2, isolation = %r" % mode)
+                       note="no-op Python jobs, workers = 2, isolation = %r; %s"
+                       % (mode, round_ratios(got[mode], got["tsp"])))
                 for mode in fns if mode != "tsp"]
     if no_tsp or not reuse:
         out.append(skipped("peers_noop_reuse", no_tsp or 'not built: this daemon refuses'
@@ -1021,9 +1030,11 @@ def bench_peers(sizes, runs):
                             ("add_batch", "batch", "durable add_batch of 1000")):
         out.append(figure("peers_" + name, "jobs/s", got[key], got["put_50ms"],
                           "beanstalkd put, fsync every 50 ms", goal=PEER_GOALS[name],
-                          note=what + "; the issue's baseline: beanstalkd acks before fsync"))
+                          note="%s; %s; the issue's baseline: beanstalkd acks before fsync"
+                          % (what, round_ratios(got[key], got["put_50ms"]))))
         out.append(figure("peers_%s_f0" % name, "jobs/s", got[key], got["put_always"],
-                          "beanstalkd put, -f0", note=what + "; beanstalkd fsyncs every put"))
+                          "beanstalkd put, -f0", note="%s; %s; beanstalkd fsyncs every put"
+                          % (what, round_ratios(got[key], got["put_always"]))))
     return out
 
 
