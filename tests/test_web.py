@@ -227,6 +227,18 @@ class WebApiTest(unittest.TestCase):
         self.assertEqual(headers["content-type"], "application/json")
         self.assertIn("default-src 'self'", headers["content-security-policy"])
 
+    def test_page_puts_text_in_as_text(self):
+        """The page's code never parses strings as markup (the browser tests check the DOM)."""
+        with open(os.path.join(ROOT, "web", "app.js"), encoding="utf-8") as f:
+            code = f.read()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
+                     "eval(", "new Function", "setAttribute(\"style", "http://", "https://"):
+            self.assertFalse(sink in code.replace("http://www.w3.org/2000/svg", ""), sink)
+        with open(os.path.join(ROOT, "web", "index.html"), encoding="utf-8") as f:
+            page = f.read()
+        self.assertNotRegex(page, r"<script(?![^>]*\bsrc=)")      # no inline script
+        self.assertNotRegex(page, r"\son[a-z]+=|\sstyle=|<style")  # no inline handler or style
+
     # -- the API ---------------------------------------------------------------------
 
     def test_overview(self):
