@@ -179,6 +179,9 @@ class WebApiTest(unittest.TestCase):
             with self.subTest(path=path):
                 status, reply = self.web.get(path)
                 self.assertEqual((status, reply["error"]["code"]), (405, "bad_request"))
+        status, headers, _ = request(self.web.port, "GET", "/api/cancel",
+                                     headers={"X-Jobrunner-Token": self.web.app.token})
+        self.assertEqual((status, headers["allow"]), (405, "POST"))
         for path in ("/api/list", "/api/overview", "/"):
             status, reply = self.web.post(path, {})
             self.assertEqual(status, 405)
@@ -365,6 +368,20 @@ class WebLimitsTest(unittest.TestCase):
         status, doc = web.get("/api/overview")
         self.assertEqual((status, doc["ok"], doc["error"]["code"]), (502, False, "unreachable"))
         self.assertIn("none.sock", doc["error"]["message"])
+
+    def test_an_internal_error_is_a_500_and_the_server_goes_on(self):
+        import contextlib
+        import io
+        web = self.serve()
+        respond = web.app.respond
+        web.app.respond = lambda *args: 1 / 0
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status, _, body = request(web.port, "GET", "/app.js")
+        self.assertEqual(status, 500)
+        self.assertIn("ZeroDivisionError", err.getvalue())
+        web.app.respond = respond
+        self.assertEqual(request(web.port, "GET", "/app.js?token=" + web.app.token)[0], 200)
 
     def test_connection_cap(self):
         web = self.serve(max_connections=2)
