@@ -2396,6 +2396,7 @@ def web_server(app: WebApp, host: str, port: int, max_connections: int = WEB_MAX
         server_version = "jobctl-web"
         sys_version = ""
         timeout = idle_timeout          # StreamRequestHandler: the socket's timeout
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed ACK
 
         def handle_one_request(self) -> None:
             self.server.watch(self.connection)      # from its first byte: the whole request
