@@ -7,6 +7,9 @@ DevTools protocol. Without a browser the browser tests are skipped, the reason p
 - `WebSocketTest`: the client's framing against a scripted server on a socket pair
   (fragments with a ping between them, 16- and 64-bit lengths, the closing handshake, a wrong
   accept key), no browser needed.
+- `CiRunTest`: `.ci/run` with stand-ins for apt-get, sudo and id on a PATH of their own: it
+  installs Chromium only where none is found and apt-get is usable, updates the package lists
+  only when the install fails without them, says why when it cannot, and runs the tests anyway.
 - `HarnessTest`: the harness against static pages served by `http.server` in this process:
   status codes, evaluate, waits, clicks and dialogs, console, screenshots; Chromium's whole
   process group gone after close, after a failing `with` block, and after the test process
@@ -17,6 +20,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -206,6 +210,104 @@ class WebSocketTest(unittest.TestCase):
         bad = self.handshake_server(lambda key: base64.b64encode(b"not the hash"))
         with self.assertRaisesRegex(br.BrowserError, "Accept"):
             br.WebSocket.connect(bad, timeout=5)
+
+
+####################################################################################################
+#  .ci/run installs a browser where it can
+####################################################################################################
+
+# apt-get's stand-in: logs its arguments (and DEBIAN_FRONTEND); the Nth install succeeds or
+# fails as the Nth word of $APT_PLAN says, and a successful one puts a `chromium` on PATH.
+APT_GET = r"""#!/bin/sh
+echo "$DEBIAN_FRONTEND $*" >> "$STUB/calls"
+case "$*" in
+  *update*) exit 0 ;;
+esac
+n=$(grep -c install "$STUB/calls")
+if [ "$(echo "$APT_PLAN" | cut -d, -f"$n")" = ok ]; then
+  printf '#!/bin/sh\n' > "$STUB/chromium"; chmod +x "$STUB/chromium"; exit 0
+fi
+echo "E: Unable to locate package chromium"; exit 100
+"""
+SUDO_OK = '#!/bin/sh\n[ "$1" = -n ] && shift\necho "sudo $*" >> "$STUB/calls"\nexec "$@"\n'
+NOT_ROOT = "#!/bin/sh\necho 1000\n"
+# The tests themselves are not run again: python3 -m unittest only says that it was reached.
+PYTHON = ('#!/bin/sh\nif [ "$1 $2" = "-m unittest" ]; then echo "UNITTEST RAN"; exit 0; fi\n'
+          'exec %s "$@"\n' % sys.executable)
+TOOLS = ("id", "mktemp", "tail", "sed", "rm", "env", "dirname", "grep", "cut", "chmod", "cat",
+         "true")
+
+
+class CiRunTest(unittest.TestCase):
+    def run_ci(self, apt_plan=None, sudo=None, root=True, browser=False, env=None):
+        """.ci/run on a PATH of stand-ins; returns (exit code, output, apt-get calls)."""
+        stub = tempfile.mkdtemp(prefix="jr-ci-")
+        self.addCleanup(shutil.rmtree, stub)
+        for tool in TOOLS:
+            os.symlink(shutil.which(tool), os.path.join(stub, tool))
+        scripts = {"python3": PYTHON}
+        if apt_plan is not None:
+            scripts["apt-get"] = APT_GET
+        if sudo is not None:
+            scripts["sudo"] = sudo
+        if not root:
+            os.unlink(os.path.join(stub, "id"))
+            scripts["id"] = NOT_ROOT
+        if browser:
+            scripts["chromium"] = "#!/bin/sh\n"
+        for name, text in scripts.items():
+            with open(os.path.join(stub, name), "w") as f:
+                f.write(text)
+            os.chmod(os.path.join(stub, name), 0o755)
+        done = subprocess.run([shutil.which("bash"), os.path.join(ROOT, ".ci", "run")],
+                              env={"PATH": stub, "STUB": stub, "APT_PLAN": apt_plan or "",
+                                   **(env or {})},
+                              capture_output=True, text=True, timeout=60)
+        try:
+            with open(os.path.join(stub, "calls")) as f:
+                calls = f.read().splitlines()
+        except FileNotFoundError:
+            calls = []
+        output = (done.stdout + done.stderr).replace(stub, "STUB")
+        self.assertIn("UNITTEST RAN", output)       # whatever happened, the tests run
+        return done.returncode, output, calls
+
+    INSTALL = "noninteractive install -y -q --no-install-recommends chromium"
+
+    def test_a_browser_found_is_used_and_nothing_installed(self):
+        code, output, calls = self.run_ci(apt_plan="ok", browser=True)
+        self.assertEqual((code, calls), (0, []))
+        self.assertIn("ci: browser tests use STUB/chromium", output)
+
+    def test_installs_chromium_as_root_and_updates_only_when_needed(self):
+        code, output, calls = self.run_ci(apt_plan="ok")
+        self.assertEqual(calls, [self.INSTALL])
+        self.assertIn("ci: no Chromium found: installing Debian's chromium", output)
+        self.assertRegex(output, r"ci: installed STUB/chromium in \d+ s")
+        code, output, calls = self.run_ci(apt_plan="fail,ok")
+        self.assertEqual(calls, [self.INSTALL, " update -q", self.INSTALL])
+        self.assertRegex(output, r"ci: installed STUB/chromium in \d+ s")
+
+    def test_a_failed_install_is_said_and_the_tests_still_run(self):
+        code, output, calls = self.run_ci(apt_plan="fail,fail")
+        self.assertEqual((code, calls), (0, [self.INSTALL, " update -q", self.INSTALL]))
+        self.assertIn("ci: installing chromium failed (the browser tests will skip)", output)
+        self.assertIn("ci:   E: Unable to locate package chromium", output)
+
+    def test_without_root_sudo_or_apt_get_it_says_why(self):
+        code, output, calls = self.run_ci(apt_plan="ok", root=False)
+        self.assertEqual(calls, [])
+        self.assertIn("apt-get needs root (no sudo without a password)", output)
+        code, output, calls = self.run_ci(apt_plan="ok", root=False, sudo=SUDO_OK)
+        self.assertEqual(calls, ["sudo true", "sudo env DEBIAN_FRONTEND=noninteractive apt-get"
+                                 " install -y -q --no-install-recommends chromium",
+                                 self.INSTALL])
+        self.assertIn("ci: installed STUB/chromium", output)
+        code, output, calls = self.run_ci()
+        self.assertIn("ci: no Chromium and no apt-get here", output)
+        # $JOBRUNNER_CHROMIUM naming no browser is no browser, as for the tests themselves
+        code, output, calls = self.run_ci(browser=True, env={"JOBRUNNER_CHROMIUM": "nothing"})
+        self.assertIn("ci: no Chromium and no apt-get here", output)
 
 
 ####################################################################################################
