@@ -19,6 +19,8 @@ Sections, in file order:
     helper          run_background_job(), the PHP runBackgroundJob() in Python
     rendering       relative times, the job table, "field: value" records
     commands        one cmd_* function per subcommand: argparse -> Client -> render
+    top             the live view (curses imported only when it runs)
+    web             the dashboard's HTTP server (http.server imported only when it runs)
     main            the argument parser and main(argv) -> exit code
 
 Python use:
@@ -47,6 +49,7 @@ Command line (run "jobctl -h" or "jobctl add -h" for details):
     jobctl schedules            jobctl trigger NAME
     jobctl completion bash|zsh  jobctl --version
     jobctl metrics              jobctl top [--once] [--interval D]
+    jobctl web [--listen HOST:PORT]   (the dashboard: prints the URL to open)
 
 A duration D is seconds (90, 1.5) or numbers with units, largest first: 250ms, 90s, 10m,
 1h30m, 2d (parse_duration). `list` shows the newest 50 matching jobs, oldest of them first,
@@ -1371,6 +1374,10 @@ def cmd_top(client: Client, ns) -> int:
     return top_run(client, ns)
 
 
+def cmd_web(ns) -> int:
+    return web_run(ns)
+
+
 def completion_script(shell: str) -> str:
     """A completion script for bash or zsh (zsh runs the bash one through bashcompinit),
     made from the argument parser itself, so that every command and flag is in it."""
@@ -1425,7 +1432,7 @@ def cmd_completion(ns) -> int:
 
 
 # Commands that need no daemon: they run without a Client.
-LOCAL_COMMANDS = {"completion": cmd_completion}
+LOCAL_COMMANDS = {"completion": cmd_completion, "web": cmd_web}
 
 COMMANDS = {"add": cmd_add, "list": cmd_list, "show": cmd_show, "cancel": cmd_cancel,
             "retry": cmd_retry, "wait": cmd_wait, "logs": cmd_logs, "stats": cmd_stats,
@@ -1690,6 +1697,9 @@ def build_parser(only: str | None = None):
     p.add_argument("--once", action="store_true", help="print one plain frame and exit")
     p.add_argument("--interval", type=_seconds, default=1.0, metavar="D",
                    help="time between refreshes (default 1 s; 250ms, 2s, ...)")
+    p = command("web", "serve the dashboard on HTTP until Ctrl-C; print the URL to open")
+    p.add_argument("--listen", default=WEB_LISTEN, metavar="HOST:PORT",
+                   help=f"address to serve on (default {WEB_LISTEN}; port 0 picks a free one)")
     return parser
 
 
@@ -1980,6 +1990,589 @@ def _top_live(screen, client: Client, interval: float) -> int:
             return EXIT_OK
         if key == curses.KEY_RESIZE:
             curses.update_lines_cols()
+
+
+###############################################################################
+# web: the dashboard (SPEC §4), a small HTTP server that talks to the daemon through the
+# socket like any other client. Its code runs only when `web` does: http.server, secrets,
+# threading and the rest are imported there, so `jobctl add` never loads an HTTP server.
+###############################################################################
+#
+# One concern each:
+#
+#     WebApp          one request in, one response out: the Host check, the token, the routes,
+#                     the JSON API (one or a few Client calls each) and the files of web/
+#     DaemonPool      a few Clients to the daemon, shared by the request threads under a lock
+#     web_server()    the HTTP side (http.server.ThreadingHTTPServer): a thread per connection
+#     web_run(ns)     `jobctl web`: parse --listen, start, print the URL, serve until stopped
+#
+# Why threads and not a selectors loop: every daemon call is a blocking Client call, and with
+# a thread per connection a slow client (or a slow daemon reply) holds only its own thread.
+# What bounds them: at most WEB_MAX_CONNECTIONS at once (the next get a 503 at once), a socket
+# timeout that sends silent and idle connections away (WEB_IDLE_TIMEOUT), and a reaper that
+# closes a connection whose client takes longer than WEB_CLIENT_DEADLINE to send one request
+# or to read one reply (headers trickled a byte at a time would dodge the socket timeout).
+#
+# Safety (README "Dashboard" says what this does and does not protect against): the token
+# (secrets.token_urlsafe) in ?token=, the HttpOnly SameSite=Strict cookie set from it, or the
+# X-Jobrunner-Token header, compared in constant time; POST alone changes anything, and only
+# with the header (a cookie that another site's form would send is not enough); the Host header
+# must name this server (DNS rebinding); a strict Content-Security-Policy (no inline script);
+# the page puts every string from the daemon in with textContent.
+
+WEB_LISTEN = "127.0.0.1:8765"     # SPEC §4: loopback unless told otherwise
+WEB_MAX_CONNECTIONS = 64          # threads at once; a browser opens about 6 per server
+WEB_IDLE_TIMEOUT = 10.0           # s a connection may stay silent (keep-alive, or nothing sent)
+WEB_CLIENT_DEADLINE = 30.0        # s to send one whole request, and to read one whole reply
+WEB_MAX_BODY = 64 * 1024          # a POST body: the largest action is a `where` filter
+WEB_DAEMON_TIMEOUT = 10.0         # s for a daemon reply: the page shows a 502, it does not hang
+WEB_BULK_TIMEOUT = 600.0          # s for cancel/retry of a filter: 1M jobs take the daemon ~10 s
+WEB_POOL_IDLE = 4                 # daemon connections kept open between requests
+WEB_LIST_LIMIT = 50               # /api/list: jobs per page unless ?limit= says
+WEB_COOKIE = "jobrunner_token"
+WEB_TOKEN_HEADER = "X-Jobrunner-Token"
+WEB_STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+              "/index.html": ("index.html", "text/html; charset=utf-8"),
+              "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+              "/app.css": ("app.css", "text/css; charset=utf-8")}
+WEB_TOKEN_MARK = "{{TOKEN}}"      # index.html's placeholder: the page reads the token from it
+# Every response: no inline script or style, nothing from another origin, no framing; the
+# token is in the page's URL, so no Referer carries it away.
+WEB_HEADERS = (("Content-Security-Policy",
+                "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                "frame-ancestors 'none'"),
+               ("X-Content-Type-Options", "nosniff"),
+               ("Referrer-Policy", "no-referrer"),
+               ("X-Frame-Options", "DENY"))
+# HTTP status of a daemon's error reply (the body is that reply); any other code: 400.
+WEB_ERROR_STATUS = {"not_found": 404, "invalid_state": 409, "too_large": 413,
+                    "not_allowed": 403, "forbidden": 403, "queue_full": 503, "busy": 503,
+                    "shutting_down": 503, "io_error": 503}
+# The fields each action takes from its JSON body (the daemon checks their values).
+WEB_ACTIONS = {"/api/cancel": ("cancel", ("id", "where")),
+               "/api/retry": ("retry", ("id", "where")),
+               "/api/update": ("update", ("id", "priority", "delay", "run_at", "queue")),
+               "/api/pause": ("pause", ("queue", "schedule")),
+               "/api/resume": ("resume", ("queue", "schedule")),
+               "/api/trigger": ("trigger", ("name",))}
+WEB_LIST_PARAMS = ("state", "queue", "target", "schedule", "before_id", "after_id", "limit")
+
+
+class WebError(Exception):
+    """A request the dashboard refuses: HTTP `status`, and the error body's code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class DaemonPool:
+    """Clients to the daemon for the request threads: get() one (idle or new), put() it back.
+    At most WEB_POOL_IDLE stay open between requests; a Client whose connection broke
+    reconnects by itself on its next call."""
+
+    def __init__(self, socket_path: str, timeout: float = WEB_DAEMON_TIMEOUT) -> None:
+        import threading
+        self.socket_path, self.timeout = socket_path, timeout
+        self._idle: list[Client] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Client:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return Client(self.socket_path, timeout=self.timeout)
+
+    def put(self, client: Client, clean: bool = True) -> None:
+        """Give `client` back; one that failed mid-way (`clean` false) is closed, since
+        replies to it may still be on their way."""
+        client.timeout = self.timeout
+        if clean:
+            with self._lock:
+                if len(self._idle) < WEB_POOL_IDLE:
+                    self._idle.append(client)
+                    return
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+
+class WebApp:
+    """The dashboard's requests, without the HTTP plumbing: respond(method, target, headers,
+    body) -> (status, headers, body bytes). `hosts` are the Host header values allowed
+    (lower case); a Host that is an IP literal is allowed too when `any_ip` (a server on a
+    wildcard address: no DNS name, so no rebinding). `static` maps file names of web/ to
+    their bytes."""
+
+    def __init__(self, token: str, static: dict[str, bytes], pool: DaemonPool) -> None:
+        self.token, self.static, self.pool = token, static, pool
+        self.hosts: set[str] = set()
+        self.any_ip, self.port = False, 0
+
+    def listening(self, host: str, port: int) -> str:
+        """Set the Host values allowed for a server bound to (host, port); return its URL.
+        A wildcard address (0.0.0.0, ::) shows this machine's name in the URL and allows it,
+        its full name and any IP literal besides the loopback names."""
+        import socket as socket_module
+        self.port, self.any_ip = port, host in ("0.0.0.0", "::")
+        shown = socket_module.gethostname() if self.any_ip else host
+        names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host,
+                 shown.lower()}
+        if self.any_ip:
+            names.add(socket_module.getfqdn().lower())
+        self.hosts = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+        return f"http://{'[%s]' % shown if ':' in shown else shown}:{port}/?token={self.token}"
+
+    # -- the checks, in order: Host, token, method ------------------------------
+
+    def host_allowed(self, host: str | None) -> bool:
+        if not host:
+            return False
+        host = host.strip().lower()
+        if host in self.hosts:
+            return True
+        if not self.any_ip:
+            return False
+        import ipaddress
+        name, _, port = host.rpartition(":")
+        if port != str(self.port):
+            return False
+        try:
+            ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+        except ValueError:
+            return False
+        return True
+
+    def _token_in(self, query: dict, headers, header_only: bool) -> bool:
+        import hmac
+        given = [headers.get(WEB_TOKEN_HEADER)]
+        if not header_only:
+            given += query.get("token", []) + [_cookie(headers.get("Cookie"), WEB_COOKIE)]
+        return any(isinstance(g, str) and hmac.compare_digest(g.encode(), self.token.encode())
+                   for g in given)
+
+    def respond(self, method: str, target: str, headers, body: bytes | None = None
+                ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The response to one request; never raises for anything a client sends."""
+        from urllib.parse import parse_qs, urlsplit
+        try:
+            if not self.host_allowed(headers.get("Host")):
+                raise WebError(403, "forbidden", "the Host header does not name this server "
+                               "(open the URL jobctl web printed)")
+            parts = urlsplit(target)
+            path = parts.path
+            try:
+                query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False,
+                                 max_num_fields=32)
+            except ValueError as e:
+                raise WebError(400, "bad_request", f"query: {e}") from None
+            if not self._token_in(query, headers, header_only=False):
+                raise WebError(403, "forbidden", "no valid token: open the URL jobctl web "
+                               "printed (it ends in ?token=...)")
+            if path in WEB_ACTIONS:
+                if method != "POST":
+                    raise WebError(405, "bad_request", f"{path} changes something: POST only")
+                if not self._token_in(query, headers, header_only=True):
+                    raise WebError(403, "forbidden", f"a POST needs the {WEB_TOKEN_HEADER} "
+                                   "header (the cookie alone is not enough)")
+                return self._json(200, self._action(path, headers, body))
+            if path in WEB_STATIC or path in WEB_GETS:
+                if method != "GET":
+                    raise WebError(405, "bad_request", f"{path}: GET only")
+                if path in WEB_STATIC:
+                    return self._file(path, query)
+                return self._json(200, WEB_GETS[path](self, _one_values(query)))
+            raise WebError(404, "not_found", f"no such page: {path}")
+        except WebError as e:
+            return self._json(e.status, {"ok": False, "error": {"code": e.code,
+                                                                "message": e.message}})
+        except DaemonUnreachable as e:
+            return self._json(502, error_doc(e))
+        except JobrunnerError as e:
+            return self._json(WEB_ERROR_STATUS.get(e.code, 400), error_doc(e))
+
+    # -- responses ---------------------------------------------------------------
+
+    def _json(self, status: int, doc: dict) -> tuple[int, list[tuple[str, str]], bytes]:
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        return status, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], body
+
+    def _file(self, path: str, query: dict) -> tuple[int, list[tuple[str, str]], bytes]:
+        name, kind = WEB_STATIC[path]
+        headers = [("Content-Type", kind), ("Cache-Control", "no-store")]
+        body = self.static[name]
+        if name == "index.html":
+            body = body.replace(WEB_TOKEN_MARK.encode(), self.token.encode())
+            if self._token_in(query, {}, header_only=False):   # the URL's token: the cookie
+                headers.append(("Set-Cookie", f"{WEB_COOKIE}={self.token}; HttpOnly; "
+                                              "SameSite=Strict; Path=/"))
+        return 200, headers, body
+
+    def _call(self, op: str, timeout: float | None = None, **fields: object) -> dict:
+        client, clean = self.pool.get(), False
+        try:
+            if timeout is not None:
+                client.timeout = timeout
+            reply = client.call(op, **fields)
+            clean = True
+            return {"ok": True, **reply}
+        except JobrunnerError as e:
+            clean = not isinstance(e, DaemonUnreachable)
+            raise
+        finally:
+            self.pool.put(client, clean)
+
+    # -- the API -----------------------------------------------------------------
+
+    def api_overview(self, params: dict) -> dict:
+        """stats, queues, schedules and activity, pipelined on one connection: one round trip.
+        A daemon without `schedules` gives null there."""
+        _no_params(params, ())
+        client, clean = self.pool.get(), False
+        try:
+            ops = ("stats", "queues", "schedules", "activity")
+            for op in ops:
+                client.send(op)
+            doc: dict = {"ok": True}
+            error = None
+            for op in ops:
+                try:
+                    reply = client.recv()
+                except DaemonUnreachable:
+                    raise
+                except JobrunnerError as e:     # read the other replies all the same
+                    if op != "schedules" and error is None:
+                        error = e
+                    reply = None
+                doc[op] = reply if reply is None or op in ("stats", "activity") else reply[op]
+            clean = True
+            if error is not None:
+                raise error
+            return doc
+        finally:
+            self.pool.put(client, clean)
+
+    def api_list(self, params: dict) -> dict:
+        """A page of jobs newest first: from the newest, or older than before_id, or (the
+        "newer" button) the oldest after after_id, turned round. `more`: more match past this
+        page in the direction it was read."""
+        _no_params(params, WEB_LIST_PARAMS)
+        fields = {k: params[k] for k in ("state", "queue", "target", "schedule") if params.get(k)}
+        fields["limit"] = _int_param(params, "limit", WEB_LIST_LIMIT)
+        before, after = _int_param(params, "before_id"), _int_param(params, "after_id")
+        if before is not None and after is not None:
+            raise WebError(400, "bad_request", "give before_id or after_id, not both")
+        if after is not None:
+            reply = self._call("list", **fields, order="asc", after_id=after)
+            reply["jobs"] = reply.get("jobs", [])[::-1]
+        else:
+            reply = self._call("list", **fields, order="desc",
+                               **({} if before is None else {"before_id": before}))
+        return reply
+
+    def api_job(self, params: dict) -> dict:
+        _no_params(params, ("id",))
+        return self._call("get", id=_int_param(params, "id", required=True))
+
+    def api_output(self, params: dict) -> dict:
+        _no_params(params, ("id", "offset", "limit"))
+        fields = {"id": _int_param(params, "id", required=True),
+                  "offset": _int_param(params, "offset", 0)}
+        if params.get("limit"):
+            fields["limit"] = _int_param(params, "limit")
+        return self._call("output", **fields)
+
+    def _action(self, path: str, headers, body: bytes | None) -> dict:
+        op, allowed = WEB_ACTIONS[path]
+        kind = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise WebError(415, "bad_request", "a POST body is JSON: Content-Type: application/json")
+        try:
+            fields = json.loads(body or b"{}", parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            raise WebError(400, "bad_request", "the body is not JSON") from None
+        if not isinstance(fields, dict):
+            raise WebError(400, "bad_request", "the body must be a JSON object")
+        unknown = sorted(set(fields) - set(allowed))
+        if unknown:
+            raise WebError(400, "bad_request", f"{path} takes {', '.join(allowed)}; not "
+                           + ", ".join(map(repr, unknown)))
+        if op == "trigger":
+            if "name" not in fields:
+                raise WebError(400, "bad_request", "/api/trigger needs the schedule's name")
+            fields = {"schedule": fields["name"]}
+        return self._call(op, WEB_BULK_TIMEOUT if "where" in fields else None, **fields)
+
+
+WEB_GETS = {"/api/overview": WebApp.api_overview, "/api/list": WebApp.api_list,
+            "/api/job": WebApp.api_job, "/api/output": WebApp.api_output}
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    for part in (header or "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def _one_values(query: dict) -> dict:
+    """?a=1&b=2 as {"a": "1", "b": "2"}; the token is not a parameter of the API."""
+    out = {}
+    for key, values in query.items():
+        if key == "token":
+            continue
+        if len(values) > 1:
+            raise WebError(400, "bad_request", f"{key} is given {len(values)} times")
+        out[key] = values[0]
+    return out
+
+
+def _no_params(params: dict, allowed: tuple) -> None:
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise WebError(400, "bad_request", "unknown parameter " + ", ".join(map(repr, unknown))
+                       + (f" (this takes {', '.join(allowed)})" if allowed else ""))
+
+
+def _int_param(params: dict, name: str, default: int | None = None,
+               required: bool = False) -> int | None:
+    text = params.get(name)
+    if not text:
+        if required:
+            raise WebError(400, "bad_request", f"missing parameter {name!r}")
+        return default
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise WebError(400, "bad_request", f"{name} must be a whole number >= 0, not {text!r}")
+    return int(text)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT ("127.0.0.1:8765", "[::1]:0", "localhost:8000", ":8765" for
+    every address) -> (host, port); ValueError with the reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--listen {text!r}: give HOST:PORT, e.g. 127.0.0.1:8765 "
+                         "(port 0 picks a free one)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"--listen {text!r}: brackets are for an IPv6 address")
+    elif ":" in host:
+        raise ValueError(f"--listen {text!r}: put an IPv6 address in brackets: [::1]:8765")
+    if any(c.isspace() or c in "/?#@[]" for c in host):
+        raise ValueError(f"--listen {text!r}: not a host name or address")
+    return host or "0.0.0.0", int(port)
+
+
+def web_static() -> dict[str, bytes]:
+    """The files of web/ next to the real path of jobctl.py; OSError if one is missing."""
+    folder = os.path.join(os.path.dirname(os.path.realpath(__file__)), "web")
+    out = {}
+    for name, _ in WEB_STATIC.values():
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def web_server(app: WebApp, host: str, port: int, max_connections: int = WEB_MAX_CONNECTIONS,
+               idle_timeout: float = WEB_IDLE_TIMEOUT,
+               client_deadline: float = WEB_CLIENT_DEADLINE):
+    """A ThreadingHTTPServer bound to (host, port) that answers through `app`; OSError if it
+    cannot bind. serve_forever() serves; server_close() stops the reaper and closes."""
+    import http.server
+    import socket as socket_module
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """One connection (keep-alive): each request through WebApp.respond()."""
+        protocol_version = "HTTP/1.1"
+        server_version = "jobctl-web"
+        sys_version = ""
+        timeout = idle_timeout          # StreamRequestHandler: the socket's timeout
+
+        def handle_one_request(self) -> None:
+            self.server.watch(self.connection)      # from its first byte: the whole request
+            try:
+                super().handle_one_request()
+            except OSError:             # the reaper shut it, or the peer left: done
+                self.close_connection = True
+            finally:
+                self.server.unwatch(self.connection)
+
+        def _serve(self) -> None:
+            body = None
+            if self.command == "POST":
+                body = self._body()
+                if body is None:
+                    return
+            self.server.unwatch(self.connection)    # the daemon's time is not the client's
+            status, headers, payload = app.respond(self.command, self.path, self.headers, body)
+            self._send(status, headers, payload)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
+
+        def do_HEAD(self) -> None:
+            self._send(405, [("Content-Type", "text/plain")], b"")
+
+        def _body(self) -> bytes | None:
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                self._send(411, *_plain("give the body with Content-Length"))
+                return None
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit():
+                self.close_connection = True
+                self._send(400, *_plain("bad Content-Length"))
+                return None
+            if int(length) > WEB_MAX_BODY:
+                self.close_connection = True
+                self._send(413, *_plain(f"a body is at most {WEB_MAX_BODY} bytes"))
+                return None
+            return self.rfile.read(int(length))
+
+        def _send(self, status: int, headers: list, payload: bytes) -> None:
+            self.server.watch(self.connection)      # reading the reply, too, has a deadline
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+        def end_headers(self) -> None:
+            for name, value in WEB_HEADERS:   # also on http.server's own errors (400, 414)
+                self.send_header(name, value)
+            super().end_headers()
+
+        def log_message(self, format: str, *args) -> None:
+            pass                        # quiet: stdout is the URL, stderr is for problems
+
+    class Server(http.server.ThreadingHTTPServer):
+        """At most max_connections threads; the reaper shuts connections past their deadline."""
+        daemon_threads = True           # a stop does not wait for clients
+        address_family = (socket_module.AF_INET6 if ":" in host else socket_module.AF_INET)
+
+        def __init__(self) -> None:
+            self.slots = threading.BoundedSemaphore(max_connections)
+            self.deadlines: dict = {}
+            self.lock = threading.Lock()
+            self.stopped = threading.Event()
+            super().__init__((host, port), Handler)
+            self.reaper = threading.Thread(target=self._reap, name="jobctl-web-reaper",
+                                           daemon=True)
+            self.reaper.start()
+
+        def watch(self, conn) -> None:
+            with self.lock:
+                self.deadlines[conn] = time.monotonic() + client_deadline
+
+        def unwatch(self, conn) -> None:
+            with self.lock:
+                self.deadlines.pop(conn, None)
+
+        def _reap(self) -> None:
+            while not self.stopped.wait(min(1.0, client_deadline / 4)):
+                now = time.monotonic()
+                with self.lock:
+                    late = [c for c, d in self.deadlines.items() if d < now]
+                    for conn in late:
+                        del self.deadlines[conn]
+                for conn in late:
+                    try:
+                        conn.shutdown(socket_module.SHUT_RDWR)   # its thread's recv/send end
+                    except OSError:
+                        pass
+
+        def process_request(self, request, client_address) -> None:
+            if not self.slots.acquire(blocking=False):
+                try:                    # small enough for the socket buffer: never blocks
+                    request.setblocking(False)
+                    status, headers, payload = 503, *_plain("too many connections; try again")
+                    request.send(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                                 b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(payload), payload))
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:      # no thread started (no memory): the slot is free again
+                self.slots.release()
+                self.shutdown_request(request)
+                raise
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.unwatch(request)
+                self.slots.release()
+
+        def handle_error(self, request, client_address) -> None:
+            pass                        # a client that vanished mid-request is no news
+
+        def server_close(self) -> None:
+            self.stopped.set()
+            super().server_close()
+
+    return Server()
+
+
+def _plain(text: str) -> tuple[list[tuple[str, str]], bytes]:
+    return [("Content-Type", "text/plain; charset=utf-8")], text.encode() + b"\n"
+
+
+def web_run(ns) -> int:
+    """`jobctl web`: serve the dashboard until Ctrl-C or SIGTERM (then exit 0)."""
+    import secrets
+    import signal
+    try:
+        host, port = parse_listen(ns.listen)
+    except ValueError as e:
+        return fail(ns, JobrunnerError("bad_request", str(e)))
+    try:
+        static = web_static()
+    except OSError as e:
+        return fail(ns, JobrunnerError("not_found", f"the dashboard's files: {e.strerror}: "
+                                                    f"{e.filename} (web/ goes next to jobctl.py)"))
+    pool = DaemonPool(resolve_socket(ns.socket))
+    app = WebApp(secrets.token_urlsafe(24), static, pool)
+    try:
+        server = web_server(app, host, port)
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        return fail(ns, JobrunnerError("bad_request", f"--listen {ns.listen}: {reason}"))
+    url = app.listening(host, server.server_address[1])
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if ns.json:
+            _out_json({"url": url})
+        else:
+            _out(url)
+        try:                            # a daemon that is down is worth saying, not fatal
+            with Client(pool.socket_path, timeout=2.0) as probe:
+                probe.hello()
+        except JobrunnerError as e:
+            print(escape(f"jobctl: warning: {e.message}; the page says so until the daemon "
+                         "answers"), file=sys.stderr)
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        pool.close()
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
