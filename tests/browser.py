@@ -353,10 +353,14 @@ class Browser:
     # -- pages ------------------------------------------------------------------------------------
 
     def new_page(self, width: int = VIEWPORT[0], height: int = VIEWPORT[1]) -> "Page":
-        target = self.command("Target.createTarget", {"url": "about:blank"})["targetId"]
+        """A tab in a browser context of its own (like a private window): no cookie or
+        storage from another page, so a test that needs none of the token's cookie has none."""
+        context = self.command("Target.createBrowserContext")["browserContextId"]
+        target = self.command("Target.createTarget", {"url": "about:blank",
+                                                      "browserContextId": context})["targetId"]
         session = self.command("Target.attachToTarget",
                                {"targetId": target, "flatten": True})["sessionId"]
-        page = Page(self, target, session)
+        page = Page(self, target, session, context)
         self.pages[session] = page
         for domain in ("Page", "Runtime", "Network", "Log"):
             page.command(domain + ".enable")
@@ -404,10 +408,11 @@ class Page:
     browser log entries, as (kind, text)), `dialogs` ((type, message) of each alert/confirm/
     prompt, answered with `dialog_answer`), `responses` (url -> HTTP status)."""
 
-    def __init__(self, browser: Browser, target: str, session: str):
+    def __init__(self, browser: Browser, target: str, session: str, context: str):
         self.browser = browser
         self.target = target
         self.session = session
+        self.context = context
         self.console: list[tuple[str, str]] = []
         self.dialogs: list[tuple[str, str]] = []
         self.dialog_answer = True           # accept confirm(): the page's own buttons ask first
@@ -553,3 +558,4 @@ class Page:
     def close(self):
         self.browser.pages.pop(self.session, None)
         self.browser.command("Target.closeTarget", {"targetId": self.target})
+        self.browser.command("Target.disposeBrowserContext", {"browserContextId": self.context})

@@ -10,6 +10,11 @@ DevTools protocol. Without a browser the browser tests are skipped, the reason p
 - `CiRunTest`: `.ci/run` with stand-ins for apt-get, sudo and id on a PATH of their own: it
   installs Chromium only where none is found and apt-get is usable, updates the package lists
   only when the install fails without them, says why when it cannot, and runs the tests anyway.
+- `DashboardTest`: the page against a real daemon and a real `jobctl web` (a subprocess on a
+  free port): the overview's queues and counts are the `queues` op's, a failed job's page shows
+  its traceback, its retry button puts it back (the daemon says so), `<script>` and
+  `<img onerror>` in a job's args, output and error are shown as text and never run, and
+  without the token there is no page (403) while its cookie lets the page's own requests in.
 - `HarnessTest`: the harness against static pages served by `http.server` in this process:
   status codes, evaluate, waits, clicks and dialogs, console, screenshots; Chromium's whole
   process group gone after close, after a failing `with` block, and after the test process
@@ -19,7 +24,9 @@ import base64
 import hashlib
 import http.server
 import json
+import argparse
 import os
+import select
 import shutil
 import signal
 import socket
@@ -32,7 +39,8 @@ import time
 import unittest
 
 from tests import browser as br
-from tests.support import ROOT, wait_until
+from tests import support
+from tests.support import JOBCTL, ROOT, wait_until
 
 BROWSER: br.Browser | None = None
 SKIP_REASON: str | None = None
@@ -335,6 +343,8 @@ class StaticHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
+        if self.path.endswith("?cookie"):
+            self.send_header("Set-Cookie", "c=1; Path=/")
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -355,10 +365,19 @@ class HarnessTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.server.shutdown()
         cls.server.server_close()
+        if cls.shared is not None:
+            cls.shared.close()
+
+    shared = None       # one page for the class: a new one costs ~0.2 s
 
     def setUp(self):
-        self.page = need_browser(self).new_page()
-        self.addCleanup(self.page.close)
+        browser = need_browser(self)
+        if HarnessTest.shared is None:
+            HarnessTest.shared = browser.new_page()
+        self.page = HarnessTest.shared
+        self.page.goto("about:blank")
+        self.page.dialog_answer = True
+        del self.page.dialogs[:], self.page.console[:]
 
     def test_goto_evaluate_wait_and_console(self):
         page = self.page
@@ -393,6 +412,14 @@ class HarnessTest(unittest.TestCase):
             page.click("#under")
         page.set_value("#field", "typed <b>")
         self.assertEqual(page.evaluate("window.typed"), "typed <b>")
+
+    def test_each_page_has_its_own_cookies(self):
+        self.page.goto(self.base + "/index.html?cookie")
+        self.assertEqual(self.page.evaluate("document.cookie"), "c=1")
+        other = BROWSER.new_page()      # a browser context of its own
+        self.addCleanup(other.close)
+        other.goto(self.base + "/index.html")
+        self.assertEqual(other.evaluate("document.cookie"), "")
 
     def test_screenshot_is_a_png_of_the_viewport(self):
         self.page.goto(self.base + "/index.html")
@@ -430,5 +457,283 @@ class HarnessTest(unittest.TestCase):
         wait_until(lambda: not group_alive(pgid), 10, message="Chromium's group to be gone")
 
 
+####################################################################################################
+#  The dashboard, against a real daemon and a real `jobctl web`
+####################################################################################################
+
+WEB_START_TIMEOUT = 15.0    # s for `jobctl web` to print its URL on a loaded machine
+PAGE_TIMEOUT = 15.0         # s for the page to show what the daemon says (it polls each second)
+XSS = ("<script>window.__pwned = 'script'</script>",
+       "<img src=x onerror=\"window.__pwned = 'img'\">")
+# A job whose output and error carry the markup it is given.
+XSS_JOB = ("def boom(*texts):\n"
+           "    for text in texts:\n"
+           "        print(text, flush=True)\n"
+           "    raise RuntimeError(' '.join(texts))\n")
+# Every element a payload of XSS would have made, anywhere in the document.
+INJECTED = "document.querySelectorAll('script:not([src]), img[src=\"x\"], img[onerror]').length"
+
+
+class WebProcess:
+    """`jobctl web --listen 127.0.0.1:0` for a daemon's socket: `url` is the line it printed
+    first (http://127.0.0.1:PORT/?token=TOKEN), `base` the same without the token."""
+
+    def __init__(self, socket_path: str):
+        self.proc = subprocess.Popen([sys.executable, JOBCTL, "--socket", socket_path, "web",
+                                      "--listen", "127.0.0.1:0"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], WEB_START_TIMEOUT)
+            line = self.proc.stdout.readline().decode() if ready else ""
+            if not line.startswith("http://127.0.0.1:"):
+                raise AssertionError("jobctl web printed %r, stderr: %r"
+                                     % (line, self.stop()[1]))
+        except BaseException:
+            self.stop()
+            raise
+        self.url = line.strip()
+        self.base, _, self.token = self.url.partition("/?token=")
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM (it exits 0), SIGKILL if it does not; returns (exit code, its stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        err = b""
+        if not self.proc.stderr.closed:
+            err = self.proc.stderr.read()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.proc.returncode, err.decode(errors="replace")
+
+
+def open_route(page: br.Page, url: str, route: str, name: str) -> int:
+    """Open the dashboard at `url` + `route` (a hash route) and wait until the page says it
+    rendered it (body[data-route] is `name`, data-loaded counted at least once); returns the
+    render counter."""
+    page.goto(url + route)
+    return page.wait_for("document.body && document.body.dataset.route === %s && "
+                         "Number(document.body.dataset.loaded) >= 1 && "
+                         "Number(document.body.dataset.loaded)" % json.dumps(name),
+                         PAGE_TIMEOUT, message="the %s route to render" % name)
+
+
+def state_shown(state: str) -> str:
+    """A JS condition: the job page's state field says `state`."""
+    return ("(e => e && e.textContent.trim() === %s)(document.querySelector("
+            "'section#job dd[data-field=\"state\"]'))" % json.dumps(state))
+
+
+class DashboardTest(unittest.TestCase):
+    """One daemon, one `jobctl web`, one browser for the class; a fresh page (its own
+    cookies) for each test. The jobs are made once, in setUpClass, and each test uses its own."""
+
+    @classmethod
+    def setUpClass(cls):
+        if BROWSER is None:
+            raise unittest.SkipTest(SKIP_REASON or "no browser")
+        cls._tmp = tempfile.TemporaryDirectory(prefix="jr-webb-")
+        cls.addClassCleanup(cls._tmp.cleanup)
+        root = cls._tmp.name
+        os.makedirs(os.path.join(root, "jobs"))
+        with open(os.path.join(root, "jobs", "markup.py"), "w") as f:
+            f.write(XSS_JOB)
+        cls.daemon = support.Daemon(root, allow=["examples.*:*", "markup:*"],
+                                    queues={"mail": {"workers": 1},
+                                                  "reports": {"workers": 2}},
+                                    schedules={"nightly": {"target": "examples.jobs:ExampleJob",
+                                                           "every": 3600}})
+        cls.daemon.start()
+        cls.addClassCleanup(cls.daemon.stop)
+        d = cls.daemon
+        cls.done = [d.add(args=[i]) for i in range(3)]
+        cls.traceback_id = d.add("examples.jobs:ErrorJob", queue="reports", retries=0)
+        cls.retry_id = d.add("examples.jobs:ErrorJob", queue="reports", retries=0)
+        cls.xss_id = d.add("markup:boom", args=list(XSS), retries=0)
+        for job_id in (*cls.done, cls.traceback_id, cls.retry_id, cls.xss_id):
+            d.wait_job(job_id)
+        # Pending jobs that stay pending: their queue is paused (the overview shows it).
+        assert d.call(op="pause", queue="mail")["ok"]
+        cls.pending = [d.add(queue="mail", args=["later"]) for _ in range(2)]
+        cls.web = WebProcess(d.socket)
+        cls.addClassCleanup(cls.web.stop)
+
+    def setUp(self):
+        self.page = BROWSER.new_page()
+        self.addCleanup(self.page.close)
+
+    def assert_nothing_ran(self, page: br.Page):
+        """No payload ran, none became an element, and the CSP had nothing to block (it
+        would have, had the page put the text in as HTML)."""
+        self.assertIsNone(page.evaluate("window.__pwned"))
+        self.assertEqual(page.evaluate(INJECTED), 0)
+        self.assertEqual([m for m in page.console if "Content Security Policy" in m[1]], [])
+
+    def test_overview_shows_the_queues_and_their_counts(self):
+        page = self.page
+        open_route(page, self.web.url, "#/", "overview")
+        queues = self.daemon.call(op="queues")["queues"]
+        expected = {q["name"]: {"paused": q["paused"], **{state: str(n) for state, n in
+                                                           q["counts"].items()}}
+                    for q in queues}
+        self.assertEqual(expected["mail"]["pending"], "2")
+        self.assertTrue(expected["mail"]["paused"])
+        # The page polls: wait until it shows the daemon's counts, all of them.
+        shown = page.wait_for("""(expected => {
+            const rows = {};
+            for (const tr of document.querySelectorAll("table#queues tr[data-queue]")) {
+                const row = {paused: tr.hasAttribute("data-paused")};
+                for (const td of tr.querySelectorAll("td[data-state]"))
+                    row[td.dataset.state] = td.textContent.trim() || "0";
+                rows[tr.dataset.queue] = row;
+            }
+            window.__shown = rows;
+            return Object.keys(expected).every(q => rows[q] && Object.keys(expected[q]).every(
+                k => rows[q][k] === expected[q][k])) && rows;
+        })(%s)""" % json.dumps(expected), PAGE_TIMEOUT,
+            message="the overview to show %s (it shows window.__shown)" % expected)
+        self.assertEqual(sorted(shown), ["default", "mail", "reports"])
+        self.assertTrue(page.query('table#queues tr[data-queue="mail"] '
+                                   'button[data-action="resume"]'))
+        self.assertTrue(page.query('table#schedules tr[data-schedule="nightly"] '
+                                   'button[data-action="trigger"]'))
+        self.assertTrue(page.query("#throughput"))
+        self.assertEqual(page.evaluate("document.querySelector('#status').dataset.state"), "ok")
+        self.assert_nothing_ran(page)       # the overview may list recent failures: XSS's too
+
+    def test_a_failed_jobs_page_shows_its_traceback(self):
+        page, job_id = self.page, self.traceback_id
+        open_route(page, self.web.url, "#/job/%d" % job_id, "job")
+        selector = 'section#job[data-job-id="%d"]' % job_id
+        output = page.wait_for("(e => e && e.textContent.includes('Traceback') && "
+                               "e.textContent)(document.querySelector(%s))"
+                               % json.dumps(selector + " pre#job-output"),
+                               PAGE_TIMEOUT, message="the traceback in pre#job-output")
+        self.assertIn("RuntimeError: ErrorJob always fails (attempt 1)", output)
+        self.assertIn("ErrorJob: attempt 1, about to fail", output)
+        self.assertEqual(output, self.daemon.call(op="output", id=job_id)["data"])
+        self.assertEqual(page.text(selector + ' dd[data-field="state"]').strip(), "failed")
+        self.assertEqual(page.text(selector + ' dd[data-field="target"]').strip(),
+                         "examples.jobs:ErrorJob")
+
+    def test_retry_clicked_on_a_failed_job_puts_it_back(self):
+        page, job_id, d = self.page, self.retry_id, self.daemon
+        # Its queue paused first: put back, it stays pending (it would fail again at once).
+        self.assertTrue(d.call(op="pause", queue="reports")["ok"])
+        self.addCleanup(d.call, op="resume", queue="reports")
+        open_route(page, self.web.url, "#/job/%d" % job_id, "job")
+        page.wait_for(state_shown("failed"), PAGE_TIMEOUT)
+        page.click('section#job button[data-action="retry"]')
+        job = wait_until(lambda: (lambda j: j["state"] == "pending" and j)(d.get(job_id)),
+                         PAGE_TIMEOUT, message="the daemon to have the job pending again")
+        self.assertEqual(job["attempts"], 0)                    # SPEC §2: they restart at 0
+        self.assertEqual([e["event"] for e in d.job_events(job_id)][-2:], ["failed", "queued"])
+        page.wait_for(state_shown("pending"), PAGE_TIMEOUT,
+                      message="the page to show the job pending")
+
+    def test_markup_in_args_output_and_error_is_text_and_never_runs(self):
+        page, job_id = self.page, self.xss_id
+        open_route(page, self.web.url, "#/job/%d" % job_id, "job")
+        page.wait_for("(e => e && e.textContent.includes('RuntimeError'))(document."
+                      "querySelector('pre#job-output'))", PAGE_TIMEOUT)
+        args = page.text('section#job dd[data-field="args"]')
+        self.assertEqual(json.loads(args), list(XSS))         # JSON text, shown literally
+        output = page.text("pre#job-output")
+        for text in XSS:
+            self.assertIn(text + "\n", output)                  # printed
+        self.assertIn("RuntimeError: " + " ".join(XSS), output)     # the traceback
+        self.assert_nothing_ran(page)
+        # The jobs table has the job too: nothing runs there either.
+        page.evaluate("location.hash = '#/jobs'")
+        page.wait_for('document.body.dataset.route === "jobs" && '
+                      '!!document.querySelector(\'table#jobs tr[data-job-id="%d"]\')' % job_id,
+                      PAGE_TIMEOUT)
+        self.assert_nothing_ran(page)
+
+    def test_no_token_no_page_and_the_cookie_lets_the_page_in(self):
+        page, base = self.page, self.web.base
+        for path in ("/", "/?token=" + self.web.token[:-2] + "xx", "/api/overview",
+                     "/app.js", "/api/job?id=%d" % self.done[0]):
+            with self.subTest(path=path):
+                self.assertEqual(page.goto(base + path), 403)
+                self.assertFalse(page.query("table#queues, section#job"))
+                self.assertNotIn("ExampleJob", page.evaluate("document.body.innerText"))
+        # With the token once, the HttpOnly cookie it set opens the API to this page alone.
+        open_route(page, self.web.url, "#/", "overview")
+        self.assertEqual(page.evaluate("document.cookie"), "")          # HttpOnly
+        self.assertEqual(page.goto(base + "/api/job?id=%d" % self.done[0]), 200)
+        self.assertEqual(json.loads(page.evaluate("document.body.innerText"))["job"]["id"],
+                         self.done[0])
+        other = BROWSER.new_page()
+        self.addCleanup(other.close)
+        self.assertEqual(other.goto(base + "/api/job?id=%d" % self.done[0]), 403)
+
+
+####################################################################################################
+#  The README's picture: python3 -m tests.test_web_browser --screenshot docs/dashboard.png
+####################################################################################################
+
+def screenshot(path: str) -> None:
+    """A daemon with a mix of queues and jobs (succeeded, failed, running, pending, delayed,
+    a paused queue, schedules), `jobctl web`, and the overview saved as a PNG at `path`
+    after the page has watched jobs finish for a while (its throughput chart)."""
+    with tempfile.TemporaryDirectory(prefix="jr-shot-") as root, br.Browser() as browser:
+        os.makedirs(os.path.join(root, "jobs"))
+        d = support.Daemon(root, workers=3,
+                           queues={"emails": {"workers": 4}, "reports": {"workers": 1},
+                                   "thumbnails": {"workers": 2}},
+                           schedules={"nightly-report": {"target": "examples.jobs:ExampleJob",
+                                                         "cron": "0 2 * * *",
+                                                         "queue": "reports"},
+                                      "cleanup": {"target": "examples.jobs:ExampleJob",
+                                                  "every": 900}})
+        d.start()
+        web = None
+        try:
+            for i in range(40):
+                d.add("examples.jobs:DelayedJob", args=[0.05 * (i % 5)], queue="emails")
+            for i in range(12):
+                d.add("examples.jobs:ExampleJob", args=["thumb-%d.jpg" % i], queue="thumbnails")
+            for i in range(3):
+                d.add("examples.jobs:ErrorJob", retries=0, queue="thumbnails")
+            d.add("examples.jobs:ErrorJob", retries=2, retry_delay=600)
+            d.add("examples.jobs:DelayedJob", args=[600], queue="reports")      # running
+            for i in range(5):
+                d.add("examples.jobs:ExampleJob", args=["monthly", i], queue="reports")
+            d.add("examples.jobs:ExampleJob", args=["tomorrow"], delay=86400)
+            web = WebProcess(d.socket)
+            page = browser.new_page()
+            open_route(page, web.url, "#/", "overview")
+            # Work keeps arriving while the page watches, so the chart has a shape.
+            for round_ in range(8):
+                for i in range(6 + 3 * (round_ % 3)):
+                    d.add("examples.jobs:ExampleJob", args=[round_, i], queue="emails")
+                seen = int(page.evaluate("document.body.dataset.loaded"))
+                page.wait_for("Number(document.body.dataset.loaded) > %d" % seen, PAGE_TIMEOUT)
+            d.call(op="pause", queue="thumbnails")
+            d.add("examples.jobs:ExampleJob", args=["held"], queue="thumbnails")
+            seen = int(page.evaluate("document.body.dataset.loaded"))
+            page.wait_for("Number(document.body.dataset.loaded) > %d" % seen, PAGE_TIMEOUT)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            size = page.screenshot(path)
+            print("%s: %d bytes, %dx%d" % (path, size, *br.VIEWPORT))
+        finally:
+            if web is not None:
+                web.stop()
+            d.call(op="cancel", where={"state": "running"})
+            d.stop()
+
+
 if __name__ == "__main__":
-    unittest.main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--screenshot", metavar="PNG",
+                        help="save the overview of a filled daemon as PNG (no tests run)")
+    known, rest = parser.parse_known_args()
+    if known.screenshot:
+        screenshot(known.screenshot)
+    else:
+        unittest.main(argv=[sys.argv[0], *rest])
