@@ -2062,9 +2062,9 @@ WEB_LIST_PARAMS = ("state", "queue", "target", "schedule", "before_id", "after_i
 class WebError(Exception):
     """A request the dashboard refuses: HTTP `status`, and the error body's code and message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, allow: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.allow = status, code, message, allow
 
 
 class DaemonPool:
@@ -2116,15 +2116,14 @@ class WebApp:
 
     def listening(self, host: str, port: int) -> str:
         """Set the Host values allowed for a server bound to (host, port); return its URL.
-        A wildcard address (0.0.0.0, ::) shows this machine's name in the URL and allows it,
-        its full name and any IP literal besides the loopback names."""
+        On a wildcard address (0.0.0.0, ::) the URL names the loopback address, and this
+        machine's name and any IP literal are allowed besides the loopback names."""
         import socket as socket_module
         self.port, self.any_ip = port, host in ("0.0.0.0", "::")
-        shown = socket_module.gethostname() if self.any_ip else host
-        names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host,
-                 shown.lower()}
+        shown = ("127.0.0.1" if host == "0.0.0.0" else "::1") if self.any_ip else host
+        names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
         if self.any_ip:
-            names.add(socket_module.getfqdn().lower())
+            names |= {socket_module.gethostname().lower(), socket_module.getfqdn().lower()}
         self.hosts = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
         return f"http://{'[%s]' % shown if ':' in shown else shown}:{port}/?token={self.token}"
 
@@ -2176,21 +2175,23 @@ class WebApp:
                                "printed (it ends in ?token=...)")
             if path in WEB_ACTIONS:
                 if method != "POST":
-                    raise WebError(405, "bad_request", f"{path} changes something: POST only")
+                    raise WebError(405, "bad_request", f"{path} changes something: POST only",
+                                   allow="POST")
                 if not self._token_in(query, headers, header_only=True):
                     raise WebError(403, "forbidden", f"a POST needs the {WEB_TOKEN_HEADER} "
                                    "header (the cookie alone is not enough)")
                 return self._json(200, self._action(path, headers, body))
             if path in WEB_STATIC or path in WEB_GETS:
                 if method != "GET":
-                    raise WebError(405, "bad_request", f"{path}: GET only")
+                    raise WebError(405, "bad_request", f"{path}: GET only", allow="GET")
                 if path in WEB_STATIC:
                     return self._file(path, query)
                 return self._json(200, WEB_GETS[path](self, _one_values(query)))
             raise WebError(404, "not_found", f"no such page: {path}")
         except WebError as e:
-            return self._json(e.status, {"ok": False, "error": {"code": e.code,
-                                                                "message": e.message}})
+            status, headers, body = self._json(e.status, {"ok": False, "error": {
+                "code": e.code, "message": e.message}})
+            return status, headers + ([("Allow", e.allow)] if e.allow else []), body
         except DaemonUnreachable as e:
             return self._json(502, error_doc(e))
         except JobrunnerError as e:
@@ -2395,6 +2396,7 @@ def web_server(app: WebApp, host: str, port: int, max_connections: int = WEB_MAX
         server_version = "jobctl-web"
         sys_version = ""
         timeout = idle_timeout          # StreamRequestHandler: the socket's timeout
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed ACK
 
         def handle_one_request(self) -> None:
             self.server.watch(self.connection)      # from its first byte: the whole request
@@ -2411,8 +2413,16 @@ def web_server(app: WebApp, host: str, port: int, max_connections: int = WEB_MAX
                 body = self._body()
                 if body is None:
                     return
+            elif self.command != "GET":
+                self.close_connection = True    # a body we do not read would follow
             self.server.unwatch(self.connection)    # the daemon's time is not the client's
-            status, headers, payload = app.respond(self.command, self.path, self.headers, body)
+            try:
+                status, headers, payload = app.respond(self.command, self.path, self.headers,
+                                                       body)
+            except Exception as e:      # a bug of ours: say so, answer, and serve on
+                print(escape(f"jobctl web: internal error on {self.command} {self.path}: "
+                             f"{type(e).__name__}: {e}"), file=sys.stderr)
+                status, (headers, payload) = 500, _plain("internal error (see jobctl's stderr)")
             self._send(status, headers, payload)
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
