@@ -677,6 +677,9 @@ class DashboardTest(unittest.TestCase):
 #  The README's picture: python3 -m tests.test_web_browser --screenshot docs/dashboard.png
 ####################################################################################################
 
+SCREENSHOT_SIZE = (1280, 1000)  # px: the overview down to its running jobs and latest failures
+
+
 def screenshot(path: str) -> None:
     """A daemon with a mix of queues and jobs (succeeded, failed, running, pending, delayed,
     a paused queue, schedules), `jobctl web`, and the overview saved as a PNG at `path`
@@ -706,7 +709,8 @@ def screenshot(path: str) -> None:
                 d.add("examples.jobs:ExampleJob", args=["monthly", i], queue="reports")
             d.add("examples.jobs:ExampleJob", args=["tomorrow"], delay=86400)
             web = WebProcess(d.socket)
-            page = browser.new_page()
+            page = browser.new_page(*SCREENSHOT_SIZE)
+            page.command("Emulation.setScrollbarsHidden", {"hidden": True})
             open_route(page, web.url, "#/", "overview")
             # Work keeps arriving while the page watches, so the chart has a shape.
             for round_ in range(8):
@@ -716,11 +720,13 @@ def screenshot(path: str) -> None:
                 page.wait_for("Number(document.body.dataset.loaded) > %d" % seen, PAGE_TIMEOUT)
             d.call(op="pause", queue="thumbnails")
             d.add("examples.jobs:ExampleJob", args=["held"], queue="thumbnails")
+            for i in range(6):                  # running when the picture is taken
+                d.add("examples.jobs:DelayedJob", args=[60], queue="emails")
             seen = int(page.evaluate("document.body.dataset.loaded"))
             page.wait_for("Number(document.body.dataset.loaded) > %d" % seen, PAGE_TIMEOUT)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             size = page.screenshot(path)
-            print("%s: %d bytes, %dx%d" % (path, size, *br.VIEWPORT))
+            print("%s: %d bytes, %dx%d" % (path, size, *SCREENSHOT_SIZE))
         finally:
             if web is not None:
                 web.stop()
