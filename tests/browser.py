@@ -435,7 +435,9 @@ class Page:
             self.console.append(("exception", text))
         elif method == "Log.entryAdded":
             entry = params.get("entry", {})
-            self.console.append((entry.get("level", "log"), entry.get("text", "")))
+            url = entry.get("url")
+            self.console.append((entry.get("level", "log"),
+                                 entry.get("text", "") + (" (%s)" % url if url else "")))
         elif method == "Page.javascriptDialogOpening":
             self.dialogs.append((params.get("type", ""), params.get("message", "")))
             # Answered now, without waiting for the reply: the command that opened the
