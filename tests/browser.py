@@ -246,12 +246,22 @@ def _mask(data: bytes, mask: bytes) -> bytes:
 #  The browser process and its DevTools connection
 ####################################################################################################
 
+def _libc_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None                         # not Linux: the group kill at close() still holds
+
+
+# Looked up here, not in the child: between fork and exec of a threaded test process only
+# the simplest calls are safe (dlopen/dlsym take locks another thread may have held).
+_PRCTL = _libc_prctl()
+
+
 def _die_with_parent():
     """In the browser's process, before exec: SIGKILL when the test process dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass                                # not Linux: the group kill at close() still holds
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Browser:
