@@ -12,7 +12,8 @@ DevTools protocol. Without a browser the browser tests are skipped, the reason p
   only when the install fails without them, says why when it cannot, and runs the tests anyway.
 - `DashboardTest`: the page against a real daemon and a real `jobctl web` (a subprocess on a
   free port): the overview's queues and counts are the `queues` op's, a failed job's page shows
-  its traceback, its retry button puts it back (the daemon says so), `<script>` and
+  its traceback, its retry button puts it back (the daemon says so), the jobs table follows
+  its filters and a bulk cancel asks with confirm() first, `<script>` and
   `<img onerror>` in a job's args, output and error are shown as text and never run, and
   without the token there is no page (403) while its cookie lets the page's own requests in.
 - `HarnessTest`: the harness against static pages served by `http.server` in this process:
@@ -589,7 +590,9 @@ class DashboardTest(unittest.TestCase):
         expected = {q["name"]: {"paused": q["paused"], **{state: str(n) for state, n in
                                                            q["counts"].items()}}
                     for q in queues}
-        self.assertEqual(expected["mail"]["pending"], "2")
+        # Counts no other test changes (the others change mail's and reports' in any order).
+        self.assertEqual((expected["default"]["succeeded"], expected["default"]["failed"]),
+                         ("3", "1"))
         self.assertTrue(expected["mail"]["paused"])
         # The page polls: wait until it shows the daemon's counts, all of them.
         shown = page.wait_for("""(expected => {
@@ -662,6 +665,33 @@ class DashboardTest(unittest.TestCase):
                       '!!document.querySelector(\'table#jobs tr[data-job-id="%d"]\')' % job_id,
                       PAGE_TIMEOUT)
         self.assert_nothing_ran(page)
+
+    def rows_shown(self, page: br.Page, ids: list[int], what: str):
+        """Wait until table#jobs lists exactly `ids`, newest first."""
+        return page.wait_for("JSON.stringify([...document.querySelectorAll("
+                             "'table#jobs tbody tr[data-job-id]')].map(tr => Number("
+                             "tr.dataset.jobId))) === JSON.stringify(%s)" % sorted(ids, reverse=True),
+                             PAGE_TIMEOUT, message="table#jobs to list %s %s" % (what, ids))
+
+    def test_jobs_table_filters_and_a_bulk_cancel_asks_first(self):
+        page, d = self.page, self.daemon
+        open_route(page, self.web.url, "#/jobs?state=pending&queue=mail", "jobs")
+        self.rows_shown(page, self.pending, "the pending jobs of mail")
+        self.assertEqual(page.text('tr[data-job-id="%d"] td[data-field="state"]'
+                                   % self.pending[0]).strip(), "pending")
+        page.dialog_answer = False                          # "no": nothing changes
+        page.click('button[data-action="bulk-cancel"]')
+        self.assertEqual(len(page.dialogs), 1)
+        self.assertEqual([d.get(i)["state"] for i in self.pending], ["pending"] * 2)
+        page.dialog_answer = True
+        page.click('button[data-action="bulk-cancel"]')
+        self.assertEqual(len(page.dialogs), 2)
+        wait_until(lambda: [d.get(i)["state"] for i in self.pending] == ["cancelled"] * 2,
+                   PAGE_TIMEOUT, message="the daemon to have cancelled the filter's jobs")
+        self.rows_shown(page, [], "no pending job of mail")
+        # The form: another state, and the table follows (the page's own request).
+        page.set_value('form#filters select[name="state"]', "cancelled")
+        self.rows_shown(page, self.pending, "the cancelled jobs of mail")
 
     def test_no_token_no_page_and_the_cookie_lets_the_page_in(self):
         page, base = self.page, self.web.base
