@@ -1,7 +1,7 @@
 """A headless Chromium driven over the DevTools protocol, with the standard library only.
 
-    with Browser() as browser:              # or Browser.find_or_skip() in a test module
-        page = browser.new_page()
+    with Browser() as browser:              # BrowserError(NOT_FOUND) where none is found
+        page = browser.new_page()           # a tab with cookies of its own
         status = page.goto("http://127.0.0.1:8765/?token=...")     # the document's HTTP status
         page.wait_for("document.body.dataset.loaded >= 1", timeout=10)
         page.click('button[data-action="retry"]')                  # a real mouse click
