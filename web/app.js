@@ -290,8 +290,11 @@
     return {
       route: "overview",
       build(main) {
+        const resumeAll = el("button", { type: "button", "data-action": "resume-daemon" }, "Resume");
+        resumeAll.addEventListener("click", () => act("/api/resume", {},
+          (r) => (r.paused ? "the daemon is still paused" : "the daemon runs again")));
         paused = el("p", { id: "daemon-paused", class: "banner", hidden: true },
-          "The whole daemon is paused: no new attempts start (jobctl resume).");
+          "The whole daemon is paused: no new attempts start in any queue. ", resumeAll);
         const head = el("tr", {}, el("th", {}, "Queue"), el("th", { class: "num" }, "Slots"),
           el("th", {}, "Paused"), STATES.map((s) => el("th", { class: "num" }, s)), el("th", {}, ""));
         queues = el("tbody");
