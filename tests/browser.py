@@ -51,6 +51,7 @@ START_TIMEOUT = 30.0        # s: a cold start on a loaded 2-core machine takes a
 COMMAND_TIMEOUT = 30.0      # s: the longest any one DevTools command may take
 CLOSE_GRACE = 5.0           # s: Browser.close, then SIGKILL to the whole group
 VIEWPORT = (1280, 800)      # px: the size of a page, and of its screenshots
+CLICK_TRIES = 3             # aims at an element that moved between aiming and clicking
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"     # RFC 6455 §1.3
 MAX_MESSAGE = 64 << 20      # bytes: a full-page screenshot is a few MB of base64; more is a bug
 PR_SET_PDEATHSIG = 1
@@ -525,26 +526,50 @@ class Page:
 
     def click(self, selector: str, timeout: float = COMMAND_TIMEOUT):
         """A real mouse click (pressed, released) in the middle of the first element matching
-        `selector`, scrolled into view; fails if it is missing, hidden or covered by another."""
-        box = self.evaluate("""(sel => {
-            const e = document.querySelector(sel);
-            if (!e) return {error: "no element matches " + sel};
-            e.scrollIntoView({block: "center", inline: "center"});
-            const r = e.getBoundingClientRect();
-            if (r.width === 0 || r.height === 0) return {error: sel + " is not displayed"};
-            const x = r.left + r.width / 2, y = r.top + r.height / 2;
-            const hit = document.elementFromPoint(x, y);
-            if (!hit || !(hit === e || e.contains(hit)))
-                return {error: sel + " is covered by " + (hit ? hit.outerHTML.slice(0, 80) : "nothing")};
-            return {x: x, y: y};
-        })(%s)""" % json.dumps(selector), timeout)
-        if "error" in box:
-            raise BrowserError("click: " + box["error"])
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.command("Input.dispatchMouseEvent",
-                         {"type": kind, "x": box["x"], "y": box["y"], "button": "left",
-                          "buttons": 0 if kind == "mouseMoved" else 1, "clickCount": 1},
-                         timeout)
+        `selector`, scrolled into view; fails if it is missing, hidden or covered by another.
+        Returns once the page's click handlers have run (their synchronous part: a confirm()
+        they open is answered by then): the input events themselves are acknowledged before
+        the page handles them, so a script evaluated next could run first. A click that
+        landed elsewhere (the page moved between aiming and clicking: a late render) is
+        aimed again, CLICK_TRIES times in all."""
+        for _ in range(CLICK_TRIES):
+            box = self.evaluate("""(sel => {
+                const e = document.querySelector(sel);
+                if (!e) return {error: "no element matches " + sel};
+                e.scrollIntoView({block: "center", inline: "center"});
+                const r = e.getBoundingClientRect();
+                if (r.width === 0 || r.height === 0) return {error: sel + " is not displayed"};
+                const x = r.left + r.width / 2, y = r.top + r.height / 2;
+                const hit = document.elementFromPoint(x, y);
+                if (!hit || !(hit === e || e.contains(hit)))
+                    return {error: sel + " is covered by " + (hit ? hit.outerHTML.slice(0, 80) : "nothing")};
+                // A task queued as the click begins runs after its whole dispatch: every
+                // handler, and any dialog they opened, is done when it records the click.
+                const n = (window.__harnessClick ? window.__harnessClick.n : 0) + 1;
+                window.addEventListener("click", event => {
+                    const landed = event.target === e || e.contains(event.target);
+                    const on = event.target.outerHTML ? event.target.outerHTML.slice(0, 80) :
+                        String(event.target);
+                    setTimeout(() => { window.__harnessClick = {n: n, landed: landed, on: on}; });
+                }, {capture: true, once: true});
+                return {x: x, y: y, n: n, href: location.href};
+            })(%s)""" % json.dumps(selector), timeout)
+            if "error" in box:
+                raise BrowserError("click: " + box["error"])
+            for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+                self.command("Input.dispatchMouseEvent",
+                             {"type": kind, "x": box["x"], "y": box["y"], "button": "left",
+                              "buttons": 0 if kind == "mouseMoved" else 1, "clickCount": 1},
+                             timeout)
+            # (A click that loaded another document took the record with the old one.)
+            done = self.wait_for("location.href !== %s ? {landed: true} : window.__harnessClick"
+                                 " && window.__harnessClick.n >= %d && window.__harnessClick"
+                                 % (json.dumps(box["href"]), box["n"]), timeout, interval=0.01,
+                                 message="the page to handle the click on " + selector)
+            if done["landed"]:
+                return
+        raise BrowserError("click: %s was not clicked %d times: the click landed on %s"
+                           % (selector, CLICK_TRIES, done["on"]))
 
     def set_value(self, selector: str, value: str):
         """Set a form field's value as typing or choosing would, with its input and change

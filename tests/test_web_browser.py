@@ -328,10 +328,12 @@ class CiRunTest(unittest.TestCase):
 
 STATIC = {
     "/index.html": b"""<!doctype html><title>harness</title>
-<p id="late"></p>
+<p id="late" style="height:1.5em"></p>
 <button id="ask" onclick="window.answer = confirm('Sure?')">ask</button>
 <div id="cover" style="position:fixed;z-index:10;top:0;left:0;width:100%;height:100%;display:none"></div>
 <button id="under" style="position:fixed;bottom:10px;right:10px">under</button>
+<button id="runaway" style="position:relative;left:0"
+ onmousedown="this.style.left = this.style.left === '200px' ? '0px' : '200px'">runaway</button>
 <input id="field" oninput="window.typed = this.value">
 <script>
 console.log("page says", 42);
@@ -411,6 +413,10 @@ class HarnessTest(unittest.TestCase):
         self.assertEqual(page.dialogs, [("confirm", "Sure?"), ("confirm", "Sure?")])
         with self.assertRaisesRegex(br.BrowserError, "no element"):
             page.click("#nothing")
+        # Moved away between press and release: the click goes to the body, every time.
+        with self.assertRaisesRegex(br.BrowserError, "runaway was not clicked 3 times: the "
+                                    "click landed on <body"):
+            page.click("#runaway")
         page.evaluate("document.getElementById('cover').style.display = 'block'")
         with self.assertRaisesRegex(br.BrowserError, "covered"):
             page.click("#under")
