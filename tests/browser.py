@@ -94,7 +94,7 @@ class WebSocket:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.buf = b""
+        self.buf = bytearray()     # appended in place: a screenshot is megabytes in 64 KiB reads
         self.closed = False
 
     @classmethod
@@ -121,7 +121,8 @@ class WebSocket:
                           % (path.encode(), host.encode(), key))
         while b"\r\n\r\n" not in self.buf:
             self._fill(deadline)
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        head, rest = bytes(self.buf).split(b"\r\n\r\n", 1)
+        self.buf = bytearray(rest)
         lines = head.decode("latin-1").split("\r\n")
         if lines[0].split(" ")[1:2] != ["101"]:
             raise BrowserError("WebSocket handshake refused: %s" % lines[0])
@@ -151,7 +152,8 @@ class WebSocket:
     def _take(self, n: int, deadline: float) -> bytes:
         while len(self.buf) < n:
             self._fill(deadline)
-        data, self.buf = self.buf[:n], self.buf[n:]
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
         return data
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True):
