@@ -3668,6 +3668,42 @@ def find_leftovers(attempts: dict[tuple[int, int], int]) -> list[tuple[int, int]
     return found
 
 
+def boot_time() -> float:
+    """When the host booted (epoch seconds, /proc/stat btime): process start times count from it."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def find_ended_leftovers(ended) -> list[tuple[int, int]]:
+    """Live processes, (pid, start), that a crashed daemon's attempts left and it had not swept
+    yet (its crash came between an attempt's end and the sweep after it): orphans (re-parented
+    to one of our ancestors, init or a subreaper above us), of our uid (any, if root), marked
+    with an attempt that `ended(mark, born)` says is over (`born`: the process's start, epoch
+    seconds). It reads the children of our ancestors only: a few reads at every start-up."""
+    uid, me = os.getuid(), os.getpid()
+    boot, tick = boot_time(), os.sysconf("SC_CLK_TCK")
+    found = []
+    for pid in {pid for parent in ancestors() for pid in child_pids(parent)}:
+        stat = proc_stat(pid)
+        if pid == me or stat is None or stat[0] in (b"Z", b"X"):
+            continue
+        try:
+            if uid != 0 and os.stat("/proc/%d" % pid).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        mark = attempt_mark(pid)
+        if mark is not None and ended(mark, boot + stat[3] / tick):
+            found.append((pid, stat[3]))
+    return found
+
+
 class Containment:
     """Kills the processes of attempts that are over, in whatever group or session they went.
 
@@ -7028,9 +7064,13 @@ class Dispatcher:
             return backoff
         return due
 
-    def recover_running(self) -> None:
+    def recover_running(self, changed: bool = True) -> None:
         """Jobs left `running` by a daemon that died: kill what is left of them, then count the
-        attempt as failed (pending again, or failed when no retries are left)."""
+        attempt as failed (pending again, or failed when no retries are left). First, when
+        the journal holds changes (`changed`: no graceful stop wrote a snapshot after them),
+        what attempts that had ended left, if the dead daemon had not swept it yet."""
+        if changed and self.jobs.jobs:
+            self.kill_leftovers(lambda: find_ended_leftovers(self.attempt_over))
         if not self.jobs.counts[RUNNING]:
             return
         now = self.clock()
@@ -7052,24 +7092,35 @@ class Dispatcher:
         for pgid in groups:
             warn("warning: process group %d survived SIGKILL for %gs"
                  % (pgid, self.cfg.kill_grace))
-        self.kill_leftovers({(job.id, job.attempts): job.pid_start for job in running
-                             if job.pid_start is not None})
+        attempts = {(job.id, job.attempts): job.pid_start for job in running
+                    if job.pid_start is not None}
+        if attempts:
+            self.kill_leftovers(lambda: find_leftovers(attempts))
         for job in running:
             self.settle(job, Ending(ENDED_INTERRUPTED), now, pid=job.pid)
 
-    def kill_leftovers(self, attempts: dict[tuple[int, int], int]) -> None:
-        """What those attempts started and the crash let go (re-parented to init: setsid, a
-        daemonising tool): killed before the jobs can run again. A victim's own children go to
-        init as it dies, so look again until nothing is found."""
+    def attempt_over(self, mark: tuple[int, int], born: float) -> bool:
+        """Is the attempt (job id, number) a process carries over, the process born after its
+        job was made (not another daemon's job of the same id)? At start-up, before any
+        attempt starts: every attempt but a `running` job's current one is."""
+        job = self.jobs.jobs.get(mark[0])
+        return job is not None and 1 <= mark[1] <= job.attempts + 1 \
+            and born >= job.created_at - 1.0 \
+            and not (job.state == RUNNING and mark[1] == job.attempts)
+
+    def kill_leftovers(self, find) -> None:
+        """What attempts started and the crash let go (re-parented to init: setsid, a
+        daemonising tool), as find() lists it: killed before the jobs can run again. A victim's
+        own children go to init as it dies, so look again until nothing is found."""
         deadline = time.monotonic() + self.cfg.kill_grace
-        while attempts:
-            left = find_leftovers(attempts)
+        while True:
+            left = find()
             for pid, start in left:
                 kill_process(pid, start)
             if not left:
                 return
             if time.monotonic() >= deadline:
-                warn("warning: %d processes of interrupted jobs survived SIGKILL for %gs"
+                warn("warning: %d processes of ended jobs survived SIGKILL for %gs"
                      % (len(left), self.cfg.kill_grace))
                 return
             time.sleep(0.01)
@@ -7307,7 +7358,8 @@ class Daemon:
         for warning in self.store.warnings:
             warn("warning: " + warning)
         self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
-        self.dispatcher.recover_running()
+        header = len(_json_line({"gen": self.store.gen, "format": STORE_FORMAT}).encode())
+        self.dispatcher.recover_running(bool(self.store.older) or self.store.size > header)
         self.jobs.settle_orphans()      # blocked on parents that all ended: settled, durably
         self.jobs.settle_budget = SETTLE_SLICE      # from now on the loop serves meanwhile
         self.schedules.load(meta, cfg.schedules, self.clock())     # after recovery: overlap
