@@ -3,8 +3,8 @@
 
 The daemon keeps every job in memory, persists each change to disk before it
 says "ok", listens on a Unix domain socket for newline-delimited JSON requests,
-and runs each attempt of a job in a fresh child process. ../SPEC.md is the
-contract; this docstring is the map.
+and runs each attempt of a job in a fresh child process (or, in a queue with isolation =
+"reuse", in a reused worker). ../SPEC.md is the contract; this docstring is the map.
 
 Sections, in file order
     constants ........ numbers with the reason they have that value
@@ -22,7 +22,8 @@ Sections, in file order
                        PatternQuery (a `list` pattern, in slices); BulkChange (a
                        `where` cancel/retry, in durable steps)
     job process ...... the code a child runs (sent to it, never imported here)
-    runner ........... Zygote (fork server), Runner (start attempts, capture
+    runner ........... Zygote (fork server), Worker (a reused worker of an
+                       isolation = "reuse" queue), Runner (start attempts, capture
                        output, kill process groups), Containment (what an ended
                        attempt left behind, in any group or session)
     protocol ......... request decoding, validation (the handlers: Protocol, below)
@@ -3828,7 +3829,8 @@ ZYGOTE_CHECK_INTERVAL = 0.5         # s between checks of those deadlines (and p
 # same reason as CHILD_SOURCE: the zygote is a bare `python -I` that must not import jobrunnerd,
 # or every job process forked from it would hold the daemon's module). It reads its
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
-# "job", "attempt"} with two fds (the output pipe and the channel), or {"ping": n}. It answers
+# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1} with
+# one fd (a reused worker's socket: WORKER_SOURCE), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
 # each attempt process it reaps (not for the orphans it adopts as subreaper: see Containment),
 # and exits once the daemon closed the socket and no child is left.
