@@ -3939,6 +3939,7 @@ def _worker(fds, code, wake, prctl, zygote):
             os.dup2(null, fd)
         if null > 2:
             os.close(null)
+        os.set_inheritable(fds[0], False)       # no job's exec'd child holds our socket
         exec(code, {"__name__": "jobrunner-worker", "__builtins__": __builtins__,
                     "_ctl": socket.socket(fileno=fds[0]), "_prctl": prctl,
                     "_zygote_pid": zygote})
@@ -4111,8 +4112,8 @@ def _kill_leftovers():
             try:
                 group = os.getpgid(pid)
                 os.kill(pid, signal.SIGKILL)
-                if group != me:
-                    os.killpg(group, signal.SIGKILL)
+                if group == pid:        # a group of its own (setsid): its members too; a
+                    os.killpg(group, signal.SIGKILL)    # group it joined may be another's
             except OSError:
                 pass
         while True:
@@ -5123,33 +5124,37 @@ class Runner:
         """Hand `att` to an idle worker of `queue` (its pid), or to a new one `zygote` forks
         (None: the pid comes with worker_started)."""
         idle = self.idle.get(queue.name)
-        worker = idle.pop() if idle else None           # the last to finish: the warmest
-        if worker is None:
-            self.tokens += 1
-            worker = Worker(queue, self.tokens, zygote)
-            self.workers.add(worker)
-        worker.attempt, att.worker, att.zygote = att, worker, worker.zygote
-        try:
-            if worker.pid is None:
-                out_copy = os.dup(out_w)
-                try:
-                    worker.handoff = (out_copy, os.dup(chan_child.fileno()))
-                except OSError:
-                    os.close(out_copy)
+        while True:
+            worker = idle.pop() if idle else None       # the last to finish: the warmest
+            if worker is None:
+                self.tokens += 1
+                worker = Worker(queue, self.tokens, zygote)
+                self.workers.add(worker)
+            worker.attempt, att.worker, att.zygote = att, worker, worker.zygote
+            try:
+                if worker.pid is None:
+                    out_copy = os.dup(out_w)
+                    try:
+                        worker.handoff = (out_copy, os.dup(chan_child.fileno()))
+                    except OSError:
+                        os.close(out_copy)
+                        raise
+                else:
+                    worker.hand(att, out_w, chan_child.fileno())
+            except OSError as exc:
+                att.worker = att.zygote = None
+                worker.attempt = None
+                if worker.pid is None:  # no fd free: the start fails, the worker stays
+                    self._idle(worker)
                     raise
-            else:
-                worker.hand(att, out_w, chan_child.fileno())
-        except OSError:
-            att.worker = att.zygote = None
-            worker.attempt = None
-            if worker.pid is not None:  # it could not take it: gone, or its socket full
+                # It could not take it: gone meanwhile (its exit not told yet). Another will.
                 kill_group(worker.pid, signal.SIGKILL)
                 self.retire_worker(worker)
-            else:
-                self._idle(worker)
-            raise
-        worker.zygote.attempts.add(att)
-        return worker.pid
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    raise
+                continue
+            worker.zygote.attempts.add(att)
+            return worker.pid
 
     def worker_started(self, worker: Worker, pid: int, pid_start: int | None) -> None:
         """Its zygote forked `worker`: hand it the attempt that waits for it, if any."""
@@ -5226,6 +5231,9 @@ class Runner:
             self._idle(worker)
 
     def _idle(self, worker: Worker) -> None:
+        if worker.retiring or worker.zygote is not self.zygote:     # SIGHUP meanwhile
+            self.retire_worker(worker)
+            return
         idle = self.idle.setdefault(worker.queue.name, [])
         if worker not in idle:
             idle.append(worker)

@@ -21,8 +21,25 @@ import os, subprocess, sys, time
 with open(os.path.join(os.path.dirname(__file__), "imports.log"), "a") as f:
     f.write("%d\\n" % os.getpid())          # one line per import of this module
 
+VERSION = 1
+
 def who():
     return os.getpid()
+
+def version():
+    return [VERSION, os.getpid()]
+
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+def limits():
+    import resource
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return {"pid": os.getpid(), "cpu": resource.getrlimit(resource.RLIMIT_CPU)[0],
+            "used": used.ru_utime + used.ru_stime,
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
 
 def env_a():
     os.environ["LEAKED"] = "from job A"
@@ -214,6 +231,7 @@ class ReplacementTest(ReuseTestCase):
         wait_until(lambda: not alive(pids[0]), 10, message="the retired worker to exit")
 
     def test_sighup_replaces_workers_a_busy_one_after_its_attempt(self):
+        self.assertEqual(self.result("testjobs_reuse:version")[0], 1)
         first = self.result("testjobs_reuse:who")
         flag = os.path.join(self.root, "flag")
         busy = self.daemon.add("testjobs_reuse:hold", args=[flag])
@@ -222,11 +240,14 @@ class ReplacementTest(ReuseTestCase):
         wait_until(lambda: any(e["event"] == "reload" for e in self.daemon.events()), 10,
                    message="the reload")
         self.assertTrue(alive(first), "the busy worker was not let finish")
+        self.write_job_module("testjobs_reuse", JOB_MODULE.replace("VERSION = 1", "VERSION = 22"))
         open(flag, "w").close()
         job = self.daemon.wait_job(busy)
         self.assertEqual((job["state"], job["result"]), ("succeeded", first))
         wait_until(lambda: not alive(first), 10, message="the old worker to exit")
-        self.assertNotEqual(self.result("testjobs_reuse:who"), first)
+        version, pid = self.result("testjobs_reuse:version")
+        self.assertNotEqual(pid, first)
+        self.assertEqual(version, 22, "the new worker runs the old job code")
 
     def test_set_workers_down_stops_extra_idle_workers(self):
         self.daemon.call(op="set_workers", queue="default", workers=2)
@@ -243,6 +264,26 @@ class ReplacementTest(ReuseTestCase):
         self.assertEqual(reply["queue"]["isolation"], "reuse")
         wait_until(lambda: sum(alive(pid) for pid in pids) == 1, 10,
                    message="one idle worker to stop")
+
+
+class LimitsTest(ReuseTestCase):
+    config = dict(ReuseTestCase.config, limits={"cpu": 1, "nofile": 200})
+
+    def test_cpu_counts_per_attempt_the_rest_per_worker(self):
+        self.assertEqual(self.run_job("testjobs_reuse:burn", args=[1.1])["state"], "succeeded")
+        got = self.result("testjobs_reuse:limits")
+        self.assertGreater(got["used"], 1.0, "not the worker that burnt")
+        # A whole second for this attempt, on top of what the worker used before it.
+        self.assertGreaterEqual(got["cpu"] - got["used"], 1.0, got)
+        self.assertEqual(got["nofile"], [200, 200])
+
+
+class SpawnTest(ReuseTestCase):
+    config = dict(ReuseTestCase.config, start_method="spawn")
+
+    def test_without_a_zygote_attempts_run_fresh(self):
+        first, second = (self.result("testjobs_reuse:who") for _ in range(2))
+        self.assertNotEqual(first, second)
 
 
 class LeftoversTest(ReuseTestCase):
