@@ -3195,7 +3195,7 @@ def _retitle(title, prctl):
     except Exception:
         pass
 
-def _main():
+def _start():
     spec = json.loads(_chan.readline())
     _chan.close()
     os.set_inheritable(3, False)          # the job's own children must not hold the channel
@@ -3222,9 +3222,9 @@ def _main():
         resource.setrlimit(which, (value, value))
     sys.path[:0] = spec["paths"]
     sys.stdout.reconfigure(line_buffering=True)
-    _run(spec)
+    _main(spec)
 
-def _run(spec):
+def _main(spec):
     """Check, import, resolve and call the target; report. What a reused worker (SPEC 2d) runs
     per attempt: it returns after an "ok" report, and exits on any failure (_fail)."""
     sys.argv = ["jobrunner-job:" + spec["target"]]
@@ -3281,7 +3281,7 @@ def _run(spec):
     _send({"status": "ok", "result": result})
 
 if __name__ == "__main__":      # a reused worker execs this source for its functions alone
-    _main()
+    _start()
 '''
 
 
@@ -4038,7 +4038,7 @@ _zygote()
 
 # A reused worker's own code (SPEC §2d), run after CHILD_SOURCE's functions in a process the
 # zygote forked (_worker): it takes {"job", "attempt"} with two fds (the attempt's output pipe
-# and channel) on its socket, runs the attempt as a fresh child would (CHILD_SOURCE's _run: the
+# and channel) on its socket, runs the attempt as a fresh child would (CHILD_SOURCE's _main: the
 # same checks, report and exits), and after one that returned: kills and reaps what the
 # attempt left (every such process is its descendant: it is their subreaper), puts back the
 # environment, cwd, umask and sys.path, lets go of the output pipe, and says {"done": N}. It
@@ -4164,7 +4164,7 @@ def _attempt(req, out_w, chan):
     _set_limits(spec["limits"])
     status = None
     try:
-        _run(spec)
+        _main(spec)
     except SystemExit as exc:           # as a fresh child's (zygote _child) exit
         status = 1
         if exc.code is None or isinstance(exc.code, int):
@@ -4457,6 +4457,7 @@ class Zygote:
                     else:
                         self.runner.worker_start_failed(att, "the zygote could not fork: %s"
                                                         % msg.get("error"))
+                    self.release()              # (retired meanwhile: it may go now)
                     continue
                 if att is None:                 # withdrawn meanwhile: its child must not run
                     if msg.get("pid"):
@@ -4513,7 +4514,7 @@ class Zygote:
         self.release()
 
     def release(self) -> None:
-        if self.retiring and not self.attempts and not self.dead:
+        if self.retiring and not self.attempts and not self.pending and not self.dead:
             self.runner.loop.unwatch(self.ctl.fileno())
             self.ctl.close()
             self.dead = True
