@@ -4043,7 +4043,8 @@ _zygote()
 # attempt left (every such process is its descendant: it is their subreaper), puts back the
 # environment, cwd, umask and sys.path, lets go of the output pipe, and says {"done": N}. It
 # exits instead where the attempt left what it cannot undo (a thread, an atexit function, a
-# signal handler, a replaced sys.stdout, a process that survives SIGKILL): the daemon takes
+# signal handler, a replaced sys.stdout, a move to another process group, a process that
+# survives SIGKILL): the daemon takes
 # the "ok" report and exit 0 as the attempt's success and starts another worker. A failed
 # attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
 # as a whole (what earlier attempts imported counts); cpu is the attempt's: the soft limit is
@@ -4190,7 +4191,7 @@ def _attempt(req, out_w, chan):
     threading = sys.modules.get("threading")
     reusable = reusable and (threading is None or threading.active_count() == 1) \
         and sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__ \
-        and not sys.stdout.closed and not sys.stderr.closed \
+        and not sys.stdout.closed and not sys.stderr.closed and os.getpgrp() == os.getpid() \
         and all(signal.getsignal(s) == h for s, h in _SIGNALS.items())
     try:
         sys.stdout.flush()

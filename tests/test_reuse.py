@@ -55,6 +55,19 @@ def env_b():
             "attempt": os.environ["JOBRUNNER_ATTEMPT"], "leaked": os.environ.get("LEAKED"),
             "home": "HOME" in os.environ, "cwd": os.getcwd(), "nowhere": "/nowhere" in sys.path}
 
+def untidy(what):
+    """Return, leaving what a worker cannot undo."""
+    if what == "thread":
+        import threading
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    elif what == "atexit":
+        import atexit
+        atexit.register(print, "atexit ran")
+    elif what == "signal":
+        import signal
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+    return os.getpid()
+
 def boom():
     raise RuntimeError("boom")
 
@@ -223,6 +236,18 @@ class ReplacementTest(ReuseTestCase):
         self.assertEqual((job["state"], job["exit_code"]), ("failed", 3))
         self.assertNotIn(self.result("testjobs_reuse:who"), (first, second))
         self.assertEqual(len(self.imports()), 3, "one import per worker")
+
+    def test_a_worker_goes_after_an_attempt_that_left_what_it_cannot_undo(self):
+        for what in ("thread", "atexit", "signal"):
+            with self.subTest(what=what):
+                job_id = self.daemon.add("testjobs_reuse:untidy", args=[what])
+                job = self.daemon.wait_job(job_id)
+                self.assertEqual(job["state"], "succeeded", job)
+                wait_until(lambda: not alive(job["result"]), 10, message="the worker to go")
+                self.assertNotEqual(self.result("testjobs_reuse:who"), job["result"])
+                if what == "atexit":        # run at the attempt's end, as a fresh exit runs it
+                    out = self.daemon.call(op="output", id=job_id)["data"]
+                    self.assertEqual(support.job_output(out), "atexit ran\n")
 
     def test_max_jobs_per_worker(self):
         pids = [self.result("testjobs_reuse:who", queue="three") for _ in range(4)]
