@@ -4044,9 +4044,8 @@ _zygote()
 # environment, cwd, umask and sys.path, lets go of the output pipe, and says {"done": N}. It
 # exits instead where the attempt left what it cannot undo (a thread, an atexit function, a
 # signal handler, a replaced sys.stdout, a move to another process group, a process that
-# survives SIGKILL): the daemon takes
-# the "ok" report and exit 0 as the attempt's success and starts another worker. A failed
-# attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
+# survives SIGKILL): the daemon takes the "ok" report and exit 0 as the attempt's success and
+# starts another worker. A failed attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
 # as a whole (what earlier attempts imported counts); cpu is the attempt's: the soft limit is
 # the worker's CPU time so far plus `cpu`, before each attempt.
 WORKER_LEFTOVER_WAIT = 2.0          # s a SIGKILLed leftover may take to go before the worker quits
