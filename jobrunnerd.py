@@ -3,8 +3,8 @@
 
 The daemon keeps every job in memory, persists each change to disk before it
 says "ok", listens on a Unix domain socket for newline-delimited JSON requests,
-and runs each attempt of a job in a fresh child process. ../SPEC.md is the
-contract; this docstring is the map.
+and runs each attempt of a job in a fresh child process (or, in a queue with isolation =
+"reuse", in a reused worker). ../SPEC.md is the contract; this docstring is the map.
 
 Sections, in file order
     constants ........ numbers with the reason they have that value
@@ -22,7 +22,8 @@ Sections, in file order
                        PatternQuery (a `list` pattern, in slices); BulkChange (a
                        `where` cancel/retry, in durable steps)
     job process ...... the code a child runs (sent to it, never imported here)
-    runner ........... Zygote (fork server), Runner (start attempts, capture
+    runner ........... Zygote (fork server), Worker (a reused worker of an
+                       isolation = "reuse" queue), Runner (start attempts, capture
                        output, kill process groups), Containment (what an ended
                        attempt left behind, in any group or session)
     protocol ......... request decoding, validation (the handlers: Protocol, below)
@@ -3194,7 +3195,7 @@ def _retitle(title, prctl):
     except Exception:
         pass
 
-def _main():
+def _start():
     spec = json.loads(_chan.readline())
     _chan.close()
     os.set_inheritable(3, False)          # the job's own children must not hold the channel
@@ -3221,6 +3222,11 @@ def _main():
         resource.setrlimit(which, (value, value))
     sys.path[:0] = spec["paths"]
     sys.stdout.reconfigure(line_buffering=True)
+    _main(spec)
+
+def _main(spec):
+    """Check, import, resolve and call the target; report. What a reused worker (SPEC 2d) runs
+    per attempt: it returns after an "ok" report, and exits on any failure (_fail)."""
     sys.argv = ["jobrunner-job:" + spec["target"]]
     import fnmatch, traceback
     target, method = spec["target"], spec["method"]
@@ -3274,7 +3280,8 @@ def _main():
     sys.stdout.flush()
     _send({"status": "ok", "result": result})
 
-_main()
+if __name__ == "__main__":      # a reused worker execs this source for its functions alone
+    _start()
 '''
 
 
@@ -3353,7 +3360,7 @@ class Attempt:
 
     __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
                  "out_size", "out_capped", "out_lost", "chan", "chan_out", "chan_in", "started",
-                 "stop_reason", "timers", "status", "released", "header")
+                 "stop_reason", "timers", "status", "released", "header", "worker")
 
     def __init__(self, job: Job, number: int, token: int):
         self.job = job
@@ -3372,6 +3379,7 @@ class Attempt:
         self.stop_reason: str | None = None     # "timeout", "cancel", "shutdown"
         self.timers: list = []
         self.header: str | None = None          # its header line, until written (Runner.note)
+        self.worker: Worker | None = None       # the reused worker that runs it (SPEC §2d)
 
     def report(self) -> dict | None:
         """The child's last line on fd 3 as a checked report (see check_report()), None if it
@@ -3661,6 +3669,42 @@ def find_leftovers(attempts: dict[tuple[int, int], int]) -> list[tuple[int, int]
     return found
 
 
+def boot_time() -> float:
+    """When the host booted (epoch seconds, /proc/stat btime): process start times count from it."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def find_ended_leftovers(ended) -> list[tuple[int, int]]:
+    """Live processes, (pid, start), that a crashed daemon's attempts left and it had not swept
+    yet (its crash came between an attempt's end and the sweep after it): orphans (re-parented
+    to one of our ancestors, init or a subreaper above us), of our uid (any, if root), marked
+    with an attempt that `ended(mark, born)` says is over (`born`: the process's start, epoch
+    seconds). It reads the children of our ancestors only: a few reads at every start-up."""
+    uid, me = os.getuid(), os.getpid()
+    boot, tick = boot_time(), os.sysconf("SC_CLK_TCK")
+    found = []
+    for pid in {pid for parent in ancestors() for pid in child_pids(parent)}:
+        stat = proc_stat(pid)
+        if pid == me or stat is None or stat[0] in (b"Z", b"X"):
+            continue
+        try:
+            if uid != 0 and os.stat("/proc/%d" % pid).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        mark = attempt_mark(pid)
+        if mark is not None and ended(mark, boot + stat[3] / tick):
+            found.append((pid, stat[3]))
+    return found
+
+
 class Containment:
     """Kills the processes of attempts that are over, in whatever group or session they went.
 
@@ -3705,7 +3749,8 @@ class Containment:
         births = [att.pid_start for att in runner.active.values() if att.pid is not None]
         oldest = min(births, default=None) if None not in births else -1
         zygotes = {z.pid: z for z in runner.zygotes}
-        spare = frozenset(zygotes) | {att.pid for att in runner.active.values() if att.pid}
+        spare = frozenset(zygotes) | {att.pid for att in runner.active.values() if att.pid} \
+            | frozenset(runner.worker_pids)
         own_group = os.getpgrp()
         left = killed = 0
         deferred = False
@@ -3716,7 +3761,7 @@ class Containment:
             forking = not ours and bool(zygotes[parent].pending)
             first_birth = self.first_birth if ours else zygotes[parent].first_birth
             for pid in child_pids(parent):
-                if pid in runner.by_pid or pid in zygotes:
+                if pid in runner.by_pid or pid in zygotes or pid in runner.worker_pids:
                     continue
                 stat = proc_stat(pid)
                 # A child of ours in our own group is none of an attempt's (those start in
@@ -3784,7 +3829,8 @@ ZYGOTE_CHECK_INTERVAL = 0.5         # s between checks of those deadlines (and p
 # same reason as CHILD_SOURCE: the zygote is a bare `python -I` that must not import jobrunnerd,
 # or every job process forked from it would hold the daemon's module). It reads its
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
-# "job", "attempt"} with two fds (the output pipe and the channel), or {"ping": n}. It answers
+# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1} with
+# one fd (a reused worker's socket: WORKER_SOURCE), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
 # each attempt process it reaps (not for the orphans it adopts as subreaper: see Containment),
 # and exits once the daemon closed the socket and no child is left.
@@ -3877,6 +3923,30 @@ def _child(req, fds, code, wake, prctl):
             pass
         os._exit(status & 0xFF)
 
+def _worker(fds, code, wake, prctl, zygote):
+    """A reused worker (SPEC 2d): set up as an attempt's child is, then `code` (CHILD_SOURCE's
+    functions and WORKER_SOURCE) runs attempts one after another over the socket in fds[0]
+    until the daemon closes it. Its argv carries no attempt mark until its first attempt."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for s in wake:
+            s.close()
+        _ctl.close()
+        os.setpgid(0, 0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+        os.set_inheritable(fds[0], False)       # no job's exec'd child holds our socket
+        exec(code, {"__name__": "jobrunner-worker", "__builtins__": __builtins__,
+                    "_ctl": socket.socket(fileno=fds[0]), "_prctl": prctl,
+                    "_zygote_pid": zygote})
+    except BaseException:
+        traceback.print_exc()
+    os._exit(1)
+
 def _zygote():
     global _ctl
     fd = _ctl.detach()                          # keep fd 3 free for the children's channel
@@ -3901,6 +3971,7 @@ def _zygote():
             _tell({"warning": ("preload %s failed: %s: %s"
                                % (name, type(exc).__name__, exc))[:MAX_WARNING]})
     code = compile(conf["child"], "<jobrunner-job>", "exec")
+    worker_code = compile(conf["child"] + conf["worker"], "<jobrunner-worker>", "exec")
     if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
         os.environ.clear()                      # here rather than in every child
         os.environ.update(conf["env"])
@@ -3935,7 +4006,10 @@ def _zygote():
                     children.discard(pid)       # business: it sweeps again after each kill
                     _tell({"exit": pid, "status": status})
         if listening and _ctl in ready:
-            msg, fds, _, _ = socket.recv_fds(_ctl, 65536, 4)
+            try:
+                msg, fds, _, _ = socket.recv_fds(_ctl, 65536, 4)
+            except OSError:             # reset: the daemon closed it with our exits unread
+                msg = b""
             if not msg:
                 listening = False
                 continue
@@ -3948,6 +4022,8 @@ def _zygote():
             except OSError as exc:
                 pid = None
                 _tell({"started": req["token"], "error": str(exc)})
+            if pid == 0 and "worker" in req:
+                _worker(fds, worker_code, (wake_r, wake_w), prctl, os.getppid())
             if pid == 0:
                 _child(req, fds, code, (wake_r, wake_w), prctl)
             for fd in fds:
@@ -3958,6 +4034,231 @@ def _zygote():
 
 _zygote()
 ''')
+
+
+# A reused worker's own code (SPEC §2d), run after CHILD_SOURCE's functions in a process the
+# zygote forked (_worker): it takes {"job", "attempt"} with two fds (the attempt's output pipe
+# and channel) on its socket, runs the attempt as a fresh child would (CHILD_SOURCE's _main: the
+# same checks, report and exits), and after one that returned: kills and reaps what the
+# attempt left (every such process is its descendant: it is their subreaper), puts back the
+# environment, cwd, umask and sys.path, lets go of the output pipe, and says {"done": N}. It
+# exits instead where the attempt left what it cannot undo (a thread, an atexit function, a
+# signal handler, a replaced sys.stdout, a move to another process group, a process that
+# survives SIGKILL): the daemon takes the "ok" report and exit 0 as the attempt's success and
+# starts another worker. A failed attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
+# as a whole (what earlier attempts imported counts); cpu is the attempt's: the soft limit is
+# the worker's CPU time so far plus `cpu`, before each attempt.
+WORKER_LEFTOVER_WAIT = 2.0          # s a SIGKILLed leftover may take to go before the worker quits
+WORKER_SOURCE = ("LEFTOVER_WAIT = %r\n" % WORKER_LEFTOVER_WAIT) + r'''
+import atexit, ctypes, resource, socket, time
+
+_LIMITS = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
+           "fsize": "RLIMIT_FSIZE"}
+
+def _argv_area():
+    fd = os.open("/proc/self/stat", os.O_RDONLY)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[45]), int(fields[46])         # arg_start, arg_end
+
+def _label(title, mark, comm):
+    """What ps shows: our argv becomes `title` then the mark "jobrunner-job ID N" (by which the
+    daemon's Containment and start-up find an attempt's processes; none while idle)."""
+    try:
+        if comm:
+            _prctl(15, comm.encode()[:15], 0, 0, 0)     # PR_SET_NAME
+    except Exception:
+        pass
+    try:
+        start, end = _AREA
+        mark = mark.encode()
+        room = end - start - len(mark) - 1
+        data = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
+        ctypes.memmove(start, data.ljust(end - start, b"\0")[:end - start], end - start)
+    except Exception:
+        pass
+
+def _children():
+    """Our children, of every thread (a job's thread may have forked)."""
+    found = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open("/proc/self/task/%s/children" % tid, "rb") as f:
+                found += [int(p) for p in f.read().split()]
+    except FileNotFoundError:                       # a kernel without CONFIG_PROC_CHILDREN
+        me = os.getpid()
+        for name in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+def _kill_leftovers():
+    """SIGKILL what the attempt left, with the groups of those that left ours, and reap them;
+    their own children come to us as they die, and go the same way. False if some are still
+    there after LEFTOVER_WAIT (uninterruptible sleep)."""
+    me, deadline = os.getpid(), time.monotonic() + LEFTOVER_WAIT
+    while True:
+        kids = _children()
+        if not kids:
+            return True
+        for pid in kids:                # unreaped: no pid of these can be recycled meanwhile
+            try:
+                group = os.getpgid(pid)
+                os.kill(pid, signal.SIGKILL)
+                if group == pid:        # a group of its own (setsid): its members too; a
+                    os.killpg(group, signal.SIGKILL)    # group it joined may be another's
+            except OSError:
+                pass
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        if time.monotonic() >= deadline:
+            return not _children()
+        time.sleep(0.001)
+
+def _set_limits(limits):
+    for name, value in limits.items():
+        which = getattr(resource, _LIMITS[name])
+        soft, hard = resource.getrlimit(which)
+        if name == "cpu":               # this attempt's CPU seconds, on top of the worker's
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            value += int(used.ru_utime + used.ru_stime) + 1
+            wanted = (value if hard == resource.RLIM_INFINITY else min(value, hard), hard)
+        else:
+            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            wanted = (value, value)
+        if (soft, hard) != wanted:
+            resource.setrlimit(which, wanted)
+
+def _attempt(req, out_w, chan):
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    if chan != 3:
+        os.dup2(chan, 3)
+    os.set_inheritable(3, False)      # the job's own children must not hold the channel
+    for fd in {out_w, chan} - {0, 1, 2, 3}:
+        os.close(fd)
+    os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])
+    os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
+    _label("jobrunner: job %d attempt %d" % (req["job"], req["attempt"]),
+           "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]), "")
+    chan_file = os.fdopen(3, "rb", closefd=False)
+    line = chan_file.readline()
+    chan_file.close()
+    if not line:                        # the daemon stopped the attempt before it ran
+        os._exit(1)
+    spec = json.loads(line)
+    _label(spec.get("title") or "", "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]),
+           "job %d %d" % (req["job"], req["attempt"]))
+    _set_limits(spec["limits"])
+    status = None
+    try:
+        _main(spec)
+    except SystemExit as exc:           # as a fresh child's (zygote _child) exit
+        status = 1
+        if exc.code is None or isinstance(exc.code, int):
+            status = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        status = 1
+    if status is not None:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        os._exit(status & 0xFF)
+    # It returned: its report is sent. Undo what it changed, or go.
+    reusable = atexit._ncallbacks() == _ATEXIT
+    if not reusable:
+        atexit._run_exitfuncs()         # into this attempt's output, as at a fresh exit
+    threading = sys.modules.get("threading")
+    reusable = reusable and (threading is None or threading.active_count() == 1) \
+        and sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__ \
+        and not sys.stdout.closed and not sys.stderr.closed and os.getpgrp() == os.getpid() \
+        and all(signal.getsignal(s) == h for s, h in _SIGNALS.items())
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        reusable = False
+    reusable = _kill_leftovers() and reusable
+    if not reusable:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)                    # the output pipe's last writer goes: the daemon sees
+    os.dup2(null, 2)                    # its end (after all the attempt wrote)
+    os.close(null)
+    for name in ("JOBRUNNER_JOB_ID", "JOBRUNNER_ATTEMPT"):
+        if name in _ENV:
+            os.environ[name] = _ENV[name]
+        else:
+            os.environ.pop(name, None)
+    if os.environ != _ENV:
+        os.environ.clear()
+        os.environ.update(_ENV)
+    if sys.path != _PATH:
+        sys.path[:] = _PATH
+    os.umask(_UMASK)
+    try:
+        os.chdir(_CWD)
+    except OSError:
+        os._exit(0)
+
+def _serve():
+    global _AREA, _ENV, _PATH, _UMASK, _CWD, _ATEXIT, _SIGNALS
+    try:
+        _prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG: dies with its zygote, as it does
+        _prctl(36, 1)                   # with the daemon; PR_SET_CHILD_SUBREAPER: what its
+    except Exception:                   # attempts leave comes back to it, not to the zygote
+        pass
+    if os.getppid() != _zygote_pid:
+        os._exit(1)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    sys.stdout.reconfigure(line_buffering=True)
+    _AREA = _argv_area()
+    _ENV, _PATH, _CWD = dict(os.environ), list(sys.path), os.getcwd()
+    _UMASK = os.umask(0o22)
+    os.umask(_UMASK)
+    _ATEXIT = atexit._ncallbacks()
+    _SIGNALS = {s: signal.getsignal(s) for s in signal.valid_signals()
+                if s not in (signal.SIGKILL, signal.SIGSTOP)}
+    done = 0
+    while True:
+        _label("jobrunner: worker idle, %d attempts done" % done, "", "jobrunner-wkr")
+        try:
+            msg, fds, _, _ = socket.recv_fds(_ctl, 4096, 2)
+        except OSError:
+            os._exit(0)
+        if not msg:                     # the daemon closed our socket: retire
+            os._exit(0)
+        if len(fds) != 2:
+            os._exit(1)
+        _attempt(json.loads(msg), *fds)
+        done += 1
+        try:
+            _ctl.send(json.dumps({"done": done}).encode())
+        except OSError:
+            os._exit(0)
+
+if __name__ == "jobrunner-worker":
+    _serve()
+'''
 
 
 class Zygote:
@@ -3991,6 +4292,7 @@ class Zygote:
         cfg = runner.cfg
         conf = json.dumps({"source": ZYGOTE_SOURCE, "parent": os.getpid(),
                            "paths": cfg.job_paths, "preload": cfg.preload, "child": CHILD_SOURCE,
+                           "worker": WORKER_SOURCE,
                            "allow": cfg.allow, "env": runner.env}).encode()
         boot = os.memfd_create("jobrunner-zygote", os.MFD_CLOEXEC)
         try:
@@ -4038,6 +4340,16 @@ class Zygote:
         self.asked[att.token] = time.monotonic()
         self.attempts.add(att)
         att.zygote = self
+        self._flush()
+        self._check_soon()
+
+    def fork_worker(self, worker: "Worker", sock: socket.socket) -> None:
+        """Ask for a reused worker (SPEC §2d) on `sock`; its pid comes back later
+        (Runner.worker_started), as an attempt's does."""
+        msg = json.dumps({"token": worker.token, "worker": 1}).encode()
+        self.outbox.append((msg, os.dup(sock.fileno())))
+        self.pending[worker.token] = worker
+        self.asked[worker.token] = time.monotonic()
         self._flush()
         self._check_soon()
 
@@ -4139,6 +4451,14 @@ class Zygote:
             if "started" in msg:
                 att = self.pending.pop(msg["started"], None)
                 self.asked.pop(msg["started"], None)
+                if isinstance(att, Worker):
+                    if msg.get("pid"):
+                        self.runner.worker_started(att, msg["pid"], msg.get("start"))
+                    else:
+                        self.runner.worker_start_failed(att, "the zygote could not fork: %s"
+                                                        % msg.get("error"))
+                    self.release()              # (retired meanwhile: it may go now)
+                    continue
                 if att is None:                 # withdrawn meanwhile: its child must not run
                     if msg.get("pid"):
                         kill_group(msg["pid"], signal.SIGKILL)
@@ -4194,7 +4514,7 @@ class Zygote:
         self.release()
 
     def release(self) -> None:
-        if self.retiring and not self.attempts and not self.dead:
+        if self.retiring and not self.attempts and not self.pending and not self.dead:
             self.runner.loop.unwatch(self.ctl.fileno())
             self.ctl.close()
             self.dead = True
@@ -4217,6 +4537,10 @@ class Zygote:
                 os.close(fd)
         self.outbox.clear()
         for att in list(self.pending.values()):
+            if isinstance(att, Worker):
+                self.runner.worker_start_failed(att, "the zygote %s before the job started"
+                                                % how, retry_now=True)
+                continue
             self.attempts.discard(att)
             self.runner.start_failed(att, "the zygote %s before the job started" % how,
                                      retry_now=True)
@@ -4227,6 +4551,65 @@ class Zygote:
                 kill_group(att.pid, signal.SIGKILL)
                 self.runner.exited(att.pid, signal.SIGKILL)     # a wait status: killed by SIGKILL
         self.attempts.clear()
+        self.runner.workers_lost(self)
+
+
+class Worker:
+    """A reused worker of a queue whose isolation is "reuse" (SPEC §2d), as the Runner sees
+    it: a process its zygote forked (its pid known once the zygote says so), in its own
+    process group; a SEQPACKET socket that hands it one attempt at a time ({"job", "attempt"}
+    with the attempt's output pipe and channel) and brings back {"done": N} after each attempt
+    that returned; and the attempt it runs, if any. Its exit, like an attempt's, comes from
+    its zygote (Runner.exited). The Runner is its one user."""
+
+    __slots__ = ("queue", "token", "zygote", "ctl", "pid", "pid_start", "attempt", "handoff",
+                 "done", "retiring")
+
+    def __init__(self, queue: Queue, token: int, zygote: Zygote):
+        self.queue = queue
+        self.token = token
+        self.zygote = zygote
+        self.pid: int | None = None
+        self.pid_start: int | None = None
+        self.attempt: Attempt | None = None
+        self.handoff: tuple[int, int] | None = None     # the attempt's fds until the pid comes
+        self.done = 0                                   # attempts it ran to their report
+        self.retiring = False                           # SIGHUP: goes after its attempt
+        ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ctl.setblocking(False)
+            zygote.fork_worker(self, theirs)
+        except BaseException:
+            ctl.close()
+            raise
+        finally:
+            theirs.close()
+        self.ctl: socket.socket | None = ctl
+
+    def hand(self, att: Attempt, out_w: int, chan_fd: int) -> None:
+        """Give it `att` (OSError if it cannot take it: it is gone)."""
+        msg = json.dumps({"job": att.job.id, "attempt": att.number}).encode()
+        socket.send_fds(self.ctl, [msg], [out_w, chan_fd])
+
+    def drop_handoff(self) -> None:
+        if self.handoff is not None:
+            for fd in self.handoff:
+                os.close(fd)
+            self.handoff = None
+
+    @staticmethod
+    def parse(data: bytes, flags: int) -> int | None:
+        """{"done": N} -> N; None for anything else (a job can write to the socket it
+        inherited: the daemon never raises on it)."""
+        if flags & socket.MSG_TRUNC:
+            return None
+        try:
+            msg = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+        if type(msg) is dict and msg.keys() == {"done"} and type(msg["done"]) is int:
+            return msg["done"]
+        return None
 
 
 class Runner:
@@ -4266,6 +4649,9 @@ class Runner:
                     if k != "NOTIFY_SOCKET" and not k.startswith(("LISTEN_", "WATCHDOG_"))}
         self.source_line = (json.dumps(CHILD_SOURCE) + "\n").encode()
         self.containment = Containment(self)
+        self.workers: set[Worker] = set()              # reused workers (SPEC §2d), all states
+        self.worker_pids: dict[int, Worker] = {}       # those whose pid is known
+        self.idle: dict[str, list[Worker]] = {}        # queue name -> its idle workers
 
     def output_path(self, job_id: int) -> str:
         return os.path.join(self.output_dir, "%d.log" % job_id)
@@ -4313,9 +4699,10 @@ class Runner:
         if zygote is self.zygote:
             self.spawn_until_ready = False
 
-    def start(self, job: Job, number: int) -> Attempt:
-        """Start attempt `number` of `job`. Raises OSError if no process could be started now;
-        with a zygote, the pid (or a failure) is reported later through the callbacks."""
+    def start(self, job: Job, number: int, queue: Queue | None = None) -> Attempt:
+        """Start attempt `number` of `job` (in `queue`: a reuse queue runs it in a worker).
+        Raises OSError if no process could be started now; with a zygote, the pid (or a
+        failure) is reported later through the callbacks."""
         self.tokens += 1
         att = Attempt(job, number, self.tokens)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -4338,7 +4725,10 @@ class Runner:
             zygote = self.zygote if self.use_zygote() else None
             if zygote is not None and not zygote.ready and self.spawn_until_ready:
                 zygote = None
-            if zygote is not None:
+            if zygote is not None and queue is not None and queue.isolation == "reuse":
+                pid = self._reuse(att, queue, zygote, out_w, chan_child)
+                parent = zygote.pid
+            elif zygote is not None:
                 zygote.fork(att, out_w, chan_child)
                 parent = zygote.pid
             else:
@@ -4368,6 +4758,8 @@ class Runner:
             att.timers.append(self.loop.call_later(job.timeout, self.stop, att, "timeout"))
         if zygote is None:
             self.started(att, pid, proc_start_time(pid))
+        elif att.worker is not None and pid is not None:    # an idle worker took it
+            self.started(att, pid, att.worker.pid_start)
         return att
 
     def _spawn(self, att: Attempt, out_w: int, chan_child: socket.socket) -> int:
@@ -4587,6 +4979,9 @@ class Runner:
             return                          # it had ended; only its exit was not told yet
         att.stop_reason = reason
         if att.pid is None:                 # no process yet: the attempt ends here
+            if att.worker is not None:      # its worker, still being forked, stays idle
+                att.worker.attempt = None
+                att.worker.drop_handoff()
             if att.zygote is not None:
                 att.zygote.withdraw(att)
             self.active.pop(att.token, None)
@@ -4668,7 +5063,12 @@ class Runner:
         self.containment.reap()
         self.containment.schedule()     # an orphan of ours may have died; a zygote's are ours now
 
-    def exited(self, pid: int, status: int) -> None:
+    def exited(self, pid: int, status: int, kill: bool = True) -> None:
+        """The process `pid` exited with `status` (a wait status); or, `kill` False, the
+        reused worker `pid` ended its attempt and lives on (status 0)."""
+        worker = self.worker_pids.get(pid) if kill else None
+        if worker is not None:              # a worker exited, or is killed: never used again
+            self.retire_worker(worker)
         att = self.by_pid.pop(pid, None)
         if att is None or att.status is not None:
             return
@@ -4679,7 +5079,8 @@ class Runner:
         att.timers.clear()
         self._read_output(att)
         self._read_chan(att)
-        kill_group(pid, signal.SIGKILL)          # nothing of the attempt outlives it
+        if kill:                                # (a worker killed its attempt's leftovers)
+            kill_group(pid, signal.SIGKILL)      # nothing of the attempt outlives it
         self.containment.schedule()             # nor what left its group
         self._close(att, output=False)
         self._ended(att)
@@ -4710,14 +5111,180 @@ class Runner:
             att.zygote.attempts.discard(att)
             att.zygote.release()
 
+    # -- reused workers (SPEC §2d) -------------------------------------------------------------
+    # Started lazily: a queue's first attempt forks its first worker, and a new one is forked
+    # only when an attempt finds none of its queue idle, so workers never outnumber the slots
+    # that were busy at once (no idle interpreters for a queue of rare jobs). One is retired
+    # (its socket closed: it exits) after max_jobs_per_worker attempts, after an attempt that
+    # did not end "ok", on SIGHUP, when its zygote is no longer the current one, and when its
+    # queue has more workers than slots (set_workers). One that exits or is killed (a failed
+    # attempt, a timeout, a cancel) is forgotten when its zygote reports the exit.
+
+    def _reuse(self, att: Attempt, queue: Queue, zygote: Zygote, out_w: int,
+               chan_child: socket.socket) -> int | None:
+        """Hand `att` to an idle worker of `queue` (its pid), or to a new one `zygote` forks
+        (None: the pid comes with worker_started)."""
+        idle = self.idle.get(queue.name)
+        while True:
+            worker = idle.pop() if idle else None       # the last to finish: the warmest
+            if worker is None:
+                self.tokens += 1
+                worker = Worker(queue, self.tokens, zygote)
+                self.workers.add(worker)
+            worker.attempt, att.worker, att.zygote = att, worker, worker.zygote
+            try:
+                if worker.pid is None:
+                    out_copy = os.dup(out_w)
+                    try:
+                        worker.handoff = (out_copy, os.dup(chan_child.fileno()))
+                    except OSError:
+                        os.close(out_copy)
+                        raise
+                else:
+                    worker.hand(att, out_w, chan_child.fileno())
+            except OSError as exc:
+                att.worker = att.zygote = None
+                worker.attempt = None
+                if worker.pid is None:  # no fd free: the start fails, the worker stays
+                    self._idle(worker)
+                    raise
+                # It could not take it: gone meanwhile (its exit not told yet). Another will.
+                kill_group(worker.pid, signal.SIGKILL)
+                self.retire_worker(worker)
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    raise
+                continue
+            worker.zygote.attempts.add(att)
+            return worker.pid
+
+    def worker_started(self, worker: Worker, pid: int, pid_start: int | None) -> None:
+        """Its zygote forked `worker`: hand it the attempt that waits for it, if any."""
+        worker.pid, worker.pid_start = pid, pid_start
+        if worker.ctl is None:          # retired meanwhile
+            kill_group(pid, signal.SIGKILL)
+            return
+        self.worker_pids[pid] = worker
+        self.loop.watch(worker.ctl.fileno(), selectors.EVENT_READ, "internal",
+                        lambda mask: self._on_worker(worker))
+        att, handoff = worker.attempt, worker.handoff
+        worker.handoff = None
+        if att is None or handoff is None:
+            self._idle(worker)
+            return
+        try:
+            worker.hand(att, *handoff)
+        except OSError as exc:
+            worker.attempt = att.worker = None
+            kill_group(pid, signal.SIGKILL)
+            self.retire_worker(worker)
+            self.start_failed(att, "could not hand the job to its worker: %s" % exc,
+                              retry_now=True)
+            return
+        finally:
+            for fd in handoff:
+                os.close(fd)
+        self.started(att, pid, pid_start)
+
+    def worker_start_failed(self, worker: Worker, error: str, retry_now: bool = False) -> None:
+        """No process could be made for `worker`; the attempt that waited for it did not start."""
+        att = worker.attempt
+        self.retire_worker(worker)
+        if att is not None:
+            self.start_failed(att, error, retry_now)
+
+    def _on_worker(self, worker: Worker) -> None:
+        while worker.ctl is not None:
+            try:
+                data, _, flags, _ = worker.ctl.recvmsg(256)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, flags = b"", 0
+            if not data:                # it exited: its zygote tells how (exited())
+                self.loop.unwatch(worker.ctl.fileno())
+                return
+            att = worker.attempt
+            if Worker.parse(data, flags) is None or att is None or att.pid != worker.pid:
+                # Not what our worker says (job code wrote to the socket): it is killed, and
+                # its exit ends the attempt as failed.
+                kill_group(worker.pid, signal.SIGKILL)
+                self.retire_worker(worker)
+                return
+            self._attempt_done(worker, att)
+
+    def _attempt_done(self, worker: Worker, att: Attempt) -> None:
+        """`worker` ran `att` to its report and cleaned up after it (its leftovers killed, the
+        output pipe let go): the attempt ends with status 0, and the worker is idle again
+        unless it must go."""
+        worker.attempt = None
+        worker.done += 1
+        self.exited(worker.pid, 0, kill=False)
+        report = att.report()
+        max_jobs = self.cfg.max_jobs_per_worker if worker.queue.name == DEFAULT_QUEUE else \
+            self.cfg.queues.get(worker.queue.name, QUEUE_DEFAULTS)["max_jobs_per_worker"]
+        if worker.retiring or att.stop_reason is not None or worker.done >= max_jobs \
+                or not report or report["status"] != "ok" or worker.zygote is not self.zygote \
+                or worker.queue.isolation != "reuse":
+            if att.stop_reason is not None:     # its group has had SIGTERM: it is going
+                kill_group(worker.pid, signal.SIGKILL)
+            self.retire_worker(worker)
+        else:
+            self._idle(worker)
+
+    def _idle(self, worker: Worker) -> None:
+        if worker.retiring or worker.zygote is not self.zygote:     # SIGHUP meanwhile
+            self.retire_worker(worker)
+            return
+        idle = self.idle.setdefault(worker.queue.name, [])
+        if worker not in idle:
+            idle.append(worker)
+        self.trim_workers(worker.queue)
+
+    def trim_workers(self, queue: Queue) -> None:
+        """Retire idle workers of `queue` while it has more workers than slots."""
+        idle = self.idle.get(queue.name)
+        while idle and sum(w.queue is queue for w in self.workers) > queue.workers:
+            self.retire_worker(idle[0])
+
+    def retire_worker(self, worker: Worker) -> None:
+        """Forget `worker` and close its socket: it exits if it lives (when its attempt, if
+        any, is over: the caller deals with that attempt)."""
+        self.workers.discard(worker)
+        if worker.pid is not None and self.worker_pids.get(worker.pid) is worker:
+            del self.worker_pids[worker.pid]
+        idle = self.idle.get(worker.queue.name)
+        if idle and worker in idle:
+            idle.remove(worker)
+        worker.drop_handoff()
+        if worker.ctl is not None:
+            self.loop.unwatch(worker.ctl.fileno())
+            worker.ctl.close()
+            worker.ctl = None
+
+    def workers_lost(self, zygote: Zygote) -> None:
+        """`zygote` died: its workers die with it (PDEATHSIG); forget them."""
+        for worker in list(self.workers):
+            if worker.zygote is zygote:
+                if worker.pid is not None:
+                    kill_group(worker.pid, signal.SIGKILL)
+                self.retire_worker(worker)
+
     def restart(self) -> None:
-        """SIGHUP: the next attempt comes from a new zygote, which sees changed job code."""
+        """SIGHUP: the next attempt comes from a new zygote, which sees changed job code;
+        reused workers go too (busy ones after their attempt)."""
+        for worker in list(self.workers):
+            if worker.attempt is None and worker.pid is not None:
+                self.retire_worker(worker)
+            else:
+                worker.retiring = True
         if self.zygote is not None:
             self.zygote.retire()
             self.zygote = None
         self.prepare()
 
     def close(self) -> None:
+        for worker in list(self.workers):
+            self.retire_worker(worker)
         self.containment.finish(self.cfg.kill_grace)
         for zygote in self.zygotes:
             zygote.retire()
@@ -5550,10 +6117,8 @@ class Config:
         if value is None and key == "workers" and label is None:
             return None
         if kind == "isolation":
-            if value == "reuse":
-                raise bad('"reuse" (worker reuse, issue #17) is not built yet; use "fresh"')
-            if value != "fresh":
-                raise bad('must be "fresh"')
+            if value not in ("fresh", "reuse"):
+                raise bad('must be "fresh" or "reuse"')
             return value
         if kind == "queues":
             return Config.check_queues(value, base_dir, bad)
@@ -6510,9 +7075,13 @@ class Dispatcher:
             return backoff
         return due
 
-    def recover_running(self) -> None:
+    def recover_running(self, changed: bool = True) -> None:
         """Jobs left `running` by a daemon that died: kill what is left of them, then count the
-        attempt as failed (pending again, or failed when no retries are left)."""
+        attempt as failed (pending again, or failed when no retries are left). First, when
+        the journal holds changes (`changed`: no graceful stop wrote a snapshot after them),
+        what attempts that had ended left, if the dead daemon had not swept it yet."""
+        if changed and self.jobs.jobs:
+            self.kill_leftovers(lambda: find_ended_leftovers(self.attempt_over))
         if not self.jobs.counts[RUNNING]:
             return
         now = self.clock()
@@ -6534,24 +7103,35 @@ class Dispatcher:
         for pgid in groups:
             warn("warning: process group %d survived SIGKILL for %gs"
                  % (pgid, self.cfg.kill_grace))
-        self.kill_leftovers({(job.id, job.attempts): job.pid_start for job in running
-                             if job.pid_start is not None})
+        attempts = {(job.id, job.attempts): job.pid_start for job in running
+                    if job.pid_start is not None}
+        if attempts:
+            self.kill_leftovers(lambda: find_leftovers(attempts))
         for job in running:
             self.settle(job, Ending(ENDED_INTERRUPTED), now, pid=job.pid)
 
-    def kill_leftovers(self, attempts: dict[tuple[int, int], int]) -> None:
-        """What those attempts started and the crash let go (re-parented to init: setsid, a
-        daemonising tool): killed before the jobs can run again. A victim's own children go to
-        init as it dies, so look again until nothing is found."""
+    def attempt_over(self, mark: tuple[int, int], born: float) -> bool:
+        """Is the attempt (job id, number) a process carries over, the process born after its
+        job was made (not another daemon's job of the same id)? At start-up, before any
+        attempt starts: every attempt but a `running` job's current one is."""
+        job = self.jobs.jobs.get(mark[0])
+        return job is not None and 1 <= mark[1] <= job.attempts + 1 \
+            and born >= job.created_at - 1.0 \
+            and not (job.state == RUNNING and mark[1] == job.attempts)
+
+    def kill_leftovers(self, find) -> None:
+        """What attempts started and the crash let go (re-parented to init: setsid, a
+        daemonising tool), as find() lists it: killed before the jobs can run again. A victim's
+        own children go to init as it dies, so look again until nothing is found."""
         deadline = time.monotonic() + self.cfg.kill_grace
-        while attempts:
-            left = find_leftovers(attempts)
+        while True:
+            left = find()
             for pid, start in left:
                 kill_process(pid, start)
             if not left:
                 return
             if time.monotonic() >= deadline:
-                warn("warning: %d processes of interrupted jobs survived SIGKILL for %gs"
+                warn("warning: %d processes of ended jobs survived SIGKILL for %gs"
                      % (len(left), self.cfg.kill_grace))
                 return
             time.sleep(0.01)
@@ -6568,13 +7148,13 @@ class Dispatcher:
             if job.id in self.attempts:     # retried while its cancelled attempt was stopping
                 self.held[job.id] = job
                 continue
+            queue = self.scheduler.queue(job.queue)
             try:
-                att = self.attempts[job.id] = self.runner.start(job, job.attempts + 1)
+                att = self.attempts[job.id] = self.runner.start(job, job.attempts + 1, queue)
             except OSError as exc:
                 self.not_started(job, "could not start a job process: %s" % exc)
                 return
             if att.token in self.runner.active:     # (not ended already)
-                queue = self.scheduler.queue(job.queue)
                 queue.running += 1
                 self.slots[att.token] = queue
 
@@ -6789,7 +7369,8 @@ class Daemon:
         for warning in self.store.warnings:
             warn("warning: " + warning)
         self.dispatcher.jobs, self.dispatcher.log = self.jobs, self.log
-        self.dispatcher.recover_running()
+        header = len(_json_line({"gen": self.store.gen, "format": STORE_FORMAT}).encode())
+        self.dispatcher.recover_running(bool(self.store.older) or self.store.size > header)
         self.jobs.settle_orphans()      # blocked on parents that all ended: settled, durably
         self.jobs.settle_budget = SETTLE_SLICE      # from now on the loop serves meanwhile
         self.schedules.load(meta, cfg.schedules, self.clock())     # after recovery: overlap
@@ -8103,6 +8684,7 @@ class Protocol:
         # Not journaled: a restart or SIGHUP applies the config's value again (SPEC §2a).
         # Lowered, running attempts go on; fewer start until the queue is below it.
         queue.workers = get_int(req, "workers", None, 0, MAX_QUEUE_WORKERS)
+        self.daemon.runner.trim_workers(queue)     # idle reused workers past it go (SPEC §2d)
         return {"queue": queue.describe()}
 
     def op_schedules(self, req: dict, conn: Connection) -> dict:

@@ -49,6 +49,10 @@ Figures (name: what / baseline):
                       `/bin/true` with 2 slots; durable pipelined adds/s (x0.4) and add_batch
                       jobs/s (x1.0) / beanstalkd pipelined puts/s with its default fsync (every
                       50 ms: acks before fsync), and the same two / beanstalkd -f0 (fsync always)
+  reuse_noop_jobs     no-op Python jobs end to end, 2 workers, isolation = "reuse" / the same
+                      with "fresh", alternated
+  reuse_slow_import_job  time per job of a job whose module sleeps 50 ms at import, 1 worker,
+                      "reuse" (the import once per worker) / the same with "fresh" (per attempt)
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -389,6 +393,54 @@ def bench_noop(sizes, runs):
     return [figure("noop_jobs", "jobs/s", value, base, "serial `python -I -S -c pass`"),
             figure("noop_jobs_preload", "jobs/s", warm, base2, "serial `python -I -S -c pass`",
                    note="preload = [%r]" % module)]
+
+
+SLOW_IMPORT = 0.05          # s a module of the reuse figure sleeps at import: a heavy import
+
+
+def reuse_rate(n: int, isolation: str, target: str = NOOP, workers: int = 2,
+               **config) -> float:
+    """Jobs/s of n `target` jobs (args [i, 1]) queued while paused, from resume to the last
+    end, in a daemon whose default queue has `isolation`; one warm-up job first (the zygote,
+    and under "reuse" a worker, are ready)."""
+    with Daemon(isolation=isolation, workers=workers, **config) as d:
+        with Conn(d.socket) as c:
+            c.call({"op": "wait", "id": c.call({"op": "add", "target": target,
+                                                "args": [0, 0]})["id"]})
+            c.call({"op": "pause"})
+            jobs = [{"target": target, "args": [i, 1]} for i in range(n)]
+            for i in range(0, n, 1000):
+                c.call({"op": "add_batch", "jobs": jobs[i:i + 1000]})
+            t0 = time.perf_counter()
+            c.call({"op": "resume"})
+        wait_all_done(d.socket, n + 1)
+        return n / (time.perf_counter() - t0)
+
+
+def bench_reuse(sizes, runs):
+    """isolation = "reuse" (SPEC §2d) against "fresh", alternated in the same run: no-op jobs
+    (2 workers), and per-job time of a job whose module sleeps SLOW_IMPORT at import (1 worker:
+    fresh pays the import per attempt, reuse once per worker)."""
+    n = sizes["reuse"]
+    byte_compile(os.path.join(ROOT, *NOOP.partition(":")[0].split(".")) + ".py")
+    value, base = measure_pair(lambda: reuse_rate(n, "reuse"), lambda: reuse_rate(n, "fresh"),
+                               runs)
+    out = [figure("reuse_noop_jobs", "jobs/s", value, base, 'isolation = "fresh"',
+                  note="2 workers")]
+    with tempfile.TemporaryDirectory(prefix="jr-bench-slow-") as jobs_dir:
+        with open(os.path.join(jobs_dir, "jrbench_slow.py"), "w") as f:
+            f.write("import time\ntime.sleep(%r)\n\ndef add(a, b):\n    return a + b\n"
+                    % SLOW_IMPORT)
+        byte_compile(os.path.join(jobs_dir, "jrbench_slow.py"))
+        config = {"job_paths": [ROOT, jobs_dir], "allow": ["examples.*:*", "jrbench_slow:*"],
+                  "target": "jrbench_slow:add", "workers": 1}
+        m = sizes["reuse_import"]
+        value, base = measure_pair(lambda: 1 / reuse_rate(m, "reuse", **config),
+                                   lambda: 1 / reuse_rate(m, "fresh", **config), runs)
+    out.append(figure("reuse_slow_import_job", "s", value, base, 'isolation = "fresh"',
+                      higher_is_better=False,
+                      note="per job, 1 worker, a %g ms import" % (SLOW_IMPORT * 1000)))
+    return out
 
 
 def start_latency(start_method: str, n: int) -> float:
@@ -1045,15 +1097,17 @@ SIZES = {
                  "pattern": 200_000, "pause": [100_000], "deps_adds": 200,
                  "deps_children": 10_000, "dispatch": 100_000, "dispatch_starts": 900,
                  "visibility": [100_000], "peers_noop": 1000, "peers_puts": 20000,
-                 "peers_puts_f0": 2000},      # -f0: an fsync a put, ~1-5k puts/s
+                 "peers_puts_f0": 2000,       # -f0: an fsync a put, ~1-5k puts/s
+                 "reuse": 2000, "reuse_import": 20},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
               "pattern": 2000, "pause": [5000], "deps_adds": 5, "deps_children": 100,
               "dispatch": 5000, "dispatch_starts": 900, "visibility": [5000],
-              "peers_noop": 20, "peers_puts": 300, "peers_puts_f0": 100},
+              "peers_noop": 20, "peers_puts": 300, "peers_puts_f0": 100, "reuse": 20,
+              "reuse_import": 3},
 }
 GROUPS = ("machine", "enqueue", "noop", "queues", "dispatch", "latency", "jobctl", "pending",
-          "pattern", "pause", "deps", "visibility", "peers")
+          "pattern", "pause", "deps", "visibility", "reuse", "peers")
 
 
 def main(argv=None) -> int:

@@ -224,7 +224,7 @@ class BirthRuleTest(unittest.TestCase):
         self.addCleanup(child.wait)
         self.addCleanup(child.kill)
         start = jr.proc_start_time(child.pid)
-        runner = mock.Mock(active={}, by_pid={}, zygotes=[])
+        runner = mock.Mock(active={}, by_pid={}, zygotes=[], worker_pids={})
         containment = jr.Containment(runner)
         self.assertEqual(containment.sweep(), 0)
         self.assertIsNone(child.poll(), "killed, though born before any attempt")

@@ -265,7 +265,6 @@ class ConfigQueuesTest(unittest.TestCase):
             ({"emails": {"backoff": "linear"}}, "queues.emails.backoff"),
             ({"emails": {"priority": 2 ** 40}}, "queues.emails.priority"),
             ({"emails": {"timeout": -1}}, "queues.emails.timeout"),
-            ({"emails": {"isolation": "reuse"}}, "issue #17"),
             ({"emails": {"isolation": "other"}}, "queues.emails.isolation"),
             ({"bad name!": {}}, "'bad name!'"),
             ({"x" * 65: {}}, "is not 1-64"),
@@ -278,8 +277,8 @@ class ConfigQueuesTest(unittest.TestCase):
                     config(self.tmp, queues=queues)
                 self.assertIn(needle, str(caught.exception))
         with self.assertRaises(jr.ConfigError) as caught:
-            config(self.tmp, isolation="reuse")
-        self.assertIn("not built yet", str(caught.exception))
+            config(self.tmp, isolation="fresh ")
+        self.assertIn('must be "fresh" or "reuse"', str(caught.exception))
 
     def test_add_takes_its_queue_defaults_then_the_top_level(self):
         cfg = config(self.tmp, retries=2, timeout=60, queues={
