@@ -430,8 +430,9 @@ class RecordTemplates:
             template = self._template(job)
         args, kwargs, key, after, created_at, run_at = _slot_values(job)
         if created_at is not self.created[0]:
-            self.created = (created_at, "" if created_at is None
-                            else ',"created_at":' + _encode(created_at))
+            self.created = (created_at, "" if created_at is None else ',"created_at":' + (
+                float.__repr__(created_at) if type(created_at) is float   # what the encoder
+                else _encode(created_at)))                                 # writes, sooner
         # the rules of stored() for these fields: empty lists and dicts, None, and a run_at
         # equal to created_at are left out
         return template % (
@@ -616,7 +617,10 @@ def log_time(t: float, _cache=[None, ""]) -> str:
     seconds, ms = divmod(round(t * 1000), 1000)
     if _cache[0] != seconds:            # strftime once a second, not once a line
         _cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
-    return _cache[1] + ".%03dZ" % ms
+    return _cache[1] + _MILLISECONDS[ms]
+
+
+_MILLISECONDS = [".%03dZ" % ms for ms in range(1000)]  # log_time()'s ends, made once, not per line
 
 
 def queue_field(job) -> dict:
@@ -703,8 +707,15 @@ class EventLog:
         """The `queued` lines of new jobs: what event("queued", job=, target=, queue=, uid=,
         priority=, run_at=) writes, without its per-field loop (an add_batch logs thousands)."""
         head = log_time(when) + " event=queued job="
-        lines, job_part = self.buffers["events"], self._job_part()
+        lines, job_part, targets = self.buffers["events"], None, self.targets
         for job in jobs:
+            target = targets.get(job.target)
+            if target is not None and job.queue == "default" and job.schedule is None \
+                    and job.uid is not None:        # the usual line, in one format
+                lines.append("%s%d target=%s uid=%d priority=%d run_at=%.3f\n"
+                             % (head, job.id, target, job.uid, job.priority, job.run_at))
+                continue
+            job_part = job_part or self._job_part()
             uid = "" if job.uid is None else " uid=%d" % job.uid
             lines.append("%s%s%s priority=%d run_at=%.3f\n"
                          % (head, job_part(job), uid, job.priority, job.run_at))
@@ -7895,13 +7906,18 @@ class Protocol:
         jobs = req.get("jobs")
         if not isinstance(jobs, list):
             raise ProtocolError("bad_request", "jobs must be a list of add objects")
-        now = self.clock()
+        now, cfg = self.clock(), self.cfg
         batch = []
         for i, item in enumerate(jobs):
-            if not isinstance(item, dict):
-                raise ProtocolError("bad_request", "jobs[%d] must be an object" % i)
-            item = {k: v for k, v in item.items() if k != "op"} if "op" in item else item
-            batch.append(validate_add(item, self.cfg, now, "jobs[%d]: " % i, position=i))
+            # a plain object straight to plain_add(): no "jobs[i]: " made for its messages
+            fields = plain_add(item, cfg, now) \
+                if type(item) is dict and item.keys() <= _PLAIN_ADD else None
+            if fields is None:
+                if not isinstance(item, dict):
+                    raise ProtocolError("bad_request", "jobs[%d] must be an object" % i)
+                item = {k: v for k, v in item.items() if k != "op"} if "op" in item else item
+                fields = validate_add(item, cfg, now, "jobs[%d]: " % i, position=i)
+            batch.append(fields)
         # Each item is an existing job (its key is live: that id) or a new one; a key that
         # comes twice in the batch makes one job. refs[i] is an id or an index into `fresh`.
         refs, fresh, new_keys = [], [], {}

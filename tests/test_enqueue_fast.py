@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import unittest
 from unittest import mock
 
@@ -79,8 +80,8 @@ ADDS = [
 ]
 
 
-class RecordTemplatesTest(unittest.TestCase):
-    """create()'s journal line equals _encode(job.stored()) of every job, and loads back."""
+class TableCase(unittest.TestCase):
+    """A JobTable on a store and log of its own, at NOW."""
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory(prefix="jr-enq-")
@@ -112,6 +113,10 @@ class RecordTemplatesTest(unittest.TestCase):
         expected = '{"jobs":[' + jr.RECORD_SEP.join(jr._encode(job.stored()) for job in jobs) \
             + "]}\n"
         self.assertEqual(line, expected)
+
+
+class RecordTemplatesTest(TableCase):
+    """create()'s journal line equals _encode(job.stored()) of every job, and loads back."""
 
     def test_each_shape_alone_and_again(self):
         for item in ADDS:
@@ -159,6 +164,36 @@ class RecordTemplatesTest(unittest.TestCase):
         meta, records = jr.Store(self.cfg.state_dir, fsync=False).load()
         for job in jobs:
             self.assertEqual(jr.Job.from_stored(records[job.id]).record(), job.record())
+
+
+class QueuedLinesTest(TableCase):
+    """EventLog.queued() writes the usual line in one format: the same line as the general
+    one (the job part of _job_part(), then uid, priority and run_at) for every kind of job."""
+
+    def test_the_same_lines_as_the_general_format(self):
+        jobs, _ = self.create(ADDS + [{"target": "examples.jobs:Odd_Name", "queue": "emails"}])
+        jobs += self.create(ADDS[:3], uid=None)[0]
+        jobs += self.create(ADDS[:3], schedule="nightly", fire_at=NOW)[0]
+        for when in (NOW, 1_800_000_000, 0.0005, 1_800_000_000.9996):
+            with self.subTest(when=when):
+                self.log.buffers["events"].clear()
+                self.log.targets.clear()        # the first line of a target goes the long way
+                self.log.queued(when, jobs)
+                self.log.queued(when, jobs)
+                job_part = self.log._job_part()
+                expected = ["%s event=queued job=%s%s priority=%d run_at=%.3f\n"
+                            % (jr.log_time(when), job_part(job),
+                               "" if job.uid is None else " uid=%d" % job.uid,
+                               job.priority, job.run_at) for job in jobs]
+                self.assertEqual(self.log.buffers["events"], expected * 2)
+
+    def test_log_time_as_formatted_in_full(self):
+        for t in (0, 0.0004, 0.0015, 0.9995, 0.9996, 59.9999, 1_800_000_000.0005,
+                  *(1_800_000_000 + k * 0.0137 for k in range(2000))):
+            seconds, ms = divmod(round(t * 1000), 1000)
+            self.assertEqual(jr.log_time(t), time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                           time.gmtime(seconds))
+                             + ".%03dZ" % ms)
 
 
 class PlainAddTest(unittest.TestCase):
