@@ -7004,6 +7004,7 @@ class Daemon:
         # machine crash must not lose either (missed = "skip" would not make it up).
         fired = 0 if self.stopping else self.schedules.fire_due(self.clock())
         self.connections.serve(clients)
+        self.protocol.create_held()
         self.pruner.prune_some(PRUNE_SLICE)
         self.protocol.advance_bulk()
         if self.this_pass.batch_slots and self.store.do_fsync:
@@ -7014,6 +7015,7 @@ class Daemon:
     def commit(self, mark, sync: bool = False) -> None:
         """The pass's one journal write, of what this_pass (Pass) gathered: then its side
         effects run and its replies may go, or it is undone and they say io_error."""
+        self.protocol.create_held()     # (the adds that gather() served)
         # A reply that reports a change (this pass's changing requests, a wait that ends) goes
         # out only once the change is durable; other changes may wait SYNC_DELAY for their fsync.
         finished, self.jobs.changed = self.jobs.changed, []    # the jobs that ended this pass
@@ -7843,6 +7845,9 @@ class Protocol:
         self.metrics = daemon.metrics              # enqueued_total, activity
         self.queries: list[tuple] = []             # (conn, slot, PatternQuery) under way
         self.bulk: collections.deque[BulkChange] = collections.deque()  # `where`s under way
+        self.held: list[dict] = []                 # plain adds answered, not yet created
+        self.held_slots: list[list] = []           # (hold_add, create_held) and their replies
+        self.held_at = 0.0                         # their `now`
 
     def end_queries(self, reply: bytes) -> None:
         """The daemon stops: every pattern query under way is answered with `reply`, and
@@ -7866,6 +7871,8 @@ class Protocol:
             handler = HANDLERS.get(op)
             if handler is None:
                 raise ProtocolError("unknown_op", "unknown op %r" % op[:50])
+            if self.held and op != "add":
+                self.create_held()              # what it reads or changes includes them
             check_fields(req, OP_FIELDS[op])
             if op in MUTATING and self.daemon.stopping:
                 raise ProtocolError("shutting_down", "the daemon is stopping")
@@ -7891,6 +7898,11 @@ class Protocol:
         return {"protocol": PROTOCOL, "version": VERSION}
 
     def op_add(self, req: dict, conn: Connection) -> dict:
+        if req.keys() <= _PLAIN_ADD:
+            slot = self.hold_add(req, conn)
+            if slot is not None:
+                return slot
+        self.create_held()
         now = self.clock()
         fields = validate_add(req, self.cfg, now)
         existing = self.jobs.keys.get(fields["key"])     # keys holds no None: no key, no match
@@ -7901,6 +7913,47 @@ class Protocol:
         fields["uid"] = conn.uid
         job_id = self.jobs.create(now, [fields])[0].id
         return [b'{"ok":true,"id":%d,"created":true}\n' % job_id]   # the common reply, ready-made
+
+    def hold_add(self, req: dict, conn: Connection) -> list | None:
+        """A plain add (target, args, kwargs: no key to look up, no parent) is answered at
+        once and its job created with the plain adds after it, in one create() (one journal
+        entry, one log head: a pipelined client's adds cost what an add_batch's jobs do).
+        Its id is known: next_id plus the adds held before it, as nothing else creates a job
+        meanwhile (any other request, and the pass's commit, create them first). They share
+        the first one's `now`, as a batch's jobs do. None: not held (the caller goes on)."""
+        now = self.held_at if self.held else self.clock()
+        fields = plain_add(req, self.cfg, now)
+        if fields is None:
+            return None
+        counts = self.jobs.counts
+        if counts[BLOCKED] + counts[PENDING] + counts[RUNNING] + len(self.held) \
+                >= self.cfg.max_queued:
+            return None                     # check_room() words the refusal
+        fields["uid"] = conn.uid
+        slot = [b'{"ok":true,"id":%d,"created":true}\n' % (self.jobs.next_id + len(self.held))]
+        if not self.held:
+            self.held_at = now
+        self.held.append(fields)
+        self.held_slots.append(slot)
+        return slot
+
+    def create_held(self) -> None:
+        """Create the held adds (see hold_add), whose replies already give their ids."""
+        if not self.held:
+            return
+        held, slots, self.held, self.held_slots = self.held, self.held_slots, [], []
+        first = self.jobs.next_id
+        try:
+            created = self.jobs.create(self.held_at, held)
+            if created[0].id != first or created[-1].id != first + len(held) - 1:
+                raise AssertionError("held adds got ids %d-%d, not %d-%d" % (
+                    created[0].id, created[-1].id, first, first + len(held) - 1))
+        except Exception as exc:            # a bug: their replies must not say "created"
+            self.daemon.internal_error("op add", exc)
+            error = encode_error("bad_request", "internal error in add: %s: %s"
+                                 % (type(exc).__name__, exc))
+            for slot in slots:
+                slot[0] = error
 
     def op_add_batch(self, req: dict, conn: Connection) -> dict:
         jobs = req.get("jobs")

@@ -5,12 +5,17 @@ into a template of its shape (RecordTemplates) instead of encoded field by field
 object (target, args, kwargs) takes its defaults from one dict per config (plain_add), and a
 request line is scanned without decode()'s whitespace matches. Each shortcut is checked here
 against the general path on a table of inputs: the same records (and what loads back from the
-journal), the same fields, the same errors word for word. Then one daemon: pipelined adds and
+journal), the same fields, the same errors word for word. A pipelined run of plain adds is
+answered at once and created in one create() (Protocol.hold_add): a pipeline of mixed requests
+gets the same replies sent at once as sent one at a time. Then one daemon: pipelined adds and
 a batch of mixed shapes, SIGKILL, restart: every job reads back as it was acknowledged.
 """
+import functools
 import json
 import os
+import selectors
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -22,7 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jobrunnerd as jr  # noqa: E402
-from tests.support import DaemonTestCase, Raw  # noqa: E402
+from tests.support import Daemon, DaemonTestCase, Raw, in_process_daemon  # noqa: E402
 
 TARGET = "examples.jobs:ExampleJob"
 NOW = 1_800_000_000.123456
@@ -312,6 +317,122 @@ class EnqueueCrashTest(DaemonTestCase):
         self.daemon.start()
         after = {job_id: self.daemon.get(job_id) for job_id in job_ids}
         self.assertEqual(after, before)
+
+
+def comparable(reply):
+    """A reply without its times (two daemons never add at the same instant)."""
+    if isinstance(reply, dict):
+        return {k: comparable(v) for k, v in reply.items()
+                if k not in ("created_at", "run_at", "started_at", "finished_at", "uptime")}
+    if isinstance(reply, list):
+        return [comparable(v) for v in reply]
+    return reply
+
+
+class HeldAddsTest(unittest.TestCase):
+    """Plain adds held for one create() answer what adds made one at a time answer, whatever
+    comes between them in the pipeline."""
+
+    PIPELINE = [
+        {"op": "add", "target": TARGET, "args": [1]},
+        {"op": "add", "target": TARGET},
+        {"op": "get", "id": 1},
+        {"op": "add", "target": TARGET, "key": "k"},
+        {"op": "add", "target": TARGET, "key": "k"},
+        {"op": "add", "target": TARGET, "kwargs": {"a": 1}},
+        {"op": "add", "target": "examples.jobs:_x"},
+        {"op": "add", "target": "os:system"},
+        {"op": "add", "target": TARGET, "args": "no"},
+        {"op": "add", "target": TARGET, "after": [5, 6]},
+        {"op": "cancel", "id": 6},
+        {"op": "add", "target": TARGET, "args": [2]},
+        {"op": "get", "id": 7},
+        {"op": "add_batch", "jobs": [{"target": TARGET}, {"target": TARGET, "after": [-1]}]},
+        {"op": "add", "target": TARGET},
+        {"op": "list", "state": "pending"},
+        {"op": "add", "target": TARGET},
+        {"op": "add", "target": TARGET},           # the 12th live job: max_queued
+        {"op": "add", "target": TARGET},
+        {"op": "stats"},
+        {"op": "wait", "id": 6, "timeout": 0},
+        {"op": "retry", "id": 6},
+        {"op": "add", "target": TARGET},
+        {"op": "get", "id": 13},
+        {"op": "nope"},
+        {"op": "add", "target": TARGET, "args": [3]},
+    ]
+
+    def start(self):
+        tmp = tempfile.TemporaryDirectory(prefix="jr-held-")
+        self.addCleanup(tmp.cleanup)
+        daemon = Daemon(tmp.name, max_queued=12)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        daemon.call(op="pause")
+        return daemon
+
+    def test_pipelined_and_one_at_a_time_get_the_same_replies(self):
+        pipelined, single = self.start(), self.start()
+        lines = [json.dumps(req).encode() + b"\n" for req in self.PIPELINE]
+        with Raw(pipelined.socket) as c:
+            c.send_line(b"".join(lines))
+            at_once = [c.recv() for _ in lines]
+        with Raw(single.socket) as c:
+            one_by_one = [c.recv() for line in lines if c.send_line(line) or True]
+        for req, a, b in zip(self.PIPELINE, at_once, one_by_one):
+            with self.subTest(req=req):     # (a message may quote the daemon's config path)
+                self.assertEqual(json.dumps(comparable(a)).replace(pipelined.root, "ROOT"),
+                                 json.dumps(comparable(b)).replace(single.root, "ROOT"))
+        self.assertEqual(sum(1 for r in at_once if r.get("error", {}).get("code")
+                             == "queue_full"), 1, at_once)
+        stats = [comparable(d.call(op="stats")) for d in (pipelined, single)]
+        self.assertEqual(stats[0]["counts"], stats[1]["counts"])
+
+    def test_a_run_of_adds_is_one_journal_entry_and_their_ids_follow(self):
+        tmp = tempfile.TemporaryDirectory(prefix="jr-held-")
+        self.addCleanup(tmp.cleanup)
+        cfg = jr.load_config(None, {"socket": os.path.join(tmp.name, "s.sock"),
+                                    "state_dir": os.path.join(tmp.name, "state"),
+                                    "log_dir": os.path.join(tmp.name, "logs"),
+                                    "start_method": "spawn", "job_paths": [ROOT]})
+        daemon = in_process_daemon(self, cfg)
+        daemon.jobs.scheduler.paused = True
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        conn = jr.Connection(ours, os.getuid())
+        conn.on_event = functools.partial(daemon.on_client, conn)
+        daemon.conns.add(conn)
+        daemon.loop.watch(conn.fd, selectors.EVENT_READ, "client", conn.on_event)
+        self.addCleanup(daemon.close, conn)
+        theirs.sendall(b"".join(b'{"op":"add","target":"%s","args":[%d]}\n'
+                                % (TARGET.encode(), i) for i in range(50)))
+        before = daemon.store.size
+        daemon.run_pass(1.0)
+        theirs.settimeout(10)
+        data = b""
+        while data.count(b"\n") < 50:
+            data += theirs.recv(65536)
+        self.assertEqual([json.loads(line)["id"] for line in data.splitlines()],
+                         list(range(1, 51)))
+        with open(os.path.join(cfg.state_dir, "journal.jsonl"), "rb") as f:
+            f.seek(before)
+            written = f.read()
+        self.assertEqual(written.count(b"\n"), 1, written[:300])
+        self.assertEqual([rec["args"] for rec in json.loads(written)["jobs"]],
+                         [[i] for i in range(50)])
+        # a bug in create() while adds are held: their replies do not say "created"
+        with mock.patch.object(daemon.jobs, "create", side_effect=RuntimeError("boom")), \
+                mock.patch.object(sys, "stderr"):
+            theirs.sendall(b'{"op":"add","target":"%s"}\n' % TARGET.encode() * 2)
+            daemon.run_pass(1.0)
+            data = b""
+            while data.count(b"\n") < 2:
+                data += theirs.recv(65536)
+        for line in data.splitlines():
+            reply = json.loads(line)
+            self.assertFalse(reply["ok"], reply)
+            self.assertIn("internal error in add: RuntimeError: boom", reply["error"]["message"])
 
 
 if __name__ == "__main__":
