@@ -435,5 +435,28 @@ class HeldAddsTest(unittest.TestCase):
             self.assertIn("internal error in add: RuntimeError: boom", reply["error"]["message"])
 
 
+class CollectorTest(unittest.TestCase):
+    def test_the_daemon_sets_its_collector_thresholds_and_the_test_gets_its_own_back(self):
+        import gc
+        before = gc.get_threshold()
+        self.assertNotEqual(before, jr.GC_THRESHOLDS)
+
+        class Inner(unittest.TestCase):
+            def runTest(inner):
+                tmp = tempfile.TemporaryDirectory(prefix="jr-gc-")
+                inner.addCleanup(tmp.cleanup)
+                cfg = jr.load_config(None, {"socket": os.path.join(tmp.name, "s.sock"),
+                                            "state_dir": os.path.join(tmp.name, "state"),
+                                            "log_dir": os.path.join(tmp.name, "logs"),
+                                            "start_method": "spawn"})
+                in_process_daemon(inner, cfg)
+                self.assertEqual(gc.get_threshold(), jr.GC_THRESHOLDS)
+                self.assertTrue(gc.isenabled())
+        result = unittest.TestResult()
+        Inner().run(result)
+        self.assertEqual((result.errors, result.failures), ([], []))
+        self.assertEqual(gc.get_threshold(), before)
+
+
 if __name__ == "__main__":
     unittest.main()
