@@ -5105,13 +5105,13 @@ def validate_add(req: dict, cfg: "Config", now: float, where: str = "",
 
 
 _PLAIN_ADD = frozenset({"op", "target", "args", "kwargs"})    # the common shape of an add
-_PLAIN: list = [None, None]     # [the config, the fields of its plain add] (a reload: a new one)
+_PLAIN: list = [None, None, None]   # [the config, its defaults then, the fields of a plain add]
 
 
 def plain_add(req: dict, cfg: "Config", now: float) -> dict | None:
     """validate_add() of an add object with no field but target, args and kwargs, when they
     are valid: the rest are the default queue's defaults, copied from one dict made per
-    config instead of checked field by field. None lets validate_add() decide (and word the
+    config (and made again if its defaults change) instead of checked field by field. None lets validate_add() decide (and word the
     error)."""
     target = req.get("target")
     args = req.get("args", NO_ARGS)
@@ -5119,18 +5119,19 @@ def plain_add(req: dict, cfg: "Config", now: float) -> dict | None:
     if type(target) is not str or type(args) is not list or type(kwargs) is not dict \
             or target_verdict(target, cfg.allow) != "ok":
         return None
-    if _PLAIN[0] is not cfg:
+    defaults = (cfg.retries, cfg.retry_delay, cfg.backoff, cfg.timeout)
+    if _PLAIN[0] is not cfg or _PLAIN[1] != defaults:      # another config, or changed
         backoff = cfg.backoff
-        _PLAIN[:] = [cfg, None if backoff not in ("fixed", "exponential") else {
+        _PLAIN[:] = [cfg, defaults, None if backoff not in ("fixed", "exponential") else {
             "target": None, "method": None, "args": NO_ARGS, "kwargs": NO_KWARGS,
             "priority": 0, "run_at": None, "retries": cfg.retries,
             "retry_delay": cfg.retry_delay,
             "backoff": "fixed" if backoff == "fixed" else "exponential",
             "timeout": cfg.timeout or None, "key": None, "queue": DEFAULT_QUEUE,
             "after": NO_AFTER, "on_parent_failure": "cancel", "delay": None}]
-    if _PLAIN[1] is None:
+    if _PLAIN[2] is None:
         return None
-    fields = _PLAIN[1].copy()
+    fields = _PLAIN[2].copy()
     fields["target"], fields["run_at"] = target, now
     fields["args"], fields["kwargs"] = args or NO_ARGS, kwargs or NO_KWARGS
     return fields
@@ -7833,7 +7834,8 @@ class Protocol:
     validated request and its connection and returns the reply's fields, or a reply slot to
     fill later (wait, a pattern list, prune), or raises ProtocolError. handle_line() is the one
     place that turns any exception into an error reply. Changing requests add to the pass
-    (Pass): their replies wait for its commit."""
+    (Pass): their replies wait for its commit. Plain adds in a row are created together
+    (hold_add, create_held): any other request, and the pass's commit, see them created."""
 
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon                       # stopping, internal_error

@@ -242,6 +242,12 @@ class PlainAddTest(unittest.TestCase):
                         full = outcome(jr.validate_add, {**req, "method": None}, cfg, NOW,
                                        where, position)
                         self.assertEqual(fast, full)
+            # the same config object changed in place (as SIGHUP changes some keys)
+            retries, cfg.retries = cfg.retries, cfg.retries + 7
+            self.assertEqual(outcome(jr.validate_add, {"target": TARGET}, cfg, NOW),
+                             outcome(jr.validate_add, {"target": TARGET, "method": None}, cfg,
+                                     NOW))
+            cfg.retries = retries
             valid = jr.plain_add({"target": TARGET}, cfg, NOW)
             if cfg.allow == ["os:*"]:
                 self.assertIsNone(valid)            # not allowed: the full path words it
@@ -422,8 +428,7 @@ class HeldAddsTest(unittest.TestCase):
         self.assertEqual([rec["args"] for rec in json.loads(written)["jobs"]],
                          [[i] for i in range(50)])
         # a bug in create() while adds are held: their replies do not say "created"
-        with mock.patch.object(daemon.jobs, "create", side_effect=RuntimeError("boom")), \
-                mock.patch.object(sys, "stderr"):
+        with mock.patch.object(daemon.jobs, "create", side_effect=RuntimeError("boom")):
             theirs.sendall(b'{"op":"add","target":"%s"}\n' % TARGET.encode() * 2)
             daemon.run_pass(1.0)
             data = b""
