@@ -8,6 +8,7 @@ baseline measured in the same run, because absolute times drift on shared machin
     python3 bench/run.py --json     # one JSON document on stdout for scripts
     python3 bench/run.py --only enqueue,noop
     python3 bench/run.py --only pattern     # the loop's longest pause under a pattern query
+    python3 bench/run.py --only peers       # against tsp and beanstalkd, same run
 
 Figures (name: what / baseline):
   enqueue_pipelined   durable single adds pipelined on one connection / the same, fsync = "never"
@@ -42,6 +43,12 @@ Figures (name: what / baseline):
                       top` asks each second) with N jobs (100,000; --big 1,000,000) over 10
                       queues, a tenth of them finished, median of 200 calls / `hello` on the
                       same connection, alternated (goal: under 5 ms at 1M)
+  peers_*             against tsp and beanstalkd (bench/peers.py; `apt-get install task-spooler
+                      beanstalkd`, else skipped), alternated in the same run, each with issue
+                      #17's goal: no-op jobs/s, 2 workers, fresh (x0.5) and reuse (x2.0) / tsp
+                      `/bin/true` with 2 slots; durable pipelined adds/s (x0.4) and add_batch
+                      jobs/s (x1.0) / beanstalkd pipelined puts/s with its default fsync (every
+                      50 ms: acks before fsync), and the same two / beanstalkd -f0 (fsync always)
   machine_*           what this machine charges for the steps the figures above are made of,
                       to compare machines by: one fdatasync; one copy-on-write page fault;
                       fork + exit of a Python process holding what the zygote holds / the same
@@ -64,6 +71,9 @@ import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # also when loaded by path
+import peers    # noqa: E402  (bench/peers.py: tsp and beanstalkd, the same-run baselines)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMON = os.path.join(ROOT, "jobrunnerd.py")
@@ -259,11 +269,36 @@ def measure_pair(fn, baseline, runs: int) -> tuple[dict, dict]:
     return summary(a), summary(b)
 
 
-def figure(name, unit, value, baseline, baseline_name, higher_is_better=True, note=""):
+def measure_round(fns: dict, runs: int) -> dict:
+    """Each of fns (name -> function) once per round, in turn, `runs` rounds: as measure_pair,
+    for a figure and several baselines (or figures sharing one). Each summary keeps its
+    `values` in round order, for round_ratios."""
+    values = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            values[name].append(fn())
+    return {name: dict(summary(v), values=v) for name, v in values.items()}
+
+
+def round_ratios(value: dict, baseline: dict) -> str:
+    """The ratio of each round (a figure and its baseline measured back to back), median and
+    min-max: steadier than the ratio of the medians when the machine's load swings."""
+    ratios = [a / b for a, b in zip(value["values"], baseline["values"])]
+    return "per round x%.2f [%.2f-%.2f]" % (statistics.median(ratios), min(ratios), max(ratios))
+
+
+def figure(name, unit, value, baseline, baseline_name, higher_is_better=True, note="",
+           goal=None):
+    """goal: the ratio an issue asks for (rendered with whether this run meets it)."""
     ratio = value["median"] / baseline["median"] if baseline else None
     return {"name": name, "unit": unit, "value": value, "baseline": baseline,
             "baseline_name": baseline_name, "ratio": ratio,
-            "higher_is_better": higher_is_better, "note": note}
+            "higher_is_better": higher_is_better, "note": note, "goal": goal}
+
+
+def skipped(name: str, reason: str) -> dict:
+    """A figure this run could not measure (main() lists it apart, with the reason)."""
+    return {"name": name, "skipped": reason}
 
 
 def paused_daemon(fsync: str) -> Daemon:
@@ -307,8 +342,8 @@ def wait_all_done(path: str, n: int, timeout: float = 600):
             time.sleep(0.01)
 
 
-def noop_rate(n: int, start_method: str = "zygote", preload=()) -> float:
-    with Daemon(start_method=start_method, workers=2, preload=list(preload)) as d:
+def noop_rate(n: int, start_method: str = "zygote", preload=(), **config) -> float:
+    with Daemon(start_method=start_method, workers=2, preload=list(preload), **config) as d:
         with Conn(d.socket) as c:
             c.call({"op": "hello"})
             if start_method == "zygote":        # the zygote warms up in the background
@@ -936,19 +971,87 @@ def bench_dispatch(sizes, runs):
                    note="per start, %d starts; O(log n): a heap pop" % starts)]
 
 
+# -- against the peers: tsp and beanstalkd (issue #17) ------------------------------------------
+
+PEER_GOALS = {"noop_fresh": 0.5, "noop_reuse": 2.0,     # issue #17: x tsp /bin/true, 2 slots
+              "add_pipelined": 0.4, "add_batch": 1.0}   # x beanstalkd pipelined put, fsync 50 ms
+
+
+def reuse_built() -> bool:
+    """Whether this checkout's daemon accepts `isolation = "reuse"` (issue #17, item 1)."""
+    with tempfile.TemporaryDirectory(prefix="jr-bench-") as tmp:
+        path = os.path.join(tmp, "c.toml")
+        with open(path, "w") as f:
+            f.write('isolation = "reuse"\n')
+        return subprocess.run([sys.executable, DAEMON, "--check-config", "--config", path],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def fresh_daemon_rate(fn, n: int) -> float:
+    """fn(socket, n) against a new paused durable daemon, as each peer run gets a new server."""
+    d = paused_daemon("always")
+    try:
+        return fn(d.socket, n)
+    finally:
+        d.stop()
+
+
+def bench_peers(sizes, runs):
+    out = []
+    n = sizes["peers_noop"]
+    no_tsp, reuse = peers.missing("tsp"), reuse_built()
+    if no_tsp:
+        out.append(skipped("peers_noop_fresh", no_tsp))
+    else:
+        fns = {"fresh": lambda: noop_rate(n), "tsp": lambda: peers.tsp_rate(n, slots=2)}
+        if reuse:
+            fns["reuse"] = lambda: noop_rate(n, isolation="reuse")
+        got = measure_round(fns, runs)
+        out += [figure("peers_noop_" + mode, "jobs/s", got[mode], got["tsp"],
+                       "tsp /bin/true, 2 slots", goal=PEER_GOALS["noop_" + mode],
+                       note="no-op Python jobs, workers = 2, isolation = %r; %s"
+                       % (mode, round_ratios(got[mode], got["tsp"])))
+                for mode in fns if mode != "tsp"]
+    if no_tsp or not reuse:
+        out.append(skipped("peers_noop_reuse", no_tsp or 'not built: this daemon refuses'
+                                                         ' isolation = "reuse"'))
+    n = sizes["peers_puts"]
+    no_beanstalkd = peers.missing("beanstalkd")
+    if no_beanstalkd:
+        return out + [skipped("peers_" + name, no_beanstalkd)
+                      for name in ("add_pipelined", "add_pipelined_f0", "add_batch",
+                                   "add_batch_f0")]
+    got = measure_round({
+        "add": lambda: fresh_daemon_rate(pipelined_adds, n),
+        "put_50ms": lambda: peers.beanstalkd_put_rate(n, fsync="50ms"),
+        "batch": lambda: fresh_daemon_rate(batch_adds, sizes["batch"]),
+        "put_always": lambda: peers.beanstalkd_put_rate(n, fsync="always")}, runs)
+    for name, key, what in (("add_pipelined", "add", "durable adds pipelined, window 512"),
+                            ("add_batch", "batch", "durable add_batch of 1000")):
+        out.append(figure("peers_" + name, "jobs/s", got[key], got["put_50ms"],
+                          "beanstalkd put, fsync every 50 ms", goal=PEER_GOALS[name],
+                          note="%s; %s; the issue's baseline: beanstalkd acks before fsync"
+                          % (what, round_ratios(got[key], got["put_50ms"]))))
+        out.append(figure("peers_%s_f0" % name, "jobs/s", got[key], got["put_always"],
+                          "beanstalkd put, -f0", note="%s; %s; beanstalkd fsyncs every put"
+                          % (what, round_ratios(got[key], got["put_always"]))))
+    return out
+
+
 SIZES = {
     "standard": {"pipelined": 20000, "batch": 100000, "clients_1": 2000, "clients_16": 1000,
                  "noop": 1000, "latency": 30, "jobctl": 20, "pending": [100_000], "machine": 100,
                  "pattern": 200_000, "pause": [100_000], "deps_adds": 200,
                  "deps_children": 10_000, "dispatch": 100_000, "dispatch_starts": 900,
-                 "visibility": [100_000]},
+                 "visibility": [100_000], "peers_noop": 1000, "peers_puts": 20000},
     "quick": {"pipelined": 300, "batch": 2000, "clients_1": 50, "clients_16": 10,
               "noop": 20, "latency": 3, "jobctl": 2, "pending": [5000], "machine": 20,
               "pattern": 2000, "pause": [5000], "deps_adds": 5, "deps_children": 100,
-              "dispatch": 5000, "dispatch_starts": 900, "visibility": [5000]},
+              "dispatch": 5000, "dispatch_starts": 900, "visibility": [5000],
+              "peers_noop": 20, "peers_puts": 300},
 }
 GROUPS = ("machine", "enqueue", "noop", "queues", "dispatch", "latency", "jobctl", "pending",
-          "pattern", "pause", "deps", "visibility")
+          "pattern", "pause", "deps", "visibility", "peers")
 
 
 def main(argv=None) -> int:
@@ -975,7 +1078,8 @@ def main(argv=None) -> int:
         else:
             figures += globals()["bench_" + group](sizes, runs)
     doc = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs,
-           "sizes": sizes, "figures": figures}
+           "sizes": sizes, "figures": [f for f in figures if "skipped" not in f],
+           "skipped": [f for f in figures if "skipped" in f]}
     if args.json:
         json.dump(doc, sys.stdout, indent=1)
         print()
@@ -995,9 +1099,14 @@ def render(doc) -> str:
         if f["baseline"]:
             text += "   vs %s %s: x%.2f" % (f["baseline_name"],
                                            fmt(f["baseline"]["median"], f["unit"]), f["ratio"])
+        if f.get("goal"):
+            met = f["ratio"] >= f["goal"] if f["higher_is_better"] else f["ratio"] <= f["goal"]
+            text += "   goal x%.2f: %s" % (f["goal"], "met" if met else "NOT met")
         if f["note"]:
             text += "   (%s)" % f["note"]
         lines.append(text)
+    for f in doc.get("skipped", ()):
+        lines.append("%-28s skipped: %s" % (f["name"], f["skipped"]))
     return "\n".join(lines)
 
 
