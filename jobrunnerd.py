@@ -5111,8 +5111,8 @@ _PLAIN: list = [None, None, None]   # [the config, its defaults then, the fields
 def plain_add(req: dict, cfg: "Config", now: float) -> dict | None:
     """validate_add() of an add object with no field but target, args and kwargs, when they
     are valid: the rest are the default queue's defaults, copied from one dict made per
-    config (and made again if its defaults change) instead of checked field by field. None lets validate_add() decide (and word the
-    error)."""
+    config (again if its defaults change) instead of checked field by field. None lets
+    validate_add() decide (and word the error)."""
     target = req.get("target")
     args = req.get("args", NO_ARGS)
     kwargs = req.get("kwargs", NO_KWARGS)
