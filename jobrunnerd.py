@@ -7967,7 +7967,7 @@ class Protocol:
         if not isinstance(jobs, list):
             raise ProtocolError("bad_request", "jobs must be a list of add objects")
         now, cfg = self.clock(), self.cfg
-        batch = []
+        batch, plain = [], 0
         for i, item in enumerate(jobs):
             # a plain object straight to plain_add(): no "jobs[i]: " made for its messages
             fields = plain_add(item, cfg, now) \
@@ -7977,7 +7977,15 @@ class Protocol:
                     raise ProtocolError("bad_request", "jobs[%d] must be an object" % i)
                 item = {k: v for k, v in item.items() if k != "op"} if "op" in item else item
                 fields = validate_add(item, cfg, now, "jobs[%d]: " % i, position=i)
+            else:
+                plain += 1
             batch.append(fields)
+        if plain == len(batch):         # no key, no parent: every item a new job, in order
+            self.check_room(plain)
+            uid = conn.uid
+            for fields in batch:
+                fields["uid"] = uid
+            return {"ids": [job.id for job in self.jobs.create(now, batch)]}
         # Each item is an existing job (its key is live: that id) or a new one; a key that
         # comes twice in the batch makes one job. refs[i] is an id or an index into `fresh`.
         refs, fresh, new_keys = [], [], {}

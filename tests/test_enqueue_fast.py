@@ -394,6 +394,20 @@ class HeldAddsTest(unittest.TestCase):
         stats = [comparable(d.call(op="stats")) for d in (pipelined, single)]
         self.assertEqual(stats[0]["counts"], stats[1]["counts"])
 
+    def test_a_plain_batch_answers_what_the_general_path_answers(self):
+        fast, general = self.start(), self.start()
+        items = [{"target": TARGET}, {"target": TARGET, "args": [1], "kwargs": {"k": "v"}},
+                 {"op": "add", "target": TARGET, "args": []}]
+        for jobs in (items, [], items * 2, items * 5):          # the last one: queue_full
+            with self.subTest(jobs=len(jobs)):
+                a = fast.call(op="add_batch", jobs=jobs)
+                # `method: null` changes nothing but takes the general path
+                b = general.call(op="add_batch", jobs=[dict(job, method=None) for job in jobs])
+                self.assertEqual(json.dumps(a).replace(fast.root, "ROOT"),
+                                 json.dumps(b).replace(general.root, "ROOT"))
+        self.assertEqual(comparable(fast.call(op="list", limit=100)),
+                         comparable(general.call(op="list", limit=100)))
+
     def test_a_run_of_adds_is_one_journal_entry_and_their_ids_follow(self):
         tmp = tempfile.TemporaryDirectory(prefix="jr-held-")
         self.addCleanup(tmp.cleanup)
