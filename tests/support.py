@@ -88,6 +88,8 @@ def in_process_daemon(test: unittest.TestCase, cfg):
     prctl, was = ctypes.CDLL(None, use_errno=True).prctl, ctypes.c_int(0)
     prctl(37, ctypes.byref(was), 0, 0, 0)           # PR_GET_CHILD_SUBREAPER
     test.addCleanup(prctl, jobrunnerd.PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
+    import gc
+    test.addCleanup(gc.set_threshold, *gc.get_threshold())     # setup() sets the daemon's
     daemon = jobrunnerd.Daemon(cfg)
 
     def drop():

@@ -2212,7 +2212,7 @@ class GroupCommitTest(TempCase):
             daemon.run_pass(1.0)
         self.assertEqual(len(writes), 1, "one write for the pass")
         self.assertEqual(fdatasync.call_count, 1, "one fdatasync for the pass")
-        self.assertEqual(writes[0].count(b"\n"), 10, "every add of every client in it")
+        self.assertEqual(writes[0].count(b'{"id":'), 10, "every add of every client in it")
         for peer in peers:
             peer.settimeout(10)
             data = b""
