@@ -10,7 +10,8 @@ Sections, in file order
     constants ........ numbers with the reason they have that value
     errors ........... ProtocolError (code + message), ConfigError, StateError
     states ........... the job state machine: TRANSITIONS and its diagram
-    Job .............. one job, as __slots__, to and from its JSON record
+    Job .............. one job, as __slots__, to and from its JSON record;
+                       RecordTemplates (a new job's journal line from a template per shape)
     retry policy ..... next_run_at(): the one place that decides retries;
                        attempt_outcome(): what an ended attempt makes of its job
     event log ........ background_jobs.log / background_jobs_errors.log lines
@@ -26,7 +27,9 @@ Sections, in file order
                        isolation = "reuse" queue), Runner (start attempts, capture
                        output, kill process groups), Containment (what an ended
                        attempt left behind, in any group or session)
-    protocol ......... request decoding, validation (the handlers: Protocol, below)
+    protocol ......... request decoding, validation, plain_add() (the common add's quick
+                       route; the handlers: Protocol, below, which holds a run of pipelined
+                       plain adds and creates them in one go)
     schedules ........ CronExpr (cron expressions, next fire time, DST rules), Schedule
                        and parse_schedules(): the [schedules.NAME] tables, pure
     config ........... keys, defaults, TOML loading
