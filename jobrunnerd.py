@@ -4234,6 +4234,18 @@ def _set_limits(limits):
         if (soft, hard) != wanted:
             resource.setrlimit(which, wanted)
 
+_ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+_RLIMITS = tuple(getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_"))
+
+def _process_state():
+    """What an attempt may change in the process itself that a later attempt would inherit
+    and we cannot put back: blocked signals, the nice value (only raised without privilege),
+    resource limits, CPU affinity, ids, the interpreter's recursion limit and hooks."""
+    return (signal.pthread_sigmask(signal.SIG_BLOCK, ()), os.getpriority(os.PRIO_PROCESS, 0),
+            [resource.getrlimit(r) for r in _RLIMITS], os.sched_getaffinity(0), os.getresuid(),
+            os.getresgid(), os.getgroups(), sys.getrecursionlimit(), sys.gettrace(),
+            sys.getprofile())
+
 def _attempt(req, out_w, chan):
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
@@ -4255,6 +4267,7 @@ def _attempt(req, out_w, chan):
     _label(spec.get("title") or "", "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]),
            "job %d %d" % (req["job"], req["attempt"]))
     _set_limits(spec["limits"])
+    state = _process_state()
     status = None
     try:
         _main(spec)
@@ -4276,8 +4289,10 @@ def _attempt(req, out_w, chan):
         except BaseException:
             pass
         os._exit(status & 0xFF)
-    # It returned: its report is sent. Undo what it changed, or go.
-    reusable = atexit._ncallbacks() == _ATEXIT
+    # It returned: its report is sent. Undo what it changed, or go. First its timers (an
+    # alarm it set must not end a later attempt): a worker that had one armed goes.
+    armed = [signal.setitimer(t, 0) for t in _ITIMERS] != [(0.0, 0.0)] * len(_ITIMERS)
+    reusable = atexit._ncallbacks() == _ATEXIT and not armed and _process_state() == state
     if not reusable:
         atexit._run_exitfuncs()         # into this attempt's output, as at a fresh exit
     threading = sys.modules.get("threading")

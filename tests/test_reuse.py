@@ -66,6 +66,18 @@ def untidy(what):
     elif what == "signal":
         import signal
         signal.signal(signal.SIGUSR1, lambda *a: None)
+    elif what == "alarm":               # would end the next attempt on this worker
+        import signal
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+    elif what == "sigmask":             # would make the next attempt's timeout wait kill_grace
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    elif what == "nice":
+        os.nice(5)
+    elif what == "rlimit":
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(64, soft), hard))
     return os.getpid()
 
 def boom():
@@ -238,7 +250,7 @@ class ReplacementTest(ReuseTestCase):
         self.assertEqual(len(self.imports()), 3, "one import per worker")
 
     def test_a_worker_goes_after_an_attempt_that_left_what_it_cannot_undo(self):
-        for what in ("thread", "atexit", "signal"):
+        for what in ("thread", "atexit", "signal", "sigmask", "nice", "rlimit"):
             with self.subTest(what=what):
                 job_id = self.daemon.add("testjobs_reuse:untidy", args=[what])
                 job = self.daemon.wait_job(job_id)
@@ -248,6 +260,12 @@ class ReplacementTest(ReuseTestCase):
                 if what == "atexit":        # run at the attempt's end, as a fresh exit runs it
                     out = self.daemon.call(op="output", id=job_id)["data"]
                     self.assertEqual(support.job_output(out), "atexit ran\n")
+
+    def test_an_alarm_one_attempt_left_never_ends_the_next(self):
+        left = self.run_job("testjobs_reuse:untidy", args=["alarm"])    # due in 1.5 s
+        self.assertEqual(left["state"], "succeeded", left)
+        job = self.run_job("testjobs_reuse:sleeper", args=[2])
+        self.assertEqual(job["state"], "succeeded", job)
 
     def test_max_jobs_per_worker(self):
         pids = [self.result("testjobs_reuse:who", queue="three") for _ in range(4)]
