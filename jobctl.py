@@ -2113,6 +2113,9 @@ class WebApp:
         self.token, self.static, self.pool = token, static, pool
         self.hosts: set[str] = set()
         self.any_ip, self.port = False, 0
+        self.cookie = WEB_COOKIE            # jobrunner_token_PORT once listening(): browsers
+                                            # send a host's cookies to all its ports, so two
+                                            # dashboards (two ports) must not share one name
 
     def listening(self, host: str, port: int) -> str:
         """Set the Host values allowed for a server bound to (host, port); return its URL.
@@ -2120,6 +2123,7 @@ class WebApp:
         machine's name and any IP literal are allowed besides the loopback names."""
         import socket as socket_module
         self.port, self.any_ip = port, host in ("0.0.0.0", "::")
+        self.cookie = f"{WEB_COOKIE}_{port}"
         shown = ("127.0.0.1" if host == "0.0.0.0" else "::1") if self.any_ip else host
         names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
         if self.any_ip:
@@ -2151,7 +2155,7 @@ class WebApp:
         import hmac
         given = [headers.get(WEB_TOKEN_HEADER)]
         if not header_only:
-            given += query.get("token", []) + [_cookie(headers.get("Cookie"), WEB_COOKIE)]
+            given += query.get("token", []) + [_cookie(headers.get("Cookie"), self.cookie)]
         return any(isinstance(g, str) and hmac.compare_digest(g.encode(), self.token.encode())
                    for g in given)
 
@@ -2163,7 +2167,10 @@ class WebApp:
             if not self.host_allowed(headers.get("Host")):
                 raise WebError(403, "forbidden", "the Host header does not name this server "
                                "(open the URL jobctl web printed)")
-            parts = urlsplit(target)
+            try:
+                parts = urlsplit(target)
+            except ValueError as e:                 # e.g. "http://[::1/": not a URL
+                raise WebError(400, "bad_request", f"request target: {e}") from None
             path = parts.path
             try:
                 query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False,
@@ -2210,7 +2217,7 @@ class WebApp:
         if name == "index.html":
             body = body.replace(WEB_TOKEN_MARK.encode(), self.token.encode())
             if self._token_in(query, {}, header_only=False):   # the URL's token: the cookie
-                headers.append(("Set-Cookie", f"{WEB_COOKIE}={self.token}; HttpOnly; "
+                headers.append(("Set-Cookie", f"{self.cookie}={self.token}; HttpOnly; "
                                               "SameSite=Strict; Path=/"))
         return 200, headers, body
 
@@ -2436,7 +2443,7 @@ def web_server(app: WebApp, host: str, port: int, max_connections: int = WEB_MAX
                 self._send(411, *_plain("give the body with Content-Length"))
                 return None
             length = self.headers.get("Content-Length") or "0"
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):     # not "²": int() refuses it
                 self.close_connection = True
                 self._send(400, *_plain("bad Content-Length"))
                 return None

@@ -117,7 +117,7 @@ class WebApiTest(unittest.TestCase):
                 status, _, _ = request(port, "GET", path + "?token=" + token[:-1] + "y")
                 self.assertEqual(status, 403)
                 status, _, _ = request(port, "GET", path, headers={"Cookie":
-                                                                   "jobrunner_token=nope"})
+                                                                   "jobrunner_token_%d=nope" % port})
                 self.assertEqual(status, 403)
         self.assertEqual(request(port, "GET", "/?token=" + token)[0], 200)
         self.assertEqual(request(port, "GET", "/api/overview?token=" + token)[0], 200)
@@ -136,29 +136,51 @@ class WebApiTest(unittest.TestCase):
             with self.subTest(host=host):
                 self.assertEqual(request(port, "GET", "/?token=" + token, host=host)[0], 200)
 
+    def test_odd_request_lines_get_400_not_500_or_silence(self):
+        port, token = self.web.port, self.web.app.token
+        for head in ("GET http://[::1/?token=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                     % (token, port),
+                     "POST /api/pause HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Jobrunner-Token: %s"
+                     "\r\nContent-Length: \u00b2\r\n\r\n" % (port, token)):
+            with self.subTest(head=head.split("\r\n")[0]), \
+                    socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(head.encode("latin-1"))    # "²" as one byte, as sent
+                reply = b""
+                while b"\r\n" not in reply:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    reply += data
+                self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply[:200])
+
     def test_cookie_set_from_the_url_and_accepted(self):
         port, token = self.web.port, self.web.app.token
         status, headers, body = request(port, "GET", "/?token=" + token)
         self.assertEqual(status, 200)
         cookie = headers["set-cookie"]
-        self.assertTrue(cookie.startswith("jobrunner_token=%s;" % token), cookie)
+        self.assertTrue(cookie.startswith("jobrunner_token_%d=%s;" % (port, token)), cookie)
         for attribute in ("HttpOnly", "SameSite=Strict", "Path=/"):
             self.assertIn(attribute, cookie)
         self.assertIn(token.encode(), body)             # the page's POSTs carry it
         self.assertNotIn(b"{{TOKEN}}", body)
-        jar = {"Cookie": "other=1; jobrunner_token=%s" % token}
+        jar = {"Cookie": "other=1; jobrunner_token_%d=%s" % (port, token)}
         self.assertEqual(request(port, "GET", "/api/overview", headers=jar)[0], 200)
         self.assertEqual(request(port, "GET", "/app.js", headers=jar)[0], 200)
         status, headers, _ = request(port, "GET", "/", headers=jar)
         self.assertEqual(status, 200)
         self.assertNotIn("set-cookie", headers)         # only from the URL's token
+        # another dashboard's cookie (another port: the browser sends both) is not ours
+        other = {"Cookie": "jobrunner_token_%d=%s; jobrunner_token=%s"
+                           % (port + 1, token, token)}
+        self.assertEqual(request(port, "GET", "/api/overview", headers=other)[0], 403)
 
     def test_post_needs_the_header_token(self):
         port, token = self.web.port, self.web.app.token
         body = json.dumps({"queue": "slow"}).encode()
         kind = {"Content-Type": "application/json"}
         # the cookie alone (a form from another site would send it) or the URL's token: no
-        for headers, path in (({**kind, "Cookie": "jobrunner_token=" + token}, "/api/pause"),
+        cookie = {"Cookie": "jobrunner_token_%d=%s" % (port, token)}
+        for headers, path in (({**kind, **cookie}, "/api/pause"),
                               (kind, "/api/pause?token=" + token)):
             status, _, reply = request(port, "POST", path, body, headers=headers)
             self.assertEqual(status, 403, reply)
