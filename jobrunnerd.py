@@ -23,7 +23,7 @@ Sections, in file order
                        `where` cancel/retry, in durable steps)
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server), Worker (a reused worker of an
-                       isolation = "reuse" queue), Runner (start attempts, capture
+                       isolation = "reuse" queue, or a fresh queue's spare), Runner (start attempts, capture
                        output, kill process groups), Containment (what an ended
                        attempt left behind, in any group or session)
     protocol ......... request decoding, validation (the handlers: Protocol, below)
@@ -3921,8 +3921,9 @@ ZYGOTE_MSG_TRUNC = int(socket.MSG_TRUNC)    # a plain int: `flags & socket.MSG_T
 # same reason as CHILD_SOURCE: the zygote is a bare `python -I` that must not import jobrunnerd,
 # or every job process forked from it would hold the daemon's module). It reads its
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
-# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1} with
-# one fd (a reused worker's socket: WORKER_SOURCE), or {"ping": n}. It answers
+# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1,
+# "once"} with one fd (a reused worker's socket: WORKER_SOURCE; "once": a fresh queue's spare,
+# for one attempt), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
 # each attempt process it reaps (not for the orphans it adopts as subreaper: see Containment),
 # and exits once the daemon closed the socket and no child is left.
@@ -4072,7 +4073,9 @@ def _zygote():
     worker_code = compile(conf["child"] + conf["worker"], "<jobrunner-worker>", "exec")
     spare = {"__name__": "jobrunner-spare", "__builtins__": __builtins__, "_prctl": prctl,
              "_zygote_pid": os.getpid(), "_once": True}
-    exec(worker_code, spare)    # a spare's functions, defined here once: it only calls _serve()
+    # A spare's functions, defined here once (it only calls _serve()); named as a fresh
+    # child's in a traceback, which is what its attempt is.
+    exec(compile(conf["child"] + conf["worker"], "<jobrunner-job>", "exec"), spare)
     if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
         os.environ.clear()                      # here rather than in every child
         os.environ.update(conf["env"])
@@ -4157,7 +4160,9 @@ _zygote()
 # survives SIGKILL): the daemon takes the "ok" report and exit 0 as the attempt's success and
 # starts another worker. A failed attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
 # as a whole (what earlier attempts imported counts); cpu is the attempt's: the soft limit is
-# the worker's CPU time so far plus `cpu`, before each attempt.
+# the worker's CPU time so far plus `cpu`, before each attempt. A spare of a fresh queue
+# (_once) takes one attempt the same way and exits when it ends (as a fresh child: limits and
+# leftovers too).
 WORKER_LEFTOVER_WAIT = 2.0          # s a SIGKILLed leftover may take to go before the worker quits
 WORKER_SOURCE = ("LEFTOVER_WAIT = %r\n" % WORKER_LEFTOVER_WAIT) + r'''
 import atexit, ctypes, resource, socket, time
