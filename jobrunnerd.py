@@ -24,7 +24,7 @@ Sections, in file order
                        `where` cancel/retry, in durable steps)
     job process ...... the code a child runs (sent to it, never imported here)
     runner ........... Zygote (fork server), Worker (a reused worker of an
-                       isolation = "reuse" queue), Runner (start attempts, capture
+                       isolation = "reuse" queue, or a fresh queue's spare), Runner (start attempts, capture
                        output, kill process groups), Containment (what an ended
                        attempt left behind, in any group or session)
     protocol ......... request decoding, validation, plain_add() (the common add's quick
@@ -3917,18 +3917,21 @@ ZYGOTE_REPLY_TIMEOUT = 3.0          # s to answer a fork request or a ping: a fo
                                     # millisecond, so more means it is stopped or stuck
 ZYGOTE_CHECK_INTERVAL = 0.5         # s between checks of those deadlines (and pings while its
                                     # attempts run: their exits come only through it)
+ZYGOTE_MSG_TRUNC = int(socket.MSG_TRUNC)    # a plain int: `flags & socket.MSG_TRUNC` runs the
+                                            # IntFlag's Python __and__, per message
 
 # The fork server's own code (runs in the zygote process, never in the daemon; a string for the
 # same reason as CHILD_SOURCE: the zygote is a bare `python -I` that must not import jobrunnerd,
 # or every job process forked from it would hold the daemon's module). It reads its
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
-# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1} with
-# one fd (a reused worker's socket: WORKER_SOURCE), or {"ping": n}. It answers
+# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1,
+# "once"} with one fd (a reused worker's socket: WORKER_SOURCE; "once": a fresh queue's spare,
+# for one attempt), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
 # each attempt process it reaps (not for the orphans it adopts as subreaper: see Containment),
 # and exits once the daemon closed the socket and no child is left.
 ZYGOTE_SOURCE = (("MAX_WARNING = %d\n" % ZYGOTE_MAX_WARNING) + r'''
-import json, os, select, signal, socket, sys
+import _signal, json, os, select, signal, socket, sys
 import ctypes, fnmatch, importlib, resource, traceback     # what every job process imports
 
 def _tell(msg):
@@ -3976,14 +3979,32 @@ def _mark_argv(req):
         if len(mark) <= size:
             ctypes.memmove(at, mark.ljust(size, b"\0"), size)
 
+class _SpecLine:
+    """fd 3 as the job process's code reads it: one line (the job spec), then done. Not a
+    buffered file object made in each child (it cost one ~0.08 ms)."""
+
+    def readline(self):
+        chunks = []
+        while True:
+            chunk = os.read(3, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if b"\n" in chunk:
+                data = b"".join(chunks)
+                return data[:data.index(b"\n") + 1]
+
+    def close(self):
+        pass
+
 def _child(req, fds, code, wake, prctl):
     status = 1
     try:
         _mark_argv(req)                 # first: until then the daemon cannot tell it is ours
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for s in wake:
-            s.close()
+        _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)   # (signal.signal()'s enum round trip
+        for s in wake:                                      # on the zygote's handler cost a
+            s.close()                                       # child ~0.09 ms)
         _ctl.close()
         os.setpgid(0, 0)
         out_w, chan = fds
@@ -3997,7 +4018,7 @@ def _child(req, fds, code, wake, prctl):
         os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])     # the rest is the zygote's: env
         os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__,
-                    "_chan": os.fdopen(3, "rb", closefd=False), "_prctl": prctl})
+                    "_chan": _SpecLine(), "_prctl": prctl})
         status = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
@@ -4019,10 +4040,12 @@ def _child(req, fds, code, wake, prctl):
 def _worker(fds, code, wake, prctl, zygote):
     """A reused worker (SPEC 2d): set up as an attempt's child is, then `code` (CHILD_SOURCE's
     functions and WORKER_SOURCE) runs attempts one after another over the socket in fds[0]
-    until the daemon closes it. Its argv carries no attempt mark until its first attempt."""
+    until the daemon closes it. Its argv carries no attempt mark until its first attempt.
+    `code` a dict: a spare of a fresh queue, forked ahead, that runs one attempt and exits;
+    the dict holds those functions, defined once in the zygote (not in each spare)."""
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)
         for s in wake:
             s.close()
         _ctl.close()
@@ -4033,9 +4056,13 @@ def _worker(fds, code, wake, prctl, zygote):
         if null > 2:
             os.close(null)
         os.set_inheritable(fds[0], False)       # no job's exec'd child holds our socket
-        exec(code, {"__name__": "jobrunner-worker", "__builtins__": __builtins__,
-                    "_ctl": socket.socket(fileno=fds[0]), "_prctl": prctl,
-                    "_zygote_pid": zygote})
+        if type(code) is dict:
+            code["_ctl"] = socket.socket(fileno=fds[0])
+            code["_serve"]()
+        else:
+            exec(code, {"__name__": "jobrunner-worker", "__builtins__": __builtins__,
+                        "_ctl": socket.socket(fileno=fds[0]), "_prctl": prctl,
+                        "_zygote_pid": zygote, "_once": False})
     except BaseException:
         traceback.print_exc()
     os._exit(1)
@@ -4065,12 +4092,25 @@ def _zygote():
                                % (name, type(exc).__name__, exc))[:MAX_WARNING]})
     code = compile(conf["child"], "<jobrunner-job>", "exec")
     worker_code = compile(conf["child"] + conf["worker"], "<jobrunner-worker>", "exec")
+    spare = {"__name__": "jobrunner-spare", "__builtins__": __builtins__, "_prctl": prctl,
+             "_zygote_pid": os.getpid(), "_once": True}
+    # A spare's functions, defined here once (it only calls _serve()); named as a fresh
+    # child's in a traceback, which is what its attempt is.
+    exec(compile(conf["child"] + conf["worker"], "<jobrunner-job>", "exec"), spare)
     if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
         os.environ.clear()                      # here rather than in every child
         os.environ.update(conf["env"])
     for pattern in conf["allow"]:               # compiled once here, not in every child
         fnmatch.fnmatchcase("", pattern)
     import gc
+    # What the imports left for the collector goes now, and the C heap's free pages back to
+    # the kernel: each fork copies the page-table entries of every page we hold, and each
+    # child's exit tears them down again.
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:
+        pass
     gc.freeze()         # children's collections skip what we hold: no copy-on-write of it all
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -4116,7 +4156,8 @@ def _zygote():
                 pid = None
                 _tell({"started": req["token"], "error": str(exc)})
             if pid == 0 and "worker" in req:
-                _worker(fds, worker_code, (wake_r, wake_w), prctl, os.getppid())
+                _worker(fds, spare if req.get("once") else worker_code, (wake_r, wake_w),
+                        prctl, os.getppid())
             if pid == 0:
                 _child(req, fds, code, (wake_r, wake_w), prctl)
             for fd in fds:
@@ -4140,7 +4181,9 @@ _zygote()
 # survives SIGKILL): the daemon takes the "ok" report and exit 0 as the attempt's success and
 # starts another worker. A failed attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
 # as a whole (what earlier attempts imported counts); cpu is the attempt's: the soft limit is
-# the worker's CPU time so far plus `cpu`, before each attempt.
+# the worker's CPU time so far plus `cpu`, before each attempt. A spare of a fresh queue
+# (_once) takes one attempt the same way and exits when it ends (as a fresh child: limits and
+# leftovers too).
 WORKER_LEFTOVER_WAIT = 2.0          # s a SIGKILLed leftover may take to go before the worker quits
 WORKER_SOURCE = ("LEFTOVER_WAIT = %r\n" % WORKER_LEFTOVER_WAIT) + r'''
 import atexit, ctypes, resource, socket, time
@@ -4224,7 +4267,7 @@ def _set_limits(limits):
     for name, value in limits.items():
         which = getattr(resource, _LIMITS[name])
         soft, hard = resource.getrlimit(which)
-        if name == "cpu":               # this attempt's CPU seconds, on top of the worker's
+        if name == "cpu" and not _once:     # this attempt's CPU seconds, on top of the worker's
             used = resource.getrusage(resource.RUSAGE_SELF)
             value += int(used.ru_utime + used.ru_stime) + 1
             wanted = (value if hard == resource.RLIM_INFINITY else min(value, hard), hard)
@@ -4271,6 +4314,8 @@ def _attempt(req, out_w, chan):
     status = None
     try:
         _main(spec)
+        if _once:                       # a spare: the attempt's end is the process's end
+            status = 0
     except SystemExit as exc:           # as a fresh child's (zygote _child) exit
         status = 1
         if exc.code is None or isinstance(exc.code, int):
@@ -4332,14 +4377,28 @@ def _serve():
     global _AREA, _ENV, _PATH, _UMASK, _CWD, _ATEXIT, _SIGNALS
     try:
         _prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG: dies with its zygote, as it does
-        _prctl(36, 1)                   # with the daemon; PR_SET_CHILD_SUBREAPER: what its
-    except Exception:                   # attempts leave comes back to it, not to the zygote
-        pass
+        if not _once:                   # with the daemon; PR_SET_CHILD_SUBREAPER: what its
+            _prctl(36, 1)               # attempts leave comes back to it, not to the zygote
+    except Exception:                   # (a spare's leftovers go to the zygote, as a fresh
+        pass                            # child's do: it cleans up nothing itself)
     if os.getppid() != _zygote_pid:
         os._exit(1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     sys.stdout.reconfigure(line_buffering=True)
     _AREA = _argv_area()
+    if _once:
+        _label("jobrunner: spare, ready for one attempt", "", "jobrunner-spare")
+        try:
+            msg, fds, _, _ = socket.recv_fds(_ctl, 4096, 2)
+        except OSError:
+            os._exit(0)
+        _ctl.close()                    # the job must not reach the daemon through it
+        if not msg:                     # retired before it ran any
+            os._exit(0)
+        if len(fds) != 2:
+            os._exit(1)
+        _attempt(json.loads(msg), *fds)
+        os._exit(1)                     # (_attempt exits: not reached)
     _ENV, _PATH, _CWD = dict(os.environ), list(sys.path), os.getcwd()
     _UMASK = os.umask(0o22)
     os.umask(_UMASK)
@@ -4452,9 +4511,9 @@ class Zygote:
         self._check_soon()
 
     def fork_worker(self, worker: "Worker", sock: socket.socket) -> None:
-        """Ask for a reused worker (SPEC §2d) on `sock`; its pid comes back later
-        (Runner.worker_started), as an attempt's does."""
-        msg = json.dumps({"token": worker.token, "worker": 1}).encode()
+        """Ask for a reused worker (SPEC §2d), or a spare (worker.once), on `sock`; its pid
+        comes back later (Runner.worker_started), as an attempt's does."""
+        msg = json.dumps({"token": worker.token, "worker": 1, "once": worker.once}).encode()
         self.outbox.append((msg, os.dup(sock.fileno())))
         self.pending[worker.token] = worker
         self.asked[worker.token] = time.monotonic()
@@ -4595,7 +4654,7 @@ class Zygote:
     def _parse(data: bytes, flags: int) -> dict | None:
         """One message from the zygote, or None if it is not one it may send (cut short, not
         JSON, fields of the wrong type): the daemon never raises on what a zygote sends."""
-        if flags & socket.MSG_TRUNC:
+        if flags & ZYGOTE_MSG_TRUNC:
             return None
         try:
             msg = json.loads(data)
@@ -4668,15 +4727,21 @@ class Worker:
     process group; a SEQPACKET socket that hands it one attempt at a time ({"job", "attempt"}
     with the attempt's output pipe and channel) and brings back {"done": N} after each attempt
     that returned; and the attempt it runs, if any. Its exit, like an attempt's, comes from
-    its zygote (Runner.exited). The Runner is its one user."""
+    its zygote (Runner.exited). The Runner is its one user.
+
+    `once`: a spare of a fresh queue instead (SPEC §2: a fork of the clean zygote), forked
+    ahead of its attempt so that at dispatch its pid is known at once and its fork is paid
+    while the slot's previous attempt runs; it takes one attempt as a reused worker does,
+    never says "done", and exits when the attempt ends, as a fresh child does."""
 
     __slots__ = ("queue", "token", "zygote", "ctl", "pid", "pid_start", "attempt", "handoff",
-                 "done", "retiring")
+                 "done", "retiring", "once")
 
-    def __init__(self, queue: Queue, token: int, zygote: Zygote):
+    def __init__(self, queue: Queue, token: int, zygote: Zygote, once: bool = False):
         self.queue = queue
         self.token = token
         self.zygote = zygote
+        self.once = once
         self.pid: int | None = None
         self.pid_start: int | None = None
         self.attempt: Attempt | None = None
@@ -4760,6 +4825,8 @@ class Runner:
         self.workers: set[Worker] = set()              # reused workers (SPEC §2d), all states
         self.worker_pids: dict[int, Worker] = {}       # those whose pid is known
         self.idle: dict[str, list[Worker]] = {}        # queue name -> its idle workers
+        self.spares: dict[str, list[Worker]] = {}      # queue name -> its idle spares (pid known)
+        self.cpus = _cpu_count()                       # (spares are forked while one is free)
 
     def output_path(self, job_id: int) -> str:
         return os.path.join(self.output_dir, "%d.log" % job_id)
@@ -4835,6 +4902,9 @@ class Runner:
                 zygote = None
             if zygote is not None and queue is not None and queue.isolation == "reuse":
                 pid = self._reuse(att, queue, zygote, out_w, chan_child)
+                parent = zygote.pid
+            elif zygote is not None and queue is not None:
+                pid = self._prefork(att, queue, zygote, out_w, chan_child)
                 parent = zygote.pid
             elif zygote is not None:
                 zygote.fork(att, out_w, chan_child)
@@ -5265,6 +5335,59 @@ class Runner:
             worker.zygote.attempts.add(att)
             return worker.pid
 
+    # -- spares of fresh queues ---------------------------------------------------------------
+    # Forked lazily as well: each attempt of a fresh queue that a zygote starts asks for one
+    # more spare while the queue has fewer (idle or being forked) than slots and fewer attempts
+    # run than there are CPUs, so a queue has about as many spares as slots busy at once, never
+    # more than its slots. An attempt
+    # that finds none idle is forked the old way (Zygote.fork). Spares go on SIGHUP, when the
+    # zygote is not the current one, when set_workers lowers the slots, and with their zygote;
+    # one that dies idle is forgotten when its exit comes, and the next attempt asks for another.
+
+    def _prefork(self, att: Attempt, queue: Queue, zygote: Zygote, out_w: int,
+                 chan_child: socket.socket) -> int | None:
+        """Hand `att` to an idle spare of `queue` (its pid), or have `zygote` fork it (None:
+        the pid comes with started()); either way, ask for a spare to replace the one used."""
+        spares = self.spares.get(queue.name)
+        pid = None
+        while spares and pid is None:
+            worker = spares.pop()
+            if worker.zygote is not zygote:
+                self.retire_worker(worker)
+                continue
+            worker.attempt, att.worker, att.zygote = att, worker, zygote
+            try:
+                worker.hand(att, out_w, chan_child.fileno())
+            except OSError as exc:
+                # Gone meanwhile (died idle, its exit not told yet): the next one, or a fork.
+                att.worker = att.zygote = None
+                worker.attempt = None
+                kill_group(worker.pid, signal.SIGKILL)
+                self.retire_worker(worker)
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    raise
+                continue
+            zygote.attempts.add(att)
+            pid = worker.pid
+            # Nothing more to say to it (its exit comes from the zygote): its socket goes, so
+            # that no job code can write to the daemon through it.
+            worker.ctl.close()
+            worker.ctl = None
+        if pid is None:
+            zygote.fork(att, out_w, chan_child)
+        # Only while a core is free beside the attempts running: a spare's fork and start
+        # overlap them there; on a busy host they cost CPU (~10 % of a no-op job: the spare
+        # runs on cold caches) for no time won (2 slots on 2 cores: x0.92 jobs/s; 1: x1.20).
+        if len(self.active) + 1 < self.cpus and not zygote.retiring and sum(
+                w.once and w.attempt is None and w.queue is queue for w in self.workers) \
+                < queue.workers:
+            self.tokens += 1
+            try:
+                self.workers.add(Worker(queue, self.tokens, zygote, once=True))
+            except OSError:             # no fd free: the attempt goes on; a later one asks
+                pass
+        return pid
+
     def worker_started(self, worker: Worker, pid: int, pid_start: int | None) -> None:
         """Its zygote forked `worker`: hand it the attempt that waits for it, if any."""
         worker.pid, worker.pid_start = pid, pid_start
@@ -5272,8 +5395,9 @@ class Runner:
             kill_group(pid, signal.SIGKILL)
             return
         self.worker_pids[pid] = worker
-        self.loop.watch(worker.ctl.fileno(), selectors.EVENT_READ, "internal",
-                        lambda mask: self._on_worker(worker))
+        if not worker.once:             # a spare says nothing: its exit comes from the zygote
+            self.loop.watch(worker.ctl.fileno(), selectors.EVENT_READ, "internal",
+                            lambda mask: self._on_worker(worker))
         att, handoff = worker.attempt, worker.handoff
         worker.handoff = None
         if att is None or handoff is None:
@@ -5343,16 +5467,24 @@ class Runner:
         if worker.retiring or worker.zygote is not self.zygote:     # SIGHUP meanwhile
             self.retire_worker(worker)
             return
-        idle = self.idle.setdefault(worker.queue.name, [])
+        idle = self.idle.setdefault(worker.queue.name, []) if not worker.once else \
+            self.spares.setdefault(worker.queue.name, [])
         if worker not in idle:
             idle.append(worker)
         self.trim_workers(worker.queue)
 
     def trim_workers(self, queue: Queue) -> None:
-        """Retire idle workers of `queue` while it has more workers than slots."""
+        """Retire idle workers of `queue` while it has more workers than slots; and idle spares
+        while it has more spares (idle or being forked) than slots, or is no fresh queue."""
         idle = self.idle.get(queue.name)
-        while idle and sum(w.queue is queue for w in self.workers) > queue.workers:
+        while idle and sum(w.queue is queue and not w.once for w in self.workers) \
+                > queue.workers:
             self.retire_worker(idle[0])
+        spares = self.spares.get(queue.name)
+        while spares and (queue.isolation == "reuse" or sum(
+                w.once and w.attempt is None and w.queue is queue for w in self.workers)
+                > queue.workers):
+            self.retire_worker(spares[0])
 
     def retire_worker(self, worker: Worker) -> None:
         """Forget `worker` and close its socket: it exits if it lives (when its attempt, if
@@ -5360,7 +5492,7 @@ class Runner:
         self.workers.discard(worker)
         if worker.pid is not None and self.worker_pids.get(worker.pid) is worker:
             del self.worker_pids[worker.pid]
-        idle = self.idle.get(worker.queue.name)
+        idle = (self.spares if worker.once else self.idle).get(worker.queue.name)
         if idle and worker in idle:
             idle.remove(worker)
         worker.drop_handoff()
