@@ -3254,6 +3254,28 @@ def _resolve(module, module_name, attr):
         path += "."
     return obj, None
 
+_LIMITS = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
+           "fsize": "RLIMIT_FSIZE"}       # `limits` keys (SPEC section 5) -> resource names
+
+def _argv_area():
+    """(arg_start, arg_end): where our argv lies in our memory (/proc/self/stat)."""
+    fd = os.open("/proc/self/stat", os.O_RDONLY)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[45]), int(fields[46])
+
+def _write_argv(area, title, mark):
+    """Our argv (what ps and /proc/PID/cmdline show) becomes `title`, cut to fit, then `mark`
+    (bytes, kept whole): written over the old one in place."""
+    import ctypes
+    start, end = area
+    room = end - start - len(mark) - 1
+    data = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
+    ctypes.memmove(start, data.ljust(end - start, b"\0")[:end - start], end - start)
+
 def _retitle(title, prctl):
     """Name this process in ps and top: /proc/self/comm (15 bytes: "job 42 1/3") and the
     argv (cmdline) "jobrunner: job 42 attempt 1/3 pkg.mod:Attr", written over ours in place.
@@ -3268,23 +3290,14 @@ def _retitle(title, prctl):
         pass
     try:
         import ctypes
-        fd = os.open("/proc/self/stat", os.O_RDONLY)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        fields = data[data.rindex(b")") + 2:].split()
-        start, end = int(fields[45]), int(fields[46])       # arg_start, arg_end
-        old = ctypes.string_at(start, end - start)
+        area = _argv_area()
+        old = ctypes.string_at(area[0], area[1] - area[0])
         at = old.find(b"\0jobrunner-job\0")
         if at < 0:
             return
         mark = b"\0".join(old[at + 1:].split(b"\0")[:3]) + b"\0"
-        room = end - start - len(mark) - 1
-        if room < 16:
-            return
-        new = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
-        ctypes.memmove(start, new.ljust(end - start, b"\0"), end - start)
+        if area[1] - area[0] - len(mark) - 1 >= 16:
+            _write_argv(area, title, mark)
     except Exception:
         pass
 
@@ -3305,10 +3318,8 @@ def _start():
     _retitle(spec.get("title"), prctl)
     import resource
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    names = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
-             "fsize": "RLIMIT_FSIZE"}
     for name, value in spec["limits"].items():
-        which = getattr(resource, names[name])
+        which = getattr(resource, _LIMITS[name])
         soft, hard = resource.getrlimit(which)
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
@@ -4188,18 +4199,6 @@ WORKER_LEFTOVER_WAIT = 2.0          # s a SIGKILLed leftover may take to go befo
 WORKER_SOURCE = ("LEFTOVER_WAIT = %r\n" % WORKER_LEFTOVER_WAIT) + r'''
 import atexit, ctypes, resource, socket, time
 
-_LIMITS = {"cpu": "RLIMIT_CPU", "memory": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE",
-           "fsize": "RLIMIT_FSIZE"}
-
-def _argv_area():
-    fd = os.open("/proc/self/stat", os.O_RDONLY)
-    try:
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[45]), int(fields[46])         # arg_start, arg_end
-
 def _label(title, mark, comm):
     """What ps shows: our argv becomes `title` then the mark "jobrunner-job ID N" (by which the
     daemon's Containment and start-up find an attempt's processes; none while idle)."""
@@ -4209,11 +4208,7 @@ def _label(title, mark, comm):
     except Exception:
         pass
     try:
-        start, end = _AREA
-        mark = mark.encode()
-        room = end - start - len(mark) - 1
-        data = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
-        ctypes.memmove(start, data.ljust(end - start, b"\0")[:end - start], end - start)
+        _write_argv(_AREA, title, mark.encode())
     except Exception:
         pass
 
