@@ -346,15 +346,20 @@ def wait_all_done(path: str, n: int, timeout: float = 600):
             time.sleep(0.01)
 
 
-def noop_rate(n: int, start_method: str = "zygote", preload=(), **config) -> float:
-    with Daemon(start_method=start_method, workers=2, preload=list(preload), **config) as d:
+def noop_rate(n: int, start_method: str = "zygote", preload=(), target: str = NOOP,
+              workers: int = 2, **config) -> float:
+    """Jobs/s of n `target` jobs (args [i, 1]) queued while paused, from resume to the last
+    end; with the zygote, one warm-up job first (the zygote, and under isolation = "reuse" a
+    worker, are ready). `config`: more daemon keys (isolation, job_paths, allow)."""
+    with Daemon(start_method=start_method, workers=workers, preload=list(preload),
+                **config) as d:
         with Conn(d.socket) as c:
             c.call({"op": "hello"})
             if start_method == "zygote":        # the zygote warms up in the background
-                c.call({"op": "wait", "id": c.call({"op": "add", "target": NOOP,
+                c.call({"op": "wait", "id": c.call({"op": "add", "target": target,
                                                     "args": [0, 0]})["id"]})
             c.call({"op": "pause"})
-            jobs = [{"target": NOOP, "args": [i, 1]} for i in range(n)]
+            jobs = [{"target": target, "args": [i, 1]} for i in range(n)]
             for i in range(0, n, 1000):
                 c.call({"op": "add_batch", "jobs": jobs[i:i + 1000]})
             t0 = time.perf_counter()
@@ -398,33 +403,14 @@ def bench_noop(sizes, runs):
 SLOW_IMPORT = 0.05          # s a module of the reuse figure sleeps at import: a heavy import
 
 
-def reuse_rate(n: int, isolation: str, target: str = NOOP, workers: int = 2,
-               **config) -> float:
-    """Jobs/s of n `target` jobs (args [i, 1]) queued while paused, from resume to the last
-    end, in a daemon whose default queue has `isolation`; one warm-up job first (the zygote,
-    and under "reuse" a worker, are ready)."""
-    with Daemon(isolation=isolation, workers=workers, **config) as d:
-        with Conn(d.socket) as c:
-            c.call({"op": "wait", "id": c.call({"op": "add", "target": target,
-                                                "args": [0, 0]})["id"]})
-            c.call({"op": "pause"})
-            jobs = [{"target": target, "args": [i, 1]} for i in range(n)]
-            for i in range(0, n, 1000):
-                c.call({"op": "add_batch", "jobs": jobs[i:i + 1000]})
-            t0 = time.perf_counter()
-            c.call({"op": "resume"})
-        wait_all_done(d.socket, n + 1)
-        return n / (time.perf_counter() - t0)
-
-
 def bench_reuse(sizes, runs):
     """isolation = "reuse" (SPEC §2d) against "fresh", alternated in the same run: no-op jobs
     (2 workers), and per-job time of a job whose module sleeps SLOW_IMPORT at import (1 worker:
     fresh pays the import per attempt, reuse once per worker)."""
     n = sizes["reuse"]
     byte_compile(os.path.join(ROOT, *NOOP.partition(":")[0].split(".")) + ".py")
-    value, base = measure_pair(lambda: reuse_rate(n, "reuse"), lambda: reuse_rate(n, "fresh"),
-                               runs)
+    value, base = measure_pair(lambda: noop_rate(n, isolation="reuse"),
+                               lambda: noop_rate(n, isolation="fresh"), runs)
     out = [figure("reuse_noop_jobs", "jobs/s", value, base, 'isolation = "fresh"',
                   note="2 workers")]
     with tempfile.TemporaryDirectory(prefix="jr-bench-slow-") as jobs_dir:
@@ -435,8 +421,8 @@ def bench_reuse(sizes, runs):
         config = {"job_paths": [ROOT, jobs_dir], "allow": ["examples.*:*", "jrbench_slow:*"],
                   "target": "jrbench_slow:add", "workers": 1}
         m = sizes["reuse_import"]
-        value, base = measure_pair(lambda: 1 / reuse_rate(m, "reuse", **config),
-                                   lambda: 1 / reuse_rate(m, "fresh", **config), runs)
+        value, base = measure_pair(lambda: 1 / noop_rate(m, isolation="reuse", **config),
+                                   lambda: 1 / noop_rate(m, isolation="fresh", **config), runs)
     out.append(figure("reuse_slow_import_job", "s", value, base, 'isolation = "fresh"',
                       higher_is_better=False,
                       note="per job, 1 worker, a %g ms import" % (SLOW_IMPORT * 1000)))
