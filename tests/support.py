@@ -108,6 +108,67 @@ def in_process_daemon(test: unittest.TestCase, cfg):
     return daemon
 
 
+def client_of(test: unittest.TestCase, daemon):
+    """A client connection to an in_process_daemon(), made as its listener would accept one:
+    (the daemon's Connection, the test's end of the socket pair)."""
+    import functools
+    import selectors
+    import jobrunnerd
+    ours, theirs = socket.socketpair()
+    test.addCleanup(theirs.close)
+    ours.setblocking(False)
+    conn = jobrunnerd.Connection(ours, os.getuid())
+    conn.on_event = functools.partial(daemon.on_client, conn)
+    daemon.conns.add(conn)
+    daemon.loop.watch(conn.fd, selectors.EVENT_READ, "client", conn.on_event)
+    test.addCleanup(daemon.close, conn)
+    return conn, theirs
+
+
+def job_table(test: unittest.TestCase, directory: str, cfg, clock):
+    """A JobTable on a Store and an EventLog in `directory` (no fsync), its Scheduler
+    configured from `cfg`, loaded from what is there: the parts a loop pass drives, stepped
+    with `clock` and no daemon."""
+    import jobrunnerd
+    state, logs = os.path.join(directory, "state"), os.path.join(directory, "logs")
+    os.makedirs(state, exist_ok=True)
+    os.makedirs(logs, exist_ok=True)
+    store = jobrunnerd.Store(state, fsync=False)
+    test.addCleanup(store.close)
+    meta, records = store.load()
+    log = jobrunnerd.EventLog(logs, clock=clock)
+    test.addCleanup(log.close)
+    scheduler = jobrunnerd.Scheduler(1)
+    scheduler.configure(cfg)
+    table = jobrunnerd.JobTable(store, log, clock=clock, scheduler=scheduler)
+    table.load(meta, records)
+    return table
+
+
+def jobctl_loads(names, *args) -> list:
+    """Which of the modules `names` a run of `jobctl.py ARGS` (against a socket that is not
+    there) has imported when it ends: run in a process of its own, seen in its sys.modules."""
+    probe = ("import sys; sys.argv = ['jobctl.py', '--socket', '/nonexistent/x.sock'] + "
+             "sys.argv[1:]; import runpy\n"
+             "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print(sorted(m for m in %r if m in sys.modules))" % (JOBCTL, tuple(names)))
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                         timeout=30)
+    import ast
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])    # its last line: a list
+
+
+def jobctl_importtime(*args) -> tuple[int, set]:
+    """(exit status, every module imported) of `python -X importtime jobctl.py ARGS` against
+    a socket that is not there."""
+    out = subprocess.run([sys.executable, "-X", "importtime", JOBCTL, "--socket",
+                          "/nonexistent/x.sock", *args], capture_output=True, text=True,
+                         timeout=30)
+    return out.returncode, {line.split("|")[-1].strip() for line in out.stderr.splitlines()
+                            if line.startswith("import time:")}
+
+
 def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
     """Poll `predicate` until it returns a true value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

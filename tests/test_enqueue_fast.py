@@ -10,12 +10,9 @@ answered at once and created in one create() (Protocol.hold_add): a pipeline of 
 gets the same replies sent at once as sent one at a time. Then one daemon: pipelined adds and
 a batch of mixed shapes, SIGKILL, restart: every job reads back as it was acknowledged.
 """
-import functools
 import json
 import os
-import selectors
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -27,6 +24,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jobrunnerd as jr  # noqa: E402
+from tests import support  # noqa: E402
 from tests.support import Daemon, DaemonTestCase, Raw, in_process_daemon  # noqa: E402
 
 TARGET = "examples.jobs:ExampleJob"
@@ -417,14 +415,7 @@ class HeldAddsTest(unittest.TestCase):
                                     "start_method": "spawn", "job_paths": [ROOT]})
         daemon = in_process_daemon(self, cfg)
         daemon.jobs.scheduler.paused = True
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        ours.setblocking(False)
-        conn = jr.Connection(ours, os.getuid())
-        conn.on_event = functools.partial(daemon.on_client, conn)
-        daemon.conns.add(conn)
-        daemon.loop.watch(conn.fd, selectors.EVENT_READ, "client", conn.on_event)
-        self.addCleanup(daemon.close, conn)
+        _, theirs = support.client_of(self, daemon)
         theirs.sendall(b"".join(b'{"op":"add","target":"%s","args":[%d]}\n'
                                 % (TARGET.encode(), i) for i in range(50)))
         before = daemon.store.size

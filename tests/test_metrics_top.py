@@ -22,6 +22,7 @@ import termios
 import time
 import unittest
 
+from tests import support
 from tests.support import (DaemonTestCase, JOBCTL, ROOT, Raw, wait_until)
 from tests.test_durability import InProcessDaemonCase
 import jobrunnerd as jr
@@ -762,23 +763,11 @@ class LightImportTest(unittest.TestCase):
     """SPEC §4: the code of top loads only when it runs; `jobctl add` never imports curses."""
 
     def test_other_commands_never_load_top_or_curses(self):
-        probe = ("import sys; sys.argv = ['jobctl.py', '--socket', '/nonexistent/x.sock'] + "
-                 "sys.argv[1:]; import runpy\n"
-                 "try:\n    runpy.run_path(%r, run_name='__main__')\n"
-                 "except SystemExit:\n    pass\n"
-                 "print(sorted(m for m in ('curses', '_curses') "
-                 "if m in sys.modules))" % JOBCTL)
         for args in (["add", TARGET], ["stats"], ["metrics"], ["list"]):
             with self.subTest(args=args):
-                out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
-                                     text=True, timeout=30)
-                self.assertEqual(out.stdout.strip().splitlines()[-1], "[]", out)
-        out = subprocess.run([sys.executable, "-X", "importtime", JOBCTL, "--socket",
-                              "/nonexistent/x.sock", "add", TARGET],
-                             capture_output=True, text=True, timeout=30)
-        self.assertEqual(out.returncode, 3)
-        imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()
-                    if line.startswith("import time:")}
+                self.assertEqual(support.jobctl_loads(("curses", "_curses"), *args), [])
+        code, imported = support.jobctl_importtime("add", TARGET)
+        self.assertEqual(code, 3)
         self.assertIn("socket", imported)               # (the probe sees imports at all)
         self.assertFalse({"curses", "_curses"} & imported, imported)
         # jobctl.py copied alone (SPEC §1: one file) has top too

@@ -140,20 +140,9 @@ class TableQueuesTest(unittest.TestCase):
         return self.now
 
     def make_table(self, name="t", cfg_queues=None) -> jr.JobTable:
-        state, logs = os.path.join(self.tmp, name, "state"), os.path.join(self.tmp, name, "logs")
-        os.makedirs(state, exist_ok=True)
-        os.makedirs(logs, exist_ok=True)
-        store = jr.Store(state, fsync=False)
-        self.addCleanup(store.close)
-        meta, records = store.load()
-        log = jr.EventLog(logs, clock=self.clock)
-        self.addCleanup(log.close)
-        scheduler = jr.Scheduler(1)
-        scheduler.configure(config(self.tmp, workers=1, queues=cfg_queues or {
-            "emails": {"workers": 2}, "reports": {"workers": 1}}))
-        table = jr.JobTable(store, log, clock=self.clock, scheduler=scheduler)
-        table.load(meta, records)
-        return table
+        return support.job_table(self, os.path.join(self.tmp, name), config(
+            self.tmp, workers=1, queues=cfg_queues or {"emails": {"workers": 2},
+                                                       "reports": {"workers": 1}}), self.clock)
 
     def add(self, queue="default", **fields):
         fields = dict(target=TARGET, queue=queue, run_at=self.now, retries=0, priority=0, **fields)

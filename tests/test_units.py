@@ -14,7 +14,6 @@ import collections
 import contextlib
 import errno
 import fnmatch
-import functools
 import gc
 import glob
 import io
@@ -39,6 +38,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jobrunnerd as jr  # noqa: E402
+from tests import support  # noqa: E402
 from tests.support import in_process_daemon  # noqa: E402
 
 # SPEC §3: the documented ops. Kept here literally so that a new handler needs a SPEC change.
@@ -2182,15 +2182,7 @@ class GroupCommitTest(TempCase):
         return in_process_daemon(self, cfg)
 
     def connect(self, daemon):
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        ours.setblocking(False)
-        conn = jr.Connection(ours, os.getuid())
-        conn.on_event = functools.partial(daemon.on_client, conn)
-        daemon.conns.add(conn)
-        daemon.loop.watch(conn.fd, selectors.EVENT_READ, "client", conn.on_event)
-        self.addCleanup(daemon.close, conn)
-        return conn, theirs
+        return support.client_of(self, daemon)
 
     ADD = b'{"op":"add","target":"examples.jobs:add","args":[1,2]}\n'
 

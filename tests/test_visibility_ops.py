@@ -61,19 +61,7 @@ class UpdateTableTest(unittest.TestCase):
         return self.now
 
     def make_table(self) -> jr.JobTable:
-        state, logs = os.path.join(self.tmp, "state"), os.path.join(self.tmp, "logs")
-        os.makedirs(state, exist_ok=True)
-        os.makedirs(logs, exist_ok=True)
-        store = jr.Store(state, fsync=False)
-        self.addCleanup(store.close)
-        meta, records = store.load()
-        log = jr.EventLog(logs, clock=self.clock)
-        self.addCleanup(log.close)
-        scheduler = jr.Scheduler(1)
-        scheduler.configure(self.cfg)
-        table = jr.JobTable(store, log, clock=self.clock, scheduler=scheduler)
-        table.load(meta, records)
-        return table
+        return support.job_table(self, self.tmp, self.cfg, self.clock)
 
     def add(self, queue="default", **fields):
         fields = dict(dict(target=TARGET, queue=queue, run_at=self.now, retries=0, priority=0),
