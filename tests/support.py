@@ -357,10 +357,12 @@ class Daemon:
         return [e for e in self.events()
                 if e.get("job") == str(job_id) and (event is None or e["event"] == event)]
 
-    def jobctl(self, *args, input=None, timeout=60.0):
-        """Run `jobctl.py --socket ... ARGS`; returns CompletedProcess (text)."""
+    def jobctl(self, *args, input=None, timeout=60.0, env=None):
+        """Run `jobctl.py --socket ... ARGS`, with `env` (a dict) added to the environment;
+        returns CompletedProcess (text)."""
         return subprocess.run([sys.executable, JOBCTL, "--socket", self.socket, *args],
-                              input=input, capture_output=True, text=True, timeout=timeout)
+                              input=input, capture_output=True, text=True, timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
 
 
 def toml_value(value):

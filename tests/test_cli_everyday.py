@@ -17,7 +17,8 @@ import sys
 import time
 import unittest
 
-from tests.support import JOBCTL, ROOT, DaemonTestCase, wait_until
+from tests.support import JOBCTL, ROOT, wait_until
+from tests.test_cli import CliCase
 from tests.test_units import TableCase
 
 import jobctl  # noqa: E402
@@ -112,27 +113,7 @@ class ListPagingTableTest(TableCase):
 # End to end: a real daemon, through the socket and jobctl
 ####################################################################################################
 
-class EverydayCase(DaemonTestCase):
-
-    def ctl(self, *args, code=0, env=None, **kw):
-        """Run jobctl (subprocess) and check its exit code; returns the CompletedProcess."""
-        if env is None:
-            proc = self.daemon.jobctl(*args, **kw)
-        else:
-            proc = subprocess.run([sys.executable, JOBCTL, "--socket", self.daemon.socket, *args],
-                                  capture_output=True, text=True, timeout=60,
-                                  env={**os.environ, **env}, **kw)
-        self.assertEqual(proc.returncode, code, "jobctl %s: exit %d\nstdout: %s\nstderr: %s"
-                         % (" ".join(args), proc.returncode, proc.stdout, proc.stderr))
-        return proc
-
-    def ctl_json(self, *args, code=0):
-        proc = self.ctl("--json", *args, code=code)
-        try:
-            return json.loads(proc.stdout)
-        except ValueError as exc:
-            self.fail("jobctl --json %s: stdout is not one JSON document (%s): %r"
-                      % (" ".join(args), exc, proc.stdout))
+class EverydayCase(CliCase):          # ctl(), ctl_json(): jobctl checked for its exit code
 
     def add_many(self, n, **fields):
         jobs = [dict(target="examples.jobs:ExampleJob", delay=3600, **fields) for _ in range(n)]
