@@ -236,7 +236,10 @@ class Raw:
         return json.loads(line)
 
     def call(self, **req):
-        self.send(**req)
+        try:
+            self.send(**req)
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # the daemon refused unprompted (busy, forbidden) and closed: its line waits
         return self.recv()
 
     def close(self):
