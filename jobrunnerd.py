@@ -3963,32 +3963,48 @@ def _start_time(pid):
         return None
 
 _argv_room = None       # (address, size) of the blank last argument the daemon gave us
+_argv_area = None       # (arg_start, arg_end): our whole argv, when that room was found
 
 def _find_argv_room():
     """Where that blank argument lies in our memory (arg_end in /proc/self/stat): a child
     writes its attempt's mark there, and ps and /proc/PID/cmdline show it for the child and
     for every process it forks without exec (the daemon's Containment reads it)."""
-    global _argv_room
+    global _argv_room, _argv_area
     try:
         fd = os.open("/proc/self/stat", os.O_RDONLY)
         try:
             data = os.read(fd, 4096)
         finally:
             os.close(fd)
-        arg_end = int(data[data.rindex(b")") + 2:].split()[46])
+        fields = data[data.rindex(b")") + 2:].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])
         size = len(sys.argv[-1])
         if size and sys.argv[-1] == " " * size and \
                 ctypes.string_at(arg_end - size - 1, size + 1) == b" " * size + b"\0":
             _argv_room = (arg_end - size - 1, size)
+            _argv_area = (arg_start, arg_end)
     except (OSError, ValueError, IndexError):
         pass
 
-def _mark_argv(req):
-    if _argv_room is not None:
-        at, size = _argv_room
-        mark = ("jobrunner-job\0%d\0%d" % (req["job"], req["attempt"])).encode()
-        if len(mark) <= size:
-            ctypes.memmove(at, mark.ljust(size, b"\0"), size)
+def _mark_argv(req, job, prctl):
+    """The attempt's mark "jobrunner-job ID N" in our argv, after its title when the request
+    has one: the name in ps that the job process's _retitle() gives itself, written here in
+    the same write (no /proc read and second write per child), with /proc/self/comm."""
+    if _argv_room is None:
+        return
+    title, mark = req.get("title"), "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"])
+    if type(title) is str and _argv_area[1] - _argv_area[0] - len(mark) - 1 >= 16:
+        job["_write_argv"](_argv_area, title, mark.encode())
+        words = title.split()
+        if prctl is not None and len(words) > 4:
+            try:
+                prctl(15, ("job %s %s" % (words[2], words[4])).encode()[:15], 0, 0, 0)
+            except Exception:
+                pass
+        return
+    at, size = _argv_room
+    if len(mark) - 1 <= size:
+        ctypes.memmove(at, mark[:-1].encode().ljust(size, b"\0"), size)
 
 class _SpecLine:
     """fd 3 as the job process's code reads it: one line (the job spec), then done. Not a
@@ -4008,10 +4024,12 @@ class _SpecLine:
     def close(self):
         pass
 
-def _child(req, fds, code, wake, prctl):
+def _child(req, fds, job, wake, prctl):
+    """A fresh attempt's process: set up as SPEC section 2 says, then the job process's code
+    (CHILD_SOURCE, its functions defined once in the zygote: `job`) runs the attempt."""
     status = 1
     try:
-        _mark_argv(req)                 # first: until then the daemon cannot tell it is ours
+        _mark_argv(req, job, prctl)     # first: until then the daemon cannot tell it is ours
         signal.set_wakeup_fd(-1)
         _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)   # (signal.signal()'s enum round trip
         for s in wake:                                      # on the zygote's handler cost a
@@ -4028,8 +4046,7 @@ def _child(req, fds, code, wake, prctl):
             os.close(fd)
         os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])     # the rest is the zygote's: env
         os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__,
-                    "_chan": _SpecLine(), "_prctl": prctl})
+        job["_start"]()
         status = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
@@ -4101,13 +4118,13 @@ def _zygote():
         except BaseException as exc:
             _tell({"warning": ("preload %s failed: %s: %s"
                                % (name, type(exc).__name__, exc))[:MAX_WARNING]})
-    code = compile(conf["child"], "<jobrunner-job>", "exec")
     worker_code = compile(conf["child"] + conf["worker"], "<jobrunner-worker>", "exec")
-    spare = {"__name__": "jobrunner-spare", "__builtins__": __builtins__, "_prctl": prctl,
-             "_zygote_pid": os.getpid(), "_once": True}
-    # A spare's functions, defined here once (it only calls _serve()); named as a fresh
-    # child's in a traceback, which is what its attempt is.
-    exec(compile(conf["child"] + conf["worker"], "<jobrunner-job>", "exec"), spare)
+    # The job process's functions, defined here once: a fresh child calls _start(), a spare
+    # _serve() (defining them in each child cost it ~0.1 ms, and copies of the pages that
+    # touches). Named "<jobrunner-job>" in a traceback, as an attempt's process is.
+    job = {"__name__": "jobrunner-job", "__builtins__": __builtins__, "_prctl": prctl,
+           "_zygote_pid": os.getpid(), "_once": True, "_chan": _SpecLine()}
+    exec(compile(conf["child"] + conf["worker"], "<jobrunner-job>", "exec"), job)
     if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
         os.environ.clear()                      # here rather than in every child
         os.environ.update(conf["env"])
@@ -4130,10 +4147,15 @@ def _zygote():
     signal.signal(signal.SIGCHLD, lambda *a: None)
     children = set()
     listening = True
+    # The loop below runs once per fork and once per exit: every page it writes after a fork
+    # is copied while the children share it, so it stays small (no json.dumps per reply, no
+    # list built per select, recvmsg without socket.recv_fds()'s wrapper).
+    both, wake_only = [wake_r, _ctl], [wake_r]
+    recvmsg, send, room = _ctl.recvmsg, _ctl.send, socket.CMSG_SPACE(4 * 4)
     _tell({"ready": True})
     while listening or children:
-        ready = select.select([wake_r] + ([_ctl] if listening else []), [], [])[0]
-        if wake_r in ready:
+        ready = select.select(both if listening else wake_only, [], [])[0]
+        if ready[0] is wake_r:
             try:
                 wake_r.recv(4096)
             except BlockingIOError:
@@ -4148,13 +4170,23 @@ def _zygote():
                     break
                 if pid in children:             # an adopted orphan is none of the daemon's
                     children.discard(pid)       # business: it sweeps again after each kill
-                    _tell({"exit": pid, "status": status})
-        if listening and _ctl in ready:
+                    try:
+                        send(b'{"exit": %d, "status": %d}' % (pid, status))
+                    except OSError:
+                        pass
+        if listening and ready[-1] is _ctl:
             try:
-                msg, fds, _, _ = socket.recv_fds(_ctl, 65536, 4)
+                msg, anc, _, _ = recvmsg(65536, room)
             except OSError:             # reset: the daemon closed it with our exits unread
                 msg = b""
+            fds = []
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True)
+                            for i in range(0, len(data) - 3, 4)]
             if not msg:
+                for fd in fds:
+                    os.close(fd)
                 listening = False
                 continue
             req = json.loads(msg)
@@ -4167,15 +4199,20 @@ def _zygote():
                 pid = None
                 _tell({"started": req["token"], "error": str(exc)})
             if pid == 0 and "worker" in req:
-                _worker(fds, spare if req.get("once") else worker_code, (wake_r, wake_w),
+                _worker(fds, job if req.get("once") else worker_code, (wake_r, wake_w),
                         prctl, os.getppid())
             if pid == 0:
-                _child(req, fds, code, (wake_r, wake_w), prctl)
+                _child(req, fds, job, (wake_r, wake_w), prctl)
             for fd in fds:
                 os.close(fd)
             if pid:
                 children.add(pid)
-                _tell({"started": req["token"], "pid": pid, "start": _start_time(pid)})
+                start = _start_time(pid)
+                try:
+                    send(b'{"started": %d, "pid": %d, "start": %s}'
+                         % (req["token"], pid, b"null" if start is None else b"%d" % start))
+                except OSError:
+                    pass
 
 _zygote()
 ''')
@@ -4423,6 +4460,15 @@ if __name__ == "jobrunner-worker":
 '''
 
 
+MAX_TITLE = 1000    # chars of an attempt's process title: more than any argv area it fills
+
+
+def attempt_title(job: Job, number: int) -> str:
+    """An attempt's process's name in ps: "jobrunner: job 42 attempt 1/3 pkg.mod:Attr"."""
+    return ("jobrunner: job %d attempt %d/%d %s" % (job.id, number, job.retries + 1,
+                                                    job.target))[:MAX_TITLE]
+
+
 class Zygote:
     """The fork server: one small interpreter, started once (`python -I`), that has imported
     only what job processes need plus `preload`, and forks each attempt on request (~1 ms
@@ -4489,8 +4535,10 @@ class Zygote:
             self.runner.loop.watch(self.ctl.fileno(), events, "internal", self._on_ctl)
 
     def fork(self, att: Attempt, out_w: int, chan_child: socket.socket) -> None:
-        """Ask for a child for `att`; its pid comes back later (Runner.started)."""
-        msg = json.dumps({"token": att.token, "job": att.job.id, "attempt": att.number}).encode()
+        """Ask for a child for `att`; its pid comes back later (Runner.started). The child
+        takes its name in ps from the request (written with its mark), not from the spec."""
+        msg = json.dumps({"token": att.token, "job": att.job.id, "attempt": att.number,
+                          "title": attempt_title(att.job, att.number)}).encode()
         out_copy = os.dup(out_w)
         try:
             chan_copy = os.dup(chan_child.fileno())
@@ -4921,9 +4969,9 @@ class Runner:
             chan_child.close()
         spec = {"target": job.target, "method": job.method, "args": job.args,
                 "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
-                "limits": self.cfg.limits, "parent": parent,
-                "title": "jobrunner: job %d attempt %d/%d %s" % (
-                    job.id, number, job.retries + 1, job.target)}     # its name in ps (_retitle)
+                "limits": self.cfg.limits, "parent": parent}
+        if zygote is None or att.worker is not None:    # (a zygote's child has its name)
+            spec["title"] = attempt_title(job, number)  # its name in ps (_retitle)
         att.chan_out += self.source_line if zygote is None else b""
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
