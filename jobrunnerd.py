@@ -3199,6 +3199,27 @@ def _fail(status, error, tb=None):
     sys.stdout.flush()
     os._exit(2 if status == "permanent" else 1)
 
+def _exit_status(exc):
+    """The exit status a SystemExit that ended the job stands for, as at an interpreter's
+    exit: its code if an int (None: 0), else 1 with the code printed to stderr."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
+
+def _exit(status):
+    """End a process forked for a job (a zygote's child, a spare, a worker that goes) as an
+    interpreter's exit would: atexit functions, output flushed; then os._exit, which leaves
+    the zygote's own state (inherited, not ours) alone."""
+    try:
+        import atexit
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(status & 0xFF)
+
 def _too_deep(value, limit):
     """As the daemon's too_deep(): it refuses a report that nests deeper."""
     level = [value]
@@ -4049,21 +4070,11 @@ def _child(req, fds, job, wake, prctl):
         job["_start"]()
         status = 0
     except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            status = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
+        status = job["_exit_status"](exc)
     except BaseException:
         traceback.print_exc()
     finally:
-        try:
-            import atexit
-            atexit._run_exitfuncs()             # as a normal interpreter exit would
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(status & 0xFF)
+        job["_exit"](status)
 
 def _worker(fds, code, wake, prctl, zygote):
     """A reused worker (SPEC 2d): set up as an attempt's child is, then `code` (CHILD_SOURCE's
@@ -4349,23 +4360,13 @@ def _attempt(req, out_w, chan):
         if _once:                       # a spare: the attempt's end is the process's end
             status = 0
     except SystemExit as exc:           # as a fresh child's (zygote _child) exit
-        status = 1
-        if exc.code is None or isinstance(exc.code, int):
-            status = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
+        status = _exit_status(exc)
     except BaseException:
         import traceback
         traceback.print_exc()
         status = 1
     if status is not None:
-        try:
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(status & 0xFF)
+        _exit(status)
     # It returned: its report is sent. Undo what it changed, or go. First its timers (an
     # alarm it set must not end a later attempt): a worker that had one armed goes.
     armed = [signal.setitimer(t, 0) for t in _ITIMERS] != [(0.0, 0.0)] * len(_ITIMERS)
