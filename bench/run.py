@@ -1011,7 +1011,8 @@ def bench_dispatch(sizes, runs):
 
 # -- against the peers: tsp and beanstalkd (issue #17) ------------------------------------------
 
-PEER_GOALS = {"noop_fresh": 0.5, "noop_reuse": 2.0,     # issue #17: x tsp /bin/true, 2 slots
+PEER_GOALS = {"noop_fresh": 0.5, "noop_fresh_preload": 0.5,  # issue #17: x tsp /bin/true,
+              "noop_reuse": 2.0,                                # 2 slots
               "add_pipelined": 0.4, "add_batch": 1.0}   # x beanstalkd pipelined put, fsync 50 ms
 
 
@@ -1039,16 +1040,23 @@ def bench_peers(sizes, runs):
     n = sizes["peers_noop"]
     no_tsp, reuse = peers.missing("tsp"), reuse_built()
     if no_tsp:
-        out.append(skipped("peers_noop_fresh", no_tsp))
+        out += [skipped(name, no_tsp) for name in ("peers_noop_fresh",
+                                                   "peers_noop_fresh_preload")]
     else:
-        fns = {"fresh": lambda: noop_rate(n), "tsp": lambda: peers.tsp_rate(n, slots=2)}
+        module = NOOP.partition(":")[0]
+        fns = {"fresh": lambda: noop_rate(n), "tsp": lambda: peers.tsp_rate(n, slots=2),
+               "fresh_preload": lambda: noop_rate(n, preload=[module])}
         if reuse:
             fns["reuse"] = lambda: noop_rate(n, isolation="reuse")
+        how = {"fresh": "isolation = 'fresh'", "reuse": "isolation = 'reuse'",
+               # still fresh (SPEC section 2): each attempt a fork of an interpreter that
+               # imported only what the operator lists to preload
+               "fresh_preload": "isolation = 'fresh', preload = [%r]" % module}
         got = measure_round(fns, runs)
         out += [figure("peers_noop_" + mode, "jobs/s", got[mode], got["tsp"],
                        "tsp /bin/true, 2 slots", goal=PEER_GOALS["noop_" + mode],
-                       note="no-op Python jobs, workers = 2, isolation = %r; %s"
-                       % (mode, round_ratios(got[mode], got["tsp"])))
+                       note="no-op Python jobs, workers = 2, %s; %s"
+                       % (how[mode], round_ratios(got[mode], got["tsp"])))
                 for mode in fns if mode != "tsp"]
     if no_tsp or not reuse:
         out.append(skipped("peers_noop_reuse", no_tsp or 'not built: this daemon refuses'
