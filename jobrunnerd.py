@@ -3936,6 +3936,16 @@ class Containment:
         self.timer = None
 
 
+def _fd_above(fd: int, highest: int) -> int:
+    """`fd`, or a close-on-exec copy of it numbered above `highest` (then `fd` is closed)."""
+    if fd > highest:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, highest + 1)
+    finally:
+        os.close(fd)
+
+
 # The zygote's source and config come in a memfd at fd 4 (any size, and no write that could
 # block the daemon); the SEQPACKET socket at fd 3 then carries only small messages.
 ZYGOTE_BOOTSTRAP = ("import os,json,socket;_ctl=socket.socket(fileno=3);"
@@ -4189,7 +4199,7 @@ def _zygote():
             try:
                 msg, anc, _, _ = recvmsg(65536, room)
             except OSError:             # reset: the daemon closed it with our exits unread
-                msg = b""
+                msg, anc = b"", []      # (not the last request's fds: they are closed)
             fds = []
             for level, kind, data in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -4498,24 +4508,37 @@ class Zygote:
         self.checking = None                    # the timer of check(), while one is due
         self.watching_write: bool | None = None
         self.start_deadline = time.monotonic() + runner.start_timeout
-        cfg = runner.cfg
+        self.pid, self.ctl = self.spawn(runner.cfg, runner.env)
+        self.ctl.setblocking(False)
+        self._watch()
+        self._check_soon()
+
+    @staticmethod
+    def spawn(cfg: "Config", env: dict, file_actions=()) -> tuple[int, socket.socket]:
+        """Start a zygote process for `cfg` with environment `env`: (its pid, our end of its
+        socket). `file_actions`: more of posix_spawn's (a test gives it a stderr)."""
         conf = json.dumps({"source": ZYGOTE_SOURCE, "parent": os.getpid(),
                            "paths": cfg.job_paths, "preload": cfg.preload, "child": CHILD_SOURCE,
                            "worker": WORKER_SOURCE,
-                           "allow": cfg.allow, "env": runner.env}).encode()
-        boot = os.memfd_create("jobrunner-zygote", os.MFD_CLOEXEC)
+                           "allow": cfg.allow, "env": env}).encode()
+        boot = _fd_above(os.memfd_create("jobrunner-zygote", os.MFD_CLOEXEC), 4)
         try:
             _write_all(boot, conf)
             os.lseek(boot, 0, os.SEEK_SET)
             ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                self.pid = os.posix_spawn(sys.executable, [
-                    sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote",
-                    " " * (ATTEMPT_ARGV_ROOM - 1)], runner.env,   # room for _mark_argv()
-                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                                  (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
-                                  (os.POSIX_SPAWN_DUP2, boot, 4)],
-                    setpgroup=0, setsigdef=(signal.SIGCHLD,))
+                # Neither may be fd 3 or 4 itself: the first dup2 would overwrite the other.
+                theirs_fd = _fd_above(os.dup(theirs.fileno()), 4)
+                try:
+                    pid = os.posix_spawn(sys.executable, [
+                        sys.executable, "-I", "-c", ZYGOTE_BOOTSTRAP, "jobrunner-zygote",
+                        " " * (ATTEMPT_ARGV_ROOM - 1)], env,          # room for _mark_argv()
+                        file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                      (os.POSIX_SPAWN_DUP2, theirs_fd, 3),
+                                      (os.POSIX_SPAWN_DUP2, boot, 4), *file_actions],
+                        setpgroup=0, setsigdef=(signal.SIGCHLD,))
+                finally:
+                    os.close(theirs_fd)
             except BaseException:
                 ctl.close()
                 raise
@@ -4523,10 +4546,7 @@ class Zygote:
                 theirs.close()
         finally:
             os.close(boot)
-        self.ctl = ctl
-        ctl.setblocking(False)
-        self._watch()
-        self._check_soon()
+        return pid, ctl
 
     def _watch(self) -> None:
         """Watch the socket for replies, and for room to write while requests wait."""

@@ -119,6 +119,19 @@ class BusyHostTest(PreforkTestCase):
             self.assertEqual([p for p in children_named(self.zygote(), b"") if alive(p)], [])
 
 
+class GracefulStopTest(PreforkTestCase):
+
+    def test_a_stop_with_a_spare_idle_leaves_stderr_clean_and_exits_0(self):
+        # The stop retires the spare; the zygote reports its exit to a daemon that closes the
+        # socket without reading it: the zygote's next read is a reset, which once made it close
+        # the fds of the request before (EBADF, a traceback on the daemon's stderr).
+        self.run_who()
+        wait_until(self.spares, message="a spare after an attempt")
+        self.daemon.stop(signal.SIGTERM, timeout=30)
+        self.assertEqual(self.daemon.proc.returncode, 0)
+        self.assertNotIn("Traceback", self.daemon.read_stderr())
+
+
 class DaemonCrashTest(PreforkTestCase):
 
     def test_an_idle_spare_dies_with_a_sigkilled_daemon(self):
