@@ -811,15 +811,26 @@ _STATE_COLOURS = {"blocked": "35", "pending": "34", "running": "36", "succeeded"
 _SHRINK = ((9, 16), (5, 24), (9, 5), (5, 12))
 
 
-def use_colour(stream=None) -> bool:
-    """Colour only on a terminal, and not when $NO_COLOR is set (no-color.org)."""
+def on_a_terminal(stream=None) -> bool:
     stream = sys.stdout if stream is None else stream
-    if os.environ.get("NO_COLOR"):
-        return False
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def use_colour(stream=None) -> bool:
+    """Colour only on a terminal, and not when $NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and on_a_terminal(stream)
+
+
+def table_width() -> int:
+    """Columns a table may take: $COLUMNS, else the terminal's; no limit when stdout is not a
+    terminal (`jobctl list | grep` sees whole targets and errors)."""
+    import shutil
+    if os.environ.get("COLUMNS", "").strip().isdigit() or on_a_terminal():
+        return shutil.get_terminal_size().columns
+    return 1 << 30
 
 
 def _clip(text: str, width: int) -> str:
@@ -836,7 +847,7 @@ def job_table(jobs: list[dict], now: float | None = None, width: int | None = No
         import time
         now = time.time()
     if width is None:
-        width = shutil.get_terminal_size().columns
+        width = table_width()
     number = (int, float)
     rows = [("ID", "STATE", "QUEUE", "PRI", "ATTEMPTS", "TARGET", "AGE", "TIME", "EXIT", "ERROR")]
     for j in jobs:
@@ -1301,6 +1312,8 @@ def cmd_schedules(client: Client, ns) -> int:
         _out_json({"schedules": schedules})
     elif schedules:
         _out(schedule_table(schedules))
+    else:
+        _out("no schedules: declare them as [schedules.NAME] tables in the config")
     return EXIT_OK
 
 

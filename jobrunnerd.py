@@ -9188,7 +9188,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print("jobrunnerd: warning: " + problem)
         for key in CONFIG_KEYS:
-            if key != "schedules":
+            if key == "socket_mode":    # as it is written in a config file: 0o600
+                print("  %s = %s" % (key, oct(cfg.socket_mode)))
+            elif key != "schedules":
                 print("  %s = %r" % (key, getattr(cfg, key)))
         now = wall_clock()
         for schedule in cfg.schedules.values():

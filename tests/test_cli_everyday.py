@@ -221,6 +221,22 @@ class ListCommandTest(EverydayCase):
             out = self.ctl("list", env={"COLUMNS": str(columns)}).stdout
             self.assertTrue(all(len(line) <= columns for line in out.splitlines()[:-1]), out)
 
+    def test_schedules_without_any_says_so_and_how_to_declare_one(self):
+        self.assertEqual(self.ctl("schedules").stdout,
+                         "no schedules: declare them as [schedules.NAME] tables in the config\n")
+        self.assertEqual(self.ctl_json("schedules"), {"schedules": []})
+
+    def test_into_a_pipe_without_columns_rows_are_whole(self):
+        job_id = self.daemon.add(target="examples.jobs:echo", args=["x" * 300])
+        self.daemon.wait_job(job_id)
+        failed = self.daemon.add(target="examples.jobs:ErrorJob")
+        self.daemon.wait_job(failed)
+        out = self.ctl("list", env={"COLUMNS": ""}).stdout      # (unset: not a number)
+        error = self.daemon.get(failed)["error"].splitlines()[0]
+        self.assertIn(error, out)
+        self.assertIn("examples.jobs:ErrorJob", out)
+        self.assertNotIn("\u2026", out)
+
     def test_colour_only_on_a_terminal_and_never_with_no_color(self):
         job_id = self.daemon.add(target="examples.jobs:ErrorJob")
         self.daemon.wait_job(job_id)

@@ -648,6 +648,7 @@ class ConfigTest(unittest.TestCase):
         after = time.time()
         self.assertEqual(proc.returncode, 0, proc.stderr)
         lines = proc.stdout.splitlines()
+        self.assertIn("  socket_mode = 0o600", lines)     # as a config file writes it
         heads = [i for i, line in enumerate(lines) if line.startswith("  schedule ")]
         self.assertEqual([lines[i].split(":")[0] for i in heads],
                          ["  schedule leap", "  schedule poll", "  schedule nightly"])
