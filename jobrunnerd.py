@@ -3485,7 +3485,7 @@ class Attempt:
 
     __slots__ = ("job", "number", "token", "zygote", "pid", "pid_start", "out_fd", "out_file",
                  "out_size", "out_capped", "out_lost", "chan", "chan_out", "chan_in", "started",
-                 "stop_reason", "timers", "status", "released", "header", "worker")
+                 "stop_reason", "timers", "status", "released", "header", "worker", "checked")
 
     def __init__(self, job: Job, number: int, token: int):
         self.job = job
@@ -3505,10 +3505,20 @@ class Attempt:
         self.timers: list = []
         self.header: str | None = None          # its header line, until written (Runner.note)
         self.worker: Worker | None = None       # the reused worker that runs it (SPEC §2d)
+        self.checked: tuple | None = None       # (report(),) once the channel is closed
 
     def report(self) -> dict | None:
         """The child's last line on fd 3 as a checked report (see check_report()), None if it
-        sent none, or {"status": "invalid", "error": why} when that line is not a report."""
+        sent none, or {"status": "invalid", "error": why} when that line is not a report.
+        Checked once after the channel is closed (nothing more can come)."""
+        if self.checked is not None:
+            return self.checked[0]
+        report = self._report()
+        if self.chan is None:
+            self.checked = (report,)
+        return report
+
+    def _report(self) -> dict | None:
         if len(self.chan_in) >= MAX_REPORT_BYTES:   # the runner stopped reading there
             return invalid_report("at least %d bytes" % MAX_REPORT_BYTES)
         for line in reversed(bytes(self.chan_in).split(b"\n")):
