@@ -828,7 +828,8 @@ def table_width() -> int:
     """Columns a table may take: $COLUMNS, else the terminal's; no limit when stdout is not a
     terminal (`jobctl list | grep` sees whole targets and errors)."""
     import shutil
-    if os.environ.get("COLUMNS", "").strip().isdigit() or on_a_terminal():
+    text = os.environ.get("COLUMNS", "").strip()
+    if (text.isdecimal() and int(text) > 0) or on_a_terminal():
         return shutil.get_terminal_size().columns
     return 1 << 30
 

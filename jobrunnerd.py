@@ -3201,9 +3201,13 @@ def _fail(status, error, tb=None):
 
 def _exit_status(exc):
     """The exit status a SystemExit that ended the job stands for, as at an interpreter's
-    exit: its code if an int (None: 0), else 1 with the code printed to stderr."""
-    if exc.code is None or isinstance(exc.code, int):
-        return exc.code or 0
+    exit: its code if an int (None: 0; past a C long: -1, so 255), else 1 with the code
+    printed to stderr."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        code = int.__index__(exc.code)          # (a subclass's own methods do not run)
+        return code if -2 ** 63 <= code < 2 ** 63 else -1
     print(exc.code, file=sys.stderr)
     return 1
 
@@ -4221,6 +4225,15 @@ def _zygote():
                 listening = False
                 continue
             req = json.loads(msg)
+            wanted = 0 if "ping" in req else 1 if "worker" in req else 2
+            if len(fds) != wanted:          # (never from the daemon) none is kept or inherited
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+                if wanted:
+                    _tell({"started": req["token"],
+                           "error": "the fork request carried a wrong number of fds"})
+                    continue
             if "ping" in req:
                 _tell({"pong": req["ping"]})
                 continue

@@ -231,11 +231,12 @@ class ListCommandTest(EverydayCase):
         self.daemon.wait_job(job_id)
         failed = self.daemon.add(target="examples.jobs:ErrorJob")
         self.daemon.wait_job(failed)
-        out = self.ctl("list", env={"COLUMNS": ""}).stdout      # (unset: not a number)
         error = self.daemon.get(failed)["error"].splitlines()[0]
-        self.assertIn(error, out)
-        self.assertIn("examples.jobs:ErrorJob", out)
-        self.assertNotIn("\u2026", out)
+        for columns in ("", "0"):                               # (neither is a width)
+            out = self.ctl("list", env={"COLUMNS": columns}).stdout
+            self.assertIn(error, out)
+            self.assertIn("examples.jobs:ErrorJob", out)
+            self.assertNotIn("\u2026", out)
 
     def test_colour_only_on_a_terminal_and_never_with_no_color(self):
         job_id = self.daemon.add(target="examples.jobs:ErrorJob")

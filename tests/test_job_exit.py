@@ -1,8 +1,8 @@
 """How a job process ends is the same however it was made (spawned, forked by the zygote, a
-spare, a reused worker): sys.exit() with an int, with None and with a message, and the atexit
-functions a job registered run into its output before the process goes, as at an interpreter's
-exit. The zygote's child and the worker end through the same job-process code (_exit_status(),
-_exit()); these tests hold every mode to one behaviour."""
+spare, a reused worker): sys.exit() with an int (also one past a C long), with None and with a
+message, and the atexit functions a job registered run into its output before the process
+goes, as at an interpreter's exit. The zygote's child and the worker end through the same
+job-process code (_exit_status(), _exit()); these tests hold every mode to one behaviour."""
 import os
 import unittest
 
@@ -14,6 +14,9 @@ import atexit, sys
 def code(n):
     print("before exit", flush=True)
     sys.exit(n)
+
+def huge(sign):
+    raise SystemExit(sign * 2 ** 100)       # past a C long: the interpreter exits 255
 
 def message():
     sys.exit("a message from the job")
@@ -49,6 +52,11 @@ class JobExitZygote(support.DaemonTestCase):
     def test_sys_exit_with_a_code_past_255_keeps_its_low_byte(self):
         job, _ = self.end("xjobs:code", 258)
         self.assertEqual((job["state"], job["exit_code"]), ("failed", 2))
+
+    def test_a_code_past_a_c_long_exits_255_never_0(self):
+        for sign in (1, -1):
+            job, _ = self.end("xjobs:huge", sign)
+            self.assertEqual((job["state"], job["exit_code"]), ("failed", 255))
 
     def test_sys_exit_without_a_code_is_exit_status_zero(self):
         job, _ = self.end("xjobs:code", None)

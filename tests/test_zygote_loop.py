@@ -1,7 +1,8 @@
 """The zygote's loop against its socket alone, no daemon: what it does when the daemon closes the
 socket with the zygote's replies still unread (a reset, not an end of file), right after a fork
-request that carried fds. It must take that as the end (no new work), close nothing twice, wait
-for its children and exit 0 with a clean stderr."""
+request that carried fds (it must take that as the end, close nothing twice, wait for its
+children and exit 0 with a clean stderr), and with requests carrying the wrong number of fds
+(none is kept, a fork request gets an error)."""
 import json
 import os
 import select
@@ -57,6 +58,30 @@ class ZygoteLoopTest(unittest.TestCase):
         with open(self.stderr_path) as f:
             self.assertNotIn("Traceback", f.read())
         os.close(out_r)
+
+    def test_a_request_with_the_wrong_number_of_fds_keeps_none_of_them(self):
+        self.assertEqual(self.recv(), {"ready": True})
+        cases = [({"ping": 5}, 1, {"pong": 5}),
+                 ({"token": 2, "worker": 1, "once": True}, 2, None),
+                 ({"token": 3, "job": 7, "attempt": 1, "title": "t"}, 1, None),
+                 ({"token": 4, "job": 7, "attempt": 1, "title": "t"}, 3, None)]
+        for request, count, reply in cases:
+            with self.subTest(request=request, fds=count):
+                pipes = [os.pipe() for _ in range(count)]
+                socket.send_fds(self.ctl, [json.dumps(request).encode()], [w for _, w in pipes])
+                for _, w in pipes:
+                    os.close(w)
+                got = self.recv()
+                if reply is not None:
+                    self.assertEqual(got, reply)
+                else:
+                    self.assertEqual(got["started"], request["token"])
+                    self.assertIn("wrong number of fds", got["error"])
+                for r, _ in pipes:      # no copy of a write end is left: the pipe is at its end
+                    self.assertTrue(select.select([r], [], [], 10)[0], "a write end is kept")
+                    self.assertEqual(os.read(r, 1), b"")
+                    os.close(r)
+        self.assertEqual(os.waitpid(self.pid, os.WNOHANG), (0, 0), "the zygote is still there")
 
 
 if __name__ == "__main__":
