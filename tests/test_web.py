@@ -437,9 +437,9 @@ class WebLimitsTest(unittest.TestCase):
 
     def test_a_trickling_client_is_cut_at_its_deadline(self):
         web = self.serve(client_deadline=0.5, idle_timeout=5.0)
-        sock = socket.create_connection(("127.0.0.1", web.port))
-        self.addCleanup(sock.close)
-        started = time.monotonic()
+        started = time.monotonic()      # before the connect: the server counts from its accept,
+        sock = socket.create_connection(("127.0.0.1", web.port))    # which may come before
+        self.addCleanup(sock.close)                                 # connect() returns here
         request_bytes = iter(b"GET /app.js HTTP/1.1\r\nX-Padding: " + b"a" * 1000)
 
         def closed():
