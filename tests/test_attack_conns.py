@@ -253,12 +253,12 @@ class IdleTest(DaemonTestCase):
         # the start-up check's connection is gone: the 20 take every slot, none is refused
         wait_until(lambda: connections(self.daemon.socket) == 0, 10,
                    message="no connection left from the start")
+        start = time.monotonic()        # before they connect: their idle time counts from there
         silent = [self.daemon.raw(timeout=30) for _ in range(20)]
         try:
             with self.daemon.raw() as c:
                 reply = c.call(op="hello")
             self.assertEqual(reply["error"]["code"], "busy", "every slot is taken")
-            start = time.monotonic()
             served = wait_until(self.served, 15, interval=0.1,
                                 message="a new client to be served")
             self.assertTrue(served)

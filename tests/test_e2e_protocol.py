@@ -1264,6 +1264,7 @@ class PipeliningTest(ProtocolTestCase):
     def test_mixed_pipeline_replies_in_order(self):
         self.pause()
         with self.daemon.raw(timeout=30) as c:
+            start = time.monotonic()    # before the send: the wait's timer may start at once
             c.send_line(b'{"op": "add", "target": "examples.jobs:ExampleJob", "args": ["p"]}\n'
                         b'{"op": "get", "id": 1}\n'
                         b'not json\n'
@@ -1271,7 +1272,6 @@ class PipeliningTest(ProtocolTestCase):
                         b'{"op": "get", "id": 2}\n'
                         b'{"op": "wait", "id": 1, "timeout": 0.3}\n'
                         b'{"op": "hello"}\n')
-            start = time.monotonic()
             self.assertEqual(c.recv(), {"ok": True, "id": 1, "created": True})
             job = self.assertOk(c.recv(), "job")["job"]
             self.assertEqual((job["id"], job["args"], job["state"]), (1, ["p"], "pending"))

@@ -913,8 +913,8 @@ class IdleTimeoutTest(HardeningCase):
     def test_stalled_client_is_hung_up_after_the_idle_timeout(self):
         idle = 1.0
         with self.daemon.raw(timeout=30) as staller, self.daemon.raw() as good:
+            start = time.monotonic()    # before the send: its idle time counts from there
             staller.send_line(b'{"op": "hel')
-            start = time.monotonic()
             self.assertOk(good.call(op="hello"))
             data = read_to_eof(staller.sock, timeout=30)
             waited = time.monotonic() - start
@@ -926,9 +926,9 @@ class IdleTimeoutTest(HardeningCase):
             self.assertOk(self.daemon.call(op="hello"), "the daemon serves the others")
         # A pending wait is a request in progress: not hung up. (A connection with none is,
         # since idle_timeout applies to every connection: tests/test_attack_conns.py.)
+        start = time.monotonic()        # before the add: the job may start at once
         job_id = self.daemon.add("examples.jobs:DelayedJob", args=[idle * 2.5])
         with self.daemon.raw(timeout=30) as waiting:
-            start = time.monotonic()
             reply = waiting.call(op="wait", id=job_id, timeout=30)
             self.assertGreater(time.monotonic() - start, idle * 2)
             self.assertTrue(reply["done"], reply)
