@@ -54,8 +54,9 @@ def require(peer: str) -> None:
 
 # -- task-spooler ------------------------------------------------------------------------------
 
-def tsp_rate(n: int, slots: int = 2) -> float:
-    """Jobs/s of n `/bin/true` jobs through a private tsp server with `slots` slots: the jobs
+def tsp_rate(n: int, slots: int = 2, command: tuple = ("/bin/true",)) -> float:
+    """Jobs/s of n `command` jobs (default `/bin/true`) through a private tsp server with
+    `slots` slots: the jobs
     are queued behind `slots` gate jobs (each holds a slot until its FIFO is written), and the
     clock runs from opening the gates to the end of the last jobs (`tsp -w`), in rounds of at
     most TSP_ROUND jobs. tsp keeps each job's output in a file (its default), as jobrunner
@@ -73,7 +74,7 @@ def tsp_rate(n: int, slots: int = 2) -> float:
             for gate in gates:
                 os.mkfifo(gate)
             for start in range(0, n, TSP_ROUND):
-                elapsed += _tsp_round(env, gates, min(TSP_ROUND, n - start))
+                elapsed += _tsp_round(env, gates, min(TSP_ROUND, n - start), command)
         finally:
             _tsp(env, "-K", check=False)
             for gate in gates:              # a gate job still waiting: let it end
@@ -84,14 +85,14 @@ def tsp_rate(n: int, slots: int = 2) -> float:
         return n / elapsed
 
 
-def _tsp_round(env: dict, gates: list, n: int) -> float:
-    """Seconds from opening the gates to the end of n queued /bin/true jobs."""
+def _tsp_round(env: dict, gates: list, n: int, command: tuple) -> float:
+    """Seconds from opening the gates to the end of n queued `command` jobs."""
     for gate in gates:
         _tsp(env, "sh", "-c", 'read line < "$0"', gate)
     # One shell loop queues the jobs: a process per job is tsp's interface.
     queued = subprocess.run(
-        ["sh", "-c", 'i=0; while [ $i -lt "$1" ]; do tsp /bin/true || exit 1; '
-                     'i=$((i + 1)); done', "sh", str(n)],
+        ["sh", "-c", 'n=$1; shift; i=0; while [ $i -lt "$n" ]; do tsp "$@" || exit 1; '
+                     'i=$((i + 1)); done', "sh", str(n), *command],
         env=env, check=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, text=True)
     ids = queued.stdout.split()

@@ -1041,11 +1041,14 @@ def bench_peers(sizes, runs):
     no_tsp, reuse = peers.missing("tsp"), reuse_built()
     if no_tsp:
         out += [skipped(name, no_tsp) for name in ("peers_noop_fresh",
-                                                   "peers_noop_fresh_preload")]
+                                                   "peers_noop_fresh_preload",
+                                                   "peers_noop_fresh_tsp_python")]
     else:
         module = NOOP.partition(":")[0]
+        python = (sys.executable, "-I", "-S", "-c", "pass")     # a Python process, no more
         fns = {"fresh": lambda: noop_rate(n), "tsp": lambda: peers.tsp_rate(n, slots=2),
-               "fresh_preload": lambda: noop_rate(n, preload=[module])}
+               "fresh_preload": lambda: noop_rate(n, preload=[module]),
+               "tsp_python": lambda: peers.tsp_rate(n, slots=2, command=python)}
         if reuse:
             fns["reuse"] = lambda: noop_rate(n, isolation="reuse")
         how = {"fresh": "isolation = 'fresh'", "reuse": "isolation = 'reuse'",
@@ -1057,7 +1060,12 @@ def bench_peers(sizes, runs):
                        "tsp /bin/true, 2 slots", goal=PEER_GOALS["noop_" + mode],
                        note="no-op Python jobs, workers = 2, %s; %s"
                        % (how[mode], round_ratios(got[mode], got["tsp"])))
-                for mode in fns if mode != "tsp"]
+                for mode in fns if not mode.startswith("tsp")]
+        # The same kind of work on both sides: a new Python process per job.
+        out.append(figure("peers_noop_fresh_tsp_python", "jobs/s", got["fresh"],
+                          got["tsp_python"], "tsp `python3 -I -S -c pass`, 2 slots",
+                          note="no-op Python jobs, workers = 2, isolation = 'fresh'; %s"
+                          % round_ratios(got["fresh"], got["tsp_python"])))
     if no_tsp or not reuse:
         out.append(skipped("peers_noop_reuse", no_tsp or 'not built: this daemon refuses'
                                                          ' isolation = "reuse"'))

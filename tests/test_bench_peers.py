@@ -14,6 +14,7 @@ BENCH = os.path.join(ROOT, "bench", "run.py")
 INSTALL = "apt-get install task-spooler beanstalkd"
 # figure -> (the peer it needs, the goal as a ratio to that peer, or None)
 FIGURES = {"peers_noop_fresh": ("tsp", 0.5), "peers_noop_fresh_preload": ("tsp", 0.5),
+           "peers_noop_fresh_tsp_python": ("tsp", None),
            "peers_noop_reuse": ("tsp", 2.0),
            "peers_add_pipelined": ("beanstalkd", 0.4), "peers_add_pipelined_f0": ("beanstalkd", None),
            "peers_add_batch": ("beanstalkd", 1.0), "peers_add_batch_f0": ("beanstalkd", None)}
