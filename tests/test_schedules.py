@@ -516,6 +516,7 @@ class CrashAtAFireTest(support.DaemonTestCase):
             self.assertEqual(meta["schedules"]["tick"]["last_run_at"], first_seen + 0.5)
         self.daemon.preamble = None
         self.daemon.start()
+        started_by = time.time()
         support.wait_until(lambda: len(jobs_of(self.daemon, "tick")) >= 3, 15,
                            message="fires after the restart")
         self.daemon.stop()
@@ -525,7 +526,14 @@ class CrashAtAFireTest(support.DaemonTestCase):
         self.assertEqual(head["schedules"]["tick"]["last_run_at"], max(fires),
                          "the stop's snapshot keeps the schedule's state")
         self.assertEqual(len(fires), len(set(fires)), "a fire time queued twice: %r" % fires)
-        self.assertIn(first_seen + 0.5, fires, "the fire at the kill is there (once)")
+        if self.BEFORE:
+            # missed = "once" (SPEC 2c): one job for the latest fire time it was down over; that
+            # is the one at the kill only if the restart came before the next (not so on a busy
+            # machine)
+            self.assertGreaterEqual(fires[0], first_seen + 0.5)
+            self.assertLessEqual(fires[0], started_by)
+        else:
+            self.assertIn(first_seen + 0.5, fires, "the fire at the kill is there (once)")
         self.assertEqual(fires, sorted(fires))
         grid = [round((t - first_seen) / 0.5, 6) for t in fires]
         self.assertTrue(all(g == int(g) for g in grid), grid)
