@@ -4383,8 +4383,11 @@ def _attempt(req, out_w, chan):
     if not line:                        # the daemon stopped the attempt before it ran
         os._exit(1)
     spec = json.loads(line)
-    _label(spec.get("title") or "", "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]),
-           "job %d %d" % (req["job"], req["attempt"]))
+    title = spec.get("title") or ""
+    words = title.split()               # "jobrunner: job 42 attempt 1/3 ...": "job 42 1/3",
+    comm = "job %s %s" % (words[2], words[4]) if len(words) > 4 else \
+        "job %d %d" % (req["job"], req["attempt"])      # as a fresh child's (_retitle)
+    _label(title, "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]), comm)
     _set_limits(spec["limits"])
     state = _process_state()
     status = None

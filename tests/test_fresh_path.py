@@ -1,6 +1,6 @@
 """A fresh attempt's process: its name in ps cut to the argv area with the attempt's mark whole
 after it, nothing one attempt leaves in the job-process code or a zygote's module seen by the next,
-a large job spec read whole."""
+a large job spec read whole; its name in top "job ID N/M" also in a spare and a reused worker."""
 import os
 import unittest
 
@@ -81,6 +81,47 @@ class FreshPathZygote(support.DaemonTestCase):
 
 class FreshPathSpawn(FreshPathZygote):
     config = dict(FreshPathZygote.config, start_method="spawn")
+
+
+class NameInTopReuse(support.DaemonTestCase):
+    """A job's name in top (/proc/PID/comm) is "job ID N/M" in a reused worker too (and, below,
+    in a spare), as in a forked or spawned child."""
+    config = {"allow": ["examples.*:*", "sjobs:*"], "isolation": "reuse"}
+
+    def prepare(self):
+        self.write_job_module("sjobs", LONG_JOBS.replace(LONG_FUNC, "up"))
+
+    def test_the_name_has_the_attempt_and_the_attempts_allowed(self):
+        d = self.daemon
+        self.assertEqual(d.wait_job(d.add("examples.jobs:add", args=[1, 2]))["state"],
+                         "succeeded")                      # a worker (or a spare) is ready
+        self.ready()
+        path = os.path.join(self.root, "up")
+        job_id = d.add("sjobs:up", args=[path], retries=2)
+        pid = d.wait_state(job_id, "running")["pid"]
+        support.wait_until(lambda: os.path.exists(path), message="the job to run")
+        with open("/proc/%d/comm" % pid, "rb") as f:
+            self.assertEqual(f.read(), b"job %d 1/3\n" % job_id)
+        self.assertEqual(jr.argv_mark(pid), (job_id, 1))
+        return pid
+
+    def ready(self):
+        """The worker that ran the first job is idle again: the next runs in it."""
+
+
+class NameInTopSpare(NameInTopReuse):
+    config = {"allow": ["examples.*:*", "sjobs:*"]}
+    daemon_preamble = "jr._cpu_count = lambda: 8"   # spares are forked while a CPU is free
+
+    def ready(self):
+        zygote = support.children_named(self.daemon.proc.pid, b"jobrunner-zygote")[0]
+        self.spares = support.wait_until(
+            lambda: support.children_named(zygote, b"jobrunner: spare"), 10,
+            message="a spare forked after the first job")
+
+    def test_the_name_has_the_attempt_and_the_attempts_allowed(self):
+        self.assertIn(super().test_the_name_has_the_attempt_and_the_attempts_allowed(),
+                      self.spares)
 
 
 if __name__ == "__main__":
