@@ -67,6 +67,18 @@ def daemon_env(**extra):
     return env
 
 
+def temp_config(test: unittest.TestCase, prefix: str = "jr-test-", **keys):
+    """(a Config whose socket, state_dir and log_dir are in a temp dir removed at the test's
+    cleanup, that dir); `keys`: more config keys."""
+    import jobrunnerd
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    test.addCleanup(tmp.cleanup)
+    return jobrunnerd.load_config(None, {"socket": os.path.join(tmp.name, "s.sock"),
+                                         "state_dir": os.path.join(tmp.name, "state"),
+                                         "log_dir": os.path.join(tmp.name, "logs"),
+                                         **keys}), tmp.name
+
+
 def in_process_daemon(test: unittest.TestCase, cfg):
     """A jobrunnerd Daemon object set up in this process, for tests that drive it one loop
     pass at a time. The signal handlers and wakeup fd it installs are put back, and it is

@@ -407,12 +407,7 @@ class HeldAddsTest(unittest.TestCase):
                          comparable(general.call(op="list", limit=100)))
 
     def test_a_run_of_adds_is_one_journal_entry_and_their_ids_follow(self):
-        tmp = tempfile.TemporaryDirectory(prefix="jr-held-")
-        self.addCleanup(tmp.cleanup)
-        cfg = jr.load_config(None, {"socket": os.path.join(tmp.name, "s.sock"),
-                                    "state_dir": os.path.join(tmp.name, "state"),
-                                    "log_dir": os.path.join(tmp.name, "logs"),
-                                    "start_method": "spawn", "job_paths": [ROOT]})
+        cfg, _ = support.temp_config(self, "jr-held-", start_method="spawn", job_paths=[ROOT])
         daemon = in_process_daemon(self, cfg)
         daemon.jobs.scheduler.paused = True
         _, theirs = support.client_of(self, daemon)
@@ -453,12 +448,7 @@ class CollectorTest(unittest.TestCase):
 
         class Inner(unittest.TestCase):
             def runTest(inner):
-                tmp = tempfile.TemporaryDirectory(prefix="jr-gc-")
-                inner.addCleanup(tmp.cleanup)
-                cfg = jr.load_config(None, {"socket": os.path.join(tmp.name, "s.sock"),
-                                            "state_dir": os.path.join(tmp.name, "state"),
-                                            "log_dir": os.path.join(tmp.name, "logs"),
-                                            "start_method": "spawn"})
+                cfg, _ = support.temp_config(inner, "jr-gc-", start_method="spawn")
                 in_process_daemon(inner, cfg)
                 self.assertEqual(gc.get_threshold(), jr.GC_THRESHOLDS)
                 self.assertTrue(gc.isenabled())

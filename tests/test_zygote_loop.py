@@ -7,7 +7,6 @@ import json
 import os
 import select
 import socket
-import tempfile
 import unittest
 
 from tests import support
@@ -16,12 +15,8 @@ import jobrunnerd as jr
 
 class ZygoteLoopTest(unittest.TestCase):
     def setUp(self):
-        tmp = tempfile.TemporaryDirectory(prefix="jr-test-")
-        self.addCleanup(tmp.cleanup)
-        cfg = jr.load_config(None, {"state_dir": os.path.join(tmp.name, "state"),
-                                    "log_dir": os.path.join(tmp.name, "logs"),
-                                    "socket": os.path.join(tmp.name, "s.sock")})
-        self.stderr_path = os.path.join(tmp.name, "zygote.stderr")
+        cfg, root = support.temp_config(self)
+        self.stderr_path = os.path.join(root, "zygote.stderr")
         self.pid, self.ctl = jr.Zygote.spawn(cfg, dict(os.environ), file_actions=[
             (os.POSIX_SPAWN_OPEN, 2, self.stderr_path, os.O_WRONLY | os.O_CREAT, 0o600)])
         self.addCleanup(self.ctl.close)
