@@ -3301,6 +3301,30 @@ def _write_argv(area, title, mark):
     data = title.encode("utf-8", "replace")[:room].replace(b"\0", b" ") + b"\0" + mark
     ctypes.memmove(start, data.ljust(end - start, b"\0")[:end - start], end - start)
 
+class _SpecLine:
+    """fd 3 as a forked job process reads it (a zygote's child, a spare, a worker): one line
+    (the job spec), then done. Not a buffered file object made per attempt (~0.08 ms)."""
+
+    def readline(self):
+        chunks = []
+        while True:
+            chunk = os.read(3, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if b"\n" in chunk:
+                data = b"".join(chunks)
+                return data[:data.index(b"\n") + 1]
+
+    def close(self):
+        pass
+
+def _comm(title):
+    """The name in top (/proc/self/comm, 15 bytes) of an attempt's title: "jobrunner: job 42
+    attempt 1/3 pkg.mod:Attr" -> "job 42 1/3"; None for another title."""
+    words = title.split()
+    return ("job %s %s" % (words[2], words[4]))[:15] if len(words) > 4 else None
+
 def _retitle(title, prctl):
     """Name this process in ps and top: /proc/self/comm (15 bytes: "job 42 1/3") and the
     argv (cmdline) "jobrunner: job 42 attempt 1/3 pkg.mod:Attr", written over ours in place.
@@ -3308,9 +3332,8 @@ def _retitle(title, prctl):
     the title, and every process the job forks without exec shows both. Best effort."""
     if not title:
         return
-    words = title.split()
     try:
-        prctl(15, ("job %s %s" % (words[2], words[4])).encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        prctl(15, (_comm(title) or "").encode(), 0, 0, 0)      # PR_SET_NAME
     except Exception:
         pass
     try:
@@ -3349,7 +3372,9 @@ def _start():
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
         resource.setrlimit(which, (value, value))
-    sys.path[:0] = spec["paths"]
+    paths = spec["paths"]
+    if sys.path[:len(paths)] != paths:    # (a zygote's child has them from the zygote)
+        sys.path[:0] = paths
     sys.stdout.reconfigure(line_buffering=True)
     _main(spec)
 
@@ -3980,7 +4005,7 @@ ZYGOTE_MSG_TRUNC = int(socket.MSG_TRUNC)    # a plain int: `flags & socket.MSG_T
 # same reason as CHILD_SOURCE: the zygote is a bare `python -I` that must not import jobrunnerd,
 # or every job process forked from it would hold the daemon's module). It reads its
 # config (`_conf`), preloads, says {"ready": true}, then takes one message per attempt: {"token",
-# "job", "attempt"} with two fds (the output pipe and the channel), {"token", "worker": 1,
+# "job", "attempt", "title"} with two fds (the output pipe and the channel), {"token", "worker": 1,
 # "once"} with one fd (a reused worker's socket: WORKER_SOURCE; "once": a fresh queue's spare,
 # for one attempt), or {"ping": n}. It answers
 # {"started": token, "pid", "start"} after each fork, {"pong": n}, {"exit": pid, "status"} for
@@ -4040,34 +4065,16 @@ def _mark_argv(req, job, prctl):
     title, mark = req.get("title"), "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"])
     if type(title) is str and _argv_area[1] - _argv_area[0] - len(mark) - 1 >= 16:
         job["_write_argv"](_argv_area, title, mark.encode())
-        words = title.split()
-        if prctl is not None and len(words) > 4:
+        comm = job["_comm"](title)
+        if prctl is not None and comm is not None:
             try:
-                prctl(15, ("job %s %s" % (words[2], words[4])).encode()[:15], 0, 0, 0)
+                prctl(15, comm.encode(), 0, 0, 0)
             except Exception:
                 pass
         return
     at, size = _argv_room
     if len(mark) - 1 <= size:
         ctypes.memmove(at, mark[:-1].encode().ljust(size, b"\0"), size)
-
-class _SpecLine:
-    """fd 3 as the job process's code reads it: one line (the job spec), then done. Not a
-    buffered file object made in each child (it cost one ~0.08 ms)."""
-
-    def readline(self):
-        chunks = []
-        while True:
-            chunk = os.read(3, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-            if b"\n" in chunk:
-                data = b"".join(chunks)
-                return data[:data.index(b"\n") + 1]
-
-    def close(self):
-        pass
 
 def _child(req, fds, job, wake, prctl):
     """A fresh attempt's process: set up as SPEC section 2 says, then the job process's code
@@ -4158,8 +4165,9 @@ def _zygote():
     # _serve() (defining them in each child cost it ~0.1 ms, and copies of the pages that
     # touches). Named "<jobrunner-job>" in a traceback, as an attempt's process is.
     job = {"__name__": "jobrunner-job", "__builtins__": __builtins__, "_prctl": prctl,
-           "_zygote_pid": os.getpid(), "_once": True, "_chan": _SpecLine()}
+           "_zygote_pid": os.getpid(), "_once": True}
     exec(compile(conf["child"] + conf["worker"], "<jobrunner-job>", "exec"), job)
+    job["_chan"] = job["_SpecLine"]()
     if dict(os.environ) != conf["env"]:         # a preloaded module changed it: undo, once,
         os.environ.clear()                      # here rather than in every child
         os.environ.update(conf["env"])
@@ -4263,19 +4271,19 @@ _zygote()
 
 
 # A reused worker's own code (SPEC §2d), run after CHILD_SOURCE's functions in a process the
-# zygote forked (_worker): it takes {"job", "attempt"} with two fds (the attempt's output pipe
-# and channel) on its socket, runs the attempt as a fresh child would (CHILD_SOURCE's _main: the
-# same checks, report and exits), and after one that returned: kills and reaps what the
-# attempt left (every such process is its descendant: it is their subreaper), puts back the
-# environment, cwd, umask and sys.path, lets go of the output pipe, and says {"done": N}. It
-# exits instead where the attempt left what it cannot undo (a thread, an atexit function, a
-# signal handler, a replaced sys.stdout, a move to another process group, a process that
-# survives SIGKILL): the daemon takes the "ok" report and exit 0 as the attempt's success and
-# starts another worker. A failed attempt exits as a fresh child does. Limits: memory, nofile and fsize hold for the worker
-# as a whole (what earlier attempts imported counts); cpu is the attempt's: the soft limit is
-# the worker's CPU time so far plus `cpu`, before each attempt. A spare of a fresh queue
-# (_once) takes one attempt the same way and exits when it ends (as a fresh child: limits and
-# leftovers too).
+# zygote forked (_worker): it takes {"job", "attempt", "title"} with two fds (the attempt's
+# output pipe and channel) on its socket, runs the attempt as a fresh child would
+# (CHILD_SOURCE's _main: the same checks, report and exits), and after one that returned:
+# kills and reaps what the attempt left (every such process is its descendant: it is their
+# subreaper), puts back the environment, cwd, umask and sys.path, lets go of the output pipe,
+# and says {"done": N}. It exits instead where the attempt left what it cannot undo (a thread,
+# an atexit function, a signal handler, a replaced sys.stdout, a move to another process
+# group, a process that survives SIGKILL): the daemon takes the "ok" report and exit 0 as the
+# attempt's success and starts another worker. A failed attempt exits as a fresh child does.
+# Limits: memory, nofile and fsize hold for the worker as a whole (what earlier attempts
+# imported counts); cpu is the attempt's: the soft limit is the worker's CPU time so far plus
+# `cpu`, before each attempt. A spare of a fresh queue (_once) takes one attempt the same way
+# and exits when it ends (as a fresh child: limits and leftovers too).
 WORKER_LEFTOVER_WAIT = 2.0          # s a SIGKILLed leftover may take to go before the worker quits
 WORKER_SOURCE = ("LEFTOVER_WAIT = %r\n" % WORKER_LEFTOVER_WAIT) + r'''
 import atexit, ctypes, resource, socket, time
@@ -4375,19 +4383,15 @@ def _attempt(req, out_w, chan):
         os.close(fd)
     os.environ["JOBRUNNER_JOB_ID"] = str(req["job"])
     os.environ["JOBRUNNER_ATTEMPT"] = str(req["attempt"])
-    _label("jobrunner: job %d attempt %d" % (req["job"], req["attempt"]),
-           "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]), "")
-    chan_file = os.fdopen(3, "rb", closefd=False)
-    line = chan_file.readline()
-    chan_file.close()
+    title = req.get("title")            # its name in ps and top comes with the attempt
+    if type(title) is not str:
+        title = "jobrunner: job %d attempt %d" % (req["job"], req["attempt"])
+    _label(title, "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]),
+           _comm(title) or "job %d %d" % (req["job"], req["attempt"]))
+    line = _SpecLine().readline()
     if not line:                        # the daemon stopped the attempt before it ran
         os._exit(1)
     spec = json.loads(line)
-    title = spec.get("title") or ""
-    words = title.split()               # "jobrunner: job 42 attempt 1/3 ...": "job 42 1/3",
-    comm = "job %s %s" % (words[2], words[4]) if len(words) > 4 else \
-        "job %d %d" % (req["job"], req["attempt"])      # as a fresh child's (_retitle)
-    _label(title, "jobrunner-job\0%d\0%d\0" % (req["job"], req["attempt"]), comm)
     _set_limits(spec["limits"])
     state = _process_state()
     status = None
@@ -4851,7 +4855,8 @@ class Worker:
 
     def hand(self, att: Attempt, out_w: int, chan_fd: int) -> None:
         """Give it `att` (OSError if it cannot take it: it is gone)."""
-        msg = json.dumps({"job": att.job.id, "attempt": att.number}).encode()
+        msg = json.dumps({"job": att.job.id, "attempt": att.number,
+                          "title": attempt_title(att.job, att.number)}).encode()
         socket.send_fds(self.ctl, [msg], [out_w, chan_fd])
 
     def drop_handoff(self) -> None:
@@ -5017,8 +5022,8 @@ class Runner:
         spec = {"target": job.target, "method": job.method, "args": job.args,
                 "kwargs": job.kwargs, "paths": self.cfg.job_paths, "allow": self.cfg.allow,
                 "limits": self.cfg.limits, "parent": parent}
-        if zygote is None or att.worker is not None:    # (a zygote's child has its name)
-            spec["title"] = attempt_title(job, number)  # its name in ps (_retitle)
+        if zygote is None:              # (a zygote's child, spare or worker has its name from
+            spec["title"] = attempt_title(job, number)  # its request) its name in ps (_retitle)
         att.chan_out += self.source_line if zygote is None else b""
         att.chan_out += _json_line(spec).encode()
         self.active[att.token] = att
