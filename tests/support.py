@@ -67,6 +67,18 @@ def daemon_env(**extra):
     return env
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM `proc` (if it still runs), SIGKILL after `timeout` s; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def temp_config(test: unittest.TestCase, prefix: str = "jr-test-", **keys):
     """(a Config whose socket, state_dir and log_dir are in a temp dir removed at the test's
     cleanup, that dir); `keys`: more config keys."""

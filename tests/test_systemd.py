@@ -31,7 +31,7 @@ import time
 import unittest
 from unittest import mock
 
-from tests.support import DAEMON, ROOT, Daemon, Raw, daemon_env, wait_until
+from tests.support import DAEMON, ROOT, Daemon, Raw, daemon_env, terminate, wait_until
 
 SYSTEMD_DIR = os.path.join(ROOT, "systemd")
 SERVICE = os.path.join(SYSTEMD_DIR, "jobrunnerd.service")
@@ -356,13 +356,7 @@ class SystemdCase(unittest.TestCase):
     def stop_daemon(self):
         d = self.daemon
         if d.proc is not None:
-            if d.proc.poll() is None:
-                d.proc.send_signal(signal.SIGTERM)
-                try:
-                    d.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    d.proc.kill()
-                    d.proc.wait()
+            terminate(d.proc, 30)
             d.stderr.close()
         for note in self.notes:         # after the daemon: its STOPPING=1 still has a receiver
             note.close()

@@ -29,7 +29,6 @@ import argparse
 import os
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -506,13 +505,7 @@ class WebProcess:
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM (it exits 0), SIGKILL if it does not; returns (exit code, its stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        support.terminate(self.proc, 10)
         err = b""
         if not self.proc.stderr.closed:
             err = self.proc.stderr.read()
